@@ -1,0 +1,214 @@
+"""Projected gradient descent (Madry et al.) under L-inf or L2, batched with per-sample radii.
+
+This is the only attack loop in the project: training methods (PGD-AT, IAAT, GAIRAT,
+FAT) and evaluation (PGD-k with restarts, CW loss, targeted) all call :func:`pgd`.
+Besides the adversarial batch it returns, per sample, whether the final iterate is still
+classified correctly and GAIRAT's kappa, so no caller ever re-runs an attack to learn them.
+
+Habits: the model is in eval mode during the attack and its mode is restored afterwards;
+gradients are taken with ``torch.autograd.grad`` w.r.t. the perturbation only, so no
+parameter ever receives a ``.grad``; the step loop has no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Radius = Union[float, torch.Tensor]
+
+
+@dataclass
+class AttackResult:
+    """What one call of :func:`pgd` found.
+
+    Attributes:
+        x_adv: adversarial images in [0, 1], same shape as the input.
+        correct: (B,) bool, the final iterate is still classified as the true label
+            (``None`` when the caller asked for no final check).
+        kappa: (B,) int64, how many of the K iterates x_0..x_{K-1} (the start and every
+            iterate a gradient was taken at) were classified correctly: GAIRAT's kappa.
+        logits: (B, classes) logits of the final iterate in eval mode, or ``None``.
+        loss: (B,) the attack objective at the final iterate, or ``None``.
+    """
+
+    x_adv: torch.Tensor
+    correct: Optional[torch.Tensor]
+    kappa: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), then restore its mode."""
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+    """Carlini-Wagner margin per sample, to be maximised by the attacker.
+
+    Untargeted: ``max_{j != y} z_j - z_y``; targeted at t: ``z_t - max_{j != t} z_j``.
+    """
+    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return label_logit - others if targeted else others - label_logit
+
+
+def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: str) -> torch.Tensor:
+    """Per-sample objective the attack maximises."""
+    if loss == "ce":
+        if target is None:
+            return F.cross_entropy(logits.float(), y, reduction="none")
+        return -F.cross_entropy(logits.float(), target, reduction="none")
+    if loss == "margin":
+        return margin_loss(logits.float(), y if target is None else target, targeted=target is not None)
+    raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'margin'")
+
+
+def random_targets(y: torch.Tensor, num_classes: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A uniformly random label different from ``y`` for every sample."""
+    offset = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
+    return (y + offset) % num_classes
+
+
+def _as_radius(value: Radius, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, 1, 1) float tensor from a float or a (B,) tensor."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"per-sample radius must have shape ({batch},), got {tuple(t.shape)}")
+    return t.view(batch, *([1] * (like.ndim - 1)))
+
+
+def _l2_norm(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
+
+
+def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return (torch.rand_like(x) * 2 - 1) * eps
+    direction = torch.randn_like(x)
+    direction = direction / (_l2_norm(direction) + 1e-12)
+    radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel())
+    return direction * radius.view_as(eps) * eps
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Project onto the eps ball, then keep x + delta inside [0, 1]."""
+    if norm == "linf":
+        delta = torch.maximum(torch.minimum(delta, eps), -eps)
+    else:
+        delta = delta * torch.clamp(eps / (_l2_norm(delta) + 1e-12), max=1.0)
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
+def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast):
+    batch = x.shape[0]
+    delta = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
+    delta = _project(delta, x, eps, norm)
+    kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
+    first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
+    for k in range(steps):
+        delta.requires_grad_(True)
+        with autocast():
+            logits = model(x + delta)
+        objective = _objective(logits, y, target, loss)
+        (grad,) = torch.autograd.grad(objective.sum(), delta)
+        delta = delta.detach()
+        correct = logits.detach().argmax(1) == y
+        kappa += correct
+        if norm == "linf":
+            step = alpha * grad.sign()
+        else:
+            step = alpha * grad / (_l2_norm(grad) + 1e-12)
+        if early_stop_tau is not None:
+            # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
+            first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
+            moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
+            step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
+        delta = _project(delta + step, x, eps, norm)
+    return (x + delta).detach(), kappa
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
+        step_size: Optional[Radius] = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
+        final_check: bool = True, eval_mode: bool = True,
+        autocast_dtype: Optional[torch.dtype] = None) -> AttackResult:
+    """Run PGD on a batch with a per-sample radius.
+
+    Args:
+        model: maps images in [0, 1] to logits.
+        x: images in [0, 1], shape (B, C, H, W).
+        y: true labels (B,).
+        eps: radius in [0, 1] units, a float or a (B,) tensor (per-sample radii).
+        steps: number of gradient steps K (0 returns the start point).
+        step_size: step in [0, 1] units, float or (B,) tensor; default 2.5 * eps / steps.
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start uniformly inside the ball (else at x).
+        restarts: independent runs; each sample keeps its successful run, else its highest objective.
+        target: labels to move towards (targeted attack); ``None`` for untargeted.
+        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (Carlini-Wagner).
+        early_stop_tau: friendly AT (FAT): stop a sample ``tau`` steps after its first misclassification.
+        final_check: classify the final iterate (needed for ``correct``; forced with restarts > 1).
+        eval_mode: attack the model in eval mode (default; BatchNorm statistics stay untouched).
+        autocast_dtype: run the model under autocast with this dtype (bf16/fp16), gradients in fp32.
+
+    Returns:
+        An :class:`AttackResult`.
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    batch = x.shape[0]
+    x = x.detach()
+    eps_t = _as_radius(eps, batch, x)
+    if step_size is None:
+        alpha = 2.5 * eps_t / max(steps, 1)
+    else:
+        alpha = _as_radius(step_size, batch, x)
+    device_type = x.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    final_check = final_check or restarts > 1
+
+    best_x = best_kappa = best_correct = best_logits = best_loss = best_success = None
+    with attack_mode(model, eval_mode), torch.enable_grad():
+        for _ in range(restarts):
+            x_adv, kappa = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
+                                    early_stop_tau, autocast)
+            if not final_check:
+                return AttackResult(x_adv, None, kappa)
+            with torch.no_grad(), autocast():
+                logits = model(x_adv)
+            logits = logits.float()
+            objective = _objective(logits, y, target, loss)
+            pred = logits.argmax(1)
+            correct = pred == y
+            success = (pred == target) if target is not None else ~correct
+            if best_x is None:
+                best_x, best_kappa, best_correct, best_logits, best_loss, best_success = (
+                    x_adv, kappa, correct, logits, objective, success)
+                continue
+            better = (success & ~best_success) | ((success == best_success) & (objective > best_loss))
+            m = better.view(-1, *([1] * (x.ndim - 1)))
+            best_x = torch.where(m, x_adv, best_x)
+            best_kappa = torch.where(better, kappa, best_kappa)
+            best_correct = torch.where(better, correct, best_correct)
+            best_logits = torch.where(better[:, None], logits, best_logits)
+            best_loss = torch.where(better, objective, best_loss)
+            best_success = best_success | success
+    return AttackResult(best_x, best_correct, best_kappa, best_logits, best_loss)

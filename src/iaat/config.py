@@ -1,0 +1,324 @@
+"""Run configuration: six sections (data, model, method, attack, optim, train).
+
+A config is built from defaults, then a YAML file, then explicit CLI flags, then
+``--set section.key=value`` overrides, and validated as a whole before anything is
+written. Unknown keys are errors with a "did you mean" suggestion; values are type
+checked; eps and step sizes are in pixel units over 255 (see :mod:`iaat.units`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+from .units import Size, parse_size
+
+SECTIONS = ("data", "model", "method", "attack", "optim", "train")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and how the training split is made."""
+
+    dataset: str = "cifar10"  #: cifar10 | cifar100 | digits | synthetic
+    data_dir: Optional[str] = None  #: folder holding (or parent of) the official python archive layout
+    train_subset: Optional[int] = None  #: train on a fixed class-balanced subset of this many images
+    val_size: int = 1000  #: held out of the training split for end-of-epoch evaluation (never the test set)
+    split_seed: int = 0  #: seed of the val/subset split, independent of the training seed
+    augment: bool = True  #: random crop (4-pixel padding) and horizontal flip
+    download: bool = True  #: download the official archive when missing (needs internet)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture by registry name; inputs are always images in [0, 1]."""
+
+    name: str = "resnet18"  #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10
+    depth: Optional[int] = None  #: WideResNet depth (6n+4)
+    width: Optional[int] = None  #: WideResNet widen factor, or small_cnn base width
+    normalize: bool = True  #: put the data set's mean/std normalisation inside the model
+
+
+@dataclass
+class MethodConfig:
+    """Training method by name plus its own parameters (checked by the method)."""
+
+    name: str = "pgd_at"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttackConfig:
+    """The training attack (PGD). Sizes in pixel units over 255 or 'a/b'."""
+
+    norm: str = "linf"  #: linf | l2
+    eps: Size = 8  #: radius, pixel units over 255 (8 means 8/255)
+    step_size: Size = 2  #: PGD step, pixel units over 255
+    steps: int = 10  #: PGD iterations
+    random_start: bool = True  #: uniform random start inside the eps ball
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a learning-rate schedule."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"  #: step | cosine | constant
+    milestones: list = field(default_factory=lambda: [100, 150])  #: epochs where step decay happens
+    decay: float = 0.1  #: step-decay factor
+    warmup_epochs: float = 0.0  #: linear learning-rate warmup from 0 (Goyal et al.)
+
+
+@dataclass
+class TrainConfig:
+    """Loop, device and bookkeeping."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  #: auto | cpu | cuda | cuda:N
+    amp: str = "off"  #: off | bf16 | fp16 (autocast for attacks and training)
+    eval_steps: int = 10  #: PGD steps of the end-of-epoch held-out evaluation (at attack.eps)
+    eval_every: int = 1  #: evaluate every this many epochs (and always after the last)
+    log_interval: int = 20  #: steps between progress-bar updates (each one syncs with the device)
+    keep_checkpoints: int = 2  #: how many epoch checkpoints to keep (newest first)
+    progress: bool = True  #: show progress bars
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if name == "method":
+                out[name] = {"name": section.name, **section.params}
+            else:
+                out[name] = dataclasses.asdict(section)
+        return out
+
+    # Convenience accessors in [0, 1] units.
+    @property
+    def eps(self) -> float:
+        return parse_size(self.attack.eps, "attack.eps", max_unit=_max_unit(self.attack.norm))
+
+    @property
+    def step_size(self) -> float:
+        return parse_size(self.attack.step_size, "attack.step_size", allow_zero=False,
+                          max_unit=_max_unit(self.attack.norm))
+
+
+def _max_unit(norm: str) -> float:
+    # L2 radii may exceed 1 in [0, 1] units (the diagonal of a 32x32x3 image is ~55).
+    return 1.0 if norm == "linf" else 64.0
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig,
+                  "optim": OptimConfig, "train": TrainConfig}
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check (and lightly coerce) one value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        if hint == Size or set(args) == {int, float, str}:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{where} must be a size like 8 or '8/255', got {value!r}.")
+            return value
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads 5e-4 (no dot) as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}.")
+        return value
+    return value
+
+
+def _build_section(cls: type, values: dict, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{section}.{key}'.{_did_you_mean(key, names)} "
+                              f"Valid keys of '{section}': {', '.join(names)}.")
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (e.g. parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section '{key}'.{_did_you_mean(str(key), SECTIONS)} "
+                              f"Sections: {', '.join(SECTIONS)}.")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {values!r}.")
+        sections[name] = _build_section(cls, values, name)
+    method_raw = raw.get("method") or {}
+    if not isinstance(method_raw, dict):
+        raise ConfigError(f"config section 'method' must be a mapping, got {method_raw!r}.")
+    method_raw = dict(method_raw)
+    method_name = method_raw.pop("name", MethodConfig.name)
+    if not isinstance(method_name, str):
+        raise ConfigError(f"method.name must be a string, got {method_name!r}.")
+    sections["method"] = MethodConfig(name=method_name, params=method_raw)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field constraints and units; raise :class:`ConfigError` naming the problem."""
+    from .data import DATASETS
+    from .methods import method_class
+    from .models import MODELS
+
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{_did_you_mean(cfg.data.dataset, DATASETS)} "
+                          f"Known: {', '.join(sorted(DATASETS))}.")
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"unknown model '{cfg.model.name}'.{_did_you_mean(cfg.model.name, MODELS)} "
+                          f"Known: {', '.join(sorted(MODELS))}.")
+    method_class(cfg.method.name).parse_params(cfg.method.params)  # raises on unknown/invalid params
+    if cfg.attack.norm not in ("linf", "l2"):
+        raise ConfigError(f"attack.norm must be 'linf' or 'l2', got {cfg.attack.norm!r}.")
+    cfg.eps, cfg.step_size  # noqa: B018 -- parse to validate units
+    if cfg.attack.steps < 0:
+        raise ConfigError(f"attack.steps must be >= 0, got {cfg.attack.steps}.")
+    if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
+        raise ConfigError(f"data.train_subset must be positive, got {cfg.data.train_subset}.")
+    if cfg.data.val_size < 0:
+        raise ConfigError(f"data.val_size must be >= 0, got {cfg.data.val_size}.")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}.")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be >= 2 (BatchNorm needs two samples), got {cfg.train.batch_size}.")
+    if cfg.train.amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}.")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}.")
+    if cfg.train.eval_every < 1 or cfg.train.log_interval < 1:
+        raise ConfigError("train.eval_every and train.log_interval must be >= 1.")
+    if cfg.optim.schedule not in ("step", "cosine", "constant"):
+        raise ConfigError(f"optim.schedule must be step, cosine or constant, got {cfg.optim.schedule!r}.")
+    if cfg.optim.lr <= 0 or cfg.optim.weight_decay < 0 or not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError("optim.lr must be > 0, optim.weight_decay >= 0 and optim.momentum in [0, 1).")
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones must be a list of epoch numbers, got {cfg.optim.milestones!r}.")
+    if not cfg.train.device == "auto" and not (cfg.train.device == "cpu" or cfg.train.device.startswith("cuda")
+                                               or cfg.train.device == "mps"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}.")
+
+
+def load_yaml(path: Union[str, Path]) -> dict:
+    """Read a YAML config file safely (no Python objects), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+    return raw
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}.")
+    path, _, text = assignment.partition("=")
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set expects section.key=value (e.g. attack.eps=8), got {assignment!r}.")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}' in --set {assignment!r}."
+                          f"{_did_you_mean(section, SECTIONS)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = value
+
+
+def merge(raw: dict, section: str, key: str, value: Any) -> None:
+    """Set ``raw[section][key] = value`` unless value is None (an unset CLI flag)."""
+    if value is None:
+        return
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = value
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

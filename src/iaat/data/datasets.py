@@ -1,0 +1,103 @@
+"""Data sets held whole as uint8 tensors of shape (N, C, H, W)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) and int64 labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.x.ndim != 4:
+            raise DataError(f"images must be uint8 of shape (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}.")
+        if self.y.ndim != 1 or len(self.y) != len(self.x):
+            raise DataError(f"labels must have shape ({len(self.x)},), got {tuple(self.y.shape)}.")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.x[indices], self.y[indices])
+
+
+@dataclass
+class DatasetSplits:
+    """The official train and test splits of a data set plus what a model needs to know."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+    mean: tuple
+    std: tuple
+    source: str  #: human-readable provenance, e.g. the folder it was read from
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.train.x.shape[1:])
+
+
+def _check_labels(split: ImageSet, num_classes: int, where: str) -> None:
+    if len(split) == 0:
+        raise DataError(f"{where} holds no images.")
+    lo, hi = int(split.y.min()), int(split.y.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{where} has labels in [{lo}, {hi}], outside 0..{num_classes - 1}.")
+
+
+def _load_cifar10(data_dir: Optional[str], download: bool) -> DatasetSplits:
+    from .cifar import load_cifar
+
+    return load_cifar("cifar10", data_dir, download)
+
+
+def _load_cifar100(data_dir: Optional[str], download: bool) -> DatasetSplits:
+    from .cifar import load_cifar
+
+    return load_cifar("cifar100", data_dir, download)
+
+
+def _load_digits(data_dir: Optional[str], download: bool) -> DatasetSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - sklearn is a core dependency
+        raise DataError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
+    bunch = load_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    y = bunch.target.astype(np.int64)
+    # A fixed shuffle so that the 300 test digits are spread over all writers.
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = torch.from_numpy(x[order]), torch.from_numpy(y[order])
+    train, test = ImageSet(x[300:], y[300:]), ImageSet(x[:300], y[:300])
+    mean = (float(train.x.float().mean() / 255),)
+    std = (float(train.x.float().std() / 255),)
+    return DatasetSplits("digits", train, test, 10, mean, std, "scikit-learn load_digits (bundled)")
+
+
+DATASETS: dict[str, Callable[[Optional[str], bool], DatasetSplits]] = {
+    "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "digits": _load_digits,
+}
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True) -> DatasetSplits:
+    """Load a registered data set's train and test splits as uint8 tensors on the CPU."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}.")
+    splits = DATASETS[name](data_dir, download)
+    _check_labels(splits.train, splits.num_classes, f"the {name} training split")
+    _check_labels(splits.test, splits.num_classes, f"the {name} test split")
+    return splits

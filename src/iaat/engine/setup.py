@@ -1,0 +1,82 @@
+"""Build what a run needs from its config: device, data splits, model, method."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import DatasetSplits, ImageSet, load_dataset, make_train_val
+from ..errors import CheckpointError, ConfigError
+from ..models import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; explicit devices are checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available here; use --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available here; use --device cpu.")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str) -> Optional[torch.dtype]:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast_context(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
+    dtype = autocast_dtype(amp)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class RunData:
+    """The data set and the fixed split of its training images into train and held-out val."""
+
+    splits: DatasetSplits
+    train: ImageSet
+    val: ImageSet
+    train_indices: torch.Tensor  #: positions in the official training split
+    val_indices: torch.Tensor
+
+
+def prepare_data(cfg: Config) -> RunData:
+    d = cfg.data
+    splits = load_dataset(d.dataset, d.data_dir, d.download)
+    train_idx, val_idx = make_train_val(splits.train.y, d.val_size, d.train_subset, d.split_seed)
+    return RunData(splits, splits.train.subset(train_idx), splits.train.subset(val_idx), train_idx, val_idx)
+
+
+def model_from_config(cfg: Config, splits: DatasetSplits) -> nn.Module:
+    m = cfg.model
+    channels = splits.image_shape[0]
+    mean, std = (splits.mean, splits.std) if m.normalize else (None, None)
+    return build_model(m.name, splits.num_classes, channels, mean=mean, std=std, depth=m.depth, width=m.width)
+
+
+def load_model_state(model: nn.Module, state: dict, where: str, expected: str = "", found: str = "") -> None:
+    """Load weights, turning key/shape mismatches into one clear :class:`CheckpointError`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        which = f" (checkpoint model '{found}', expected '{expected}')" if expected or found else ""
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"{where} holds weights of a different model{which}: {'; '.join(detail)}.")
+    model.load_state_dict(state)

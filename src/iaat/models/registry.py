@@ -1,0 +1,57 @@
+"""Build a model by name, wrapped with input normalisation."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from torch import nn
+
+from ..errors import ConfigError
+from .normalize import NormalizedModel
+from .resnet import ResNet
+from .small_cnn import SmallCNN
+from .wide_resnet import WideResNet
+
+
+def _small_cnn(num_classes: int, in_channels: int, depth: Optional[int], width: Optional[int]) -> nn.Module:
+    return SmallCNN(num_classes, in_channels, width or 32)
+
+
+def _resnet18(num_classes, in_channels, depth, width) -> nn.Module:
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, preact=False)
+
+
+def _preact_resnet18(num_classes, in_channels, depth, width) -> nn.Module:
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, preact=True)
+
+
+def _wideresnet(num_classes, in_channels, depth, width) -> nn.Module:
+    return WideResNet(depth or 34, width or 10, num_classes, in_channels)
+
+
+def _wrn(depth: int, width: int) -> Callable[..., nn.Module]:
+    def build(num_classes, in_channels, _depth, _width) -> nn.Module:
+        return WideResNet(depth, width, num_classes, in_channels)
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": _small_cnn,
+    "resnet18": _resnet18,
+    "preact_resnet18": _preact_resnet18,
+    "wideresnet": _wideresnet,
+    "wrn-32-10": _wrn(32, 10),
+    "wrn-34-10": _wrn(34, 10),
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None, depth: Optional[int] = None,
+                width: Optional[int] = None) -> nn.Module:
+    """Build ``name`` for ``num_classes``; with ``mean``/``std`` the model normalises its [0, 1] input."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}.")
+    net = MODELS[name](num_classes, in_channels, depth, width)
+    if mean is None or std is None:
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
+    return NormalizedModel(net, mean, std)

@@ -1,0 +1,83 @@
+"""Perturbation-size units.
+
+Configs and the CLI write eps and step sizes in *pixel units over 255*: ``8`` means
+8/255. A string ``"a/b"`` is an explicit fraction of the [0, 1] pixel range, so the
+GAIRAT paper's ``0.031`` is written ``"0.031/1"`` and ``"8/255"`` is 8/255. Internally
+every size is a float in [0, 1] image units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+from .errors import ConfigError
+
+Size = Union[int, float, str]
+
+# A bare number below this many pixel units is almost surely a value already in
+# [0, 1] units (e.g. 0.031 meant as 8/255), which would silently attack at 0.03/255.
+_SMALLEST_PLAUSIBLE_PIXELS = 0.5
+
+
+def parse_size(value: Size, name: str = "eps", *, allow_zero: bool = True, max_unit: float = 1.0) -> float:
+    """Convert a size written in pixel units over 255 (or as ``"a/b"``) to [0, 1] units.
+
+    Args:
+        value: ``8`` (means 8/255), ``"8"``, ``"8/255"`` or ``"0.031/1"``.
+        name: the option's name, used in error messages.
+        allow_zero: whether 0 is accepted.
+        max_unit: the largest accepted value in [0, 1] units (1.0 for L-inf sizes).
+
+    Raises:
+        ConfigError: for negative, non-finite, implausibly small or too large values.
+    """
+    explicit = False
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number in pixel units over 255 (e.g. 8) or 'a/b', got {value!r}.")
+    if isinstance(value, str):
+        text = value.strip()
+        if "/" in text:
+            num, _, den = text.partition("/")
+            try:
+                numf, denf = float(num), float(den)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r} is not a fraction like '8/255'.") from None
+            if denf <= 0:
+                raise ConfigError(f"{name}={value!r} has a non-positive denominator.")
+            unit = numf / denf
+            explicit = True
+        else:
+            try:
+                unit = float(text) / 255.0
+            except ValueError:
+                raise ConfigError(
+                    f"{name}={value!r} is not a size: write pixel units over 255 (8 means 8/255) or 'a/b'."
+                ) from None
+    elif isinstance(value, (int, float)):
+        unit = float(value) / 255.0
+    else:
+        raise ConfigError(f"{name} must be a number or a string like '8/255', got {type(value).__name__}.")
+
+    if not math.isfinite(unit):
+        raise ConfigError(f"{name}={value!r} is not finite.")
+    if unit < 0:
+        raise ConfigError(f"{name}={value!r} is negative; perturbation sizes must be >= 0.")
+    if unit == 0 and not allow_zero:
+        raise ConfigError(f"{name} must be positive, got {value!r}.")
+    if not explicit and 0 < unit * 255.0 < _SMALLEST_PLAUSIBLE_PIXELS:
+        raise ConfigError(
+            f"{name}={value!r} means {unit * 255:g}/255 in pixel units, which looks like a value already in "
+            f"[0, 1] units. Write {unit * 255 * 255:g} (pixel units over 255) or '{value}/1' if you really mean it."
+        )
+    if unit > max_unit:
+        raise ConfigError(
+            f"{name}={value!r} is {unit:g} in [0, 1] image units, larger than the {max_unit:g} this option allows; "
+            f"sizes are in pixel units over 255 (8 means 8/255)."
+        )
+    return unit
+
+
+def format_size(unit: float) -> str:
+    """Format a [0, 1]-unit size as pixels over 255, e.g. ``'8/255'``."""
+    return f"{unit * 255:.4g}/255"
