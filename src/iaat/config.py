@@ -27,7 +27,7 @@ SECTIONS = ("data", "model", "method", "attack", "optim", "train")
 class DataConfig:
     """Which data set, where it lives, and how the training split is made."""
 
-    dataset: str = "cifar10"  #: cifar10 | cifar100 | digits | synthetic
+    dataset: str = "cifar10"  #: cifar10 | cifar100 | digits
     data_dir: Optional[str] = None  #: folder holding (or parent of) the official python archive layout
     train_subset: Optional[int] = None  #: train on a fixed class-balanced subset of this many images
     val_size: int = 1000  #: held out of the training split for end-of-epoch evaluation (never the test set)

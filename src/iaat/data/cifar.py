@@ -128,12 +128,15 @@ def _load_split(folder: Path, files: dict, label_key: str, verify: list) -> Imag
         if _md5(path) != md5:
             verify.append(fname)
         batch = _read_batch(path)
-        if "data" not in batch or label_key not in batch:
+        if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
             raise DataError(f"{path} has no '{label_key}' or 'data' entry; is it the right CIFAR variant?")
         data = np.asarray(batch["data"])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: 'data' must be uint8 rows of 3072 values, got {data.dtype} {data.shape}.")
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        try:
+            labels = np.asarray(batch[label_key], dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: '{label_key}' must be integer class labels ({e}).") from None
         if labels.shape != (len(data),):
             raise DataError(f"{path}: {len(labels)} labels for {len(data)} images.")
         xs.append(data.reshape(-1, 3, 32, 32))
@@ -168,5 +171,5 @@ def load_cifar(name: str, data_dir: Optional[str], download: bool = True) -> Dat
     test = _load_split(folder, spec["test"], spec["label_key"], mismatched)
     if mismatched:
         warnings.warn(f"{folder}: {', '.join(mismatched)} differ(s) from the official {name} release (md5); "
-                      "numbers on this copy are not comparable with published tables.", stacklevel=2)
+                      "numbers on this copy are not comparable with published tables.", stacklevel=3)
     return DatasetSplits(name, train, test, spec["num_classes"], spec["mean"], spec["std"], str(folder))

@@ -72,7 +72,10 @@ class Method:
     def parse_params(cls, raw: dict) -> Any:
         """Validate the config's ``method`` keys (besides ``name``) into ``cls.Params``."""
         from ..config import _build_section
+        from ..errors import ConfigError
 
+        if raw and not dataclasses.fields(cls.Params):
+            raise ConfigError(f"method '{cls.name}' takes no parameters, got {', '.join(sorted(raw))}.")
         return _build_section(cls.Params, raw or {}, "method")
 
     def start_epoch(self, epoch: int) -> None:

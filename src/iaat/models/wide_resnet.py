@@ -25,15 +25,15 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """Pre-activation WideResNet; ``depth`` = 6n + 4 with n blocks per stage (34 → 5, 32 → 4.67 rounds to 5)."""
+    """Pre-activation WideResNet with ``round((depth - 4) / 6)`` blocks per stage (34 → 5, 32 → 4.67 → 5)."""
 
     def __init__(self, depth: int = 34, width: int = 10, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if depth < 10:
             raise ConfigError(f"WideResNet depth must be at least 10, got {depth}.")
-        # The adversarial-training literature's WRN-32-10 and WRN-34-10 both use 5 blocks per
-        # stage (the public Madry/TRADES code computes n = (depth - 4) / 6 and truncates).
-        n = int((depth - 4) / 6)
+        # The adversarial-training literature's "WRN-32-10" (IAAT, GAIRAT) and "WRN-34-10" (TRADES) both
+        # name Madry et al.'s CIFAR model: 5 blocks per stage, 46.2 M parameters.
+        n = round((depth - 4) / 6)
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]

@@ -1,0 +1,32 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SHARED_DATA, write_cifar10_folder
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A generated CIFAR-10-layout folder (500 train, 200 test images); returns its parent."""
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    write_cifar10_folder(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_cifar() -> Path:
+    """The shared CIFAR-10 (JPEG-75 copy) as a cifar-10-batches-py folder; skips when unavailable."""
+    if not (SHARED_DATA / "build_cifar10.py").is_file():
+        pytest.skip(f"real CIFAR-10 needs {SHARED_DATA} (the shared JPEG-75 copy), which is absent here")
+    cache = Path(os.environ.get("IAAT_TEST_CACHE", Path.home() / ".cache" / "iaat-tests")) / "cifar10-jpeg75"
+    folder = cache / "cifar-10-batches-py"
+    if not (folder / "test_batch").is_file():
+        subprocess.run([sys.executable, str(SHARED_DATA / "build_cifar10.py"), str(cache)], check=True,
+                       capture_output=True)
+    return folder

@@ -1,0 +1,51 @@
+"""Small generated data in the official CIFAR python layout, for tests that must not download."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def class_images(n: int, num_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 32x32 RGB images: each class is a bright square at its own place and colour, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % num_classes
+    rng.shuffle(y)
+    x = rng.integers(0, 80, size=(n, 3, 32, 32)).astype(np.int32)
+    for c in range(num_classes):
+        r, col = divmod(c % 16, 4)
+        members = y == c
+        x[members, c % 3, 8 * r:8 * r + 8, 8 * col:8 * col + 8] += 150
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def write_cifar10_folder(root: Path, train_per_batch: int = 100, n_test: int = 200, seed: int = 0) -> Path:
+    """Write ``root/cifar-10-batches-py`` with 5 train batches and a test batch (not the official md5s)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = class_images(5 * train_per_batch + n_test, seed=seed)
+    for k in range(5):
+        sl = slice(k * train_per_batch, (k + 1) * train_per_batch)
+        _dump(folder / f"data_batch_{k + 1}", x[sl], y[sl])
+    _dump(folder / "test_batch", x[5 * train_per_batch:], y[5 * train_per_batch:])
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f, protocol=2)
+    return folder
+
+
+def _dump(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"data": x.reshape(len(x), -1), "labels": [int(v) for v in y]}, f, protocol=2)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m iaat ARGS`` in a subprocess and capture its output."""
+    return subprocess.run([sys.executable, "-m", "iaat", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)

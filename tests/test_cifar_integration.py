@@ -1,0 +1,27 @@
+"""The Foundation's integration check on real CIFAR-10 (the shared JPEG-75 copy)."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import REPO, run_cli
+
+
+def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_path):
+    out = tmp_path / "R"
+    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+                  str(real_cifar.parent), "--epochs", "1", "--train-subset", "2000", "--out", str(out),
+                  "--device", "cpu", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "differ(s) from the official cifar10 release" in res.stderr  # the JPEG-75 copy is flagged
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["epoch"] == 1 and 0.0 <= row["val_pgd10_acc"] <= row["val_clean_acc"]
+
+    res = run_cli("eval", str(out), "--n", "300", "--no-progress", "--out", str(tmp_path / "eval.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 300 and result["dataset"] == "cifar10"
+    # One epoch on 2,000 images already beats chance (10%) on clean test images.
+    assert result["clean"] > 0.12
+    robust = next(iter(result["attacks"].values()))["accuracy"]
+    assert robust <= result["clean"]

@@ -1,0 +1,199 @@
+"""End-to-end CLI tests: train, kill, resume, eval, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_cli
+
+TINY_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.width=8", "--set", "data.val_size=100",
+             "--set", "attack.steps=3", "--batch-size", "50", "--no-progress", "--set", "optim.schedule=cosine",
+             "--set", "data.download=false"]
+
+
+def tiny_train_args(data_dir: Path, out: Path, epochs: int = 1, *extra: str) -> list[str]:
+    return ["train", "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), *TINY_ARGS, *extra]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its content hash: what a failing command must leave unchanged."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pgd"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 1))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_train_writes_run_folder(tiny_run):
+    assert (tiny_run / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert {"train_loss", "train_acc", "val_clean_acc", "val_pgd10_acc", "lr"} <= set(rows[0])
+    assert (tiny_run / "checkpoints" / "epoch_0001.pt").is_file()
+    ckpt = torch.load(tiny_run / "checkpoints" / "epoch_0001.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scaler", "method", "rng", "config"} <= set(ckpt)
+
+
+def test_eval_writes_json(tiny_run, tmp_path):
+    out = tmp_path / "e.json"
+    res = run_cli("eval", str(tiny_run), "--n", "64", "--eps", "8", "16", "--restarts", "2", "--out", str(out),
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert result["n"] == 64 and result["split"] == "test"
+    accs = [a["accuracy"] for a in result["attacks"].values()]
+    assert len(accs) == 2 and all(a <= result["clean"] for a in accs)
+    assert "clean accuracy" in res.stdout
+
+
+def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "iaat", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / "epoch_0001.pt.sha256"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    epoch_seconds = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["train_seconds"]
+    time.sleep(epoch_seconds * 0.4)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "epoch_0002.pt").exists(), "killed too late: epoch 2 had finished"
+
+
+def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
+    epochs = 3
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(*tiny_train_args(tiny_cifar, straight, epochs)).returncode == 0
+    _kill_during_epoch_2(tiny_train_args(tiny_cifar, killed, epochs), killed)
+    res = run_cli("train", "--out", str(killed), "--resume", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stdout
+    a = torch.load(straight / "checkpoints" / f"epoch_{epochs:04d}.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / f"epoch_{epochs:04d}.pt", weights_only=True)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    rows = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+
+
+def test_resume_can_extend_epochs(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    res = run_cli("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert (run / "checkpoints" / "epoch_0002.pt").is_file()
+
+
+# ---- bad input: a clear one-paragraph error, non-zero exit, no file changed -------------------------------------
+
+
+def _expect_error(res: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "iaat: error:" in res.stderr, res.stderr
+    for phrase in phrases:
+        assert phrase in res.stderr, (phrase, res.stderr)
+
+
+@pytest.mark.parametrize("extra, phrases", [
+    (["--model", "resnet19"], ["unknown model 'resnet19'", "Did you mean 'resnet18'"]),
+    (["--method", "pgd-at"], ["unknown method 'pgd-at'", "Did you mean 'pgd_at'"]),
+    (["--set", "attack.eps=-8"], ["negative"]),
+    (["--eps", "0.031"], ["looks like a value already in [0, 1] units", "0.031/1"]),
+    (["--eps", "2000"], ["larger than"]),
+    (["--set", "attack.epss=8"], ["unknown key 'attack.epss'", "Did you mean 'eps'"]),
+    (["--set", "train.epochs=many"], ["train.epochs must be an integer"]),
+])
+def test_bad_train_options(tiny_cifar, tmp_path, extra, phrases):
+    out = tmp_path / "run"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, *extra))
+    _expect_error(res, *phrases)
+    assert not out.exists()
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    res = run_cli(*tiny_train_args(missing, tmp_path / "run", 1))
+    _expect_error(res, "cifar10 not found", str(missing), "--data-dir")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_without_resume(tiny_run, tiny_cifar):
+    before = snapshot(tiny_run)
+    _expect_error(run_cli(*tiny_train_args(tiny_cifar, tiny_run, 1)), "already exists", "--resume")
+    assert snapshot(tiny_run) == before
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _expect_error(run_cli("train", "--out", str(tmp_path / "empty"), "--resume"), "nothing to resume")
+
+
+def test_resume_refuses_changed_model(tiny_run):
+    before = snapshot(tiny_run)
+    _expect_error(run_cli("train", "--out", str(tiny_run), "--resume", "--model", "resnet18"),
+                  "cannot change model.name")
+    assert snapshot(tiny_run) == before
+
+
+def test_truncated_checkpoint(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = run / "checkpoints" / "epoch_0001.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = snapshot(run)
+    _expect_error(run_cli("eval", str(ckpt), "--n", "8"), "damaged")
+    _expect_error(run_cli("eval", str(run), "--n", "8"), "no valid checkpoint")
+    assert snapshot(run) == before
+
+
+def test_checkpoint_of_a_different_model(tiny_run, tiny_cifar, tmp_path):
+    other = tmp_path / "wide"
+    assert run_cli(*tiny_train_args(tiny_cifar, other, 1), "--set", "model.width=16").returncode == 0
+    # Put the width-16 checkpoint into a run whose config says width 8.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("epoch_0001.pt", "epoch_0001.pt.sha256"):
+        shutil.copy(other / "checkpoints" / name, run / "checkpoints" / name)
+    before = snapshot(run)
+    _expect_error(run_cli("eval", str(run), "--n", "8"), "different model")
+    _expect_error(run_cli("train", "--out", str(run), "--resume", "--epochs", "2"), "different model")
+    assert snapshot(run) == before
+
+
+def test_malicious_checkpoint_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "iaat-checkpoint", "model": Payload()}, bad)
+    _expect_error(run_cli("eval", str(bad)), "refusing to load")
+    assert not marker.exists()
+
+
+def test_help_states_units():
+    res = run_cli("train", "--help")
+    assert res.returncode == 0
+    assert "pixel units over 255" in res.stdout and "--set" in res.stdout
