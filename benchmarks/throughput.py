@@ -1,12 +1,17 @@
-"""PGD-10 adversarial-training throughput (images/s) of the iaat training step.
+"""Training-step throughput (images/s) of iaat's methods, measured side by side.
 
-Times the real training step (``pgd_at`` method: PGD-10 at 8/255, step 2/255, in eval
-mode, then a train-mode forward/backward and an SGD step) on real CIFAR-10 batches
-(the shared JPEG-75 copy when ``--data-dir`` is given, else random uint8 images: the
-speed does not depend on pixel values) and writes JSON under benchmarks/results/.
+Times the real training step (``method.loss`` — the PGD attacks and, for IAAT, the radius
+selection — then backward and an SGD step) on real CIFAR-10 batches (``--data-dir``) or on
+random uint8 images (the speed does not depend on pixel values). Methods are timed in
+interleaved rounds so that drift of the machine hits them alike, and each is reported in
+images/s and as a ratio to ``pgd_at`` measured in the same run. IAAT is timed after its
+warmup, i.e. with its selection attacks active.
 
-    python benchmarks/throughput.py --data-dir ~/.cache/iaat-tests/cifar10-jpeg75 \
-        --models small_cnn resnet18 --batch-size 128 --steps 5
+    python benchmarks/throughput.py --data-dir DIR --models small_cnn resnet18
+    python benchmarks/throughput.py --data-dir DIR --models small_cnn \
+        --methods pgd_at iaat iaat:train_attack=reuse iaat:selection=online clean
+
+Results go to benchmarks/results/ as JSON with the command, device, torch version and data.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader, ImageSet, load_dataset
@@ -40,53 +47,81 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def bench_model(name: str, data: ImageSet, splits, device, batch_size: int, steps: int, warmup: int,
-                method: str = "pgd_at") -> dict:
-    cfg = config_from_dict({"model": {"name": name}, "method": {"name": method},
-                            "attack": {"eps": 8, "step_size": 2, "steps": 10}})
-    torch.manual_seed(0)
-    model = model_from_config(cfg, splits).to(device)
-    m = build_method(method, {}, AttackSettings.from_config(cfg), len(data), splits.num_classes, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
-    model.train()
-    batches = loader.epoch(0)
-    times = []
-    for i in range(warmup + steps):
-        x, y, idx = next(batches)
-        if device.type == "cuda":
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``iaat:selection=online,train_attack=reuse`` → ("iaat", {...})."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
+    return name, params
+
+
+class Runner:
+    """One (model, method) training step, ready to be timed."""
+
+    def __init__(self, model_name: str, spec: str, data: ImageSet, splits, device, batch_size: int) -> None:
+        name, params = parse_method(spec)
+        cfg = config_from_dict({"model": {"name": model_name}, "method": {"name": name, **params},
+                                "attack": {"eps": 8, "step_size": 2, "steps": 10}})
+        torch.manual_seed(0)
+        self.spec, self.device = spec, device
+        self.model = model_from_config(cfg, splits).to(device).train()
+        self.method = build_method(name, cfg.method.params, AttackSettings.from_config(cfg), len(data),
+                                   splits.num_classes, device)
+        self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))  # past warmup
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
+        self.batches = self._cycle()
+        self.times: list[float] = []
+        self.images = 0
+
+    def _cycle(self):
+        epoch = 0
+        while True:
+            yield from self.loader.epoch(epoch)
+            epoch += 1
+
+    def step(self, timed: bool) -> None:
+        x, y, idx = next(self.batches)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = m.loss(model, x, y, idx)
-        opt.zero_grad(set_to_none=True)
+        out = self.method.loss(self.model, x, y, idx)
+        self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        opt.step()
-        if device.type == "cuda":
+        self.opt.step()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    total = sum(times)
-    return {"model": name, "method": method, "batch_size": batch_size, "timed_steps": steps, "warmup_steps": warmup,
-            "seconds": total, "images_per_second": batch_size * steps / total}
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+            self.images += len(y)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
+    p.add_argument("--data-label", help="how to name the data in the results (default: from the files)")
     p.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"])
+    p.add_argument("--methods", nargs="+", default=["pgd_at"],
+                   help="method specs, e.g. pgd_at iaat iaat:selection=online (ratios are to pgd_at)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the methods")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    n = args.batch_size * (args.steps + args.warmup)
+    n = args.batch_size * 8
     if args.data_dir:
-        splits = load_dataset("cifar10", args.data_dir, download=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = load_dataset("cifar10", args.data_dir, download=False)
         data = splits.train.subset(torch.arange(n))
-        data_name = f"CIFAR-10 from {splits.source}"
+        official = not any("differ" in str(w.message) for w in caught)
+        data_name = args.data_label or ("CIFAR-10" if official else "CIFAR-10 (not the official files: md5 differs)")
     else:
         from iaat.data.datasets import DatasetSplits
 
@@ -94,15 +129,34 @@ def main(argv=None) -> int:
         data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (n,), generator=g))
         splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
-        data_name = "random uint8 images, 3x32x32"
+        data_name = args.data_label or "random uint8 images, 3x32x32"
+
     rows = []
-    for name in args.models:
-        row = bench_model(name, data, splits, device, args.batch_size, args.steps, args.warmup)
-        print(f"{name:<16} batch {args.batch_size:>4}  {row['images_per_second']:8.1f} images/s "
-              f"(PGD-10 AT step, {args.steps} timed steps)", flush=True)
-        rows.append(row)
+    for model_name in args.models:
+        runners = [Runner(model_name, spec, data, splits, device, args.batch_size) for spec in args.methods]
+        for r in runners:
+            for _ in range(args.warmup):
+                r.step(timed=False)
+        for _ in range(args.rounds):
+            for r in runners:
+                for _ in range(args.steps):
+                    r.step(timed=True)
+        base = next((r for r in runners if r.spec == "pgd_at"), None)
+        for r in runners:
+            ips = r.images / sum(r.times)
+            row = {"model": model_name, "method": r.spec, "batch_size": args.batch_size,
+                   "timed_steps": len(r.times), "seconds_per_step": sum(r.times) / len(r.times),
+                   "images_per_second": ips}
+            if base is not None:
+                row["time_ratio_to_pgd_at"] = (sum(r.times) / r.images) / (sum(base.times) / base.images)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append(row)
+            ratio = f"  {row['time_ratio_to_pgd_at']:.2f}x pgd_at" if "time_ratio_to_pgd_at" in row else ""
+            print(f"{model_name:<12} {r.spec:<32} {ips:8.1f} images/s{ratio}", flush=True)
+        del runners
     result = {
-        "benchmark": "pgd10_at_training_throughput",
+        "benchmark": "training_step_throughput",
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -111,6 +165,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "data": data_name,
+        "attack": "L-inf PGD-10, eps 8/255, step 2/255",
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }

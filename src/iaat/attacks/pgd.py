@@ -106,7 +106,7 @@ def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor
     return direction * radius.view_as(eps) * eps
 
 
-def _project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
     """Project onto the eps ball, then keep x + delta inside [0, 1]."""
     if norm == "linf":
         delta = torch.maximum(torch.minimum(delta, eps), -eps)
@@ -118,7 +118,7 @@ def _project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str)
 def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast):
     batch = x.shape[0]
     delta = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
-    delta = _project(delta, x, eps, norm)
+    delta = project(delta, x, eps, norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
     for k in range(steps):
@@ -139,7 +139,7 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
             first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
             moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
             step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
-        delta = _project(delta + step, x, eps, norm)
+        delta = project(delta + step, x, eps, norm)
     return (x + delta).detach(), kappa
 
 

@@ -1,4 +1,4 @@
-"""The run folder: config.yaml, metrics.jsonl, checkpoints/, summary.json."""
+"""The run folder: config.yaml, metrics.jsonl, checkpoints/, data_split.npz, summary.json (radii/ for IAAT)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
+SPLIT = "data_split.npz"
 
 
 def check_new_run_dir(run_dir: Path) -> None:

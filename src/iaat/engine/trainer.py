@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -80,6 +81,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         rundir.truncate_metrics(run_dir, start_epoch)
     else:
         rundir.create_run_dir(run_dir, cfg)
+        # Which official training images are in the training set (the order of per-sample state) and held out.
+        np.savez(run_dir / rundir.SPLIT, train_indices=data.train_indices.numpy(), val_indices=data.val_indices.numpy())
 
     epochs = cfg.train.epochs
     steps_per_epoch = len(loader)
@@ -141,7 +144,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / max(n_seen, 1),
                "train_acc": correct.item() / max(n_seen, 1), **{f"train_{k}": v for k, v in
                                                                 _to_host(stat_sums, n_seen).items()}}
-        row.update(method.end_epoch())
+        row.update(method.end_epoch(epoch, run_dir))
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             if len(data.val) > 0:
                 res = evaluate(model, data.val, [eval_spec], batch_size=max(256, cfg.train.batch_size), device=device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -85,8 +86,8 @@ class Method:
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
-    def end_epoch(self) -> dict:
-        """Host-side metrics for ``metrics.jsonl`` after an epoch (called once, may sync)."""
+    def end_epoch(self, epoch: int, run_dir: Optional[Path]) -> dict:
+        """Host-side metrics for ``metrics.jsonl`` after epoch ``epoch`` (0-based); may write files to run_dir."""
         return {}
 
     def state_dict(self) -> dict:

@@ -9,9 +9,10 @@ import torch
 
 from ..errors import ConfigError
 from .base import AttackSettings, Method
+from .iaat import IAAT
 from .standard import PGDAT, Clean
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -1,0 +1,244 @@
+"""IAAT: the selection rule, warmup, bounds, loss split, modes, memory persistence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import run_cli
+from iaat.errors import ConfigError
+from iaat.methods import AttackSettings, build_method
+
+U = 1 / 255
+
+
+class RadiusStub(nn.Module):
+    """Sample k (base image b_k) is classified correctly iff mean(x - b_k) < r_k: its L-inf robust radius is r_k.
+
+    PGD's gradient sign is +1 on every pixel, so an attack at eps moves mean(x - b_k) to eps exactly.
+    """
+
+    def __init__(self, bases: torch.Tensor, radii: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bases", bases)
+        self.register_buffer("radii", radii)
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        k = torch.cdist(x.flatten(1), self.bases.flatten(1)).argmin(1)
+        margin = self.radii[k] - (x - self.bases[k]).flatten(1).mean(1)
+        return torch.stack([margin, torch.zeros_like(margin)], 1)  # unscaled: CE gradients must not vanish
+
+
+def stub_problem(n: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bases = 0.3 + 0.4 * torch.rand(n, 1, 8, 8, generator=g)
+    radii = (2 + 18 * torch.rand(n, generator=g)) * U
+    return RadiusStub(bases, radii), bases, torch.zeros(n, dtype=torch.long), radii
+
+
+def make_iaat(n: int, **params) -> "object":
+    attack = AttackSettings(eps=8 * U, step_size=2 * U, steps=10)
+    return build_method("iaat", params, attack, n, 2, torch.device("cpu"))
+
+
+def run_epochs(method, model, x, y, epochs: int, start: int = 0) -> None:
+    idx = torch.arange(len(y))
+    for epoch in range(start, start + epochs):
+        method.start_epoch(epoch)
+        method.loss(model, x, y, idx)
+
+
+@pytest.mark.parametrize("selection", ["alg2", "line_search"])
+def test_radius_settles_within_gamma_of_the_true_radius(selection):
+    model, x, y, radii = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=1, eps_warmup=8, gamma=1.9, beta=0.1, selection=selection,
+                       line_search_max=24)
+    run_epochs(method, model, x, y, 90)
+    mem = method.memory
+    assert torch.all((mem - radii).abs() <= 1.9 * U + 1e-6), (mem - radii) / U
+    assert torch.all(mem <= radii + 1e-6)  # a radius that breaks the sample is never kept
+
+
+def test_alg2_choice_and_smoothing_one_step():
+    model, x, y, radii = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, gamma=2, beta=0.5)
+    run_epochs(method, model, x, y, 1)
+    mem0 = torch.full_like(radii, 8 * U)
+    choice = torch.where(mem0 + 2 * U < radii, mem0 + 2 * U, torch.where(mem0 < radii, mem0, mem0 - 2 * U))
+    torch.testing.assert_close(method.memory, 0.5 * mem0 + 0.5 * choice)
+
+
+def test_line_search_picks_largest_grid_radius_that_holds():
+    model, x, y, radii = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=0, beta=1.0, selection="line_search", line_search_step=1,
+                       line_search_max=24)
+    run_epochs(method, model, x, y, 1)
+    expected = torch.floor(radii / U - 1e-3) * U  # grid radii strictly below r hold
+    torch.testing.assert_close(method.memory, expected)
+
+
+def test_alg2_selection_is_one_batched_attack():
+    model, x, y, _ = stub_problem(8)
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8)
+    run_epochs(method, model, x, y, 1)
+    # clean check (B), selection over 2B: 10 steps + final check, training attack 10 steps (B), training forward (B)
+    assert model.calls == [8] + [16] * 11 + [8] * 10 + [8]
+
+
+def test_online_mode_runs_no_extra_attack():
+    model, x, y, radii = stub_problem(8)
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, selection="online", loss_split=False)
+    run_epochs(method, model, x, y, 1)
+    assert model.calls == [8] * 11  # the training attack's 10 steps and the training forward, like pgd_at
+    held = 8 * U < radii
+    expected = torch.where(held, 8 * U + 0.1 * 1.9 * U, 8 * U - 0.1 * 1.9 * U)
+    torch.testing.assert_close(method.memory, expected)
+
+
+def test_warmup_uses_fixed_eps_then_selection_starts():
+    model, x, y, radii = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=3, eps_warmup=6, gamma=1.9, beta=0.5)
+    run_epochs(method, model, x, y, 3)
+    torch.testing.assert_close(method.memory, torch.full_like(radii, 6 * U))
+    run_epochs(method, model, x, y, 1, start=3)
+    assert not torch.allclose(method.memory, torch.full_like(radii, 6 * U))
+
+
+def test_bounds_clip_every_radius():
+    model, x, y, radii = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, eps_min=4, eps_max=10, beta=1.0)
+    run_epochs(method, model, x, y, 12)
+    assert torch.all(method.memory >= 4 * U - 1e-7) and torch.all(method.memory <= 10 * U + 1e-7)
+    small = radii < 3 * U
+    assert small.any() and torch.allclose(method.memory[small], torch.full_like(method.memory[small], 4 * U))
+
+
+def test_reuse_mode_stays_inside_the_new_radius():
+    model, x, y, _ = stub_problem()
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, train_attack="reuse")
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["x"] = inputs[0]
+
+    handle = model.register_forward_hook(record)
+    method.start_epoch(0)
+    method.loss(model, x, y, torch.arange(len(y)))
+    handle.remove()
+    delta = (seen["x"] - x).flatten(1).abs().amax(1)
+    assert torch.all(delta <= method.memory + 1e-6)
+    assert model.calls.count(len(y)) == 2  # clean check and training forward only: no third attack
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_loss_split_uses_clean_loss_for_misclassified_samples():
+    torch.manual_seed(0)
+    model = Linear()
+    x = torch.rand(16, 1, 8, 8)
+    y = 1 - model(x).argmax(1)  # every sample misclassified when clean
+    method = make_iaat(16, warmup_epochs=1, eps_warmup=8)
+    method.start_epoch(0)
+    out = method.loss(model, x, y, torch.arange(16))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y))
+    method = make_iaat(16, warmup_epochs=1, eps_warmup=8, loss_split=False)
+    method.start_epoch(0)
+    assert method.loss(model, x, y, torch.arange(16)).loss > F.cross_entropy(model(x), y) + 1e-3
+
+
+def test_learned_radii_rank_samples_by_distance_to_the_boundary():
+    """Train a linear model with IAAT on data whose L-inf distance to the true boundary is known."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 16
+    w = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)
+    u = (torch.rand(n, d, generator=g) - 0.5) * 0.4
+    u = u - (u @ w)[:, None] / d * w  # orthogonal to w: on the boundary
+    dist = (1 + 29 * torch.rand(n, generator=g)) * U  # 1/255 .. 30/255
+    side = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    x = (0.5 + u + (side * dist)[:, None] * w).view(n, 1, 4, 4).clamp(0, 1)
+    y = (side > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    attack = AttackSettings(eps=8 * U, step_size=2 * U, steps=10)
+    method = build_method("iaat", {"warmup_epochs": 3, "eps_warmup": 4, "beta": 0.5, "gamma": 1.9}, attack, n, 2,
+                          torch.device("cpu"))
+    for epoch in range(60):
+        method.start_epoch(epoch)
+        for idx in torch.randperm(n, generator=g).split(64):
+            out = method.loss(model, x[idx], y[idx], idx)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    rank = lambda v: torch.argsort(torch.argsort(v)).float()  # noqa: E731
+    rho = torch.corrcoef(torch.stack([rank(method.memory), rank(dist)]))[0, 1]
+    assert rho > 0.8, float(rho)
+
+
+@pytest.mark.parametrize("params, phrase", [
+    ({"selection": "exact"}, "method.selection"),
+    ({"gamma": 0.0075}, "already in [0, 1] units"),
+    ({"beta": 0}, "method.beta"),
+    ({"eps_min": 10, "eps_max": 4}, "larger than"),
+    ({"gama": 2}, "Did you mean 'gamma'"),
+])
+def test_bad_parameters(params, phrase):
+    with pytest.raises(ConfigError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
+        make_iaat(4, **params)
+
+
+IAAT_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.width=8", "--set", "data.val_size=100",
+             "--set", "attack.steps=3", "--batch-size", "50", "--no-progress", "--method", "iaat",
+             "--set", "method.warmup_epochs=1", "--set", "data.download=false"]
+
+
+def test_memory_is_saved_per_epoch_and_resumed_exactly(tiny_cifar, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    base = ["train", "--data-dir", str(tiny_cifar), *IAAT_ARGS]
+    assert run_cli(*base, "--out", str(straight), "--epochs", "3").returncode == 0
+    assert run_cli(*base, "--out", str(resumed), "--epochs", "2").returncode == 0
+    res = run_cli("train", "--out", str(resumed), "--resume", "--epochs", "3", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    a = torch.load(straight / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    assert torch.equal(a["method"]["memory"], b["method"]["memory"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    radii = [np.load(straight / "radii" / f"epoch_{e:04d}.npy") for e in (1, 2, 3)]
+    assert all(r.shape == (400,) for r in radii)
+    np.testing.assert_allclose(radii[0], 8 / 255, rtol=1e-6)  # warmup epoch: every radius at eps_warmup
+    assert not np.allclose(radii[1], radii[2])
+    np.testing.assert_array_equal(radii[2], a["method"]["memory"].numpy())
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {"radius_mean", "radius_q10", "radius_q50", "radius_q90", "train_radius"} <= set(rows[-1])
+    assert rows[0]["radius_mean"] == pytest.approx(8.0, rel=1e-5)
+
+
+def test_conditional_schedule_chooses_like_batched():
+    model, x, y, radii = stub_problem()
+    memories = []
+    for schedule in ("batched", "conditional"):
+        method = make_iaat(len(y), warmup_epochs=0, eps_init=8, gamma=1.9, beta=0.5, alg2_schedule=schedule)
+        run_epochs(method, model, x, y, 6)
+        memories.append(method.memory)
+    torch.testing.assert_close(memories[0], memories[1])
+    model.calls.clear()
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, alg2_schedule="conditional")
+    run_epochs(method, model, x, y, 1)
+    broke = int((radii < 8 * U + 1.9 * U).sum())
+    assert 0 < broke < len(y)
+    assert model.calls.count(broke) == 11  # the second selection attack ran on the broken samples only
