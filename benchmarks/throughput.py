@@ -60,16 +60,23 @@ def parse_method(spec: str) -> tuple[str, dict]:
 class Runner:
     """One (model, method) training step, ready to be timed."""
 
-    def __init__(self, model_name: str, spec: str, data: ImageSet, splits, device, batch_size: int) -> None:
+    def __init__(self, model_name: str, spec: str, data: ImageSet, splits, device, batch_size: int,
+                 init: dict | None = None) -> None:
         name, params = parse_method(spec)
         cfg = config_from_dict({"model": {"name": model_name}, "method": {"name": name, **params},
                                 "attack": {"eps": 8, "step_size": 2, "steps": 10}})
         torch.manual_seed(0)
         self.spec, self.device = spec, device
-        self.model = model_from_config(cfg, splits).to(device).train()
+        self.model = model_from_config(cfg, splits)
+        if init is not None:
+            self.model.load_state_dict(init)
+        self.model.to(device).train()
         self.method = build_method(name, cfg.method.params, AttackSettings.from_config(cfg), len(data),
                                    splits.num_classes, device)
-        self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))  # past warmup
+        # Time the state right after IAAT's warmup: selection active, every radius at eps_warmup.
+        self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))
+        if hasattr(self.method, "memory"):
+            self.method.memory.fill_(self.method.cfg.eps_warmup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
         self.batches = self._cycle()
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the methods")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's weights (one model only): selection "
+                   "costs depend on how many samples an attack breaks, which an untrained model overstates")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = p.parse_args(argv)
@@ -131,9 +140,17 @@ def main(argv=None) -> int:
         splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
         data_name = args.data_label or "random uint8 images, 3x32x32"
 
+    init = None
+    if args.init_from:
+        from iaat.engine.trainer import load_run
+
+        init_model, init_cfg, init_path, _ = load_run(Path(args.init_from))
+        if args.models != [init_cfg.model.name]:
+            p.error(f"--init-from {args.init_from} holds a {init_cfg.model.name}; pass --models {init_cfg.model.name}")
+        init = init_model.state_dict()
     rows = []
     for model_name in args.models:
-        runners = [Runner(model_name, spec, data, splits, device, args.batch_size) for spec in args.methods]
+        runners = [Runner(model_name, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
         for r in runners:
             for _ in range(args.warmup):
                 r.step(timed=False)
@@ -166,6 +183,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "data": data_name,
         "attack": "L-inf PGD-10, eps 8/255, step 2/255",
+        "init_from": str(init_path) if args.init_from else "random initialisation",
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }

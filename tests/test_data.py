@@ -93,20 +93,7 @@ BAD_BATCHES = {
     "label_out_of_range": {"data": _rows(10), "labels": [10] * 10},
     "negative_label": {"data": _rows(10), "labels": [-1] * 10},
     "a_list": [1, 2, 3],
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_BATCHES))
-def test_malformed_batch_raises_data_error(tmp_path, name):
-    folder = write_cifar10_folder(tmp_path, train_per_batch=10, n_test=10)
-    with open(folder / "data_batch_2", "wb") as f:
-        pickle.dump(BAD_BATCHES[name], f, protocol=2)
-    with pytest.raises(DataError):
-        _load_quietly(tmp_path)
-
-
-# Batches that unpickle to something other than a dict with integer labels.
-NOT_A_BATCH = {
+    # Batches that unpickle to something other than a dict with integer labels.
     "an_int": 5,
     "none": None,
     "a_string": "data labels",
@@ -115,11 +102,11 @@ NOT_A_BATCH = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NOT_A_BATCH))
-def test_non_dict_batch_raises_data_error(tmp_path, name):
+@pytest.mark.parametrize("name", sorted(BAD_BATCHES))
+def test_malformed_batch_raises_data_error(tmp_path, name):
     folder = write_cifar10_folder(tmp_path, train_per_batch=10, n_test=10)
     with open(folder / "data_batch_2", "wb") as f:
-        pickle.dump(NOT_A_BATCH[name], f, protocol=2)
+        pickle.dump(BAD_BATCHES[name], f, protocol=2)
     with pytest.raises(DataError):
         _load_quietly(tmp_path)
 

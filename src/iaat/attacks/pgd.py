@@ -66,15 +66,19 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = Fal
     return label_logit - others if targeted else others - label_logit
 
 
-def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: str) -> torch.Tensor:
+def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: str,
+               reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample objective the attack maximises."""
+    if loss == "kl":  # TRADES: KL(p_reference || p(x + delta))
+        ref = F.log_softmax(reference.float(), dim=1)
+        return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=1))).sum(1)
     if loss == "ce":
         if target is None:
             return F.cross_entropy(logits.float(), y, reduction="none")
         return -F.cross_entropy(logits.float(), target, reduction="none")
     if loss == "margin":
         return margin_loss(logits.float(), y if target is None else target, targeted=target is not None)
-    raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'margin'")
+    raise ValueError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'")
 
 
 def random_targets(y: torch.Tensor, num_classes: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -97,7 +101,9 @@ def _l2_norm(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
 
 
-def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, init_std: Optional[float] = None) -> torch.Tensor:
+    if init_std is not None:  # TRADES starts from a small Gaussian instead of the uniform ball
+        return init_std * torch.randn_like(x)
     if norm == "linf":
         return (torch.rand_like(x) * 2 - 1) * eps
     direction = torch.randn_like(x)
@@ -115,9 +121,10 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) 
     return (x + delta).clamp_(0.0, 1.0) - x
 
 
-def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast):
+def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast, reference,
+             init_std):
     batch = x.shape[0]
-    delta = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
+    delta = _random_start(x, eps, norm, init_std) if random_start else torch.zeros_like(x)
     delta = project(delta, x, eps, norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
@@ -125,7 +132,7 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
         delta.requires_grad_(True)
         with autocast():
             logits = model(x + delta)
-        objective = _objective(logits, y, target, loss)
+        objective = _objective(logits, y, target, loss, reference)
         (grad,) = torch.autograd.grad(objective.sum(), delta)
         delta = delta.detach()
         correct = logits.detach().argmax(1) == y
@@ -146,8 +153,8 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
         step_size: Optional[Radius] = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
-        final_check: bool = True, eval_mode: bool = True,
-        autocast_dtype: Optional[torch.dtype] = None) -> AttackResult:
+        final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
+        init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -161,10 +168,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         random_start: start uniformly inside the ball (else at x).
         restarts: independent runs; each sample keeps its successful run, else its highest objective.
         target: labels to move towards (targeted attack); ``None`` for untargeted.
-        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (Carlini-Wagner).
+        loss: ``"ce"`` (cross-entropy), ``"margin"`` (Carlini-Wagner) or ``"kl"`` (TRADES: KL divergence
+            from the softmax of ``reference`` logits, usually the clean logits).
         early_stop_tau: friendly AT (FAT): stop a sample ``tau`` steps after its first misclassification.
         final_check: classify the final iterate (needed for ``correct``; forced with restarts > 1).
         eval_mode: attack the model in eval mode (default; BatchNorm statistics stay untouched).
+        reference: logits the ``"kl"`` loss compares against.
+        init_std: start from ``init_std * N(0, 1)`` noise instead of the uniform ball (TRADES uses 0.001).
         autocast_dtype: run the model under autocast with this dtype (bf16/fp16), gradients in fp32.
 
     Returns:
@@ -174,6 +184,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if loss == "kl" and reference is None:
+        raise ValueError("the 'kl' loss needs reference logits")
     batch = x.shape[0]
     x = x.detach()
     eps_t = _as_radius(eps, batch, x)
@@ -189,13 +201,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     with attack_mode(model, eval_mode), torch.enable_grad():
         for _ in range(restarts):
             x_adv, kappa = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
-                                    early_stop_tau, autocast)
+                                    early_stop_tau, autocast, reference, init_std)
             if not final_check:
                 return AttackResult(x_adv, None, kappa)
             with torch.no_grad(), autocast():
                 logits = model(x_adv)
             logits = logits.float()
-            objective = _objective(logits, y, target, loss)
+            objective = _objective(logits, y, target, loss, reference)
             pred = logits.argmax(1)
             correct = pred == y
             success = (pred == target) if target is not None else ~correct

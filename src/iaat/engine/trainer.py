@@ -55,6 +55,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
     amp_dtype = autocast_dtype(cfg.train.amp)
     attack = AttackSettings.from_config(cfg, amp_dtype)
     method = build_method(cfg.method.name, cfg.method.params, attack, len(data.train), data.splits.num_classes, device)
+    method.total_epochs = cfg.train.epochs
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")

@@ -68,6 +68,7 @@ class Method:
         self.num_classes = num_classes
         self.device = device
         self.epoch = 0
+        self.total_epochs: Optional[int] = None  #: set by the trainer (schedules over the whole run need it)
 
     @classmethod
     def parse_params(cls, raw: dict) -> Any:

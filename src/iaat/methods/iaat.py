@@ -27,6 +27,8 @@ This is the one place where a radius is chosen. Selection modes:
 * ``online`` (the paper's Section 3 wording): train at eps = memory and update the memory
   from whether the training attack itself fooled the model in the training forward pass:
   +γ if not, −γ if it did. No extra attacks at all.
+* ``weights: gair`` composes IAAT's radii with GAIRAT's loss weights (the GAIR keys of
+  :class:`~iaat.methods.gair.GairParams`), kappa taken from the attack that made the example.
 * ``line_search`` (Table 7): attack at every radius of a grid Δ, 2Δ, ... up to
   ``line_search_max`` in one batched call, choose the largest radius below the first one
   that breaks the sample, then smooth as above.
@@ -50,7 +52,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import attack_mode
@@ -58,6 +59,7 @@ from ..attacks.pgd import project
 from ..errors import ConfigError
 from ..units import Size, parse_size
 from .base import Method, StepOutput
+from .gair import GairParams, GairWeighting, weighted_ce
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -83,6 +85,7 @@ class _Resolved:
     grid_step: float
     line_search_max: float
     save_radii: bool
+    weights: str
 
 
 class IAAT(Method):
@@ -91,7 +94,8 @@ class IAAT(Method):
     name = "iaat"
 
     @dataclass
-    class Params:
+    class Params(GairParams):
+        weights: str = "none"  #: none | gair: also weight each loss by GAIRAT's kappa weights (GairParams keys)
         gamma: Size = 1.9  #: radius change per selection, pixel units over 255 (paper: 1.9/255)
         beta: float = 0.1  #: smoothing: eps = (1-beta)*memory + beta*choice
         warmup_epochs: int = 5  #: epochs at the fixed eps_warmup (paper: 5 for ResNet-18, 10 for WRN)
@@ -126,6 +130,10 @@ class IAAT(Method):
             raise ConfigError(f"method.train_attack must be separate or reuse, got {p.train_attack!r}.")
         if p.step_rule not in ("proportional", "fixed"):
             raise ConfigError(f"method.step_rule must be proportional or fixed, got {p.step_rule!r}.")
+        if p.weights not in ("none", "gair"):
+            raise ConfigError(f"method.weights must be none or gair, got {p.weights!r}.")
+        if p.weights == "gair":
+            GairWeighting.check(p)
         if not 0 < p.beta <= 1:
             raise ConfigError(f"method.beta must be in (0, 1], got {p.beta}.")
         if p.warmup_epochs < 0:
@@ -142,11 +150,13 @@ class IAAT(Method):
         return _Resolved(gamma, p.beta, p.warmup_epochs, parse_size(p.eps_warmup, "method.eps_warmup"),
                          parse_size(p.eps_init, "method.eps_init"), eps_min, eps_max, p.selection,
                          p.selection_steps, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split, grid,
-                         parse_size(p.line_search_max, "method.line_search_max", allow_zero=False), p.save_radii)
+                         parse_size(p.line_search_max, "method.line_search_max", allow_zero=False), p.save_radii,
+                         p.weights)
 
     def __init__(self, params: Any, attack, num_train: int, num_classes: int, device: torch.device) -> None:
         super().__init__(params, attack, num_train, num_classes, device)
         self.cfg = self.resolve(params)
+        self.gair = GairWeighting(params) if self.cfg.weights == "gair" else None
         self.memory = torch.full((num_train,), self.clip(self.cfg.eps_init), dtype=torch.float32, device=device)
 
     # -- pieces ------------------------------------------------------------------------------------------
@@ -177,8 +187,8 @@ class IAAT(Method):
     def select_alg2(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mem: torch.Tensor):
         """Alg. 2's selection attacks at radii mem+γ and mem (see ``alg2_schedule``).
 
-        Returns ``(choice, hold_high, hold_cur, x_high, x_cur)``; with the conditional schedule
-        ``hold_cur`` and ``x_cur`` are only meaningful where ``hold_high`` is false.
+        Returns ``(choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur)``; with the conditional
+        schedule the ``*_cur`` values are only meaningful where ``hold_high`` is false.
         """
         steps = self.cfg.selection_steps or self.attack.steps
         g = self.cfg.gamma
@@ -187,16 +197,17 @@ class IAAT(Method):
             res = self._attack(model, torch.cat([x, x]), torch.cat([y, y]), torch.cat([high, mem]), steps, True)
             hold_high, hold_cur = res.correct.chunk(2)
             x_high, x_cur = res.x_adv.chunk(2)
+            kappa_high, kappa_cur = res.kappa.chunk(2)
         else:
             res = self._attack(model, x, y, high, steps, True)
-            hold_high, x_high = res.correct, res.x_adv
-            hold_cur, x_cur = hold_high.clone(), x_high.clone()
+            hold_high, x_high, kappa_high = res.correct, res.x_adv, res.kappa
+            hold_cur, x_cur, kappa_cur = hold_high.clone(), x_high.clone(), kappa_high.clone()
             broke = (~hold_high).nonzero().squeeze(1)  # the one host sync: how many need the second attack
             if len(broke):
                 sub = self._attack(model, x[broke], y[broke], mem[broke], steps, True)
-                hold_cur[broke], x_cur[broke] = sub.correct, sub.x_adv
+                hold_cur[broke], x_cur[broke], kappa_cur[broke] = sub.correct, sub.x_adv, sub.kappa
         choice = torch.where(hold_high, high, torch.where(hold_cur, mem, self.clip(mem - g)))
-        return choice, hold_high, hold_cur, x_high, x_cur
+        return choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur
 
     def select_line_search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Table 7: the largest grid radius below the first one at which PGD breaks the sample."""
@@ -221,30 +232,36 @@ class IAAT(Method):
             stats["clean_acc"] = clean_ok.sum()
         mem = self.memory[idx]
 
+        kappa_steps = steps  # K of the attack whose kappa feeds GAIR weights
         if self.in_warmup:
             eps = torch.full_like(mem, c.eps_warmup)
-            x_adv = self._attack(model, x, y, eps, steps, False).x_adv
         elif c.selection == "alg2":
-            choice, hold_high, hold_cur, x_high, x_cur = self.select_alg2(model, x, y, mem)
+            choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur = self.select_alg2(model, x, y, mem)
             eps = self.smooth(mem, choice)
-            if c.train_attack == "reuse":
-                source = torch.where(hold_high.view(-1, 1, 1, 1), x_high, x_cur)
-                x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.attack.norm)
-            else:
-                x_adv = self._attack(model, x, y, eps, steps, False).x_adv
             stats["up"] = hold_high.sum()
             stats["same"] = (~hold_high & hold_cur).sum()
             stats["down"] = (~hold_high & ~hold_cur).sum()
         elif c.selection == "line_search":
             eps = self.smooth(mem, self.select_line_search(model, x, y))
-            x_adv = self._attack(model, x, y, eps, steps, False).x_adv
         else:  # online: train at the memory; the update follows from the training forward below
             eps = mem
-            x_adv = self._attack(model, x, y, eps, steps, False).x_adv
+
+        if not self.in_warmup and c.selection == "alg2" and c.train_attack == "reuse":
+            source = torch.where(hold_high.view(-1, 1, 1, 1), x_high, x_cur)
+            x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.attack.norm)
+            kappa = torch.where(hold_high, kappa_high, kappa_cur)
+            kappa_steps = c.selection_steps or steps
+        else:
+            adv = self._attack(model, x, y, eps, steps, False)
+            x_adv, kappa = adv.x_adv, adv.kappa
 
         x_train = torch.where(clean_ok.view(-1, 1, 1, 1), x_adv, x) if c.loss_split else x_adv
         logits = model(x_train)
-        loss = F.cross_entropy(logits, y)
+        weights = None
+        if self.gair is not None and self.gair.active(self.epoch):
+            weights = self.gair.weights(kappa, kappa_steps, self.epoch, self.total_epochs)
+            stats["gair_weight_sq"] = (weights * weights).sum()
+        loss = weighted_ce(logits, y, weights)
 
         if not self.in_warmup and c.selection == "online":
             held = logits.detach().argmax(1) == y
@@ -262,6 +279,8 @@ class IAAT(Method):
         row = {"radius_mean": float(mem.mean()) * 255, "radius_std": float(mem.std()) * 255,
                "radius_min": float(mem.min()) * 255, "radius_max": float(mem.max()) * 255,
                **{f"radius_q{int(p * 100):02d}": float(v) * 255 for p, v in zip(QUANTILES, q)}}
+        if self.gair is not None:
+            row["gair_lambda"] = self.gair.lam(epoch, self.total_epochs)
         if run_dir is not None and self.cfg.save_radii:
             from ..engine.checkpoint import atomic_write_bytes
 

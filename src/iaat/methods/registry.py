@@ -10,9 +10,11 @@ import torch
 from ..errors import ConfigError
 from .base import AttackSettings, Method
 from .iaat import IAAT
+from .reweighted import FAT, GAIRAT, GAIRFAT
 from .standard import PGDAT, Clean
+from .trades import TRADES, MixupAT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT, GAIRAT, FAT, GAIRFAT, TRADES, MixupAT)}
 
 
 def method_class(name: str) -> type[Method]:

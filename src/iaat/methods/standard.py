@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, StepOutput
+from .gair import weighted_ce
 
 
 class Clean(Method):
@@ -27,4 +28,4 @@ class PGDAT(Method):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
         adv = self.attack_batch(model, x, y, final_check=False)
         logits = model(adv.x_adv)
-        return StepOutput(F.cross_entropy(logits, y), logits)
+        return StepOutput(weighted_ce(logits, y), logits)

@@ -1,0 +1,108 @@
+"""Geometry-aware instance reweighting (GAIRAT, Zhang et al., ICLR 2021): the shared parts.
+
+kappa (from the PGD kernel) counts how many of the K attack iterates were still classified
+correctly: samples near the decision boundary have a small kappa and get a large weight.
+Any method can mix in :class:`GairParams` and call :meth:`GairWeighting.weights`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
+LAMBDA_SCHEDULES = ("fixed", "linear", "piecewise")
+
+
+@dataclass
+class GairParams:
+    """GAIR keys of a method's config."""
+
+    weight_fn: str = "tanh"  #: tanh (the paper) | sigmoid | discrete
+    lam: float = -1.0  #: lambda: lower values concentrate the weight on samples near the boundary
+    lam_schedule: str = "fixed"  #: fixed | linear (lam_max → lam over the weighted epochs) | piecewise
+    lam_max: float = math.inf  #: start of the linear schedule (must be finite there)
+    lam_milestones: list = field(default_factory=list)  #: piecewise: 0-based epochs where lambda drops
+    lam_drops: list = field(default_factory=list)  #: piecewise: lambda = lam - drop after each milestone
+    burn_in_epochs: int = 0  #: plain (uniformly weighted) epochs before the weights start
+
+
+def weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy, optionally per-sample weighted (weights of 1 give exactly the unweighted mean)."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return ce.mean() if weights is None else (ce * weights).mean()
+
+
+def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:
+    """Per-sample weights from kappa, normalised to mean 1 over the batch.
+
+    tanh: (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, written with K // 2 as the authors' code;
+    sigmoid: sigmoid(lam + 5 (1 - 2 kappa / K)); discrete: (K + 1 - kappa) / (K + 1).
+    ``lam = +inf`` gives uniform weights.
+    """
+    k = kappa.float()
+    half = max(steps // 2, 1)
+    if fn == "tanh":
+        raw = (torch.tanh(lam + (half - k) * 5.0 / half) + 1.0) / 2.0
+    elif fn == "sigmoid":
+        raw = torch.sigmoid(lam + (half - k) * 5.0 / half)
+    elif fn == "discrete":
+        raw = (steps + 1 - k) / (steps + 1)
+    else:
+        raise ValueError(f"unknown GAIR weight function {fn!r}")
+    return raw * (len(raw) / raw.sum())
+
+
+class GairWeighting:
+    """The lambda schedule and the weights of one run."""
+
+    def __init__(self, p: GairParams) -> None:
+        self.check(p)
+        self.p = p
+
+    @staticmethod
+    def check(p: GairParams) -> None:
+        if p.weight_fn not in WEIGHT_FUNCTIONS:
+            raise ConfigError(f"method.weight_fn must be one of {', '.join(WEIGHT_FUNCTIONS)}, got {p.weight_fn!r}.")
+        if p.lam_schedule not in LAMBDA_SCHEDULES:
+            raise ConfigError(f"method.lam_schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, "
+                              f"got {p.lam_schedule!r}.")
+        if math.isnan(p.lam) or p.lam == -math.inf:
+            raise ConfigError(f"method.lam must be a number or +inf (uniform weights), got {p.lam}.")
+        if p.lam_schedule == "linear" and not math.isfinite(p.lam_max):
+            raise ConfigError("method.lam_schedule=linear needs a finite method.lam_max (the start value); the "
+                              "official code's default of inf makes every lambda NaN.")
+        if p.lam_schedule == "piecewise" and len(p.lam_milestones) != len(p.lam_drops):
+            raise ConfigError("method.lam_milestones and method.lam_drops must have the same length.")
+        if p.burn_in_epochs < 0:
+            raise ConfigError(f"method.burn_in_epochs must be >= 0, got {p.burn_in_epochs}.")
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.p.burn_in_epochs
+
+    def lam(self, epoch: int, total_epochs: Optional[int] = None) -> float:
+        """Lambda at 0-based ``epoch`` (+inf, i.e. uniform, during the burn-in)."""
+        p = self.p
+        if not self.active(epoch):
+            return math.inf
+        if p.lam_schedule == "fixed":
+            return p.lam
+        if p.lam_schedule == "piecewise":
+            order = sorted(range(len(p.lam_milestones)), key=lambda i: p.lam_milestones[i])
+            passed = bisect.bisect_right([p.lam_milestones[i] for i in order], epoch)
+            return p.lam - (p.lam_drops[order[passed - 1]] if passed else 0.0)
+        if total_epochs is None:
+            raise ValueError("the linear lambda schedule needs the total number of epochs")
+        span = max(total_epochs - p.burn_in_epochs, 1)
+        frac = min((epoch - p.burn_in_epochs + 1) / span, 1.0)
+        return p.lam_max + frac * (p.lam - p.lam_max)
+
+    def weights(self, kappa: torch.Tensor, steps: int, epoch: int, total_epochs: Optional[int]) -> torch.Tensor:
+        return gair_weights(kappa, steps, self.lam(epoch, total_epochs), self.p.weight_fn)

@@ -1,0 +1,173 @@
+"""GAIRAT, FAT, GAIR-FAT, TRADES, Mixup-AT and IAAT with GAIR weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iaat.config import config_from_dict
+from iaat.engine import train
+from iaat.errors import ConfigError
+from iaat.methods import AttackSettings, build_method
+from iaat.methods.gair import GairParams, GairWeighting, gair_weights
+
+U = 1 / 255
+
+
+@pytest.mark.parametrize("fn, raw", [
+    ("tanh", lambda k, K, lam: (1 + math.tanh(lam + 5 * (1 - 2 * k / K))) / 2),
+    ("sigmoid", lambda k, K, lam: 1 / (1 + math.exp(-(lam + 5 * (1 - 2 * k / K))))),
+    ("discrete", lambda k, K, lam: (K + 1 - k) / (K + 1)),
+])
+def test_weights_match_the_formula_on_hand_computed_kappa(fn, raw):
+    kappa, K, lam = [0, 2, 5, 7, 10], 10, -1.0
+    expected = torch.tensor([raw(k, K, lam) for k in kappa])
+    expected = expected * len(kappa) / expected.sum()
+    got = gair_weights(torch.tensor(kappa), K, lam, fn)
+    torch.testing.assert_close(got, expected.float())
+    assert got.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.all(got[:-1] >= got[1:])  # closer to the boundary (small kappa) weighs more
+
+
+def test_infinite_lambda_gives_exactly_uniform_weights():
+    w = gair_weights(torch.tensor([0, 3, 10, 10]), 10, math.inf, "tanh")
+    assert torch.equal(w, torch.ones(4))
+
+
+def lam_values(**params) -> list[float]:
+    g = GairWeighting(GairParams(**params))
+    return [g.lam(e, 10) for e in range(10)]
+
+
+def test_lambda_schedules_over_epochs():
+    assert lam_values(lam=-1, burn_in_epochs=3) == [math.inf] * 3 + [-1.0] * 7
+    linear = lam_values(lam=-1, lam_max=4, lam_schedule="linear", burn_in_epochs=5)
+    assert linear[:5] == [math.inf] * 5
+    assert linear[5:] == pytest.approx([3.0, 2.0, 1.0, 0.0, -1.0])
+    piecewise = lam_values(lam=-1, lam_schedule="piecewise", lam_milestones=[6, 8], lam_drops=[1.0, 1.5],
+                           burn_in_epochs=4)
+    assert piecewise == [math.inf] * 4 + [-1.0, -1.0, -2.0, -2.0, -2.5, -2.5]  # the later branches are reached
+    for values in (linear, piecewise):
+        assert not any(math.isnan(v) for v in values)
+
+
+def test_linear_schedule_with_infinite_start_is_refused():
+    with pytest.raises(ConfigError, match="finite method.lam_max"):
+        GairWeighting(GairParams(lam_schedule="linear"))
+
+
+def _train(tmp_path, name: str, method: dict) -> dict:
+    cfg = config_from_dict({
+        "data": {"dataset": "digits", "val_size": 100, "augment": False},
+        "model": {"name": "small_cnn", "width": 8}, "method": method,
+        "attack": {"eps": 32, "step_size": 8, "steps": 5},
+        "optim": {"lr": 0.05, "schedule": "constant"},
+        "train": {"epochs": 1, "batch_size": 128, "seed": 3, "device": "cpu", "progress": False},
+    })
+    train(cfg, tmp_path / name, log=lambda _: None)
+    return torch.load(tmp_path / name / "checkpoints" / "epoch_0001.pt", weights_only=True)["model"]
+
+
+def test_gairat_with_infinite_lambda_trains_exactly_like_pgd_at(tmp_path):
+    a = _train(tmp_path, "pgd", {"name": "pgd_at"})
+    b = _train(tmp_path, "gair", {"name": "gairat", "lam": math.inf})
+    c = _train(tmp_path, "gair1", {"name": "gairat", "lam": -1.0})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class Linear(nn.Module):
+    def __init__(self, d: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _method(name: str, eps: float = 8, steps: int = 5, **params):
+    attack = AttackSettings(eps=eps * U, step_size=2 * U, steps=steps)
+    return build_method(name, params, attack, 8, 3, torch.device("cpu"))
+
+
+def _record_train_inputs(model: nn.Module) -> list:
+    seen = []
+    model.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()) if m.training else None)
+    return seen
+
+
+def test_trades_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    model = Linear()
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    seen = _record_train_inputs(model)
+    out = _method("trades", beta=6.0).loss(model, x, y, torch.arange(6))
+    x_clean, x_adv = seen
+    assert torch.equal(x_clean, x) and (x_adv - x).abs().max() <= 8 * U + 1e-6
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        q = F.softmax(model(x_adv), 1)
+        expected = F.cross_entropy(model(x), y) + 6.0 * (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(out.loss.detach(), expected)
+    assert ((p * (p.log() - q.log())).sum(1) > 0).all()  # the inner maximisation moved every sample
+
+
+def test_mixup_at_loss_on_identical_images_is_the_mean_cross_entropy():
+    torch.manual_seed(0)
+    model = Linear()
+    x = torch.rand(1, 1, 4, 4).expand(6, 1, 4, 4).contiguous()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = _method("mixup_at", eps=0).loss(model, x, y, torch.arange(6))
+    # Mixing identical images changes nothing; mixing labels by a permutation keeps the batch mean.
+    torch.testing.assert_close(out.loss.detach(), F.cross_entropy(model(x), y).detach())
+
+
+def test_gair_fat_keeps_labels_paired_with_their_own_examples():
+    from iaat.attacks import pgd
+
+    model = Linear()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    method = _method("gair_fat", eps=16, steps=6, tau=1, lam=-1.0)
+    torch.manual_seed(1)
+    out = method.loss(model, x, y, torch.arange(8))
+    torch.manual_seed(1)  # the same attack again, by hand
+    adv = pgd(model, x, y, 16 * U, steps=6, step_size=2 * U, early_stop_tau=1, final_check=False)
+    weights = gair_weights(adv.kappa, 6, -1.0, "tanh")
+    ce = F.cross_entropy(model(adv.x_adv), y, reduction="none")  # each example with its own label
+    torch.testing.assert_close(out.loss.detach(), (ce * weights).mean().detach())
+    assert int(out.stats["kappa"]) == int(adv.kappa.sum())
+
+
+def test_fat_tau_schedule():
+    method = _method("fat", tau=0, tau_schedule=[[4, 3], [7, 6]])
+    from iaat.methods.reweighted import _tau
+
+    assert [_tau(method.params, e) for e in range(9)] == [0, 0, 0, 0, 3, 3, 3, 6, 6]
+
+
+def test_iaat_with_gair_weights_weighs_its_losses():
+    torch.manual_seed(0)
+    model = Linear()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    method = _method("iaat", weights="gair", lam=-1.0, warmup_epochs=1, loss_split=False)
+    method.start_epoch(0)
+    out = method.loss(model, x, y, torch.arange(8))
+    assert "gair_weight_sq" in out.stats and out.stats["gair_weight_sq"] >= 8 - 1e-4  # E[w^2] >= E[w]^2 = 1
+    with pytest.raises(ConfigError, match="method.weights"):
+        _method("iaat", weights="focal")
+
+
+@pytest.mark.parametrize("name, params, phrase", [
+    ("gairat", {"weight_fn": "relu"}, "method.weight_fn"),
+    ("gairat", {"lam_schedule": "piecewise", "lam_milestones": [1]}, "same length"),
+    ("fat", {"tau": -1}, "method.tau"),
+    ("trades", {"beta": -1}, "method.beta"),
+    ("mixup_at", {"alpha": 0}, "method.alpha"),
+])
+def test_bad_parameters(name, params, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        _method(name, **params)
