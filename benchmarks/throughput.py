@@ -4,7 +4,7 @@ Times the real training step (``method.loss`` — the PGD attacks and, for IAAT,
 selection — then backward and an SGD step) on real CIFAR-10 batches (``--data-dir``) or on
 random uint8 images (the speed does not depend on pixel values). Methods are timed in
 interleaved rounds so that drift of the machine hits them alike, and each is reported in
-images/s and as a ratio to ``pgd_at`` measured in the same run. IAAT is timed after its
+images/s (from the median step time) and as a ratio to ``pgd_at`` measured in the same run. IAAT is timed after its
 warmup, i.e. with its selection attacks active.
 
     python benchmarks/throughput.py --data-dir DIR --models small_cnn resnet18
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import warnings
@@ -160,12 +161,14 @@ def main(argv=None) -> int:
                     r.step(timed=True)
         base = next((r for r in runners if r.spec == "pgd_at"), None)
         for r in runners:
-            ips = r.images / sum(r.times)
+            # The median step time resists bursts of other load on the machine better than the mean.
+            median = statistics.median(r.times)
+            ips = args.batch_size / median
             row = {"model": model_name, "method": r.spec, "batch_size": args.batch_size,
-                   "timed_steps": len(r.times), "seconds_per_step": sum(r.times) / len(r.times),
-                   "images_per_second": ips}
+                   "timed_steps": len(r.times), "median_seconds_per_step": median,
+                   "mean_seconds_per_step": statistics.fmean(r.times), "images_per_second": ips}
             if base is not None:
-                row["time_ratio_to_pgd_at"] = (sum(r.times) / r.images) / (sum(base.times) / base.images)
+                row["time_ratio_to_pgd_at"] = median / statistics.median(base.times)
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rows.append(row)

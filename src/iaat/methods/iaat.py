@@ -262,6 +262,7 @@ class IAAT(Method):
             weights = self.gair.weights(kappa, kappa_steps, self.epoch, self.total_epochs)
             stats["gair_weight_sq"] = (weights * weights).sum()
         loss = weighted_ce(logits, y, weights)
+        stats["radius"] = eps.sum()  # the radius trained at
 
         if not self.in_warmup and c.selection == "online":
             held = logits.detach().argmax(1) == y
@@ -269,7 +270,6 @@ class IAAT(Method):
             stats["up"] = held.sum()
             stats["down"] = (~held).sum()
         self.memory[idx] = eps
-        stats["radius"] = eps.sum()
         return StepOutput(loss, logits, stats)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
