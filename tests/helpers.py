@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pickle
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -49,3 +54,30 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run ``python -m iaat ARGS`` in a subprocess and capture its output."""
     return subprocess.run([sys.executable, "-m", "iaat", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+def run_main(*args: str) -> tuple[Optional[int], str, str]:
+    """Run ``iaat.cli.main(args)`` in this process (no interpreter start-up): ``(exit code, stdout, stderr)``.
+
+    An exception escaping main() is what a user would see as a traceback: the exit code is then
+    None and the traceback is appended to stderr.
+    """
+    from iaat.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+        except Exception:
+            code = None
+            err.write(traceback.format_exc())
+    return code, out.getvalue(), err.getvalue()
+
+
+def child_env() -> dict:
+    """Environment for a CLI subprocess whose results must match this process bitwise (same thread count)."""
+    import torch
+
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}

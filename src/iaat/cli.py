@@ -11,16 +11,16 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from . import __version__
-from .errors import ConfigError, IaatError
+from .errors import ConfigError, DataError, IaatError, TrainingInterrupted
 
 SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255' or '0.031/1'"
 
 # Keys a resumed run may change; anything else must match the saved config.yaml.
 _RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
-                      ("data", "data_dir"), ("data", "download")}
+                      ("train", "deterministic"), ("data", "data_dir"), ("data", "download")}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -115,30 +115,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_dataset, make_train_val
+    from .engine.checkpoint import write_failure
     from .engine.rundir import write_json
     from .engine.setup import resolve_device
     from .engine.trainer import load_run
     from .evaluation import AttackSpec, evaluate
     from .units import format_size
 
+    # Options first: a typo should not wait for the model and the data to load.
+    if args.n is not None and args.n <= 0:
+        raise ConfigError(f"--n must be positive, got {args.n}.")
+    if args.steps < 0 or args.restarts < 1:
+        raise ConfigError("--steps must be >= 0 and --restarts >= 1.")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}.")
+    norm = args.norm
+    eps_arg = _parse_sizes(args.eps, "--eps", norm) if args.eps else None
+    step = _parse_sizes([args.step_size], "--step-size", norm)[0] if args.step_size else None
     device = resolve_device(args.device)
     model, cfg, ckpt_path, ckpt = load_run(Path(args.path), device)
     data_dir = args.data_dir or cfg.data.data_dir
     splits = load_dataset(cfg.data.dataset, data_dir, cfg.data.download)
+    trained = ckpt.get("data") or {}
+    expected = (trained.get("num_classes"), trained.get("image_shape"))
+    found = (splits.num_classes, list(splits.image_shape))
+    if None not in expected and tuple(expected) != found:
+        raise DataError(f"{ckpt_path} holds a model for {expected[0]} classes of {expected[1]} images, but "
+                        f"{cfg.data.dataset} ({splits.source}) has {found[0]} classes of {found[1]} images; "
+                        f"evaluate it on the data set it was trained on.")
     if args.split == "test":
         data = splits.test
     else:
         _, val_idx = make_train_val(splits.train.y, cfg.data.val_size, cfg.data.train_subset, cfg.data.split_seed)
         data = splits.train.subset(val_idx)
     if args.n is not None:
-        if args.n <= 0:
-            raise ConfigError(f"--n must be positive, got {args.n}.")
         data = data.subset(torch.arange(min(args.n, len(data))))
-    norm = args.norm
-    eps_list = _parse_sizes(args.eps, "--eps", norm) if args.eps else [cfg.eps]
-    step = _parse_sizes([args.step_size], "--step-size", norm)[0] if args.step_size else None
-    if args.steps < 0 or args.restarts < 1:
-        raise ConfigError("--steps must be >= 0 and --restarts >= 1.")
+    eps_list = eps_arg or [cfg.eps]
     specs = [AttackSpec(e, args.steps, args.restarts, step, norm, args.loss) for e in eps_list if e > 0]
     torch.manual_seed(args.seed)
     res = evaluate(model, data, specs, batch_size=args.batch_size, device=device, progress=not args.no_progress)
@@ -158,7 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out is None:
         base = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
         out = base / "eval" / f"eval-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(out.parent, e) from None
     write_json(out, result)
     print(f"{cfg.method.name} / {cfg.model.name}, epoch {result['epoch']}, {res['n']} {args.split} images "
           f"({splits.source})")
@@ -177,8 +192,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error format (``iaat: error: ...``) for malformed flags too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"iaat: error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="iaat",
         description="Instance-adaptive adversarial training: train robust classifiers (PGD-AT, clean) and "
                     "evaluate them. Sizes are in " + SIZE_HELP + ".",
@@ -231,15 +254,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    warnings.formatwarning = lambda message, category, *a, **k: f"iaat: warning: {message}\n"
-    try:
-        return args.func(args)
-    except IaatError as e:
-        print(f"iaat: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("iaat: interrupted", file=sys.stderr)
-        return 130
+    # Scoped, so that calling main() in-process (tests, notebooks) leaves the caller's warning setup as it was.
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except TrainingInterrupted as e:
+            print(f"iaat: {e}", file=sys.stderr)
+            return e.exit_code
+        except IaatError as e:
+            print(f"iaat: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("iaat: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:  # a file problem no code path above anticipated: still one line, with the path
+            print(f"iaat: error: {e}", file=sys.stderr)
+            return 1
+
+
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file: object = None,
+                  line: Optional[str] = None) -> None:
+    """Warnings as one ``iaat: warning: ...`` line on stderr, without source locations."""
+    print(f"iaat: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class TrainConfig:
     log_interval: int = 20  #: steps between progress-bar updates (each one syncs with the device)
     keep_checkpoints: int = 2  #: how many epoch checkpoints to keep (newest first)
     progress: bool = True  #: show progress bars
+    #: on CUDA: deterministic kernels only (torch.use_deterministic_algorithms, no cuDNN autotuning,
+    #: CUBLAS_WORKSPACE_CONFIG=:4096:8), so that a seed gives bitwise identical runs there too; slower
+    deterministic: bool = False
 
 
 @dataclass
@@ -304,20 +307,23 @@ def apply_override(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    raw.setdefault(section, {})
-    if raw[section] is None:
-        raw[section] = {}
-    raw[section][key] = value
+    _section(raw, section)[key] = value
 
 
 def merge(raw: dict, section: str, key: str, value: Any) -> None:
     """Set ``raw[section][key] = value`` unless value is None (an unset CLI flag)."""
     if value is None:
         return
-    raw.setdefault(section, {})
-    if raw[section] is None:
+    _section(raw, section)[key] = value
+
+
+def _section(raw: dict, section: str) -> dict:
+    """``raw[section]``, created when missing; a config file's non-mapping section is an error, not a crash."""
+    if raw.get(section) is None:
         raw[section] = {}
-    raw[section][key] = value
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"config section '{section}' must be a mapping, got {raw[section]!r}.")
+    return raw[section]
 
 
 def dump_yaml(cfg: Config) -> str:

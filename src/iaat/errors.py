@@ -22,3 +22,19 @@ class DataError(IaatError):
 
 class CheckpointError(IaatError):
     """A checkpoint or run folder is missing, damaged or does not match."""
+
+
+class OutputError(IaatError):
+    """A file of a run or an evaluation could not be written (disk full, read-only folder, no permission)."""
+
+
+class TrainingInterrupted(IaatError):
+    """Training stopped on SIGINT/SIGTERM; the message says where the state was saved and how to resume.
+
+    ``exit_code`` follows the shell convention 128 + signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

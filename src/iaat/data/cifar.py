@@ -111,6 +111,7 @@ class _SafeUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol-2 pickles write b"" (an empty array) as bytes()
     }
 
     def find_class(self, module: str, name: str):

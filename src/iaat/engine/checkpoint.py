@@ -21,11 +21,15 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
 
 FORMAT = "iaat-checkpoint"
 VERSION = 1
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
+#: The mid-epoch checkpoint written when training stops on SIGINT/SIGTERM.
+INTERRUPT_FILE = "interrupt.pt"
+#: Temporary files of :func:`atomic_write_bytes`; one left behind means its writer was killed.
+TEMPORARY_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -39,8 +43,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_failure(path: Union[str, Path], error: OSError) -> OutputError:
+    """The user-facing error for a failed write of ``path`` (disk full, read-only folder, ...)."""
+    reason = error.strerror or str(error)
+    return OutputError(f"could not write {path}: {reason} (errno {error.errno}). Is the disk full or the folder "
+                       f"read-only? Files written before this one, such as earlier checkpoints, are intact.")
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder).
+
+    Raises:
+        OutputError: when the file cannot be written (``path`` is then unchanged).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -49,8 +64,13 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_failure(path, e) from None
         raise
     _fsync_dir(path.parent)
 
@@ -61,8 +81,15 @@ def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
     data = buffer.getvalue()
     path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    # A name written more than once (interrupt.pt): drop the old checksum first, so that a crash between the two
+    # renames leaves a new file without a checksum rather than a good file that fails its stale checksum.
+    try:
+        sidecar.unlink(missing_ok=True)
+    except OSError as e:
+        raise write_failure(sidecar, e) from None
     atomic_write_bytes(path, data)
-    atomic_write_bytes(path.with_name(path.name + ".sha256"), (hashlib.sha256(data).hexdigest() + "\n").encode())
+    atomic_write_bytes(sidecar, (hashlib.sha256(data).hexdigest() + "\n").encode())
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
@@ -92,31 +119,110 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
     return obj
 
 
-def epoch_checkpoints(folder: Union[str, Path]) -> list[Path]:
-    """Epoch checkpoints in ``folder``, newest first."""
-    folder = Path(folder)
+def _numbered_epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_FILE.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
+
+
+def epoch_checkpoints(folder: Union[str, Path]) -> list[Path]:
+    """Epoch checkpoints in ``folder``, newest first."""
+    return [p for _, p in _numbered_epoch_checkpoints(Path(folder))]
 
 
 def checkpoint_path(folder: Union[str, Path], epoch: int) -> Path:
+    """Where the checkpoint of epoch ``epoch`` (1-based) lives in ``folder``."""
     return Path(folder) / f"epoch_{epoch:04d}.pt"
 
 
-def latest_valid(folder: Union[str, Path], map_location: Any = "cpu") -> tuple[Optional[Path], Optional[dict]]:
-    """The newest checkpoint in ``folder`` that loads, warning about each damaged one skipped."""
-    for path in epoch_checkpoints(folder):
+def interrupt_path(folder: Union[str, Path]) -> Path:
+    """Where the mid-epoch checkpoint of an interrupted run lives in ``folder``."""
+    return Path(folder) / INTERRUPT_FILE
+
+
+def _first_loadable(candidates: list[Path], map_location: Any, preloaded: dict,
+                    skipped: list[str]) -> tuple[Optional[Path], Optional[dict]]:
+    """The first of ``candidates`` that loads; the errors of those that do not are appended to ``skipped``."""
+    for path in candidates:
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, preloaded[path] if path in preloaded else load_checkpoint(path, map_location)
         except CheckpointError as e:
-            warnings.warn(f"skipping {path}: {e}", stacklevel=2)
+            skipped.append(str(e))
     return None, None
+
+
+def _warn_skipped(skipped: list[str], used: Optional[Path], folder: Path) -> None:
+    if not skipped:
+        return
+    instead = f"falling back to {used}, the newest valid checkpoint" if used else f"no valid checkpoint left in {folder}"
+    for reason in skipped:
+        warnings.warn(f"skipping damaged checkpoint: {reason} Instead {instead}.", stacklevel=3)
+
+
+def latest_valid(folder: Union[str, Path], map_location: Any = "cpu") -> tuple[Optional[Path], Optional[dict]]:
+    """The newest epoch checkpoint in ``folder`` that loads.
+
+    Each damaged one skipped gives a warning naming it and the checkpoint used instead.
+    Returns ``(None, None)`` when none loads.
+    """
+    folder = Path(folder)
+    skipped: list[str] = []
+    path, ckpt = _first_loadable(epoch_checkpoints(folder), map_location, {}, skipped)
+    _warn_skipped(skipped, path, folder)
+    return path, ckpt
+
+
+def resume_point(folder: Union[str, Path], map_location: Any = "cpu") -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint a resumed run continues from: the newest valid state in ``folder``.
+
+    That is ``interrupt.pt`` (a mid-epoch state) when it loads and is newer than every epoch
+    checkpoint that loads, else the newest valid epoch checkpoint; damaged files are skipped
+    with a warning naming them and the file used. Returns ``(None, None)`` when the folder
+    holds no checkpoint at all.
+
+    Raises:
+        CheckpointError: when checkpoints exist but none loads (starting over would discard them).
+    """
+    folder = Path(folder)
+    skipped: list[str] = []
+    # (completed epochs, steps into the next one, path): an interrupt at (E, S > 0) is newer than epoch_E.pt.
+    ranked = [(epoch, 0, path) for epoch, path in _numbered_epoch_checkpoints(folder)]
+    preloaded: dict = {}
+    ipath = interrupt_path(folder)
+    if ipath.is_file():
+        try:
+            state = load_checkpoint(ipath, map_location)
+            preloaded[ipath] = state
+            ranked.append((int(state.get("epoch", 0)), int(state.get("step", 0)), ipath))
+        except CheckpointError as e:
+            skipped.append(str(e))
+    ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    path, ckpt = _first_loadable([p for _, _, p in ranked], map_location, preloaded, skipped)
+    if path is None and skipped:
+        raise CheckpointError(f"no checkpoint in {folder} loads, so the run cannot be resumed: {' '.join(skipped)} "
+                              f"Nothing was changed; move the damaged files away to restart from epoch 1.")
+    _warn_skipped(skipped, path, folder)
+    return path, ckpt
+
+
+def remove_checkpoint(path: Union[str, Path]) -> None:
+    """Delete a checkpoint and its sha256 sidecar (missing files are fine)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Union[str, Path]) -> None:
+    """Delete temporary files that a killed :func:`atomic_write_bytes` left in ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if TEMPORARY_FILE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 def prune(folder: Union[str, Path], keep: int) -> None:
     """Delete all but the ``keep`` newest epoch checkpoints."""
     for path in epoch_checkpoints(folder)[keep:]:
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+        remove_checkpoint(path)

@@ -1,15 +1,22 @@
-"""The run folder: config.yaml, metrics.jsonl, checkpoints/, data_split.npz, summary.json (radii/ for IAAT)."""
+"""The run folder: config.yaml, metrics.jsonl, checkpoints/, data_split.npz, summary.json (radii/ for IAAT).
+
+Every write either happens atomically or can be rolled back, and a failed write (disk full,
+read-only folder) becomes an :class:`~iaat.errors.OutputError` naming the file.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from ..config import Config, dump_yaml
 from ..errors import CheckpointError
-from .checkpoint import atomic_write_bytes
+from .checkpoint import TEMPORARY_FILE, atomic_write_bytes, remove_temporaries, write_failure
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -19,34 +26,88 @@ SPLIT = "data_split.npz"
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to reuse a folder that already holds something (without --resume)."""
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise CheckpointError(f"--out {run_dir} exists and is not a folder.")
-        if any(run_dir.iterdir()):
-            raise CheckpointError(f"run folder {run_dir} already exists and is not empty; pass --resume to "
-                                  f"continue it or choose another --out. Nothing was changed.")
+    """Refuse to reuse a folder that already holds something (without --resume).
+
+    Temporary files of a write that was killed before ``config.yaml`` existed do not count.
+    """
+    try:
+        if run_dir.exists():
+            if not run_dir.is_dir():
+                raise CheckpointError(f"--out {run_dir} exists and is not a folder.")
+            if any(not TEMPORARY_FILE.match(p.name) for p in run_dir.iterdir()):
+                raise CheckpointError(f"run folder {run_dir} already exists and is not empty; pass --resume to "
+                                      f"continue it or choose another --out. Nothing was changed.")
+    except OSError as e:
+        raise CheckpointError(f"cannot use --out {run_dir}: {e.strerror or e}.") from None
 
 
 def check_resumable(run_dir: Path) -> None:
+    """Refuse ``--resume`` where there is no run folder."""
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"nothing to resume in {run_dir}: no {CONFIG} there (is it a run folder?).")
 
 
+def _mkdir(folder: Path, parents: bool = False) -> None:
+    try:
+        folder.mkdir(parents=parents, exist_ok=True)
+    except OSError as e:
+        raise write_failure(folder, e) from None
+
+
 def create_run_dir(run_dir: Path, cfg: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+    """Create the run folder with its config; config.yaml comes first so that a killed start can be resumed."""
+    _mkdir(run_dir, parents=True)
+    remove_temporaries(run_dir)
     atomic_write_bytes(run_dir / CONFIG, dump_yaml(cfg).encode())
+    _mkdir(run_dir / CHECKPOINTS)
+
+
+def prepare_resume(run_dir: Path) -> None:
+    """Make a run folder killed at any moment ready to continue: checkpoints/ exists, no stale temporaries."""
+    remove_temporaries(run_dir)
+    remove_temporaries(run_dir / CHECKPOINTS)
+    _mkdir(run_dir / CHECKPOINTS)
+
+
+def write_split(run_dir: Path, train_indices: np.ndarray, val_indices: np.ndarray) -> None:
+    """Which official training images are in the training set (the order of per-sample state) and held out."""
+    buffer = io.BytesIO()
+    np.savez(buffer, train_indices=train_indices, val_indices=val_indices)
+    atomic_write_bytes(run_dir / SPLIT, buffer.getvalue())
+
+
+def metrics_size(run_dir: Path) -> int:
+    """The current size of metrics.jsonl in bytes (0 when absent): a point to roll back to."""
+    path = run_dir / METRICS
+    return path.stat().st_size if path.is_file() else 0
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(row, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line to metrics.jsonl; on failure the file is cut back to its previous length."""
+    path = run_dir / METRICS
+    size = metrics_size(run_dir)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        rollback_metrics(run_dir, size)
+        raise write_failure(path, e) from None
+
+
+def rollback_metrics(run_dir: Path, size: int) -> None:
+    """Cut metrics.jsonl back to ``size`` bytes (undo appends whose epoch was not checkpointed)."""
+    path = run_dir / METRICS
+    try:
+        if path.is_file() and path.stat().st_size > size:
+            os.truncate(path, size)
+    except OSError:
+        pass  # best effort: a resumed run drops rows newer than its checkpoint anyway
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line cut short by a crash is skipped."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -60,15 +121,33 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
-    """Keep only rows of epochs <= ``last_epoch`` (the ones a resumed checkpoint has seen)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
-    write_lines(run_dir / METRICS, (json.dumps(r) for r in rows))
+    """Keep only rows of epochs <= ``last_epoch`` (the ones a resumed checkpoint has seen).
+
+    The file is rewritten only when that drops something, so resuming leaves a consistent file untouched.
+    """
+    path = run_dir / METRICS
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("epoch", 0) <= last_epoch:
+            kept.append(json.dumps(row))
+    if kept != lines or (text and not text.endswith("\n")):
+        write_lines(path, kept)
 
 
 def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Write ``lines`` to ``path`` atomically, one per line."""
     text = "".join(line + "\n" for line in lines)
     atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

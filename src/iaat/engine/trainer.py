@@ -5,26 +5,37 @@ kernel) → optimiser step. Per epoch: held-out evaluation (clean + PGD-k), one 
 in ``metrics.jsonl``, an atomic checkpoint with the full state (model, optimiser,
 schedule, AMP scaler, method state, every RNG state, epoch). On the CPU a resumed run
 ends bitwise equal to an uninterrupted one with the same seed.
+
+Stopping: SIGINT/SIGTERM finish the current step, save the exact mid-epoch state to
+``checkpoints/interrupt.pt`` and raise :class:`~iaat.errors.TrainingInterrupted`; a
+resumed run replays the epoch's batch order up to that step and continues from there.
+A NaN/inf loss stops the run without saving anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
+import signal
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import Config
 from ..data import DeviceLoader
-from ..errors import CheckpointError, ConfigError, IaatError
+from ..errors import CheckpointError, ConfigError, IaatError, OutputError, TrainingInterrupted
 from ..evaluation import AttackSpec, evaluate
 from ..methods import AttackSettings, build_method
 from . import rundir
-from .checkpoint import checkpoint_path, latest_valid, prune, save_checkpoint
+from .checkpoint import (checkpoint_path, interrupt_path, latest_valid, prune, remove_checkpoint, resume_point,
+                         save_checkpoint)
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import lr_at
 from .setup import autocast_context, autocast_dtype, load_model_state, model_from_config, prepare_data, resolve_device
@@ -34,19 +45,144 @@ def _to_host(stats: dict, n: int) -> dict:
     return {k: (v.item() if torch.is_tensor(v) else v) / max(n, 1) for k, v in stats.items()}
 
 
+@contextlib.contextmanager
+def deterministic_cuda(enabled: bool) -> Iterator[None]:
+    """``train.deterministic`` on CUDA: deterministic kernels only, no cuDNN autotuning; restored afterwards.
+
+    ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS makes its first handle, i.e. before any
+    CUDA matmul of the process, which is why this wraps the whole of :func:`train`.
+    """
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM handlers (main thread only) that ask the training loop to stop after the current step.
+
+    A second signal stops at once by raising :class:`TrainingInterrupted` wherever the loop is
+    (checkpoint writes are atomic, so the last checkpoint stays intact). The previous handlers
+    are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, resume_hint: str) -> None:
+        self.signum: Optional[int] = None
+        self.resume_hint = resume_hint
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise TrainingInterrupted(f"interrupted again ({name}): stopped at once without saving the current "
+                                      f"step; the last checkpoint is intact; {self.resume_hint}", signum)
+        self.signum = signum
+        # os.write, not print: a handler may run in the middle of a print to the same stream.
+        os.write(2, f"iaat: {name} received; stopping after the current step (send it again to stop at "
+                    f"once)\n".encode())
+
+
+@dataclass
+class _EpochSums:
+    """What an epoch accumulates on the device; saved in a mid-epoch checkpoint to finish the epoch exactly."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    first_bad: torch.Tensor  #: 1-based step of the first non-finite loss, -1 while all are finite
+    n_seen: int = 0
+    seconds: float = 0.0  #: training time spent in this epoch before the last interruption
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "_EpochSums":
+        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
+                   torch.full((), -1, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "_EpochSums":
+        return cls(state["loss_sum"].to(device), state["correct"].to(device), state["first_bad"].to(device),
+                   int(state["n_seen"]), float(state["seconds"]), {k: v.to(device) for k, v in state["stats"].items()})
+
+    def state_dict(self, seconds: float) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "first_bad": self.first_bad,
+                "n_seen": self.n_seen, "seconds": seconds, "stats": dict(self.stats)}
+
+
+def _check_finite(sums: _EpochSums, epoch: int, ckpt_dir: Path, bar: tqdm) -> None:
+    bad = int(sums.first_bad)
+    if bad > 0:
+        bar.close()
+        raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
+                        f"without saving. The last good checkpoint in {ckpt_dir} is intact. Try a "
+                        f"lower learning rate or train.amp=off.")
+
+
+def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
+    """The checkpoint must come from this method and data (``--data-dir`` may change on resume)."""
+    if ckpt.get("method_name") != cfg.method.name:
+        raise CheckpointError(f"{path} was written by method '{ckpt.get('method_name')}', "
+                              f"but this run uses '{cfg.method.name}'.")
+    info = ckpt.get("data") or {}
+    now = {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
+           "train_size": len(data.train)}
+    for key, value in now.items():
+        if key in info and info[key] != value:
+            raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "
+                                  f"{value}; resume with the data the run started with (check --data-dir).")
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); returns the last metrics row.
 
     Everything that can fail on user input (data, model, method, existing folder) is
     checked before the run folder is created or touched.
+
+    Raises:
+        TrainingInterrupted: on SIGINT/SIGTERM, after saving the state (see the module docstring).
+        IaatError: on bad input, a non-finite loss, or a failed write (:class:`~iaat.errors.OutputError`).
     """
     run_dir = Path(run_dir)
     if resume:
         rundir.check_resumable(run_dir)
     else:
         rundir.check_new_run_dir(run_dir)
-
     device = resolve_device(cfg.train.device)
+    with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
+        return _train(cfg, run_dir, resume, log, device)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device) -> dict:
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     model = model_from_config(cfg, data.splits).to(device)
@@ -62,28 +198,30 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
     loader = DeviceLoader(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
                           seed=cfg.train.seed)
 
-    start_epoch, global_step = 0, 0
+    start_epoch, start_step, global_step, partial = 0, 0, 0, None
     ckpt_dir = run_dir / rundir.CHECKPOINTS
     if resume:
-        path, ckpt = latest_valid(ckpt_dir)
+        path, ckpt = resume_point(ckpt_dir)
         if ckpt is not None:
-            if ckpt.get("method_name") != cfg.method.name:
-                raise CheckpointError(f"{path} was written by method '{ckpt.get('method_name')}', "
-                                      f"but this run uses '{cfg.method.name}'.")
+            _check_resume_data(ckpt, path, cfg, data)
             load_model_state(model, ckpt["model"], str(path), cfg.model.name, ckpt.get("model_name", "?"))
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             method.load_state_dict(ckpt["method"])
             set_rng_state(ckpt["rng"])
             start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
-            log(f"resuming {run_dir} from {path.name} (epoch {start_epoch} done)")
+            start_step, partial = int(ckpt.get("step", 0)), ckpt.get("partial")
+            where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch} done"
+            log(f"resuming {run_dir} from {path.name} ({where})")
         else:
             log(f"no checkpoint in {ckpt_dir} yet; starting {run_dir} from epoch 1")
+        rundir.prepare_resume(run_dir)
+        if not (run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
+            rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
         rundir.truncate_metrics(run_dir, start_epoch)
     else:
         rundir.create_run_dir(run_dir, cfg)
-        # Which official training images are in the training set (the order of per-sample state) and held out.
-        np.savez(run_dir / rundir.SPLIT, train_indices=data.train_indices.numpy(), val_indices=data.val_indices.numpy())
+        rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
 
     epochs = cfg.train.epochs
     steps_per_epoch = len(loader)
@@ -95,71 +233,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
 
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        method.start_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        stat_sums: dict = {}
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        n_seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not cfg.train.progress,
-                   leave=False, unit="batch", dynamic_ncols=True)
-        lr = lr_at(cfg.optim, epoch, epochs)
-        for step, (x, y, idx) in enumerate(loader.epoch(epoch)):
-            lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with amp_ctx():
-                out = method.loss(model, x, y, idx)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-
-            b = len(y)
-            n_seen += b
-            loss = out.loss.detach().float()
-            # Device-side bookkeeping only; the host reads it once per log interval.
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step + 1),
-                                    first_bad)
-            loss_sum += loss * b
-            correct += (out.logits.detach().argmax(1) == y).sum()
-            for k, v in out.stats.items():
-                stat_sums[k] = stat_sums.get(k, 0) + v.detach()
-            if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps_per_epoch:
-                bad = int(first_bad)
-                if bad > 0:
-                    bar.close()
-                    raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
-                                    f"without saving. The last good checkpoint in {ckpt_dir} is intact. Try a "
-                                    f"lower learning rate or train.amp=off.")
-                bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.3f}", acc=f"{correct.item() / n_seen:.3f}",
-                                lr=f"{lr:.4g}")
-            bar.update(1)
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / max(n_seen, 1),
-               "train_acc": correct.item() / max(n_seen, 1), **{f"train_{k}": v for k, v in
-                                                                _to_host(stat_sums, n_seen).items()}}
-        row.update(method.end_epoch(epoch, run_dir))
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-            if len(data.val) > 0:
-                res = evaluate(model, data.val, [eval_spec], batch_size=max(256, cfg.train.batch_size), device=device,
-                               progress=cfg.train.progress, desc="val", autocast_dtype=amp_dtype)
-                row["val_clean_acc"] = res["clean"]
-                row[f"val_pgd{cfg.train.eval_steps}_acc"] = res["attacks"][eval_spec.label]["accuracy"]
-        row["train_seconds"] = train_seconds
-        row["images_per_second"] = n_seen / train_seconds if train_seconds > 0 else None
-        row["seconds"] = time.perf_counter() - t0
-
-        rundir.append_metrics(run_dir, row)
-        payload = {
+    def payload(epoch_done: int, lr: float) -> dict:
+        return {
             "iaat_version": __version__,
-            "epoch": epoch + 1,
+            "epoch": epoch_done,
             "global_step": global_step,
             "model_name": cfg.model.name,
             "method_name": cfg.method.name,
@@ -174,10 +251,96 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
                      "image_shape": list(data.splits.image_shape),
                      "train_size": len(data.train), "source": data.splits.source},
         }
-        save_checkpoint(checkpoint_path(ckpt_dir, epoch + 1), payload)
-        prune(ckpt_dir, cfg.train.keep_checkpoints)
-        log(_format_row(row))
-        last_row = row
+
+    with StopOnSignal(f"resume with iaat train --out {shlex.quote(str(run_dir))} --resume") as stop:
+        for epoch in range(start_epoch, epochs):
+            skip = start_step if epoch == start_epoch else 0
+            t0 = time.perf_counter()
+            method.start_epoch(epoch)
+            model.train()
+            sums = _EpochSums.from_state(partial, device) if skip and partial else _EpochSums.zeros(device)
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=not cfg.train.progress, leave=False, unit="batch", dynamic_ncols=True)
+            lr = lr_at(cfg.optim, epoch, epochs)
+            for step, (x, y, idx) in enumerate(loader.epoch(epoch)):
+                if step < skip:
+                    continue  # drawing the skipped batches replays the epoch generator up to the saved step
+                lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with amp_ctx():
+                    out = method.loss(model, x, y, idx)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                global_step += 1
+
+                b = len(y)
+                sums.n_seen += b
+                loss = out.loss.detach().float()
+                # Device-side bookkeeping only; the host reads it once per log interval.
+                sums.first_bad = torch.where((sums.first_bad < 0) & ~torch.isfinite(loss),
+                                             torch.full_like(sums.first_bad, step + 1), sums.first_bad)
+                sums.loss_sum += loss * b
+                sums.correct += (out.logits.detach().argmax(1) == y).sum()
+                for k, v in out.stats.items():
+                    sums.stats[k] = sums.stats.get(k, 0) + v.detach()
+                if stop.signum is not None:
+                    _check_finite(sums, epoch, ckpt_dir, bar)
+                    bar.close()
+                    state = payload(epoch, lr)
+                    state["step"] = step + 1  # steps done in epoch `epoch` (0-based); the next one is step + 1
+                    state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
+                    ipath = interrupt_path(ckpt_dir)
+                    save_checkpoint(ipath, state)
+                    raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of "
+                                              f"{steps_per_epoch}; state saved to {ipath}; {stop.resume_hint}",
+                                              stop.signum)
+                if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps_per_epoch:
+                    _check_finite(sums, epoch, ckpt_dir, bar)
+                    bar.set_postfix(loss=f"{sums.loss_sum.item() / sums.n_seen:.3f}",
+                                    acc=f"{sums.correct.item() / sums.n_seen:.3f}", lr=f"{lr:.4g}")
+                bar.update(1)
+            bar.close()
+            train_seconds = sums.seconds + time.perf_counter() - t0
+            n_seen = sums.n_seen
+
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / max(n_seen, 1),
+                   "train_acc": sums.correct.item() / max(n_seen, 1), **{f"train_{k}": v for k, v in
+                                                                        _to_host(sums.stats, n_seen).items()}}
+            try:
+                row.update(method.end_epoch(epoch, run_dir))
+            except OSError as e:  # a method's own files (e.g. IAAT's radii); atomic writes raise OutputError
+                raise OutputError(f"could not write the {cfg.method.name} files of epoch {epoch + 1} in {run_dir}: "
+                                  f"{e}. Is the disk full or the folder read-only?") from None
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+                if len(data.val) > 0:
+                    res = evaluate(model, data.val, [eval_spec], batch_size=max(256, cfg.train.batch_size),
+                                   device=device, progress=cfg.train.progress, desc="val", autocast_dtype=amp_dtype)
+                    row["val_clean_acc"] = res["clean"]
+                    row[f"val_pgd{cfg.train.eval_steps}_acc"] = res["attacks"][eval_spec.label]["accuracy"]
+            row["train_seconds"] = train_seconds
+            row["images_per_second"] = n_seen / train_seconds if train_seconds > 0 else None
+            row["seconds"] = time.perf_counter() - t0
+
+            # Metrics first, then the checkpoint: a crash in between leaves a row that resuming drops; a failed
+            # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
+            size = rundir.metrics_size(run_dir)
+            rundir.append_metrics(run_dir, row)
+            path = checkpoint_path(ckpt_dir, epoch + 1)
+            try:
+                save_checkpoint(path, payload(epoch + 1, lr))
+            except BaseException:
+                rundir.rollback_metrics(run_dir, size)
+                raise
+            remove_checkpoint(interrupt_path(ckpt_dir))  # now older than the newest epoch checkpoint
+            prune(ckpt_dir, cfg.train.keep_checkpoints)
+            log(_format_row(row))
+            last_row = row
+            if stop.signum is not None and epoch + 1 < epochs:
+                raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
+                                          f"{path}; {stop.resume_hint}", stop.signum)
 
     rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": epochs, "last": last_row})
     return last_row

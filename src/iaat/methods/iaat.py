@@ -19,7 +19,7 @@ This is the one place where a radius is chosen. Selection modes:
   (``alg2_schedule: batched``, best on GPUs). ``alg2_schedule: conditional`` follows Alg. 2
   literally instead: attack everyone at memory+γ, then only the samples that broke at memory
   (one host sync to gather them). It costs 1 + f attacks for a fraction f of broken samples
-  instead of 2, and suits CPUs, where a 2B batch costs more than twice a B batch. The training
+  instead of 2, worth it where a bigger batch buys no parallelism (CPUs). The training
   example is then crafted at the new eps (``train_attack: separate``, exactly as the paper),
   or taken from the selection attack whose radius is nearest and projected onto the new
   eps ball (``train_attack: reuse``: two attacks' cost instead of three, radii differ by at

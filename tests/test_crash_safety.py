@@ -1,0 +1,338 @@
+"""Crash safety: repeated SIGKILL, SIGTERM/SIGINT with a mid-epoch checkpoint, damaged checkpoints, NaN, determinism.
+
+Every run here is IAAT past its warmup, so the per-sample epsilon memory has to survive each
+crash too. Runs without a kill go through ``iaat.cli.main`` in this process; subprocesses get
+this process's thread count so that both give bitwise equal results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import child_env, run_main
+from iaat.engine.checkpoint import interrupt_path, resume_point, save_checkpoint
+from iaat.errors import CheckpointError
+from test_cli import snapshot
+
+EPOCHS = 4
+IAAT_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.width=8", "--set", "data.val_size=100",
+             "--set", "attack.steps=2", "--set", "train.eval_steps=3", "--batch-size", "50", "--no-progress",
+             "--method", "iaat", "--set", "method.warmup_epochs=1", "--set", "data.download=false", "--epochs", str(EPOCHS)]
+STEPS_PER_EPOCH = 8  # 400 training images (500 - 100 held out) in batches of 50
+
+
+def fresh_args(data_dir: Path, out: Path) -> list[str]:
+    return ["train", "--data-dir", str(data_dir), "--out", str(out), *IAAT_ARGS]
+
+
+def resume_args(out: Path) -> list[str]:
+    return ["train", "--out", str(out), "--resume", "--no-progress"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "iaat", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def final(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / f"epoch_{EPOCHS:04d}.pt", weights_only=True)
+
+
+def assert_bitwise_equal(reference: Path, run: Path) -> None:
+    """Weights, epsilon memory, momentum and every logged number (not timings) as in the uninterrupted run."""
+    a, b = final(reference), final(run)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert torch.equal(a["method"]["memory"], b["method"]["memory"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["global_step"] == b["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    timing = {"train_seconds", "images_per_second", "seconds"}
+    rows_a = [{k: v for k, v in json.loads(line).items() if k not in timing}
+              for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [{k: v for k, v in json.loads(line).items() if k not in timing}
+              for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows_a == rows_b
+    assert not interrupt_path(run / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cifar, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce bitwise."""
+    out = tmp_path_factory.mktemp("crash") / "reference"
+    code, _, err = run_main(*fresh_args(tiny_cifar, out))
+    assert code == 0, err
+    return out
+
+
+def epoch_seconds(run: Path) -> float:
+    """A conservative (short) estimate of one post-warmup epoch, evaluation included.
+
+    Capped at 0.8 s (an epoch takes about 0.55 s on an idle 2-core CPU), so that a reference slowed down by
+    a busy machine does not stretch the kill delays over several epochs of a faster child.
+    """
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return min(0.8, min(r["seconds"] for r in rows[1:]))
+
+
+# ---- 1. SIGKILL at random moments, several times ----------------------------------------------------------------
+
+
+def _first_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the resumed run printed nothing"
+    return proc.stdout.readline()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def _start_or_resume(data_dir: Path, run: Path) -> tuple[subprocess.Popen, bool]:
+    """Resume where config.yaml exists; else (the first start was killed during set-up) start again."""
+    if (run / "config.yaml").is_file():
+        return start(resume_args(run)), True
+    return start(fresh_args(data_dir, run)), False
+
+
+def test_repeated_sigkill_at_random_moments_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path):
+    rng = random.Random(20240607)
+    epoch_s = epoch_seconds(reference)
+    run = tmp_path / "killed"
+    kills: list[str] = []
+    for attempt in range(4):
+        proc, resumed = _start_or_resume(tiny_cifar, run)
+        if rng.random() < 0.25:
+            where = "start"  # from process start: often still importing or loading data
+            delay = rng.uniform(0.2, 1.5)
+        elif resumed:
+            where = _first_line(proc).strip()  # "resuming ... from epoch_000E.pt": set-up is done
+            delay = rng.uniform(0.0, epoch_s)
+        else:
+            where = "config.yaml written"  # a fresh run writes it when set-up is done
+            _wait_for(run / "config.yaml", proc)
+            delay = rng.uniform(0.0, epoch_s)
+        # At most one epoch's worth of time after set-up, so each kill advances the run by at most one epoch
+        # whatever the load: the first three kills all find the process running (two or more epochs left).
+        time.sleep(delay)
+        if proc.poll() is not None:
+            assert len(kills) >= 3 and proc.returncode == 0, (f"finished before kill {attempt + 1}", kills)
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills.append(f"{where} + {delay:.2f}s")
+    else:
+        proc, _ = _start_or_resume(tiny_cifar, run)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert_bitwise_equal(reference, run)
+    assert not list((run / "checkpoints").glob(".*.tmp-*")), "temporary files of killed writes were left behind"
+
+
+# ---- 3. SIGTERM / SIGINT: finish the step, save, exit 128+signal, resume exactly ---------------------------------
+
+
+def test_sigterm_mid_epoch_saves_state_and_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path):
+    run = tmp_path / "term"
+    proc = start(fresh_args(tiny_cifar, run))
+    _wait_for(run / "checkpoints" / "epoch_0001.pt.sha256", proc)
+    time.sleep(0.15)  # into epoch 2, which takes several times as long even on an idle machine
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    saved = interrupt_path(run / "checkpoints")
+    assert "interrupted (SIGTERM) at epoch 2 step " in err, err
+    assert f"state saved to {saved}; resume with iaat train --out {run} --resume" in err
+    ckpt = torch.load(saved, weights_only=True)
+    assert ckpt["epoch"] == 1 and 1 <= ckpt["step"] <= STEPS_PER_EPOCH
+    assert f"at epoch 2 step {ckpt['step']} of {STEPS_PER_EPOCH}" in err
+    assert ckpt["global_step"] == STEPS_PER_EPOCH + ckpt["step"]
+    assert not (run / "checkpoints" / "epoch_0002.pt").exists()
+
+    code, out, err = run_main(*resume_args(run))
+    assert code == 0, err
+    assert f"from interrupt.pt (epoch 2 step {ckpt['step']})" in out
+    assert_bitwise_equal(reference, run)
+
+
+def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path, monkeypatch):
+    """Ctrl-C at exact steps (the signal is raised from inside the loss), twice, with handlers restored each time."""
+    from iaat.methods.iaat import IAAT
+
+    original_loss = IAAT.loss
+    calls = {"n": 0, "at": 0}
+
+    def loss_with_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(IAAT, "loss", loss_with_ctrl_c)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    run = tmp_path / "int"
+
+    calls["at"] = STEPS_PER_EPOCH + 3  # epoch 2, step 3
+    code, _, err = run_main(*fresh_args(tiny_cifar, run))
+    assert code == 130, err
+    assert "interrupted (SIGINT) at epoch 2 step 3 of 8" in err and "Traceback" not in err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert torch.load(interrupt_path(run / "checkpoints"), weights_only=True)["step"] == 3
+
+    calls["n"], calls["at"] = 0, (STEPS_PER_EPOCH - 3) + 5  # the rest of epoch 2, then epoch 3 step 5
+    code, out, err = run_main(*resume_args(run))
+    assert code == 130, err
+    assert "from interrupt.pt (epoch 2 step 3)" in out
+    assert "interrupted (SIGINT) at epoch 3 step 5 of 8" in err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert (run / "checkpoints" / "epoch_0002.pt").exists()
+
+    calls["at"] = 0
+    code, out, err = run_main(*resume_args(run))
+    assert code == 0, err
+    assert "from interrupt.pt (epoch 3 step 5)" in out
+    assert_bitwise_equal(reference, run)
+
+
+def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):
+    from iaat.methods.iaat import IAAT
+
+    original_loss = IAAT.loss
+    calls = {"n": 0}
+
+    def loss_with_two_signals(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == STEPS_PER_EPOCH + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            stop = signal.getsignal(signal.SIGTERM).__self__  # the trainer's StopOnSignal
+            while stop.signum is None:  # two signals pending at once would be handled as one
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGTERM)  # impatient: the second one must not wait for the step
+        return original_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(IAAT, "loss", loss_with_two_signals)
+    before = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "twice"
+    code, _, err = run_main(*fresh_args(tiny_cifar, run))
+    assert code == 143, err
+    assert "interrupted again (SIGTERM): stopped at once without saving" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not interrupt_path(run / "checkpoints").exists()
+    assert torch.load(run / "checkpoints" / "epoch_0001.pt", weights_only=True)["epoch"] == 1
+
+
+def _fake_checkpoint(folder: Path, name: str, epoch: int, step: int = 0) -> Path:
+    path = folder / name
+    save_checkpoint(path, {"epoch": epoch, "step": step, "model": {"w": torch.zeros(2)}})
+    return path
+
+
+def test_resume_point_prefers_the_newest_valid_state(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert resume_point(folder) == (None, None)
+    _fake_checkpoint(folder, "epoch_0001.pt", 1)
+    interrupted = _fake_checkpoint(folder, "interrupt.pt", 1, step=3)
+    assert resume_point(folder)[0] == interrupted  # epoch 2 step 3 is newer than epoch 1
+    newer = _fake_checkpoint(folder, "epoch_0002.pt", 2)
+    assert resume_point(folder)[0] == newer  # a stale interrupt.pt (killed before its removal) is ignored
+    newer.write_bytes(newer.read_bytes()[:100])
+    with pytest.warns(UserWarning) as record:
+        assert resume_point(folder)[0] == interrupted
+    assert [str(w.message) for w in record] == [
+        f"skipping damaged checkpoint: checkpoint {newer} is damaged: its sha256 does not match epoch_0002.pt.sha256 "
+        f"(truncated or modified file). Instead falling back to {interrupted}, the newest valid checkpoint."]
+    interrupted.write_bytes(b"garbage")
+    with pytest.warns(UserWarning) as record:
+        assert resume_point(folder)[0] == folder / "epoch_0001.pt"
+    assert len(record) == 2 and all(f"falling back to {folder / 'epoch_0001.pt'}" in str(w.message) for w in record)
+    assert "interrupt.pt is damaged" in str(record[0].message)
+    (folder / "epoch_0001.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* loads"):
+        resume_point(folder)
+
+
+# ---- 2. a damaged newest checkpoint: fall back to the newest valid one and say so --------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one_byte_changed"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(reference, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest, older = run / "checkpoints" / f"epoch_{EPOCHS:04d}.pt", run / "checkpoints" / f"epoch_{EPOCHS - 1:04d}.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+
+    code, out, err = run_main("eval", str(run), "--n", "8", "--steps", "1", "--out", str(tmp_path / "e.json"),
+                              "--no-progress")
+    assert code == 0, err
+    assert f"iaat: warning: skipping damaged checkpoint: checkpoint {newest} is damaged" in err
+    assert f"falling back to {older}" in err
+    assert json.loads((tmp_path / "e.json").read_text())["epoch"] == EPOCHS - 1
+
+    code, out, err = run_main(*resume_args(run))
+    assert code == 0, err
+    assert f"iaat: warning: skipping damaged checkpoint: checkpoint {newest} is damaged" in err
+    assert f"falling back to {older}, the newest valid checkpoint" in err
+    assert f"from {older.name} (epoch {EPOCHS - 1} done)" in out
+    assert_bitwise_equal(reference, run)  # the redone last epoch is the same as the first time
+
+
+# ---- 4. a NaN loss: a clear error naming epoch and step; the last good checkpoint untouched ----------------------
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_leaves_the_run_untouched(tiny_cifar, tmp_path):
+    run = tmp_path / "nan"
+    # lr 0.1 in epoch 1, then x1e12 from epoch 2 on: the weights blow up within a few steps of epoch 2.
+    code, _, err = run_main("train", "--data-dir", str(tiny_cifar), "--out", str(run), *IAAT_ARGS, "--epochs", "1",
+                            "--set", "optim.schedule=step", "--set", "optim.milestones=[1]",
+                            "--set", "optim.decay=1e12")
+    assert code == 0, err
+    before = snapshot(run)
+    code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    assert "iaat: error: the training loss became NaN/inf at epoch 2, step " in err
+    assert "last good checkpoint" in err and "lower learning rate" in err
+    assert snapshot(run) == before  # epoch_0001.pt byte-identical, nothing added or rewritten
+
+
+# ---- 6. determinism switch -------------------------------------------------------------------------------------
+
+
+def test_deterministic_switch_sets_and_restores_global_state(monkeypatch):
+    from iaat.config import config_from_dict
+    from iaat.engine.trainer import deterministic_cuda
+
+    assert config_from_dict({"train": {"deterministic": True}}).train.deterministic is True
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    with deterministic_cuda(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
