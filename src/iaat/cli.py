@@ -29,7 +29,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="run folder to create (must not exist or be empty unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint (exactly, on CPU)")
-    p.add_argument("--method", help="training method: clean | pgd_at  [method.name]")
+    p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | mixup_at  "
+                                     "[method.name]; set its keys with --set method.KEY=VALUE")
     p.add_argument("--model", help="architecture: small_cnn | resnet18 | preact_resnet18 | wideresnet | "
                                    "wrn-32-10 | wrn-34-10  [model.name]")
     p.add_argument("--dataset", help="cifar10 | cifar100 | digits  [data.dataset]")
@@ -203,8 +204,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="iaat",
-        description="Instance-adaptive adversarial training: train robust classifiers (PGD-AT, clean) and "
-                    "evaluate them. Sizes are in " + SIZE_HELP + ".",
+        description="Instance-adaptive adversarial training: train robust classifiers (IAAT, GAIRAT, PGD-AT and "
+                    "their baselines) and evaluate them. Sizes are in " + SIZE_HELP + ".",
     )
     parser.add_argument("--version", action="version", version=f"iaat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
