@@ -81,3 +81,12 @@ def child_env() -> dict:
     import torch
 
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+
+
+TINY_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.width=8", "--set", "data.val_size=100",
+             "--set", "attack.steps=3", "--batch-size", "50", "--no-progress", "--set", "optim.schedule=cosine",
+             "--set", "data.download=false"]
+
+
+def tiny_train_args(data_dir: Path, out: Path, epochs: int = 1, *extra: str) -> list[str]:
+    return ["train", "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), *TINY_ARGS, *extra]

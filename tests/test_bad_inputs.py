@@ -29,7 +29,8 @@ import yaml
 from helpers import child_env, run_main, write_cifar10_folder
 from iaat.engine.checkpoint import load_checkpoint, save_checkpoint
 from iaat.models import build_model
-from test_cli import snapshot, tiny_train_args
+from helpers import tiny_train_args
+from test_cli import snapshot
 
 NOBODY = 65534
 

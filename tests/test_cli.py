@@ -14,29 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli
-
-TINY_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.width=8", "--set", "data.val_size=100",
-             "--set", "attack.steps=3", "--batch-size", "50", "--no-progress", "--set", "optim.schedule=cosine",
-             "--set", "data.download=false"]
-
-
-def tiny_train_args(data_dir: Path, out: Path, epochs: int = 1, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), *TINY_ARGS, *extra]
-
+from helpers import run_cli, tiny_train_args
 
 def snapshot(root: Path) -> dict:
     """Every file under root with its content hash: what a failing command must leave unchanged."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "pgd"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 1))
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def test_train_writes_run_folder(tiny_run):

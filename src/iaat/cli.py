@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from . import __version__
-from .errors import ConfigError, DataError, IaatError, TrainingInterrupted
+from .errors import ConfigError, IaatError, TrainingInterrupted
 
 SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255' or '0.031/1'"
 
@@ -113,76 +112,73 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import load_dataset, make_train_val
-    from .engine.checkpoint import write_failure
-    from .engine.rundir import write_json
-    from .engine.setup import resolve_device
-    from .engine.trainer import load_run
-    from .evaluation import AttackSpec, evaluate
+    from .evaluation.protocol import build_plan
+    from .evaluation.session import EvalRequest, evaluate_checkpoint
     from .units import format_size
 
     # Options first: a typo should not wait for the model and the data to load.
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}.")
-    if args.steps < 0 or args.restarts < 1:
-        raise ConfigError("--steps must be >= 0 and --restarts >= 1.")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}.")
     norm = args.norm
-    eps_arg = _parse_sizes(args.eps, "--eps", norm) if args.eps else None
-    step = _parse_sizes([args.step_size], "--step-size", norm)[0] if args.step_size else None
-    device = resolve_device(args.device)
-    model, cfg, ckpt_path, ckpt = load_run(Path(args.path), device)
-    data_dir = args.data_dir or cfg.data.data_dir
-    splits = load_dataset(cfg.data.dataset, data_dir, cfg.data.download)
-    trained = ckpt.get("data") or {}
-    expected = (trained.get("num_classes"), trained.get("image_shape"))
-    found = (splits.num_classes, list(splits.image_shape))
-    if None not in expected and tuple(expected) != found:
-        raise DataError(f"{ckpt_path} holds a model for {expected[0]} classes of {expected[1]} images, but "
-                        f"{cfg.data.dataset} ({splits.source}) has {found[0]} classes of {found[1]} images; "
-                        f"evaluate it on the data set it was trained on.")
-    if args.split == "test":
-        data = splits.test
-    else:
-        _, val_idx = make_train_val(splits.train.y, cfg.data.val_size, cfg.data.train_subset, cfg.data.split_seed)
-        data = splits.train.subset(val_idx)
-    if args.n is not None:
-        data = data.subset(torch.arange(min(args.n, len(data))))
-    eps_list = eps_arg or [cfg.eps]
-    specs = [AttackSpec(e, args.steps, args.restarts, step, norm, args.loss) for e in eps_list if e > 0]
-    torch.manual_seed(args.seed)
-    res = evaluate(model, data, specs, batch_size=args.batch_size, device=device, progress=not args.no_progress)
-    result = {
-        "iaat_version": __version__,
-        "checkpoint": str(ckpt_path),
-        "epoch": ckpt.get("epoch"),
-        "model": cfg.model.name,
-        "method": cfg.method.name,
-        "dataset": cfg.data.dataset,
-        "data_source": splits.source,
-        "split": args.split,
-        "seed": args.seed,
-        **res,
-    }
-    out = Path(args.out) if args.out else None
-    if out is None:
-        base = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
-        out = base / "eval" / f"eval-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    legacy = {"--steps": args.steps, "--restarts": args.restarts, "--step-size": args.step_size,
+              "--loss": args.loss}
+    attacks = list(args.attack)
+    if args.protocol or attacks:
+        given = [k for k, v in legacy.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} describe the single default PGD attack; with --protocol or "
+                              f"--attack write it as an attack, e.g. --attack pgd:steps=100,restarts=5,loss=margin.")
+    elif not (args.surrogate or args.corruptions):
+        steps = 10 if args.steps is None else args.steps
+        restarts = 1 if args.restarts is None else args.restarts
+        if steps < 0 or restarts < 1:
+            raise ConfigError("--steps must be >= 0 and --restarts >= 1.")
+        opts = [f"steps={steps}", f"restarts={restarts}", f"loss={args.loss or 'ce'}"]
+        if args.step_size:
+            opts.append(f"step_size={args.step_size}")
+        attacks = ["pgd:" + ",".join(opts)]
+    eps = _parse_sizes(args.eps, "--eps", norm) if args.eps else None
+    sweep_eps = _parse_sizes(args.sweep_eps, "--sweep-eps", norm) if args.sweep_eps else None
+    if args.sweep_steps is not None and any(k < 1 for k in args.sweep_steps):
+        raise ConfigError("--sweep-steps values must be >= 1.")
+
+    path = Path(args.path)
+    if eps is None:  # the run's own radius
+        from .engine.trainer import load_run_config
+
+        eps = [load_run_config(path).eps]
+    plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
+                      corruptions=args.corruptions, eps_sweep=sweep_eps, steps_sweep=args.sweep_steps,
+                      checks=not args.no_checks)
+    req = EvalRequest(path=path, plan=plan, n=args.n, split=args.split, data_dir=args.data_dir,
+                      batch_size=args.batch_size, device=args.device, seed=args.seed,
+                      out=Path(args.out) if args.out else None, progress=not args.no_progress)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failure(out.parent, e) from None
-    write_json(out, result)
-    print(f"{cfg.method.name} / {cfg.model.name}, epoch {result['epoch']}, {res['n']} {args.split} images "
-          f"({splits.source})")
-    print(f"  clean accuracy            {res['clean']:.4f}")
-    for spec in specs:
-        acc = res["attacks"][spec.label]["accuracy"]
-        print(f"  PGD-{spec.steps} x{spec.restarts} {spec.loss} @ {format_size(spec.eps):<9} {acc:.4f}")
-    print(f"results written to {out}")
+        result, out, md = evaluate_checkpoint(req)
+    except KeyboardInterrupt:
+        print("iaat: interrupted; run the same command again to resume the evaluation where it stopped",
+              file=sys.stderr)
+        return 130
+    print(f"{result['method']} / {result['model']}, epoch {result['epoch']}, {result['n']} {args.split} images "
+          f"({result['data_source']})")
+    print(f"  {'clean accuracy':<34}{result['clean']:.4f}")
+    for label, entry in result["attacks"].items():
+        print(f"  {label:<34}{entry['accuracy']:.4f}")
+    if "worst_case" in result and len(result["attacks"]) > 1:
+        print(f"  {'worst case over all attacks':<34}{result['worst_case']['accuracy']:.4f}")
+    if "corruptions" in result:
+        print(f"  {'corruptions (mean)':<34}{result['corruptions']['mean']:.4f}")
+    for name, curve in result.get("curves", {}).items():
+        key = "eps_pixels" if name == "eps" else "steps"
+        print(f"  accuracy over {name}: " + ", ".join(f"{p[key]:g}: {p['accuracy']:.3f}" for p in curve["points"]))
+    for check in result.get("checks", []):
+        if not check["passed"]:
+            warnings.warn(f"suspicious evaluation: {check['name']}: {check['detail']}", stacklevel=1)
+    print(f"  eps {format_size(result['eps'])}; sanity checks: "
+          + ("SUSPICIOUS (see warnings)" if result.get("suspicious") else "passed" if "checks" in result else "off"))
+    print(f"results written to {out} and {md}")
     return 0
 
 
@@ -202,6 +198,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.presets import PROTOCOL_HELP
+
     parser = _Parser(
         prog="iaat",
         description="Instance-adaptive adversarial training: train robust classifiers (IAAT, GAIRAT, PGD-AT and "
@@ -217,16 +215,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="clean and PGD accuracy of a run or checkpoint, written as JSON",
-                       description="Evaluate a trained model: clean accuracy and PGD-k accuracy with restarts. "
-                                   "A sample counts as robust only if it is also classified correctly when clean.")
+    p = sub.add_parser("eval", help="robustness evaluation of a run or checkpoint: attacks, sweeps, corruptions, "
+                                    "sanity checks (resumable)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate a trained model. Without --protocol or --attack: clean accuracy and one "
+                                   "PGD attack (--steps, --restarts, --step-size, --loss). Only images classified "
+                                   "correctly when clean are attacked; a sample counts as robust only if no attack "
+                                   "iterate (of any restart) misclassifies it. Writes JSON and a markdown table; "
+                                   "re-running an interrupted evaluation resumes it.",
+                       epilog="protocols:\n" + "\n".join(f"  {k:<8}{v}" for k, v in PROTOCOL_HELP.items())
+                       + "\n\nattack specs (--attack KIND[:key=value,...]; sizes in pixel units over 255):\n"
+                       "  pgd         steps, restarts, step_size, loss=ce|margin, targeted=true, random_start, eps, norm\n"
+                       "  cw          PGD on the CW margin loss, 40 steps by default\n"
+                       "  mifgsm      MI-FGSM: steps (10), step_size (eps/steps), momentum (1.0)\n"
+                       "  deepfool    steps (50), candidates (10), overshoot (0.02); accuracy at eps after clipping\n"
+                       "  autoattack  version=standard|quick (APGD-CE + APGD-T); needs pip install pyautoattack\n"
+                       "  transfer    PGD crafted on source=RUN (or --surrogate RUN), tested on this model\n"
+                       "e.g. iaat eval runs/x --protocol paper --surrogate runs/x2 --corruptions generated --n 1000")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (uses its newest valid checkpoint) or .pt")
-    p.add_argument("--eps", nargs="+", help=f"attack radii, {SIZE_HELP} (default: the run's attack.eps)")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    p.add_argument("--restarts", type=int, default=1, help="random restarts; a sample must survive all (default 1)")
-    p.add_argument("--step-size", help=f"PGD step, {SIZE_HELP} (default 2.5 * eps / steps)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOL_HELP), help="a named set of attacks (see below)")
+    p.add_argument("--attack", action="append", default=[], metavar="SPEC",
+                   help="an attack to run (repeatable), added to the protocol's, e.g. pgd:steps=100,restarts=5")
+    p.add_argument("--eps", nargs="+", help=f"attack radii, {SIZE_HELP}; attacks without their own eps run at each "
+                                            "(default: the run's attack.eps); the first is the main one")
+    p.add_argument("--surrogate", metavar="RUN", help="add a transfer attack crafted on this independently trained run")
+    p.add_argument("--corruptions", metavar="DIR|generated",
+                   help="common corruptions: a CIFAR-10-C / CIFAR-100-C folder (<name>.npy, labels.npy), or "
+                        "'generated' for an offline copy at CIFAR severities (not comparable with CIFAR-10-C)")
+    p.add_argument("--sweep-eps", nargs="+", metavar="EPS",
+                   help="accuracy curve over these radii with PGD-10 (paper/full default: 0 2 4 ... 16)")
+    p.add_argument("--sweep-steps", nargs="+", type=int, metavar="K",
+                   help="accuracy curve over PGD steps, from one run of max(K) steps at step eps/4 "
+                        "(paper/full default: 1 2 5 10 20 50 100 200 500 1000)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="skip the sanity checks (determinism, gradients, monotonicity, large-eps attack)")
+    p.add_argument("--steps", type=int, help="single-attack mode: PGD steps (default 10)")
+    p.add_argument("--restarts", type=int, help="single-attack mode: random restarts; a sample must survive all "
+                                                "(default 1)")
+    p.add_argument("--step-size", help=f"single-attack mode: PGD step, {SIZE_HELP} (default 2.5 * eps / steps)")
+    p.add_argument("--loss", choices=["ce", "margin"], help="single-attack mode: cross-entropy (default) or CW margin")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model (default linf)")
-    p.add_argument("--loss", choices=["ce", "margin"], default="ce", help="attack loss: cross-entropy or CW margin")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default all)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="official test split, or the run's held-out part of the training split")
@@ -234,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (default 256)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
-    p.add_argument("--out", metavar="FILE", help="JSON file to write (default RUN/eval/eval-<split>-<time>.json)")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON file to write, markdown beside it (default RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,10 @@ FAT) and evaluation (PGD-k with restarts, CW loss, targeted) all call :func:`pgd
 Besides the adversarial batch it returns, per sample, whether the final iterate is still
 classified correctly and GAIRAT's kappa, so no caller ever re-runs an attack to learn them.
 
+Evaluation reads two more things from it: ``first_miss``, the first iterate that was
+misclassified (so one PGD-K run gives the accuracy under PGD-k for every k <= K), and, with
+``momentum``, MI-FGSM's accumulated, L1-normalised gradient (Dong et al., 2018).
+
 Habits: the model is in eval mode during the attack and its mode is restored afterwards;
 gradients are taken with ``torch.autograd.grad`` w.r.t. the perturbation only, so no
 parameter ever receives a ``.grad``; the step loop has no host synchronisation.
@@ -35,6 +39,9 @@ class AttackResult:
             iterate a gradient was taken at) were classified correctly: GAIRAT's kappa.
         logits: (B, classes) logits of the final iterate in eval mode, or ``None``.
         loss: (B,) the attack objective at the final iterate, or ``None``.
+        first_miss: (B,) int64, index k of the first iterate x_k (k = 0..K, x_K the final one)
+            classified wrongly, minimum over restarts; K + 1 if none was (the final iterate
+            counts only when it was checked).
     """
 
     x_adv: torch.Tensor
@@ -42,6 +49,13 @@ class AttackResult:
     kappa: torch.Tensor
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    first_miss: Optional[torch.Tensor] = None
+    steps: int = 0
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """(B,) bool: no checked iterate of any restart was misclassified (the strict evaluation criterion)."""
+        return self.first_miss > self.steps
 
 
 @contextlib.contextmanager
@@ -122,12 +136,13 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) 
 
 
 def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast, reference,
-             init_std):
+             init_std, momentum):
     batch = x.shape[0]
     delta = _random_start(x, eps, norm, init_std) if random_start else torch.zeros_like(x)
     delta = project(delta, x, eps, norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
+    velocity = torch.zeros_like(x) if momentum else None
     for k in range(steps):
         delta.requires_grad_(True)
         with autocast():
@@ -137,24 +152,28 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
         delta = delta.detach()
         correct = logits.detach().argmax(1) == y
         kappa += correct
+        first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
+        if velocity is not None:  # MI-FGSM: accumulate the L1-normalised gradient
+            velocity = momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
+            grad = velocity
         if norm == "linf":
             step = alpha * grad.sign()
         else:
             step = alpha * grad / (_l2_norm(grad) + 1e-12)
         if early_stop_tau is not None:
             # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
-            first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
             moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
             step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
         delta = project(delta + step, x, eps, norm)
-    return (x + delta).detach(), kappa
+    return (x + delta).detach(), kappa, first_miss
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
         step_size: Optional[Radius] = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
-        init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None) -> AttackResult:
+        init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
+        momentum: float = 0.0) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -176,6 +195,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         reference: logits the ``"kl"`` loss compares against.
         init_std: start from ``init_std * N(0, 1)`` noise instead of the uniform ball (TRADES uses 0.001).
         autocast_dtype: run the model under autocast with this dtype (bf16/fp16), gradients in fp32.
+        momentum: MI-FGSM's decay factor mu (0 = plain PGD): steps follow the running sum of
+            L1-normalised gradients.
 
     Returns:
         An :class:`AttackResult`.
@@ -197,13 +218,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     final_check = final_check or restarts > 1
 
-    best_x = best_kappa = best_correct = best_logits = best_loss = best_success = None
+    best_x = best_kappa = best_correct = best_logits = best_loss = best_success = first_miss = None
     with attack_mode(model, eval_mode), torch.enable_grad():
         for _ in range(restarts):
-            x_adv, kappa = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
-                                    early_stop_tau, autocast, reference, init_std)
+            x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
+                                              early_stop_tau, autocast, reference, init_std, momentum)
             if not final_check:
-                return AttackResult(x_adv, None, kappa)
+                return AttackResult(x_adv, None, kappa, first_miss=run_miss, steps=steps)
             with torch.no_grad(), autocast():
                 logits = model(x_adv)
             logits = logits.float()
@@ -211,6 +232,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
             pred = logits.argmax(1)
             correct = pred == y
             success = (pred == target) if target is not None else ~correct
+            run_miss = torch.where(~correct & (run_miss > steps), torch.full_like(run_miss, steps), run_miss)
+            first_miss = run_miss if first_miss is None else torch.minimum(first_miss, run_miss)
             if best_x is None:
                 best_x, best_kappa, best_correct, best_logits, best_loss, best_success = (
                     x_adv, kappa, correct, logits, objective, success)
@@ -223,4 +246,4 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
             best_logits = torch.where(better[:, None], logits, best_logits)
             best_loss = torch.where(better, objective, best_loss)
             best_success = best_success | success
-    return AttackResult(best_x, best_correct, best_kappa, best_logits, best_loss)
+    return AttackResult(best_x, best_correct, best_kappa, best_logits, best_loss, first_miss, steps)

@@ -358,6 +358,21 @@ def _format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
+def load_run_config(path: Path) -> Config:
+    """The config of a run folder (its config.yaml) or of a checkpoint file, without building the model."""
+    from ..config import config_from_dict, load_yaml
+    from .checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / rundir.CONFIG).is_file():
+            raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
+        return config_from_dict(load_yaml(path / rundir.CONFIG))
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
+    return config_from_dict(load_checkpoint(path)["config"])
+
+
 def load_run(path: Path, device: Optional[torch.device] = None):
     """Load the model of a run folder (its newest valid checkpoint) or of one checkpoint file.
 

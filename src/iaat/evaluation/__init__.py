@@ -1,5 +1,20 @@
-"""Clean and adversarial evaluation through the shared PGD kernel."""
+"""Evaluation: attacks, the full protocol with sweeps, corruptions and sanity checks.
 
-from .robustness import AttackSpec, evaluate
+Submodules are imported on first use, so that the command line can read the protocol names
+(:mod:`.presets`) without importing torch.
+"""
 
-__all__ = ["AttackSpec", "evaluate"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"AttackSpec": "attacks", "evaluate": "robustness", "parse_attack": "attacks", "build_plan": "protocol",
+            "run_evaluation": "protocol", "EvalPlan": "protocol"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,144 @@
+"""Sanity checks that say when robustness numbers should not be believed.
+
+In the spirit of AutoAttack's ``checks.py`` and Carlini et al.'s evaluation checklist: stronger
+attacks must not report higher robustness than weaker ones, robustness falls with eps, an
+unbounded attack breaks nearly everything, transfer attacks are weaker than white-box ones, and
+the model is a deterministic function with useful input gradients. A failed check does not stop
+the evaluation; it marks the result ``suspicious`` with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.pgd import attack_mode
+from ..units import format_size
+
+#: Accuracy an attack at half the pixel range may leave before the evaluation is suspicious.
+LARGE_EPS_MAX_ACCURACY = 0.05
+#: Share of clean-correct images with an exactly zero input gradient that signals gradient masking.
+ZERO_GRADIENT_MAX_SHARE = 0.1
+
+
+def tolerance(n: int) -> float:
+    """Slack for comparing two attacks on the same n images: a few samples' worth, at least half a point."""
+    return max(0.005, 3.0 / max(n, 1))
+
+
+def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Checks on one batch that need the model itself: determinism, side effects, input gradients, outputs."""
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    with attack_mode(model):
+        with torch.no_grad():
+            first, second = model(x), model(x)
+        inp = x.clone().requires_grad_(True)
+        logits = model(inp)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), inp)
+    ok = logits.detach().argmax(1) == y
+    zero = (grad.flatten(1).abs().amax(1) == 0) & ok
+    changed = [k for k, v in model.named_buffers() if k in buffers and not torch.equal(v, buffers[k])]
+    probs = first.float()
+    return {
+        "max_logit_change": float((first - second).abs().max()) if len(x) else 0.0,
+        "buffers_changed": changed,
+        "zero_gradient_share": float(zero.sum()) / max(1, int(ok.sum())),
+        "outputs_are_probabilities": bool(len(x)) and bool(((probs >= 0) & (probs <= 1)).all())
+        and bool(torch.allclose(probs.sum(1), torch.ones(len(x), device=probs.device), atol=1e-4)),
+    }
+
+
+def _check(name: str, passed: bool, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> list[dict]:
+    """All checks over an evaluation result; each ``{"name", "passed", "detail"}``."""
+    n, clean = result["n"], result["clean"]
+    tol = tolerance(n)
+    attacks = result["attacks"]
+    checks = [
+        _check("deterministic", probe["max_logit_change"] <= 1e-5,
+               f"two forward passes of the same batch differ by {probe['max_logit_change']:.3g} in the logits"
+               + ("" if probe["max_logit_change"] <= 1e-5 else " (randomised model: use EOT attacks)")),
+        _check("eval mode without side effects", not probe["buffers_changed"],
+               "no buffer changed in eval mode" if not probe["buffers_changed"]
+               else f"buffers changed during evaluation: {', '.join(probe['buffers_changed'][:5])}"),
+        _check("useful input gradients", probe["zero_gradient_share"] <= ZERO_GRADIENT_MAX_SHARE,
+               f"{100 * probe['zero_gradient_share']:.1f}% of correctly classified images have an all-zero input "
+               "gradient" + ("" if probe["zero_gradient_share"] <= ZERO_GRADIENT_MAX_SHARE
+                             else " (gradient masking: gradient attacks cannot move them)")),
+        _check("logits, not probabilities", not probe["outputs_are_probabilities"],
+               "the model outputs " + ("probabilities (softmax saturates the attack loss)"
+                                       if probe["outputs_are_probabilities"] else "unnormalised logits")),
+    ]
+    above = [k for k, a in attacks.items() if a["accuracy"] > clean + 1e-12]
+    checks.append(_check("robust <= clean", not above,
+                         "every attack at or below clean accuracy" if not above
+                         else f"above clean accuracy: {', '.join(above)}"))
+    checks += _stronger_not_higher(attacks, tol)
+    checks += _against_whitebox(attacks, tol)
+    eps_curve = result.get("curves", {}).get("eps")
+    if eps_curve:
+        accs = [p["accuracy"] for p in eps_curve["points"]]
+        rises = [(a["eps_pixels"], b["eps_pixels"]) for a, b in zip(eps_curve["points"], eps_curve["points"][1:])
+                 if b["accuracy"] > a["accuracy"] + tol]
+        checks.append(_check("non-increasing in eps", not rises,
+                             f"accuracy over eps {', '.join(f'{100 * a:.1f}' for a in accs)}"
+                             + ("" if not rises else f"; rises between {rises}")))
+    if large_eps is not None:
+        spec, res = large_eps
+        checks.append(_check("near zero at a very large eps", res["accuracy"] <= LARGE_EPS_MAX_ACCURACY,
+                             f"{spec.label} (no random start) leaves {100 * res['accuracy']:.1f}% "
+                             f"(expected <= {100 * LARGE_EPS_MAX_ACCURACY:.0f}%)"))
+    return checks
+
+
+def _strength(a: dict) -> Optional[tuple]:
+    """A comparable PGD family key and its strength (steps, restarts), or None for other attacks."""
+    if a["kind"] != "pgd" or a.get("targeted") or not a.get("random_start", True) or a.get("step_size"):
+        return None
+    return (a["eps"], a["norm"], a["loss"]), (a["steps"], a["restarts"])
+
+
+def _stronger_not_higher(attacks: dict, tol: float) -> list[dict]:
+    """Within one PGD family (same eps, norm, loss), more steps and restarts must not give higher accuracy."""
+    bad, compared = [], 0
+    items = [(k, a, _strength(a)) for k, a in attacks.items()]
+    items = [(k, a, s) for k, a, s in items if s is not None]
+    for k1, a1, (fam1, (st1, r1)) in items:
+        for k2, a2, (fam2, (st2, r2)) in items:
+            if fam1 == fam2 and st2 >= st1 and r2 >= r1 and (st2, r2) != (st1, r1):
+                compared += 1
+                if a2["accuracy"] > a1["accuracy"] + tol:
+                    bad.append(f"{k2} {100 * a2['accuracy']:.1f}% > {k1} {100 * a1['accuracy']:.1f}%")
+    if not compared:
+        return []
+    return [_check("stronger PGD not higher", not bad,
+                   f"{compared} pairs compared" + ("" if not bad else ": " + "; ".join(bad)))]
+
+
+def _against_whitebox(attacks: dict, tol: float) -> list[dict]:
+    """AutoAttack not above PGD; transfer (black-box) not below white-box PGD, at the same eps."""
+    out = []
+    pgd_at = {}
+    for a in attacks.values():
+        if a["kind"] == "pgd":
+            pgd_at[a["eps"]] = min(pgd_at.get(a["eps"], 1.0), a["accuracy"])
+    for k, a in attacks.items():
+        ref = pgd_at.get(a["eps"])
+        if ref is None:
+            continue
+        eps = format_size(a["eps"])
+        if a["kind"] == "autoattack":
+            out.append(_check("AutoAttack not above PGD", a["accuracy"] <= ref + tol,
+                              f"{k} {100 * a['accuracy']:.1f}% vs strongest PGD at {eps} {100 * ref:.1f}%"))
+        if a["kind"] == "transfer":
+            out.append(_check("transfer not below white-box", a["accuracy"] >= ref - tol,
+                              f"{k} {100 * a['accuracy']:.1f}% vs strongest PGD at {eps} {100 * ref:.1f}%"
+                              + ("" if a["accuracy"] >= ref - tol else " (white-box gradients are weaker than "
+                                 "a surrogate's: gradient masking)")))
+    return out

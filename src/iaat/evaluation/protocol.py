@@ -1,0 +1,272 @@
+"""A full robustness evaluation: attacks, sweeps, corruptions and sanity checks, resumable per batch.
+
+Only images the model classifies correctly when clean are attacked (the others can never count
+as robust), each attack's batches have their own seed, and the per-sample results of every
+finished batch are saved, so an interrupted evaluation resumes where it stopped and gives the
+same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..attacks.pgd import attack_mode
+from ..data import ImageSet
+from ..errors import ConfigError
+from ..units import format_size
+from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
+from .checks import probe_model, run_checks
+from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
+from .state import EvalState
+
+
+
+@dataclass
+class EvalPlan:
+    """What one evaluation runs. ``attacks`` have their eps filled in."""
+
+    attacks: list[AttackSpec]
+    eps: float  #: the main radius (sweeps, checks and the worst case refer to it)
+    norm: str = "linf"
+    eps_sweep: list[float] = field(default_factory=list)
+    sweep_steps: int = 10  #: PGD steps of each eps-sweep point
+    steps_sweep: list[int] = field(default_factory=list)
+    steps_sweep_step: Optional[float] = None  #: fixed step of the steps sweep (default eps / 4)
+    corruptions: Optional[str] = None  #: a CIFAR-10-C style folder, or "generated"
+    checks: bool = True
+    protocol: Optional[str] = None
+
+    def stages(self) -> list[tuple[str, AttackSpec]]:
+        """Every attack run, as (role, spec): main attacks, sweep points, the steps sweep, the check attack."""
+        out = [("attack", s) for s in self.attacks]
+        main = {s.label for s in self.attacks}
+        for e in self.eps_sweep:
+            spec = AttackSpec(eps=e, steps=self.sweep_steps, norm=self.norm)
+            if e > 0 and spec.label not in main:
+                out.append(("eps_sweep", spec))
+        if self.steps_sweep:
+            step = self.steps_sweep_step if self.steps_sweep_step is not None else self.eps / 4
+            out.append(("steps_sweep", AttackSpec(eps=self.eps, steps=max(self.steps_sweep), step_size=step,
+                                                  norm=self.norm)))
+        if self.checks:
+            out.append(("check", large_eps_attack(self.norm)))
+        return out
+
+
+def large_eps_attack(norm: str) -> AttackSpec:
+    """An attack that should break nearly every image: PGD-20 from the clean image at half the pixel range.
+
+    No random start, so a model with zero input gradients (gradient masking) visibly survives it.
+    """
+    eps = 0.5 if norm == "linf" else 16.0
+    return AttackSpec(eps=eps, steps=20, norm=norm, random_start=False)
+
+
+def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks: Sequence[str] = (),
+               norm: str = "linf", surrogate: Optional[str] = None, corruptions: Optional[str] = None,
+               eps_sweep: Optional[Sequence[float]] = None, steps_sweep: Optional[Sequence[int]] = None,
+               checks: bool = True) -> EvalPlan:
+    """Combine a named protocol, extra attack strings and options into a plan.
+
+    Every attack without its own radius runs at each radius in ``eps``; the first is the main one.
+    ``paper`` and ``full`` bring the eps and steps sweeps unless they are given explicitly.
+    """
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}.")
+    if not eps:
+        raise ConfigError("an evaluation needs at least one eps.")
+    texts = list(PROTOCOLS.get(protocol, [])) + list(attacks)
+    specs = [parse_attack(t) for t in texts]
+    specs = [replace(s, norm=norm) if s.eps is None and s.norm != norm else s for s in specs]
+    if surrogate:
+        specs.append(AttackSpec(kind="transfer", source=str(surrogate), norm=norm))
+    resolved: list[AttackSpec] = []
+    for spec in specs:
+        for e in ([spec.eps] if spec.eps is not None else eps):
+            s = spec.at(e)
+            if s.eps > 0 and s.label not in {r.label for r in resolved}:
+                resolved.append(s)
+    if any(s.kind == "autoattack" for s in resolved):
+        require_autoattack()  # fail before hours of other attacks, not after
+    sweeps = protocol in ("paper", "full")
+    return EvalPlan(
+        attacks=resolved, eps=eps[0], norm=norm,
+        eps_sweep=list(eps_sweep) if eps_sweep is not None else (list(DEFAULT_EPS_SWEEP) if sweeps else []),
+        steps_sweep=sorted(set(steps_sweep)) if steps_sweep is not None else (
+            list(DEFAULT_STEPS_SWEEP) if sweeps else []),
+        corruptions=corruptions, checks=checks, protocol=protocol)
+
+
+def _batch_seed(seed: int, label: str, batch: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{label}/{batch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_classes: int, fingerprint: dict,
+                   state_path: Optional[Path] = None, batch_size: int = 256, device: Optional[torch.device] = None,
+                   seed: int = 0, progress: bool = False, surrogates: Optional[dict[str, nn.Module]] = None,
+                   corruption_sets: Optional[Callable[[], tuple]] = None,
+                   autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Run ``plan`` on ``data`` and return the result dict (see ``iaat eval --help`` for its keys).
+
+    Args:
+        fingerprint: identifies this evaluation; a state file with another fingerprint is refused.
+        state_path: where per-batch progress is saved (``None``: not resumable).
+        surrogates: source → model for transfer attacks.
+        corruption_sets: returns the corruption sets (see :mod:`.corruptions`) for the corruption stage.
+    """
+    device = device or next(model.parameters()).device
+    state = EvalState(state_path, fingerprint)
+    n = len(data)
+    start = time.perf_counter()
+    probe = probe_model(model, data.x[:batch_size].to(device).float().div(255), data.y[:batch_size].to(device))
+
+    with attack_mode(model):
+        if "clean_ok" not in state.arrays:
+            ok = []
+            for lo in range(0, n, batch_size):
+                x = data.x[lo:lo + batch_size].to(device).float().div_(255.0)
+                with torch.no_grad():
+                    ok.append((model(x).argmax(1) == data.y[lo:lo + batch_size].to(device)).cpu())
+            state.arrays["clean_ok"] = torch.cat(ok).numpy()
+            state.save()
+        clean_ok = state.arrays["clean_ok"]
+        attacked = np.flatnonzero(clean_ok)
+        batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
+        for _, spec in plan.stages():
+            _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
+                       surrogate=(surrogates or {}).get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
+
+    result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "eps": plan.eps, "norm": plan.norm,
+              "protocol": plan.protocol, "attacks": {}}
+    for spec in plan.attacks:
+        result["attacks"][spec.label] = _stage_result(state, spec, n)
+    main = [s for s in plan.attacks if s.eps == plan.eps]
+    if main:
+        worst = np.logical_and.reduce([state.arrays[f"{s.label}/robust"] for s in main])
+        result["worst_case"] = {"accuracy": float(worst.mean()), "over": [s.label for s in main]}
+    result["curves"] = _curves(state, plan, result["clean"], n)
+    if plan.corruptions and corruption_sets is not None:
+        result["corruptions"] = _run_corruptions(state, model, corruption_sets, batch_size, device, progress)
+    if plan.checks:
+        check_spec = large_eps_attack(plan.norm)
+        result["checks"] = run_checks(result, probe, large_eps=(check_spec, _stage_result(state, check_spec, n)))
+        result["suspicious"] = any(not c["passed"] for c in result["checks"])
+        result["suspicious_reasons"] = [c["detail"] for c in result["checks"] if not c["passed"]]
+    result["seconds"] = {"this_run": time.perf_counter() - start,
+                         "attacks": dict(state.meta["seconds"])}
+    result["resumed"] = state.resumed
+    state.meta["finished"] = True
+    state.save()
+    return result
+
+
+def _run_stage(state: EvalState, spec: AttackSpec, model: nn.Module, data: ImageSet, batches: list, n: int, *,
+               device, seed: int, num_classes: int, surrogate, progress: bool, autocast_dtype) -> None:
+    label = spec.label
+    if spec.kind == "transfer" and surrogate is None:
+        raise ConfigError(f"{label}: no surrogate model was loaded for source {spec.source!r}.")
+    key = f"{label}/robust"
+    if key not in state.arrays:
+        state.arrays[key] = np.zeros(n, dtype=bool)
+    done = state.done_batches(label)
+    bar = tqdm(total=len(batches), initial=done, desc=label, disable=not progress, leave=False, unit="batch")
+    for b in range(done, len(batches)):
+        idx = batches[b]
+        x = data.x[idx].to(device).float().div_(255.0)
+        y = data.y[idx].to(device)
+        torch.manual_seed(_batch_seed(seed, label, b))
+        t0 = time.perf_counter()
+        out = run_attack(spec, model, x, y, num_classes=num_classes, surrogate=surrogate,
+                         autocast_dtype=autocast_dtype)
+        for name, values in out.items():
+            arr_key = f"{label}/{name}"
+            if arr_key not in state.arrays:
+                fill = {"first_miss": -1, "size": np.nan}.get(name, False)
+                state.arrays[arr_key] = np.full(n, fill, dtype=values.cpu().numpy().dtype)
+            state.arrays[arr_key][idx] = values.cpu().numpy()
+        state.finish_batch(label, b, time.perf_counter() - t0)
+        bar.update(1)
+    bar.close()
+
+
+def _stage_result(state: EvalState, spec: AttackSpec, n: int) -> dict:
+    label = spec.label
+    out = {"accuracy": float(state.arrays[f"{label}/robust"].mean()) if n else 0.0, **spec_summary(spec),
+           "seconds": state.meta["seconds"].get(label, 0.0)}
+    sizes = state.arrays.get(f"{label}/size")
+    if sizes is not None:
+        found = sizes[np.isfinite(sizes)]
+        out["median_size"] = float(np.median(found)) if found.size else None
+        out["fooled_share"] = float(found.size / max(1, int(state.arrays["clean_ok"].sum())))
+    return out
+
+
+def _curves(state: EvalState, plan: EvalPlan, clean: float, n: int) -> dict:
+    curves = {}
+    if plan.eps_sweep:
+        points = []
+        for e in sorted(plan.eps_sweep):
+            if e == 0:
+                points.append({"eps": 0.0, "eps_pixels": 0.0, "accuracy": clean})
+                continue
+            spec = AttackSpec(eps=e, steps=plan.sweep_steps, norm=plan.norm)
+            points.append({"eps": e, "eps_pixels": e * 255, "accuracy": float(state.arrays[f"{spec.label}/robust"].mean())})
+        curves["eps"] = {"attack": f"PGD-{plan.sweep_steps}", "points": points}
+    if plan.steps_sweep:
+        spec = next(s for r, s in plan.stages() if r == "steps_sweep")
+        first_miss = state.arrays[f"{spec.label}/first_miss"]
+        clean_ok = state.arrays["clean_ok"]
+        # PGD-k's strict accuracy: clean-correct and none of the iterates x_0..x_k misclassified.
+        points = [{"steps": k, "accuracy": float((clean_ok & (first_miss > k)).mean()) if n else 0.0}
+                  for k in plan.steps_sweep]
+        curves["steps"] = {"eps": plan.eps, "step_size": spec.step_size, "points": points}
+    return curves
+
+
+def _run_corruptions(state: EvalState, model, corruption_sets, batch_size, device, progress) -> dict:
+    from .corruptions import evaluate_corruptions
+
+    sets = corruption_sets()
+    done = {name: list(accs) for name, accs in state.meta["corruptions"].items()}
+
+    def save(name: str, severity: int, acc: float) -> None:
+        state.meta["corruptions"].setdefault(name, []).append(acc)
+        state.save()
+
+    return evaluate_corruptions(model, sets, batch_size=batch_size, device=device, progress=progress, done=done,
+                                on_result=save)
+
+
+def markdown_report(result: dict, title: str = "") -> str:
+    """A Table-1 style markdown summary: natural accuracy, every attack, worst case, corruptions, checks."""
+    cols = ["Natural"] + list(result["attacks"]) + (["all attacks"] if "worst_case" in result else [])
+    vals = [result["clean"]] + [a["accuracy"] for a in result["attacks"].values()]
+    if "worst_case" in result:
+        vals.append(result["worst_case"]["accuracy"])
+    if "corruptions" in result:
+        cols.append("Corruption" + ("" if result["corruptions"].get("comparable_with_cifar_c") else " (generated)"))
+        vals.append(result["corruptions"]["mean"])
+    lines = [f"# {title}" if title else "# Evaluation", "",
+             f"{result['n']} images, eps {format_size(result['eps'])} ({result['norm']}); accuracy in %.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+             "| " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |", ""]
+    for name, curve in result.get("curves", {}).items():
+        key = "eps_pixels" if name == "eps" else "steps"
+        head = "eps (/255)" if name == "eps" else "PGD steps"
+        lines += [f"Accuracy over {head}:", "", f"| {head} | " + " | ".join(f"{p[key]:g}" for p in curve["points"]) + " |",
+                  "|---|" + "---|" * len(curve["points"]),
+                  "| accuracy | " + " | ".join(f"{100 * p['accuracy']:.2f}" for p in curve["points"]) + " |", ""]
+    if "checks" in result:
+        lines.append("Sanity checks: " + ("**SUSPICIOUS**" if result["suspicious"] else "all passed"))
+        lines += [f"- {'ok' if c['passed'] else 'FAILED'}: {c['name']}: {c['detail']}" for c in result["checks"]]
+    return "\n".join(lines) + "\n"

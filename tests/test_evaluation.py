@@ -1,0 +1,352 @@
+"""The evaluation protocol: attack specs, the kernel's per-iterate record, DeepFool, MI-FGSM, sanity checks, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import run_cli, run_main
+from torch import nn
+
+from iaat.attacks import pgd
+from iaat.attacks.deepfool import deepfool
+from iaat.data import load_dataset
+from iaat.errors import ConfigError
+from iaat.evaluation import AttackSpec, build_plan, parse_attack, run_evaluation
+from iaat.evaluation import attacks as eval_attacks
+from iaat.models import build_model
+
+EPS = 32 / 255  # digits are 8x8 with 17 grey levels: 32/255 is a moderate radius there
+
+
+@pytest.fixture(scope="module")
+def at_digits():
+    """A small CNN adversarially trained on sklearn digits (PGD-3 at 32/255, 4 epochs; a few seconds)."""
+    ds = load_dataset("digits")
+    torch.manual_seed(0)
+    net = build_model("small_cnn", ds.num_classes, 1, width=16, mean=ds.mean, std=ds.std)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    x, y = ds.train.x.float() / 255, ds.train.y
+    for _ in range(4):
+        perm = torch.randperm(len(x))
+        for lo in range(0, len(x) - 1, 64):
+            idx = perm[lo:lo + 64]
+            x_adv = pgd(net, x[idx], y[idx], EPS, steps=3, final_check=False).x_adv
+            net.train()
+            loss = F.cross_entropy(net(x_adv), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    test = ds.test.subset(torch.arange(160))
+    return net, test, ds.num_classes
+
+
+def _evaluate(model, data, attacks, num_classes=10, **kw):
+    plan = build_plan(eps=[EPS], attacks=attacks, **{k: kw.pop(k) for k in list(kw) if k in (
+        "eps_sweep", "steps_sweep", "surrogate", "checks")})
+    return run_evaluation(model, data, plan, num_classes=num_classes, fingerprint={"t": 1}, batch_size=64, **kw)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_parse_attack_kinds_and_defaults():
+    cw = parse_attack("cw")
+    assert (cw.kind, cw.loss, cw.steps) == ("pgd", "margin", 40) and cw.label == "CW-40"
+    p = parse_attack("pgd:steps=100,restarts=5,eps=8")
+    assert (p.steps, p.restarts) == (100, 5) and math.isclose(p.eps, 8 / 255) and p.label == "PGD-100x5@8/255"
+    assert parse_attack("pgd:targeted=true").targeted
+    assert parse_attack("mifgsm").random_start is False
+    assert parse_attack("autoattack:version=quick").version == "quick"
+    assert parse_attack("transfer:source=runs/a").source == "runs/a"
+    # A fixed step size is part of the label, so a fixed-step sweep never shares state with PGD-k.
+    assert AttackSpec(eps=EPS, steps=20, step_size=EPS / 4).label != AttackSpec(eps=EPS, steps=20).label
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fgsm", "unknown attack 'fgsm'"),
+    ("pgd:stepz=3", "has no option 'stepz'"),
+    ("pgd:steps=ten", "steps='ten' is not a valid"),
+    ("pgd:steps", "must look like key=value"),
+    ("pgd:eps=-1", "negative"),
+    ("autoattack:version=plus", "AutoAttack version must be one of"),
+    ("transfer", "needs source=RUN"),
+    ("cw:loss=ce", "has no option 'loss'"),
+])
+def test_parse_attack_errors_are_clear(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_attack(text)
+
+
+# --------------------------------------------------------------------------- kernel additions
+
+
+class _WrongAt(nn.Module):
+    """Classifies every sample wrongly exactly at the forward calls listed in ``wrong`` (1-based), else right."""
+
+    def __init__(self, wrong: set[int]):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.wrong, self.calls = wrong, 0
+
+    def forward(self, x):
+        self.calls += 1
+        label = 1 if self.calls in self.wrong else 0
+        return 5.0 * F.one_hot(torch.full((len(x),), label), 3).float() + self.w * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("wrong, first_miss", [(set(), 6), ({1}, 0), ({3}, 2), ({3, 4}, 2), ({6}, 5)])
+def test_first_miss_records_the_first_misclassified_iterate(wrong, first_miss):
+    # 5 steps: forward calls 1..5 see iterates x_0..x_4, call 6 is the final check of x_5.
+    x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    res = pgd(_WrongAt(wrong), x, y, 0.1, steps=5)
+    assert res.first_miss.tolist() == [first_miss] * 4
+    assert res.robust.tolist() == [first_miss == 6] * 4
+    # A wrong intermediate iterate counts although the final one is right again.
+    assert res.correct.all() or 6 in wrong
+
+
+def test_first_miss_is_the_minimum_over_restarts():
+    x, y = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    res = pgd(_WrongAt({8}), x, y, 0.1, steps=3, restarts=2)  # calls 5..8 are the second restart: x_3 is call 8
+    assert res.first_miss.tolist() == [3, 3] and not res.robust.any()
+
+
+class _Linear(nn.Module):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T + self.b
+
+
+def test_mifgsm_on_a_linear_model_moves_like_fgsm_steps():
+    # With a constant gradient the momentum direction is the gradient's sign, every step.
+    torch.manual_seed(0)
+    model = _Linear(torch.randn(3, 12), torch.zeros(3))
+    x, y = torch.rand(5, 3, 2, 2) * 0.5 + 0.25, torch.randint(0, 3, (5,))
+    mi = pgd(model, x, y, 0.05, steps=4, step_size=0.0125, random_start=False, momentum=1.0, loss="margin")
+    plain = pgd(model, x, y, 0.05, steps=4, step_size=0.0125, random_start=False, loss="margin")
+    torch.testing.assert_close(mi.x_adv, plain.x_adv)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_deepfool_finds_the_exact_distance_to_a_linear_boundary(norm):
+    torch.manual_seed(1)
+    w = torch.randn(2, 12)
+    model = _Linear(w, torch.zeros(2))
+    x = torch.rand(6, 3, 2, 2) * 0.02 + 0.49  # far from the [0, 1] box, so no clipping
+    y = model(x).argmax(1)
+    gap = (model(x).gather(1, y[:, None]).squeeze(1) - model(x).gather(1, 1 - y[:, None]).squeeze(1)).detach()
+    direction = (w[0] - w[1]).abs()
+    dual = direction.sum() if norm == "linf" else direction.norm()
+    expected = gap / dual
+    res = deepfool(model, x, y, norm=norm, overshoot=0.02)
+    assert res.fooled.all()
+    torch.testing.assert_close(res.size, expected * 1.02, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the protocol on a trained model
+
+
+@pytest.fixture(scope="module")
+def digits_eval(at_digits):
+    net, test, k = at_digits
+    torch.manual_seed(0)
+    return _evaluate(net, test, ["pgd:steps=5", "pgd:steps=50,restarts=2", "cw:steps=20", "mifgsm", "deepfool",
+                                 "pgd:steps=20,targeted=true"], num_classes=k,
+                     eps_sweep=[0, 8 / 255, 16 / 255, EPS, 64 / 255], steps_sweep=[1, 2, 5, 10, 50])
+
+
+def test_every_attack_lowers_accuracy_below_clean(digits_eval):
+    assert digits_eval["clean"] > 0.8
+    for label, entry in digits_eval["attacks"].items():
+        assert entry["accuracy"] < digits_eval["clean"], label
+    assert digits_eval["worst_case"]["accuracy"] <= min(a["accuracy"] for a in digits_eval["attacks"].values())
+
+
+def test_stronger_settings_never_report_more_robustness(digits_eval):
+    acc = {k: v["accuracy"] for k, v in digits_eval["attacks"].items()}
+    tol = 3 / digits_eval["n"]
+    assert acc["PGD-50x2@32/255"] <= acc["PGD-5@32/255"] + tol
+    eps_curve = [p["accuracy"] for p in digits_eval["curves"]["eps"]["points"]]
+    assert eps_curve[0] == digits_eval["clean"]
+    assert all(b <= a + tol for a, b in zip(eps_curve, eps_curve[1:]))
+    steps = [p["accuracy"] for p in digits_eval["curves"]["steps"]["points"]]
+    assert all(b <= a for a, b in zip(steps, steps[1:]))  # one run, per-iterate record: exactly monotone
+    assert steps[-1] < steps[0]
+
+
+def test_checks_stay_quiet_on_an_adversarially_trained_model(digits_eval):
+    failed = [c for c in digits_eval["checks"] if not c["passed"]]
+    assert not digits_eval["suspicious"] and not failed, failed
+    names = {c["name"] for c in digits_eval["checks"]}
+    assert {"deterministic", "useful input gradients", "near zero at a very large eps", "non-increasing in eps",
+            "stronger PGD not higher", "robust <= clean"} <= names
+
+
+def test_deepfool_reports_the_size_it_needed(digits_eval):
+    entry = digits_eval["attacks"]["DeepFool@32/255"]
+    assert 0 < entry["median_size"] < 1 and 0 < entry["fooled_share"] <= 1
+
+
+class _Quantised(nn.Module):
+    """Gradient masking: the input is rounded to 4 levels before the model, so input gradients are zero."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 3) / 3)
+
+
+def test_checks_fire_on_a_gradient_masked_model(at_digits):
+    net, test, k = at_digits
+    masked = _Quantised(net).eval()
+    res = _evaluate(masked, test, ["pgd:steps=10", "transfer:source=plain"], num_classes=k,
+                    surrogates={"plain": net}, eps_sweep=[0, EPS])
+    failed = {c["name"] for c in res["checks"] if not c["passed"]}
+    assert res["suspicious"]
+    assert {"useful input gradients", "near zero at a very large eps", "transfer not below white-box"} <= failed
+    assert res["suspicious_reasons"]
+
+
+class _Noisy(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) + 0.1 * torch.randn(len(x), 10)
+
+
+def test_checks_flag_a_randomised_model(at_digits):
+    net, test, k = at_digits
+    res = _evaluate(_Noisy(net), test.subset(torch.arange(64)), ["pgd:steps=2"], num_classes=k)
+    assert {c["name"]: c["passed"] for c in res["checks"]}["deterministic"] is False
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_interrupted_evaluation_resumes_to_the_same_result(at_digits, tmp_path, monkeypatch):
+    net, test, k = at_digits
+    attacks = ["pgd:steps=5,restarts=2", "cw:steps=10"]
+    full = _evaluate(net, test, attacks, num_classes=k, seed=3, checks=False)
+
+    state = tmp_path / "e.state.npz"
+    real, calls = eval_attacks.run_attack, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    from iaat.evaluation import protocol
+
+    monkeypatch.setattr(protocol, "run_attack", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(net, test, attacks, num_classes=k, seed=3, checks=False, state_path=state)
+    assert state.is_file()
+    monkeypatch.setattr(protocol, "run_attack", real)
+    resumed = _evaluate(net, test, attacks, num_classes=k, seed=3, checks=False, state_path=state)
+    assert resumed["resumed"]
+    assert {a: v["accuracy"] for a, v in resumed["attacks"].items()} == \
+        {a: v["accuracy"] for a, v in full["attacks"].items()}
+    # Another evaluation refuses the state instead of mixing results.
+    plan = build_plan(eps=[EPS], attacks=attacks, checks=False)
+    with pytest.raises(ConfigError, match="different evaluation"):
+        run_evaluation(net, test, plan, num_classes=k, fingerprint={"t": 2}, state_path=state)
+
+
+# --------------------------------------------------------------------------- AutoAttack
+
+
+def test_autoattack_missing_gives_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_aa(name, *args, **kwargs):
+        if name.startswith("pyautoattack"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_aa)
+    with pytest.raises(ConfigError, match="pip install"):
+        build_plan(eps=[EPS], attacks=["autoattack"])
+
+
+def test_autoattack_is_not_weaker_than_pgd(at_digits):
+    pytest.importorskip("pyautoattack", reason="AutoAttack is the optional extra pyautoattack")
+    net, test, k = at_digits
+    data = test.subset(torch.arange(48))
+    torch.manual_seed(0)
+    res = _evaluate(net, data, ["pgd:steps=10", "autoattack:version=quick"], num_classes=k)
+    acc = {key: v["accuracy"] for key, v in res["attacks"].items()}
+    assert acc["AutoAttack-quick@32/255"] <= acc["PGD-10@32/255"] + 3 / 48
+    assert acc["AutoAttack-quick@32/255"] < res["clean"]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _write_cifar_c(folder, names, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    from helpers import class_images
+
+    x, y = class_images(n, seed=1)
+    np.save(folder / "labels.npy", np.tile(y, 5))
+    for name in names:
+        noisy = np.concatenate([np.clip(x.transpose(0, 2, 3, 1).astype(int) + rng.integers(-8 * s, 8 * s + 1, x.shape[:1]
+                                                                                                + (32, 32, 3)), 0, 255)
+                                for s in range(1, 6)]).astype(np.uint8)
+        np.save(folder / f"{name}.npy", noisy)
+
+
+def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run, tmp_path):
+    cc = tmp_path / "CIFAR-10-C"
+    _write_cifar_c(cc, ["gaussian_noise", "contrast"])
+    out = tmp_path / "ev" / "quick.json"
+    res = run_cli("eval", str(tiny_run), "--protocol", "quick", "--n", "40", "--attack", "pgd:steps=3,eps=4",
+                  "--sweep-eps", "0", "4", "8", "--sweep-steps", "1", "3", "--corruptions", str(cc),
+                  "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert set(result["attacks"]) == {"PGD-20@8/255", "CW-40@8/255", "PGD-3@4/255"}
+    assert [p["eps_pixels"] for p in result["curves"]["eps"]["points"]] == pytest.approx([0, 4, 8])
+    assert [p["steps"] for p in result["curves"]["steps"]["points"]] == [1, 3]
+    assert set(result["corruptions"]["per_corruption"]) == {"gaussian_noise", "contrast"}
+    assert result["corruptions"]["comparable_with_cifar_c"] is True
+    assert "checks" in result and isinstance(result["suspicious"], bool)
+    md = out.with_suffix(".md").read_text()
+    assert "| Natural |" in md and "CW-40@8/255" in md and "Sanity checks" in md
+    assert "lacks 17 of the 19 corruptions" in res.stderr
+    assert not list(out.parent.glob("*.state.npz"))  # the resume state goes once the result is written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "quick", "--steps", "20"], "--steps describe the single default PGD attack"),
+    (["--attack", "pgd:steps=x"], "is not a valid"),
+    (["--attack", "nope"], "unknown attack 'nope'"),
+    (["--corruptions", "/no/such/folder"], "no such folder"),
+    (["--sweep-steps", "0"], "--sweep-steps values must be >= 1"),
+    (["--surrogate", "/no/such/run"], "does not exist"),
+])
+def test_cli_eval_bad_options_fail_clearly(tiny_run, args, message):
+    code, out, err = run_main("eval", str(tiny_run), "--n", "8", "--no-progress", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_eval_refuses_the_model_itself_as_surrogate(tiny_run):
+    code, _, err = run_main("eval", str(tiny_run), "--n", "8", "--surrogate", str(tiny_run), "--no-progress")
+    assert code == 2 and "independently trained copy" in err
