@@ -21,6 +21,7 @@ def summarize(run: Path) -> dict:
     rows = read_metrics(run)
     evaluation = json.loads((run / "eval-test1000-pgd20.json").read_text())
     attack = next(iter(evaluation["attacks"].values()))
+    seconds = evaluation["seconds"]
     last = rows[-1]
     out = {
         "method": evaluation["method"],
@@ -32,7 +33,7 @@ def summarize(run: Path) -> dict:
         "val_clean_acc": last.get("val_clean_acc"),
         "val_pgd10_acc": last.get("val_pgd10_acc"),
         "train_seconds_total": sum(r["train_seconds"] for r in rows),
-        "eval_seconds": evaluation["seconds"],
+        "eval_seconds": seconds["this_run"] if isinstance(seconds, dict) else seconds,
     }
     if "radius_mean" in last:
         out.update({k: last[k] for k in ("radius_mean", "radius_q10", "radius_q50", "radius_q90")})
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     runs = [summarize(r) for r in sorted(Path(args.root).iterdir()) if (r / "eval-test1000-pgd20.json").is_file()]
     result = {"command": args.command, "data": args.data, "machine": args.machine, "torch": torch.__version__,
               "protocol": "clean and PGD-20 (L-inf 8/255, step 2.5*eps/20, 1 restart) on the first 1000 test "
-                          "images; a sample counts as robust only if also correct when clean",
+                          "images; a sample counts as robust only if it is correct when clean and at every PGD iterate",
               "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
