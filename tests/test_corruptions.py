@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,9 @@ from iaat.evaluation.corruptions import (
     GENERATED_CORRUPTIONS,
     evaluate_corruptions,
     generated_corruption_sets,
+    is_imagenet_c,
     load_cifar_c,
+    load_imagenet_c,
     mce,
     missing_corruptions,
 )
@@ -391,3 +395,234 @@ def test_mce_hand_computed():
 def test_mce_rejects_bad_input(errors, fragment):
     with pytest.raises(DataError, match=fragment):
         mce(errors)
+
+
+# --------------------------------------------------------------------------- ImageNet-C folders
+
+IMAGENET_PRESENT = ("fog", "speckle_noise", "gaussian_noise")  # loaded in benchmark order
+#: Files per wnid, in the order they are written (not sorted); the loader sorts classes and file names.
+IMAGENET_FILES = {"n02": ["y.jpg", "x.png"], "n01": ["c.png", "a.JPEG", "b.png"],
+                  "n03": ["4.png", "2.png", "3.JPEG", "1.png"]}
+#: (label, rank of the file name within its class) in the interleaved order: image 0 of every class, then 1, ...
+IMAGENET_ORDER = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (2, 3)]
+
+
+def imagenet_colour(label: int, rank: int, severity: int) -> tuple[int, int, int]:
+    """The flat colour of an image: red codes the class, green the file's rank, blue the severity."""
+    return 40 + 60 * label, 30 + 50 * rank, 20 + 40 * severity
+
+
+def write_imagenet_c(root: Path, names=IMAGENET_PRESENT, files=IMAGENET_FILES) -> Path:
+    """Write a tiny ImageNet-C layout of flat-coloured 40x50 images (JPEG, PNG, one RGBA) plus files to skip."""
+    Image = pytest.importorskip("PIL.Image")
+    wnids = sorted(files)
+    for name in names:
+        for severity in range(1, 6):
+            for wnid, file_names in files.items():
+                folder = root / name / str(severity) / wnid
+                folder.mkdir(parents=True)
+                ranks = {f: r for r, f in enumerate(sorted(file_names))}
+                for f in file_names:
+                    img = Image.new("RGB", (40, 50), imagenet_colour(wnids.index(wnid), ranks[f], severity))
+                    if f == "x.png":
+                        img = img.convert("RGBA")  # the loader converts to RGB
+                    img.save(folder / f)
+                (folder / "notes.txt").write_text("not an image")
+                (folder / ".hidden.png").write_bytes(b"not read")
+    (root / "README.txt").write_text("ImageNet-C")
+    return root
+
+
+def test_is_imagenet_c(tmp_path):
+    root = write_imagenet_c(tmp_path / "ImageNet-C")
+    assert is_imagenet_c(root) and is_imagenet_c(str(root))
+    write_cifar_c(tmp_path / "CIFAR-10-C", names=("fog",), n=2)
+    assert not is_imagenet_c(tmp_path / "CIFAR-10-C")
+    assert not is_imagenet_c(tmp_path / "nowhere")
+    assert not is_imagenet_c(tmp_path / "ImageNet-C" / "README.txt")
+    (tmp_path / "other" / "fog" / "train").mkdir(parents=True)
+    assert not is_imagenet_c(tmp_path / "other")
+    assert missing_corruptions(root) == [c for c in CIFAR_C_CORRUPTIONS if c not in IMAGENET_PRESENT]
+
+
+def assert_flat(x: torch.Tensor, colour, tolerance: int = 4) -> None:
+    """Every pixel of the uint8 (3, H, W) image is ``colour`` (up to JPEG's rounding)."""
+    diff = (x.int() - torch.tensor(colour).view(3, 1, 1)).abs().max()
+    assert diff <= tolerance, (x[:, 0, 0].tolist(), colour)
+
+
+def test_load_imagenet_c_shapes_labels_and_interleaved_order(tmp_path):
+    root = write_imagenet_c(tmp_path)
+    sets = load_imagenet_c(root, image_size=16, resize=20)
+    assert sets.names == ["gaussian_noise", "fog", "speckle_noise"]
+    assert sets.missing == [c for c in CIFAR_C_CORRUPTIONS if c not in IMAGENET_PRESENT]
+    assert sets.n == 9 and len(sets) == 15 and sets.imagenet_c and not sets.comparable_with_cifar_c
+    assert str(root) in sets.source and "9 of 9" in sets.source
+    items = list(sets)
+    assert [(name, sev) for name, sev, _ in items] == [(c, s) for c in sets.names for s in range(1, 6)]
+    for _, severity, data in items:
+        assert data.x.shape == (9, 3, 16, 16) and data.x.dtype == torch.uint8 and data.y.dtype == torch.int64
+        assert data.y.tolist() == [label for label, _ in IMAGENET_ORDER]
+        for x, (label, rank) in zip(data.x, IMAGENET_ORDER):
+            assert_flat(x, imagenet_colour(label, rank, severity))
+    # n takes the first images of the interleaved order, so every class appears; larger n is capped.
+    first = next(load_imagenet_c(root, n=4, image_size=16, resize=20))[2]
+    assert first.y.tolist() == [0, 1, 2, 0]
+    assert torch.equal(first.x, items[0][2].x[:4])
+    assert load_imagenet_c(root, n=100, image_size=16, resize=20).n == 9
+
+
+def test_load_imagenet_c_class_names(tmp_path):
+    root = write_imagenet_c(tmp_path, names=("fog",))
+    data = next(load_imagenet_c(root, image_size=8, resize=None, class_names=["n03", "n99", "n01", "n02"]))[2]
+    assert data.y.tolist() == [{0: 2, 1: 3, 2: 0}[label] for label, _ in IMAGENET_ORDER]
+    with pytest.raises(DataError, match="not in class_names") as info:
+        load_imagenet_c(root, class_names=["n01", "n02"])
+    assert "n03" in str(info.value) and "n01" not in str(info.value).split("(")[-1]
+
+
+def test_load_imagenet_c_resize_and_crop_like_torchvision(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    portrait = Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))  # 40 wide, 50 high
+    landscape = Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8))  # grey, 50 wide
+    for severity in range(1, 6):
+        folder = tmp_path / "contrast" / str(severity) / "n05"
+        folder.mkdir(parents=True)
+        portrait.save(folder / "a.png")
+        landscape.save(folder / "b.png")
+    x = next(load_imagenet_c(tmp_path, image_size=16, resize=20))[2].x
+    # Resize(20): short side 20, long side int(20 * 50 / 40) = 25; CenterCrop(16): offsets round(4.5) = 4 and 2.
+    expected = [portrait.resize((20, 25), Image.BILINEAR).crop((2, 4, 18, 20)),
+                landscape.convert("RGB").resize((25, 20), Image.BILINEAR).crop((4, 2, 20, 18))]
+    for got, ref in zip(x, expected):
+        assert torch.equal(got, torch.from_numpy(np.array(ref)).permute(2, 0, 1))
+    uncropped = next(load_imagenet_c(tmp_path, image_size=16, resize=None))[2].x
+    assert torch.equal(uncropped[0], torch.from_numpy(np.array(portrait.crop((12, 17, 28, 33)))).permute(2, 0, 1))
+    with pytest.raises(DataError, match="smaller than image_size 48"):
+        next(load_imagenet_c(tmp_path, image_size=48, resize=None))
+
+
+def _imagenet_error(folder, *fragments, iterate=False, **kwargs):
+    with pytest.raises(DataError) as info:
+        sets = load_imagenet_c(folder, **{"image_size": 16, "resize": 20, **kwargs})
+        if iterate:
+            list(sets)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_load_imagenet_c_folder_errors(tmp_path):
+    _imagenet_error(tmp_path / "nowhere", "does not exist", str(tmp_path / "nowhere"), "zenodo")
+    (tmp_path / "file").write_text("x")
+    _imagenet_error(tmp_path / "file", "not a folder")
+    (tmp_path / "odd" / "my_blur" / "1" / "n01").mkdir(parents=True)
+    _imagenet_error(tmp_path / "odd", "none of the ImageNet-C corruption folders", "my_blur", "<severity 1..5>")
+    (tmp_path / "empty" / "fog" / "1" / "n01").mkdir(parents=True)
+    for severity in range(2, 6):
+        (tmp_path / "empty" / "fog" / str(severity) / "n01").mkdir(parents=True)
+    _imagenet_error(tmp_path / "empty", "hold no images")
+
+    root = write_imagenet_c(tmp_path / "ok")
+    _imagenet_error(root, "positive", n=0)
+    _imagenet_error(root, "image_size", image_size=0)
+    _imagenet_error(root, "resize", resize=8)
+    _imagenet_error(root, "list of wnids", class_names="n01")
+
+
+def test_load_imagenet_c_layout_errors(tmp_path):
+    root = write_imagenet_c(tmp_path / "a")
+    shutil.rmtree(root / "fog" / "3")
+    _imagenet_error(root, str(root / "fog" / "3"), "is missing", "fog has 1, 2, 4, 5")
+
+    root = write_imagenet_c(tmp_path / "b")
+    shutil.rmtree(root / "speckle_noise" / "2" / "n02")
+    _imagenet_error(root, str(root / "speckle_noise" / "2"), "lacks n02", str(root / "gaussian_noise" / "1"))
+    root = write_imagenet_c(tmp_path / "c")
+    (root / "fog" / "4" / "n07").mkdir()
+    _imagenet_error(root, str(root / "fog" / "4"), "adds n07")
+
+
+def test_load_imagenet_c_bad_images(tmp_path):
+    root = write_imagenet_c(tmp_path / "a")
+    bad = root / "fog" / "2" / "n03" / "3.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    sets = load_imagenet_c(root, image_size=16, resize=20)  # images are read lazily
+    with pytest.raises(DataError, match="cannot read the image") as info:
+        list(sets)
+    assert str(bad) in str(info.value)
+
+    root = write_imagenet_c(tmp_path / "b")
+    (root / "fog" / "4" / "n01" / "a.JPEG").unlink()
+    _imagenet_error(root, str(root / "fog" / "4"), "holds 8 images", "holds 9", iterate=True)
+    assert sum(1 for _ in load_imagenet_c(root, n=8, image_size=16, resize=20)) == 15  # 8 images suffice for n=8
+
+
+def test_load_imagenet_c_without_pillow(tmp_path, monkeypatch):
+    root = write_imagenet_c(tmp_path, names=("fog",))
+    monkeypatch.setitem(sys.modules, "PIL", None)  # makes `from PIL import Image` fail
+    _imagenet_error(root, "needs Pillow", "pip install")
+
+
+class ColourLabel(nn.Module):
+    """Reads the class from the red level of :func:`imagenet_colour`; always right on the tiny ImageNet-C."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = ((x[:, 0, 8, 8] * 255 - 40) / 60).round().long().clamp(0, 2)
+        return F.one_hot(cls, 3).float()
+
+
+def test_evaluate_imagenet_c_folder_reports_missing_mce(tmp_path):
+    root = write_imagenet_c(tmp_path)
+    result = evaluate_corruptions(ColourLabel(), load_imagenet_c(root, n=6, image_size=16, resize=20), batch_size=4)
+    assert result["imagenet_c"] is True and result["comparable_with_cifar_c"] is False and result["n"] == 6
+    assert list(result["per_corruption"]) == ["gaussian_noise", "fog", "speckle_noise"]
+    assert result["mean"] == 1.0 and result["benchmark_mean"] is None
+    assert result["mCE"] is None and result["CE"] == {"gaussian_noise": 0.0, "fog": 0.0}
+    note = result["mCE_note"]
+    assert "15 benchmark corruptions" in note and "shot_noise" in note and "jpeg_compression" in note
+    assert "gaussian_noise" not in note and "speckle_noise" not in note
+    # CIFAR results keep their keys.
+    write_cifar_c(tmp_path / "cifar", names=("fog",), n=4)
+    cifar = evaluate_corruptions(PixelLabel(), load_cifar_c(tmp_path / "cifar"))
+    assert not {"mCE", "CE", "mCE_note", "imagenet_c"} & set(cifar)
+
+
+class FakeImageNetC(list):
+    """A list of (name, severity, ImageSet) items marked as ImageNet-C, as load_imagenet_c's sets are."""
+
+    imagenet_c = True
+    source = "fake ImageNet-C"
+
+
+def fake_imagenet_c(names, skip=()) -> FakeImageNetC:
+    """Four images per (corruption, severity), of which PixelLabel gets 5 - severity right (100% .. 0%)."""
+    items = FakeImageNetC()
+    for name in names:
+        for severity in range(1, 6):
+            if (name, severity) in skip:
+                continue
+            y = torch.tensor([3, 1, 4, 1])
+            x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+            x[:, 0, 0, 0] = (y + (torch.arange(4) >= 5 - severity)) % 10
+            items.append((name, severity, ImageSet(x, y)))
+    return items
+
+
+def test_evaluate_imagenet_c_mce_hand_computed():
+    result = evaluate_corruptions(PixelLabel(), fake_imagenet_c(BENCHMARK_CORRUPTIONS + ("saturate",)))
+    assert result["per_corruption"]["fog"]["severity"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # Errors 0, .25, .5, .75, 1 sum to 2.5, so CE_c = 2.5 / (5 * AlexNet's mean error).
+    expected = {name: 2.5 / (5 * err) for name, err in ALEXNET_ERRORS.items()}
+    assert result["CE"] == pytest.approx(expected) and set(result["CE"]) == set(BENCHMARK_CORRUPTIONS)
+    assert result["mCE"] == pytest.approx(sum(expected.values()) / 15) and "mCE_note" not in result
+    assert result["benchmark_mean"] == pytest.approx(0.5) and result["source"] == "fake ImageNet-C"
+    # A plain list counts as ImageNet-C when told so; a resumed run with a severity never seen has no mCE.
+    sets = list(fake_imagenet_c([c for c in BENCHMARK_CORRUPTIONS if c != "frost"], skip={("snow", 5)}))
+    partial = evaluate_corruptions(PixelLabel(), sets, imagenet_c=True, done={"fog": [0.5] * 5})
+    assert partial["mCE"] is None and "frost" not in partial["CE"] and "snow" not in partial["CE"]
+    assert partial["CE"]["fog"] == pytest.approx(2.5 / (5 * ALEXNET_ERRORS["fog"]))
+    assert "missing frost" in partial["mCE_note"] and "incomplete snow (severity 5)" in partial["mCE_note"]
+    assert "mCE" not in evaluate_corruptions(PixelLabel(), sets)

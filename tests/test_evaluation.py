@@ -350,3 +350,20 @@ def test_cli_eval_bad_options_fail_clearly(tiny_run, args, message):
 def test_cli_eval_refuses_the_model_itself_as_surrogate(tiny_run):
     code, _, err = run_main("eval", str(tiny_run), "--n", "8", "--surrogate", str(tiny_run), "--no-progress")
     assert code == 2 and "independently trained copy" in err
+
+
+def test_imagenet_c_folder_flows_into_the_report(tmp_path):
+    from test_corruptions import ColourLabel, write_imagenet_c
+
+    from iaat.evaluation.corruptions import load_imagenet_c
+    from iaat.evaluation.protocol import markdown_report
+
+    root = write_imagenet_c(tmp_path)
+    sets = load_imagenet_c(root, n=6, image_size=16, resize=20)
+    _, _, clean_set = next(iter(load_imagenet_c(root, n=6, image_size=16, resize=20)))
+    plan = build_plan(eps=[EPS], attacks=[], corruptions=str(root), checks=False)
+    res = run_evaluation(ColourLabel(), clean_set, plan, num_classes=3, fingerprint={}, device=torch.device("cpu"),
+                         corruption_sets=lambda: sets)
+    assert res["clean"] == 1.0 and res["corruptions"]["imagenet_c"] and res["corruptions"]["mCE"] is None
+    md = markdown_report(res)
+    assert "Corruption (ImageNet-C)" in md and "ImageNet-C mCE: n/a" in md

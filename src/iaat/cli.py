@@ -169,7 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "worst_case" in result and len(result["attacks"]) > 1:
         print(f"  {'worst case over all attacks':<34}{result['worst_case']['accuracy']:.4f}")
     if "corruptions" in result:
-        print(f"  {'corruptions (mean)':<34}{result['corruptions']['mean']:.4f}")
+        print(f"  {'corruptions (mean accuracy)':<34}{result['corruptions']['mean']:.4f}")
+        if result["corruptions"].get("mCE") is not None:
+            print(f"  {'ImageNet-C mCE':<34}{result['corruptions']['mCE']:.4f}")
     for name, curve in result.get("curves", {}).items():
         key = "eps_pixels" if name == "eps" else "steps"
         print(f"  accuracy over {name}: " + ", ".join(f"{p[key]:g}: {p['accuracy']:.3f}" for p in curve["points"]))
@@ -240,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: the run's attack.eps); the first is the main one")
     p.add_argument("--surrogate", metavar="RUN", help="add a transfer attack crafted on this independently trained run")
     p.add_argument("--corruptions", metavar="DIR|generated",
-                   help="common corruptions: a CIFAR-10-C / CIFAR-100-C folder (<name>.npy, labels.npy), or "
-                        "'generated' for an offline copy at CIFAR severities (not comparable with CIFAR-10-C)")
+                   help="common corruptions: a CIFAR-10-C / CIFAR-100-C folder (<name>.npy, labels.npy), an "
+                        "ImageNet-C folder (<name>/<severity>/<wnid>/*.JPEG; adds mCE), or 'generated' for an "
+                        "offline copy at CIFAR severities (not comparable with CIFAR-10-C)")
     p.add_argument("--sweep-eps", nargs="+", metavar="EPS",
                    help="accuracy curve over these radii with PGD-10 (paper/full default: 0 2 4 ... 16)")
     p.add_argument("--sweep-steps", nargs="+", type=int, metavar="K",

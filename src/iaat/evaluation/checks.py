@@ -37,7 +37,11 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
             first, second = model(x), model(x)
         inp = x.clone().requires_grad_(True)
         logits = model(inp)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), inp)
+        if logits.requires_grad:
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), inp, allow_unused=True)
+        else:  # the output does not depend differentiably on the input at all
+            grad = None
+        grad = torch.zeros_like(inp) if grad is None else grad
     ok = logits.detach().argmax(1) == y
     zero = (grad.flatten(1).abs().amax(1) == 0) & ok
     changed = [k for k, v in model.named_buffers() if k in buffers and not torch.equal(v, buffers[k])]

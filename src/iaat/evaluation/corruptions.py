@@ -1,11 +1,13 @@
-"""Common-corruption robustness: CIFAR-10-C / CIFAR-100-C files, an offline generator, accuracy tables and mCE.
+"""Common-corruption robustness: CIFAR-10-C / CIFAR-100-C files, ImageNet-C folders, an offline generator,
+accuracy tables and mCE.
 
 The corruptions and their five severities are those of Hendrycks & Dietterich, "Benchmarking Neural Network
 Robustness to Common Corruptions and Perturbations" (ICLR 2019). The generator reproduces the CIFAR parameters
 of ``ImageNet-C/create_c/make_cifar_c.py`` in github.com/hendrycks/robustness with torch operations. Its random
 draws differ from the released files, and five of the nineteen corruptions (motion blur, snow, frost, elastic
 transform, spatter need ImageMagick, OpenCV or image files) are not generated, so numbers on generated sets are
-indicative and not comparable with published CIFAR-10-C results.
+indicative and not comparable with published CIFAR-10-C results. ImageNet-C folders are read image by image
+with Pillow, and evaluated ImageNet-C results carry the mCE (AlexNet-normalised corruption error).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -58,16 +62,18 @@ class CorruptionSets(Iterator[CorruptionItem]):
         n: images per (corruption, severity).
         source: human-readable provenance for reports.
         comparable_with_cifar_c: whether the images are the released CIFAR-C files (not generated ones).
+        imagenet_c: whether the images are ImageNet-C's (:func:`evaluate_corruptions` then reports the mCE).
     """
 
     def __init__(self, items: Iterator[CorruptionItem], names: Sequence[str], n: int, source: str,
-                 comparable_with_cifar_c: bool) -> None:
+                 comparable_with_cifar_c: bool, imagenet_c: bool = False) -> None:
         self._items = items
         self.names = list(names)
         self.missing = [name for name in CIFAR_C_CORRUPTIONS if name not in self.names]
         self.n = n
         self.source = source
         self.comparable_with_cifar_c = comparable_with_cifar_c
+        self.imagenet_c = imagenet_c
 
     def __len__(self) -> int:
         return len(self.names) * len(SEVERITIES)
@@ -88,8 +94,14 @@ def _folder(folder: Union[str, Path]) -> Path:
 
 
 def missing_corruptions(folder: Union[str, Path]) -> list[str]:
-    """Names of :data:`CIFAR_C_CORRUPTIONS` that have no ``<name>.npy`` in ``folder``, in benchmark order."""
+    """Names of :data:`CIFAR_C_CORRUPTIONS` that ``folder`` lacks, in benchmark order.
+
+    A corruption is present as a ``<name>.npy`` file in a CIFAR-C folder and as a ``<name>`` sub-folder in an
+    ImageNet-C folder (see :func:`is_imagenet_c`).
+    """
     path = _folder(folder)
+    if is_imagenet_c(path):
+        return [name for name in CIFAR_C_CORRUPTIONS if not (path / name).is_dir()]
     return [name for name in CIFAR_C_CORRUPTIONS if not (path / f"{name}.npy").is_file()]
 
 
@@ -173,6 +185,201 @@ def load_cifar_c(folder: Union[str, Path], n: Optional[int] = None) -> Corruptio
 
     return CorruptionSets(items(), names, take, f"CIFAR-C files in {path} (first {take} of {block} per severity)",
                           comparable_with_cifar_c=True)
+
+
+# --------------------------------------------------------------------------- ImageNet-C folders
+
+_IMAGENET_C_HINT = ("ImageNet-C is at https://zenodo.org/record/2235448; extract its .tar files into one folder so "
+                    "that it holds <corruption>/<severity 1..5>/<wnid>/<image>.JPEG")
+#: File endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_SEVERITY_FOLDERS = frozenset(str(s) for s in SEVERITIES)
+# Pillow releases the GIL while it decodes and resizes, so threads read images in parallel.
+_READ_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _subfolders(path: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``path``."""
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def _image_files(path: Path) -> list[str]:
+    """Sorted names of the visible image files (:data:`IMAGE_EXTENSIONS`) in ``path``."""
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+
+
+def _few(names: Sequence[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def is_imagenet_c(folder: Union[str, Path]) -> bool:
+    """Whether ``folder`` is in the ImageNet-C layout ``<corruption>/<severity 1..5>/<wnid>/<image>``.
+
+    True when a sub-folder holds severity sub-folders named 1..5; a CIFAR-C folder holds ``.npy`` files instead.
+    A missing or unreadable folder is False (the loaders report it).
+    """
+    path = Path(folder).expanduser()
+    try:
+        return path.is_dir() and any(_SEVERITY_FOLDERS.intersection(_subfolders(path / sub)) for sub in _subfolders(path))
+    except OSError:
+        return False
+
+
+def _read_image(image_cls, file: Path, image_size: int, resize: Optional[int]) -> torch.Tensor:
+    """One image as uint8 (3, image_size, image_size): RGB, torchvision's Resize(resize) then CenterCrop(image_size)."""
+    try:
+        with image_cls.open(file) as img:
+            img = img.convert("RGB")  # decodes the whole file, so damaged data fails here
+    except (OSError, ValueError, SyntaxError, image_cls.DecompressionBombError) as exc:
+        raise DataError(f"cannot read the image {file} ({exc}); the file is damaged or not an image, "
+                        "download or extract it again.") from None
+    w, h = img.size
+    if resize is not None and min(w, h) != resize:
+        # As torchvision's Resize(int) on PIL images: short side to `resize`, long side truncated, bilinear.
+        size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+        img = img.resize(size, image_cls.BILINEAR)
+        w, h = img.size
+    if min(w, h) < image_size:
+        raise DataError(f"the image {file} is {w}x{h} pixels{' after resizing' if resize else ''}, smaller than "
+                        f"image_size {image_size}.")
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # torchvision's CenterCrop
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def load_imagenet_c(folder: Union[str, Path], n: Optional[int] = None, image_size: int = 224,
+                    resize: Optional[int] = 256, class_names: Optional[Sequence[str]] = None) -> CorruptionSets:
+    """Read an ImageNet-C folder (``<corruption>/<severity 1..5>/<wnid>/<image>.JPEG``), one severity at a time.
+
+    The folder layout (corruption, severity and class folders) is validated up front; the images of each
+    (corruption, severity) are decoded with Pillow when the iterator reaches it, converted to RGB, resized so
+    the short side is ``resize`` and center-cropped to ``image_size`` (the standard ImageNet evaluation
+    preprocessing, as AugMix evaluates ImageNet-C; ``resize=None`` only crops, as Hendrycks' ``test.py``).
+    Images are held in memory per severity: 50,000 images of 224x224 take 7.5 GB, so ``n`` bounds memory too.
+
+    Args:
+        folder: the folder holding the extracted corruption folders (any of :data:`CIFAR_C_CORRUPTIONS`; other
+            sub-folders are ignored).
+        n: use the first ``n`` images of each severity (all when None or larger). Images are ordered by class
+            (sorted wnid) then file name, interleaved across classes (image 0 of every class, then image 1,
+            ...), so a small ``n`` still mixes the classes.
+        image_size: side of the square crop.
+        resize: the short side images are resized to before cropping (None: no resizing).
+        class_names: the model's wnids by class index (e.g. its training ImageFolder's classes); by default
+            the sorted wnid folders are classes 0, 1, ... as torchvision's ImageFolder numbers them.
+
+    Returns:
+        A :class:`CorruptionSets` yielding ``(name, severity, ImageSet)`` with images uint8 (n, 3, image_size,
+        image_size), in the order of :data:`CIFAR_C_CORRUPTIONS`, marked ``imagenet_c`` and not comparable
+        with CIFAR-C.
+
+    Raises:
+        DataError: the folder is missing, holds no corruption folders, a corruption lacks a severity folder, the
+            class folders differ between severities or a wnid is not in ``class_names``, a severity holds no or
+            too few images, an image cannot be read, or Pillow is not installed.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"the ImageNet-C folder {path} {what}. {_IMAGENET_C_HINT}.")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"n must be a positive number of images per severity, got {n!r}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < image_size):
+        raise DataError(f"resize must be None or an integer >= image_size ({image_size}), got {resize!r}.")
+    if isinstance(class_names, (str, bytes)):
+        raise DataError("class_names must be a list of wnids, not a single string.")
+    image_cls = _pillow("reading ImageNet-C images")
+
+    names = [name for name in CIFAR_C_CORRUPTIONS if (path / name).is_dir()]
+    if not names:
+        found = _subfolders(path)
+        raise DataError(f"{path} holds none of the ImageNet-C corruption folders ({_few(list(CIFAR_C_CORRUPTIONS), 3)}); "
+                        f"its sub-folders are: {_few(found) or 'none'}. {_IMAGENET_C_HINT}.")
+    reference: Optional[Path] = None
+    classes: list[str] = []
+    for name in names:
+        for severity in SEVERITIES:
+            sev_path = path / name / str(severity)
+            if not sev_path.is_dir():
+                present = sorted(_SEVERITY_FOLDERS.intersection(_subfolders(path / name)))
+                raise DataError(f"{sev_path} is missing: every corruption needs severity folders 1..5, {name} has "
+                                f"{', '.join(present) or 'none'}; the extraction is incomplete. {_IMAGENET_C_HINT}.")
+            found = _subfolders(sev_path)
+            if reference is None:
+                if not found:
+                    raise DataError(f"{sev_path} holds no class (wnid) folders. {_IMAGENET_C_HINT}.")
+                reference, classes = sev_path, found
+            elif found != classes:
+                lacks = [c for c in classes if c not in set(found)]
+                extra = [c for c in found if c not in set(classes)]
+                parts = ([f"lacks {_few(lacks)}"] if lacks else []) + ([f"adds {_few(extra)}"] if extra else [])
+                raise DataError(f"the class folders of {sev_path} differ from those of {reference}: {'; '.join(parts)}. "
+                                "Every severity must hold the same wnid folders; the extraction is incomplete or mixes "
+                                "releases.")
+    if class_names is None:
+        labels = {wnid: i for i, wnid in enumerate(classes)}
+    else:
+        index: dict[str, int] = {}
+        for i, wnid in enumerate(class_names):
+            index.setdefault(str(wnid), i)
+        unknown = [wnid for wnid in classes if wnid not in index]
+        if unknown:
+            raise DataError(f"{len(unknown)} class folders of {reference} are not in class_names ({_few(unknown)}); "
+                            "the model was trained on other classes than ImageNet-C holds.")
+        labels = {wnid: index[wnid] for wnid in classes}
+
+    def listing(sev_path: Path) -> list[tuple[Path, int]]:
+        """The (file, label) pairs of a severity folder, interleaved across classes."""
+        try:
+            per_class = [([sev_path / wnid / f for f in _image_files(sev_path / wnid)], labels[wnid]) for wnid in classes]
+        except OSError as exc:
+            raise DataError(f"cannot list the images in {sev_path} ({exc}).") from None
+        longest = max(len(files) for files, _ in per_class)
+        return [(files[r], label) for r in range(longest) for files, label in per_class if r < len(files)]
+
+    total = len(listing(reference))
+    if total == 0:
+        raise DataError(f"the class folders of {reference} hold no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                        f"{_IMAGENET_C_HINT}.")
+    take = total if n is None else min(n, total)
+
+    def read(files: list[Path]) -> torch.Tensor:
+        """The images of ``files`` as uint8 (len(files), 3, image_size, image_size), read by a few threads."""
+        x = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
+
+        def read_one(i: int) -> None:
+            x[i] = _read_image(image_cls, files[i], image_size, resize)
+
+        pool = ThreadPoolExecutor(_READ_THREADS)
+        try:
+            for _ in pool.map(read_one, range(len(files))):
+                pass
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a bad image, do not read the rest
+        return x
+
+    def items() -> Iterator[CorruptionItem]:
+        for name in names:
+            for severity in SEVERITIES:
+                sev_path = path / name / str(severity)
+                files = listing(sev_path)
+                # With n, a severity only needs n images; without, it must hold as many as the first one.
+                if len(files) < take or (n is None and len(files) != total):
+                    raise DataError(f"{sev_path} holds {len(files)} images but {reference} holds {total}; "
+                                    "the extraction is incomplete.")
+                files = files[:take]
+                y = torch.tensor([label for _, label in files], dtype=torch.int64)
+                yield name, severity, ImageSet(read([file for file, _ in files]), y)
+
+    crop = f"short side resized to {resize}, " if resize is not None else ""
+    source = (f"ImageNet-C folders in {path} (first {take} of {total} per severity, {crop}"
+              f"center crop {image_size})")
+    return CorruptionSets(items(), names, take, source, comparable_with_cifar_c=False, imagenet_c=True)
 
 
 # --------------------------------------------------------------------------- generated corruptions
@@ -445,12 +652,11 @@ def pixelate(x: torch.Tensor, severity: int, generator: torch.Generator) -> torc
     return (_pil_box_resize(small, (h, w)) / 255).clamp_(0, 1)
 
 
-def _pillow():
+def _pillow(purpose: str = "the jpeg_compression corruption"):
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("the jpeg_compression corruption needs Pillow: pip install Pillow "
-                        "(or pip install -e '.[dev]').") from None
+        raise DataError(f"{purpose} needs Pillow: pip install Pillow (or pip install -e '.[dev]').") from None
     return Image
 
 
@@ -574,7 +780,8 @@ def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
 
 
 def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, source: Optional[str] = None,
-                         comparable_with_cifar_c: Optional[bool] = None, batch_size: int = 256,
+                         comparable_with_cifar_c: Optional[bool] = None, imagenet_c: Optional[bool] = None,
+                         batch_size: int = 256,
                          device: Optional[torch.device] = None, progress: bool = False,
                          done: Optional[Mapping[str, Sequence[Optional[float]]]] = None,
                          on_result: Optional[Callable[[str, int, float], None]] = None) -> dict:
@@ -587,6 +794,8 @@ def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, so
         source: provenance for the report (default: ``sets.source`` when it has one).
         comparable_with_cifar_c: whether the numbers may be compared with published CIFAR-C results
             (default: ``sets.comparable_with_cifar_c`` when it has one, else False).
+        imagenet_c: whether ``sets`` are ImageNet-C's, which adds the mCE to the result (default:
+            ``sets.imagenet_c`` when it has one, else False).
         batch_size: images per forward pass.
         device: where the model runs (default: that of its parameters, or the CPU).
         progress: show a tqdm bar over the sets.
@@ -600,6 +809,9 @@ def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, so
         "mean", "benchmark_mean", "n"}``: ``mean`` over all corruptions and severities present,
         ``benchmark_mean`` over the 15 benchmark corruptions (None unless all 15 are complete), ``n`` images
         per severity (None if every pair came from ``done``). A severity never seen is None in its list.
+        ImageNet-C results add ``"imagenet_c": True``, ``"CE"`` (:func:`mce`'s corruption error of each benchmark
+        corruption with all 5 severities, from top-1 errors ``1 - accuracy``) and ``"mCE"`` (their mean, None
+        unless all 15 benchmark corruptions are complete, with the reason in ``"mCE_note"``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -608,6 +820,8 @@ def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, so
         source = getattr(sets, "source", "unspecified")
     if comparable_with_cifar_c is None:
         comparable_with_cifar_c = bool(getattr(sets, "comparable_with_cifar_c", False))
+    if imagenet_c is None:
+        imagenet_c = bool(getattr(sets, "imagenet_c", False))
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -642,7 +856,7 @@ def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, so
                 on_result(name, severity, acc)
     per = {name: {"severity": row, "mean": _mean(row)} for name, row in accs.items()}
     complete = all(name in accs and None not in accs[name] for name in BENCHMARK_CORRUPTIONS)
-    return {
+    result = {
         "source": source,
         "comparable_with_cifar_c": comparable_with_cifar_c,
         "per_corruption": per,
@@ -650,6 +864,28 @@ def evaluate_corruptions(model: nn.Module, sets: Iterable[CorruptionItem], *, so
         "benchmark_mean": _mean(a for name in BENCHMARK_CORRUPTIONS for a in accs[name]) if complete else None,
         "n": n_images,
     }
+    if imagenet_c:
+        result.update(_imagenet_c_mce(accs))
+    return result
+
+
+def _imagenet_c_mce(accs: Mapping[str, Sequence[Optional[float]]]) -> dict:
+    """The mCE entries of an ImageNet-C result from accuracies ``{name: [acc at severity 1..5]}``."""
+    whole = [name for name in BENCHMARK_CORRUPTIONS if name in accs and None not in accs[name]]
+    # Top-1 error is 1 - accuracy; mce() normalises it by AlexNet's.
+    scores = mce({name: [1.0 - a for a in accs[name]] for name in whole}) if whole else {"CE": {}}
+    out = {"imagenet_c": True, "CE": scores["CE"], "mCE": None}
+    if len(whole) == len(BENCHMARK_CORRUPTIONS):
+        out["mCE"] = scores["mCE"]
+        return out
+    absent = [name for name in BENCHMARK_CORRUPTIONS if name not in accs]
+    partial = [f"{name} (severity {', '.join(str(s) for s, a in zip(SEVERITIES, accs[name]) if a is None)})"
+               for name in BENCHMARK_CORRUPTIONS if name in accs and name not in whole]
+    reasons = [f"missing {', '.join(absent)}"] if absent else []
+    reasons += [f"incomplete {', '.join(partial)}"] if partial else []
+    out["mCE_note"] = (f"mCE needs all {len(BENCHMARK_CORRUPTIONS)} benchmark corruptions at severities 1..5; "
+                       f"{'; '.join(reasons)}.")
+    return out
 
 
 # --------------------------------------------------------------------------- ImageNet-C mCE

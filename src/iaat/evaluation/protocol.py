@@ -128,7 +128,9 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
     state = EvalState(state_path, fingerprint)
     n = len(data)
     start = time.perf_counter()
-    probe = probe_model(model, data.x[:batch_size].to(device).float().div(255), data.y[:batch_size].to(device))
+    probe = None
+    if plan.checks:
+        probe = probe_model(model, data.x[:batch_size].to(device).float().div(255), data.y[:batch_size].to(device))
 
     with attack_mode(model):
         if "clean_ok" not in state.arrays:
@@ -253,13 +255,19 @@ def markdown_report(result: dict, title: str = "") -> str:
     vals = [result["clean"]] + [a["accuracy"] for a in result["attacks"].values()]
     if "worst_case" in result:
         vals.append(result["worst_case"]["accuracy"])
-    if "corruptions" in result:
-        cols.append("Corruption" + ("" if result["corruptions"].get("comparable_with_cifar_c") else " (generated)"))
-        vals.append(result["corruptions"]["mean"])
+    corr = result.get("corruptions")
+    if corr:
+        kind = ("" if corr.get("comparable_with_cifar_c") else " (ImageNet-C)" if corr.get("imagenet_c")
+                else " (generated)")
+        cols.append("Corruption" + kind)
+        vals.append(corr["mean"])
     lines = [f"# {title}" if title else "# Evaluation", "",
              f"{result['n']} images, eps {format_size(result['eps'])} ({result['norm']}); accuracy in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
              "| " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |", ""]
+    if corr and corr.get("imagenet_c"):
+        lines += [f"ImageNet-C mCE: {100 * corr['mCE']:.1f}%" if corr.get("mCE") is not None
+                  else f"ImageNet-C mCE: n/a ({corr.get('mCE_note', '')})", ""]
     for name, curve in result.get("curves", {}).items():
         key = "eps_pixels" if name == "eps" else "steps"
         head = "eps (/255)" if name == "eps" else "PGD steps"

@@ -93,7 +93,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
 
     corruption_sets = None
     if req.plan.corruptions:
-        corruption_sets = _corruption_source(req.plan.corruptions, data, req.n, req.seed)
+        corruption_sets = _corruption_source(req.plan.corruptions, data, req.n, req.seed,
+                                             image_size=splits.image_shape[-1])
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     res = run_evaluation(model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
@@ -111,8 +112,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     return result, out, md
 
 
-def _corruption_source(spec: str, data, n: Optional[int], seed: int):
-    """A callable giving the corruption sets: a CIFAR-10-C style folder, or generated ones."""
+def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size: int):
+    """A callable giving the corruption sets: a CIFAR-10-C or ImageNet-C folder, or generated ones."""
     import warnings
 
     from . import corruptions as C
@@ -122,6 +123,8 @@ def _corruption_source(spec: str, data, n: Optional[int], seed: int):
     folder = Path(spec)
     if not folder.is_dir():
         raise DataError(f"--corruptions {spec}: no such folder (give a CIFAR-10-C style folder or 'generated').")
+    if C.is_imagenet_c(folder):  # classes are the sorted wnid folders, as in torchvision's ImageFolder
+        return lambda: C.load_imagenet_c(folder, n=n, image_size=image_size)
     missing = C.missing_corruptions(folder)
     if missing and len(missing) < len(C.CIFAR_C_CORRUPTIONS):
         warnings.warn(f"{folder} lacks {len(missing)} of the {len(C.CIFAR_C_CORRUPTIONS)} corruptions "
