@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Options first: a typo should not wait for the model and the data to load.
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}.")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}.")
     norm = args.norm
     legacy = {"--steps": args.steps, "--restarts": args.restarts, "--step-size": args.step_size,
@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="official test split, or the run's held-out part of the training split")
     p.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's data.data_dir)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (default 256)")
+    p.add_argument("--batch-size", type=int,
+                   help="images per attack batch (default 256 on a GPU, 64 on a CPU; part of the resume identity: "
+                        "it decides which images share a batch and its seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--out", metavar="FILE",

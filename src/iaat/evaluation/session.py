@@ -25,7 +25,7 @@ class EvalRequest:
     n: Optional[int] = None
     split: str = "test"
     data_dir: Optional[str] = None
-    batch_size: int = 256
+    batch_size: Optional[int] = None  #: default: 256 on a GPU, 64 on a CPU
     device: str = "auto"
     seed: int = 0
     out: Optional[Path] = None
@@ -58,6 +58,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     from ..engine.trainer import load_run
 
     device = resolve_device(req.device)
+    # On CPU small batches stay in cache: PGD-10 on the small CNN ran 1.65x faster at 64 than at 256 (2-core EPYC).
+    batch_size = req.batch_size or (256 if device.type == "cuda" else 64)
     model, cfg, ckpt_path, ckpt = load_run(req.path, device)
     splits = load_dataset(cfg.data.dataset, req.data_dir or cfg.data.data_dir, cfg.data.download)
     check_same_data(ckpt, splits, str(ckpt_path))
@@ -81,7 +83,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
 
     stages = [spec.label for _, spec in req.plan.stages()]
     fingerprint = {"checkpoint": _checkpoint_digest(Path(ckpt_path)), "split": req.split, "n": len(data),
-                   "data_source": splits.source, "seed": req.seed, "stages": stages,
+                   "data_source": splits.source, "seed": req.seed, "batch_size": batch_size, "stages": stages,
                    "corruptions": req.plan.corruptions, "eps_sweep": req.plan.eps_sweep,
                    "steps_sweep": req.plan.steps_sweep}
     out = req.out
@@ -98,7 +100,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     res = run_evaluation(model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
-                         state_path=state_path, batch_size=req.batch_size, device=device, seed=req.seed,
+                         state_path=state_path, batch_size=batch_size, device=device, seed=req.seed,
                          progress=req.progress, surrogates=surrogates, corruption_sets=corruption_sets)
     result = {"iaat_version": __version__, "torch_version": torch.__version__, "device": str(device),
               "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
