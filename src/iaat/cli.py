@@ -112,7 +112,7 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.protocol import build_plan
+    from .evaluation.protocol import CURVE_X, build_plan
     from .evaluation.session import EvalRequest, evaluate_checkpoint
     from .units import format_size
 
@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if result["corruptions"].get("mCE") is not None:
             print(f"  {'ImageNet-C mCE':<34}{result['corruptions']['mCE']:.4f}")
     for name, curve in result.get("curves", {}).items():
-        key = "eps_pixels" if name == "eps" else "steps"
+        key = CURVE_X[name]
         print(f"  accuracy over {name}: " + ", ".join(f"{p[key]:g}: {p['accuracy']:.3f}" for p in curve["points"]))
     for check in result.get("checks", []):
         if not check["passed"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -83,10 +83,6 @@ class AttackSpec:
         return self if self.eps is not None else replace(self, eps=eps)
 
     @property
-    def whitebox(self) -> bool:
-        return self.kind in ("pgd", "cw", "mifgsm", "deepfool", "autoattack")
-
-    @property
     def label(self) -> str:
         """A short name for tables and JSON keys, e.g. ``PGD-100x5@8/255``, ``CW-40@8/255``."""
         eps = "" if self.eps is None else "@" + format_size(self.eps) + ("" if self.norm == "linf" else "-l2")
@@ -104,9 +100,6 @@ class AttackSpec:
         name = "CW" if self.loss == "margin" else "PGD"
         extra = ("-targeted" if self.targeted else "") + ("" if self.random_start else "-nostart")
         return f"{name}-{self.steps}{reps}{extra}{eps}"
-
-    def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _parse_value(key: str, text: str, norm: str) -> object:
@@ -156,9 +149,6 @@ def parse_attack(text: str) -> AttackSpec:
 
 
 # --------------------------------------------------------------------------- running
-
-
-SurrogateLoader = Callable[[str], nn.Module]
 
 
 def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
@@ -233,7 +223,5 @@ def _autoattack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Te
 
 def spec_summary(spec: AttackSpec) -> dict:
     """The spec's fields for JSON, without options that do not apply to its kind."""
-    keep = {"eps", "norm", "kind"} | _KEYS["cw" if spec.kind == "pgd" and spec.loss == "margin" else spec.kind]
-    if spec.kind == "pgd":
-        keep |= _KEYS["pgd"]
+    keep = {"eps", "norm", "kind"} | _KEYS[spec.kind]
     return {k: v for k, v in asdict(spec).items() if k in keep}

@@ -12,7 +12,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from .checks import probe_model, run_checks
 from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
 from .state import EvalState
 
+#: The x-axis key of each curve's points.
+CURVE_X = {"eps": "eps_pixels", "steps": "steps"}
 
 
 @dataclass
@@ -45,20 +47,27 @@ class EvalPlan:
     checks: bool = True
     protocol: Optional[str] = None
 
-    def stages(self) -> list[tuple[str, AttackSpec]]:
-        """Every attack run, as (role, spec): main attacks, sweep points, the steps sweep, the check attack."""
-        out = [("attack", s) for s in self.attacks]
+    def eps_sweep_attack(self, eps: float) -> AttackSpec:
+        """The attack of one eps-sweep point."""
+        return AttackSpec(eps=eps, steps=self.sweep_steps, norm=self.norm)
+
+    def steps_sweep_attack(self) -> AttackSpec:
+        """The one fixed-step PGD run whose per-iterate record gives the whole steps curve."""
+        step = self.steps_sweep_step if self.steps_sweep_step is not None else self.eps / 4
+        return AttackSpec(eps=self.eps, steps=max(self.steps_sweep), step_size=step, norm=self.norm)
+
+    def stages(self) -> list[AttackSpec]:
+        """Every attack run: main attacks, sweep points, the steps sweep, the check attack."""
+        out = list(self.attacks)
         main = {s.label for s in self.attacks}
         for e in self.eps_sweep:
-            spec = AttackSpec(eps=e, steps=self.sweep_steps, norm=self.norm)
+            spec = self.eps_sweep_attack(e)
             if e > 0 and spec.label not in main:
-                out.append(("eps_sweep", spec))
+                out.append(spec)
         if self.steps_sweep:
-            step = self.steps_sweep_step if self.steps_sweep_step is not None else self.eps / 4
-            out.append(("steps_sweep", AttackSpec(eps=self.eps, steps=max(self.steps_sweep), step_size=step,
-                                                  norm=self.norm)))
+            out.append(self.steps_sweep_attack())
         if self.checks:
-            out.append(("check", large_eps_attack(self.norm)))
+            out.append(large_eps_attack(self.norm))
         return out
 
 
@@ -114,9 +123,10 @@ def _batch_seed(seed: int, label: str, batch: int) -> int:
 def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_classes: int, fingerprint: dict,
                    state_path: Optional[Path] = None, batch_size: int = 256, device: Optional[torch.device] = None,
                    seed: int = 0, progress: bool = False, surrogates: Optional[dict[str, nn.Module]] = None,
-                   corruption_sets: Optional[Callable[[], tuple]] = None,
+                   corruption_sets: Optional[Callable[[], Iterable]] = None,
                    autocast_dtype: Optional[torch.dtype] = None) -> dict:
-    """Run ``plan`` on ``data`` and return the result dict (see ``iaat eval --help`` for its keys).
+    """Run ``plan`` on ``data``; the result has ``n``, ``clean``, ``attacks`` (label → accuracy and spec),
+    ``worst_case``, ``curves``, and, when asked, ``corruptions`` and ``checks``/``suspicious``.
 
     Args:
         fingerprint: identifies this evaluation; a state file with another fingerprint is refused.
@@ -144,7 +154,7 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         clean_ok = state.arrays["clean_ok"]
         attacked = np.flatnonzero(clean_ok)
         batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
-        for _, spec in plan.stages():
+        for spec in plan.stages():
             _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
                        surrogate=(surrogates or {}).get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
 
@@ -221,11 +231,11 @@ def _curves(state: EvalState, plan: EvalPlan, clean: float, n: int) -> dict:
             if e == 0:
                 points.append({"eps": 0.0, "eps_pixels": 0.0, "accuracy": clean})
                 continue
-            spec = AttackSpec(eps=e, steps=plan.sweep_steps, norm=plan.norm)
+            spec = plan.eps_sweep_attack(e)
             points.append({"eps": e, "eps_pixels": e * 255, "accuracy": float(state.arrays[f"{spec.label}/robust"].mean())})
         curves["eps"] = {"attack": f"PGD-{plan.sweep_steps}", "points": points}
     if plan.steps_sweep:
-        spec = next(s for r, s in plan.stages() if r == "steps_sweep")
+        spec = plan.steps_sweep_attack()
         first_miss = state.arrays[f"{spec.label}/first_miss"]
         clean_ok = state.arrays["clean_ok"]
         # PGD-k's strict accuracy: clean-correct and none of the iterates x_0..x_k misclassified.
@@ -269,7 +279,7 @@ def markdown_report(result: dict, title: str = "") -> str:
         lines += [f"ImageNet-C mCE: {100 * corr['mCE']:.1f}%" if corr.get("mCE") is not None
                   else f"ImageNet-C mCE: n/a ({corr.get('mCE_note', '')})", ""]
     for name, curve in result.get("curves", {}).items():
-        key = "eps_pixels" if name == "eps" else "steps"
+        key = CURVE_X[name]
         head = "eps (/255)" if name == "eps" else "PGD steps"
         lines += [f"Accuracy over {head}:", "", f"| {head} | " + " | ".join(f"{p[key]:g}" for p in curve["points"]) + " |",
                   "|---|" + "---|" * len(curve["points"]),

@@ -81,7 +81,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
                                   "independently trained copy (another run).")
             surrogates[spec.source] = sur
 
-    stages = [spec.label for _, spec in req.plan.stages()]
+    stages = [spec.label for spec in req.plan.stages()]
     fingerprint = {"checkpoint": _checkpoint_digest(Path(ckpt_path)), "split": req.split, "n": len(data),
                    "data_source": splits.source, "seed": req.seed, "batch_size": batch_size, "stages": stages,
                    "corruptions": req.plan.corruptions, "eps_sweep": req.plan.eps_sweep,
