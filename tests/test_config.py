@@ -288,3 +288,34 @@ def test_load_yaml_refuses_python_objects(tmp_path, tag):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(path)
     assert not marker.exists()
+
+
+# ---- learning-rate schedule: warmup and linear scaling with the (global) batch ----------------------------------
+
+def test_lr_linear_scaling_and_warmup():
+    from iaat.config import OptimConfig
+    from iaat.engine.schedule import lr_at, peak_lr
+
+    optim = OptimConfig(lr=0.1, schedule="step", milestones=[35, 70, 95], decay=0.1, warmup_epochs=5,
+                        lr_scaling="linear", base_batch_size=256)
+    assert peak_lr(optim, 1024) == pytest.approx(0.4)
+    assert lr_at(optim, 0.0, 110, 1024) == 0.0
+    assert lr_at(optim, 2.5, 110, 1024) == pytest.approx(0.2)  # half way through the warmup
+    assert lr_at(optim, 10, 110, 1024) == pytest.approx(0.4)
+    assert lr_at(optim, 40, 110, 1024) == pytest.approx(0.04)
+    assert lr_at(optim, 100, 110, 1024) == pytest.approx(0.0004)
+    plain = OptimConfig(lr=0.1)
+    assert lr_at(plain, 10, 110, 1024) == pytest.approx(0.1)  # lr_scaling none: batch size ignored
+    with pytest.raises(ValueError, match="batch size"):
+        peak_lr(optim)
+
+
+@pytest.mark.parametrize("key,value,match", [("optim.lr_scaling", "sqrt", "lr_scaling"),
+                                             ("optim.base_batch_size", 0, "base_batch_size"),
+                                             ("train.sync_bn", "yes", "sync_bn")])
+def test_bad_scaling_keys_are_clear_errors(key, value, match):
+    from iaat.config import config_from_dict
+
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({section: {name: value}})

@@ -302,16 +302,28 @@ def test_loader_batches_are_a_function_of_seed_and_epoch(augment):
     assert not same(run(0, 2), run(1, 2))
 
 
-@pytest.mark.parametrize("n,bs,world", [(23, 5, 2), (40, 4, 3), (7, 2, 2)])
-def test_loader_shards_partition_the_epoch(n, bs, world):
+@pytest.mark.parametrize("n,bs,world", [(23, 6, 2), (42, 6, 3), (9, 4, 2), (33, 8, 4)])
+@pytest.mark.parametrize("augment", [False, True])
+def test_loader_shards_split_each_global_batch(n, bs, world, augment):
+    """Step by step, the ranks' batches together are the 1-process batch: same images, crops and flips."""
     data = _image_set(n)
+    whole = list(DeviceLoader(data, bs, torch.device("cpu"), seed=0, augment=augment).epoch(1))
     parts = []
     for rank in range(world):
-        loader = DeviceLoader(data, bs, torch.device("cpu"), seed=0, shard=(rank, world))
-        batches = list(loader.epoch(1))
-        assert len(loader) == len(batches)
-        parts.append(torch.cat([idx for _, _, idx in batches]))
-    assert torch.equal(torch.cat(parts).sort().values, torch.arange(n))
+        loader = DeviceLoader(data, bs, torch.device("cpu"), seed=0, augment=augment, shard=(rank, world))
+        parts.append(list(loader.epoch(1)))
+        assert len(loader) == len(parts[-1]) == len(whole)
+    for step, (x, y, idx) in enumerate(whole):
+        shards = [p[step] for p in parts]
+        assert all(len(s[2]) >= 2 for s in shards)
+        for rank, (xs, ys, ids) in enumerate(shards):
+            assert torch.equal(ids, idx[rank::world])
+            assert torch.equal(xs, x[rank::world]) and torch.equal(ys, y[rank::world])
+
+
+def test_loader_shard_needs_two_images_per_rank():
+    with pytest.raises(ValueError, match="2 images"):
+        DeviceLoader(_image_set(20), 5, torch.device("cpu"), shard=(0, 3))
 
 
 def test_augment_batch_keeps_shape_and_is_seeded():

@@ -39,7 +39,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="number of epochs  [train.epochs]")
     p.add_argument("--train-subset", type=int, metavar="N",
                    help="train on a fixed class-balanced subset of N images  [data.train_subset]")
-    p.add_argument("--batch-size", type=int, help="images per step  [train.batch_size]")
+    p.add_argument("--batch-size", type=int, help="images per step, all processes together  [train.batch_size]")
     p.add_argument("--seed", type=int, help="training seed: init, order, augmentation, attacks  [train.seed]")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
     p.add_argument("--eps", help=f"training attack radius, {SIZE_HELP}  [attack.eps]")
@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_dict(_raw_config(args))
     train(cfg, out, resume=args.resume)
-    print(f"run saved in {out}")
+    if not _rank_prefix():
+        print(f"run saved in {out}")
     return 0
 
 
@@ -213,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run folder (resumable)",
                        description="Train a model. The config is built from defaults, then --config, then the "
                                    "flags below, then --set overrides. Every epoch writes a checkpoint and a "
-                                   "line of metrics.jsonl into the run folder.")
+                                   "line of metrics.jsonl into the run folder.",
+                       epilog="several processes/GPUs: the same command under torchrun, e.g.\n"
+                              "  torchrun --standalone --nproc_per_node 8 -m iaat train --config CONFIG --out RUN\n"
+                              "--batch-size is then the global batch (all processes together); see "
+                              "docs/distributed.md (several nodes, SLURM, --set train.sync_bn=true, "
+                              "--set optim.lr_scaling=linear).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -295,10 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return args.func(args)
         except TrainingInterrupted as e:
-            print(f"iaat: {e}", file=sys.stderr)
+            if not _rank_prefix():  # every rank stopped at the same step; rank 0 speaks for the job
+                print(f"iaat: {e}", file=sys.stderr)
             return e.exit_code
         except IaatError as e:
-            print(f"iaat: error: {e}", file=sys.stderr)
+            print(f"iaat: error: {_rank_prefix()}{e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("iaat: interrupted", file=sys.stderr)
@@ -306,6 +314,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as e:  # a file problem no code path above anticipated: still one line, with the path
             print(f"iaat: error: {e}", file=sys.stderr)
             return 1
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` for the non-zero ranks of a torchrun job, so that their copies of a message are told apart."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
 
 
 def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file: object = None,

@@ -32,7 +32,7 @@ class DataConfig:
     train_subset: Optional[int] = None  #: train on a fixed class-balanced subset of this many images
     val_size: int = 1000  #: held out of the training split for end-of-epoch evaluation (never the test set)
     split_seed: int = 0  #: seed of the val/subset split, independent of the training seed
-    augment: bool = True  #: random crop (4-pixel padding) and horizontal flip
+    augment: bool = True  #: random crop (zero padding of 1/8 of the side: 4 pixels on CIFAR) and horizontal flip
     download: bool = True  #: download the official archive when missing (needs internet)
 
 
@@ -77,6 +77,10 @@ class OptimConfig:
     milestones: list = field(default_factory=lambda: [100, 150])  #: epochs where step decay happens
     decay: float = 0.1  #: step-decay factor
     warmup_epochs: float = 0.0  #: linear learning-rate warmup from 0 (Goyal et al.)
+    #: none: lr is the peak rate | linear: the peak is lr * batch_size / base_batch_size (Goyal et al.), batch_size
+    #: being the global batch (all processes together)
+    lr_scaling: str = "none"
+    base_batch_size: int = 256  #: the batch size lr is given for when lr_scaling is linear
 
 
 @dataclass
@@ -96,6 +100,9 @@ class TrainConfig:
     #: on CUDA: deterministic kernels only (torch.use_deterministic_algorithms, no cuDNN autotuning,
     #: CUBLAS_WORKSPACE_CONFIG=:4096:8), so that a seed gives bitwise identical runs there too; slower
     deterministic: bool = False
+    #: under torchrun on CUDA: BatchNorm statistics over the global batch (torch.nn.SyncBatchNorm) instead of
+    #: each process's share of it
+    sync_bn: bool = False
 
 
 @dataclass
@@ -266,6 +273,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.schedule must be step, cosine or constant, got {cfg.optim.schedule!r}.")
     if cfg.optim.lr <= 0 or cfg.optim.weight_decay < 0 or not 0 <= cfg.optim.momentum < 1:
         raise ConfigError("optim.lr must be > 0, optim.weight_decay >= 0 and optim.momentum in [0, 1).")
+    if cfg.optim.lr_scaling not in ("none", "linear"):
+        raise ConfigError(f"optim.lr_scaling must be none or linear, got {cfg.optim.lr_scaling!r}.")
+    if cfg.optim.base_batch_size < 1 or cfg.optim.warmup_epochs < 0:
+        raise ConfigError("optim.base_batch_size must be >= 1 and optim.warmup_epochs >= 0.")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be a list of epoch numbers, got {cfg.optim.milestones!r}.")
     if not cfg.train.device == "auto" and not (cfg.train.device == "cpu" or cfg.train.device.startswith("cuda")

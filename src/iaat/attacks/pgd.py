@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import unwrap
+
 Radius = Union[float, torch.Tensor]
 
 
@@ -60,7 +62,13 @@ class AttackResult:
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), then restore its mode."""
+    """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), then restore its mode.
+
+    Yields the model to attack: the module itself, taken out of a DistributedDataParallel wrapper
+    (an attack needs input gradients only, and must not sync parameter gradients or buffers:
+    the ranks may run different numbers of attacks per step).
+    """
+    model = unwrap(model)
     was_training = model.training
     if eval_mode:
         model.eval()
@@ -219,7 +227,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     final_check = final_check or restarts > 1
 
     best_x = best_kappa = best_correct = best_logits = best_loss = best_success = first_miss = None
-    with attack_mode(model, eval_mode), torch.enable_grad():
+    with attack_mode(model, eval_mode) as model, torch.enable_grad():
         for _ in range(restarts):
             x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
                                               early_stop_tau, autocast, reference, init_std, momentum)

@@ -21,22 +21,38 @@ def _epoch_generator(device: torch.device, seed: int, epoch: int) -> torch.Gener
     return g
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip on a uint8 batch (B, C, H, W)."""
-    b, c, h, w = x.shape
-    dev = x.device
+def draw_augmentation(b: int, generator: torch.Generator, padding: int = 4, flip: bool = True,
+                      device: Optional[torch.device] = None) -> tuple:
+    """Random crop offsets and flip decisions for ``b`` images: ``(oy, ox, flip_mask)`` (entries may be None)."""
+    dev = device if device is not None else generator.device
+    oy = ox = mask = None
     if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
         oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
         ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+    if flip:
+        mask = torch.rand(b, generator=generator, device=dev) < 0.5
+    return oy, ox, mask
+
+
+def apply_augmentation(x: torch.Tensor, draws: tuple, padding: int = 4) -> torch.Tensor:
+    """Apply :func:`draw_augmentation`'s draws to a uint8 batch (B, C, H, W): zero-padded crop, then flip."""
+    oy, ox, mask = draws
+    b, c, h, w = x.shape
+    dev = x.device
+    if oy is not None:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
         rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                    rows, cols]
-    if flip:
-        mask = torch.rand(b, generator=generator, device=dev) < 0.5
+    if mask is not None:
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip on a uint8 batch (B, C, H, W)."""
+    return apply_augmentation(x, draw_augmentation(len(x), generator, padding, flip, x.device), padding)
 
 
 class DeviceLoader:
@@ -44,16 +60,25 @@ class DeviceLoader:
 
     Args:
         data: the images (uint8) and labels; moved to ``device`` once.
-        batch_size: images per batch.
+        batch_size: images per batch; with ``shard``, per *global* batch (all ranks together).
         device: where the data lives and batches are made.
         shuffle: draw a new permutation each epoch.
-        augment: random crop (4-pixel padding) and horizontal flip.
+        augment: random crop with zero padding of 1/8 of the image side (4 pixels on CIFAR's 32, 1 on
+            8x8 digits) and horizontal flip.
         seed: base seed; epoch ``e`` uses a generator seeded by (seed, e).
-        shard: ``(rank, world_size)`` to take every world_size-th sample of the permutation.
+        shard: ``(rank, world_size)``: every rank draws the same permutation and the same
+            augmentation for each global batch and keeps every world_size-th sample of it, so
+            the ranks' batches of a step together are exactly the 1-process batch of that step
+            (images, crops and flips alike) and every rank takes the same number of steps.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = True,
                  augment: bool = False, seed: int = 0, shard: Optional[tuple[int, int]] = None) -> None:
+        rank, world = shard or (0, 1)
+        if not 0 <= rank < world:
+            raise ValueError(f"shard rank {rank} outside world size {world}")
+        if world > 1 and batch_size < 2 * world:
+            raise ValueError(f"a global batch of {batch_size} cannot give each of {world} processes 2 images or more")
         self.x = data.x.to(device)
         self.y = data.y.to(device)
         self.batch_size = batch_size
@@ -61,37 +86,43 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.augment = augment
         self.seed = seed
-        self.shard = shard
+        self.rank, self.world = rank, world
+        self.padding = max(1, self.x.shape[-1] // 8) if self.x.dim() == 4 else 4
+
+    def _bounds(self) -> list:
+        n = len(self.x)
+        bounds = list(range(0, n, self.batch_size)) + [n]
+        # A last batch too small to give every rank 2 samples (1 without sharding) would break BatchNorm in
+        # train mode: fold it into the previous one.
+        least = 2 * self.world if self.world > 1 else 2
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < least:
+            bounds.pop(-2)
+        return bounds
 
     def __len__(self) -> int:
-        n = self._num_samples()
-        full, tail = divmod(n, self.batch_size)
-        return full + (1 if tail > 1 or (tail == 1 and full == 0) else 0)
+        return len(self._bounds()) - 1
 
-    def _num_samples(self) -> int:
-        n = len(self.x)
-        if self.shard is None:
-            return n
-        rank, world = self.shard
-        return len(range(rank, n, world))
+    def global_batch_sizes(self) -> list:
+        """Images per step over all ranks (the same every epoch)."""
+        bounds = self._bounds()
+        return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of one epoch (deterministic in ``seed`` and ``epoch``)."""
         g = _epoch_generator(self.device, self.seed, epoch)
         n = len(self.x)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        if self.shard is not None:
-            rank, world = self.shard
-            order = order[rank::world]
-        bounds = list(range(0, len(order), self.batch_size)) + [len(order)]
-        # A last batch of one sample would break BatchNorm in train mode: fold it into the previous one.
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            bounds.pop(-2)
+        bounds = self._bounds()
         for start, stop in zip(bounds[:-1], bounds[1:]):
             idx = order[start:stop]
+            draws = draw_augmentation(len(idx), g, self.padding, device=self.device) if self.augment else None
+            if self.world > 1:
+                mine = slice(self.rank, None, self.world)
+                idx = idx[mine]
+                draws = tuple(d[mine] for d in draws) if draws is not None else None
             xb = self.x[idx]
-            if self.augment:
-                xb = augment_batch(xb, g)
+            if draws is not None:
+                xb = apply_augmentation(xb, draws, self.padding)
             yield xb.float().div_(255.0), self.y[idx], idx
 
     __iter__ = epoch

@@ -10,6 +10,10 @@ Stopping: SIGINT/SIGTERM finish the current step, save the exact mid-epoch state
 ``checkpoints/interrupt.pt`` and raise :class:`~iaat.errors.TrainingInterrupted`; a
 resumed run replays the epoch's batch order up to that step and continues from there.
 A NaN/inf loss stops the run without saving anything.
+
+Under ``torchrun`` (see :mod:`iaat.distributed`) the same loop runs on every rank with the
+model in DistributedDataParallel; ``train.batch_size`` is the global batch, rank 0 alone
+writes files, and the ranks agree after every step on whether to stop.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import distributed
 from ..config import Config
 from ..data import DeviceLoader
 from ..errors import CheckpointError, ConfigError, IaatError, OutputError, TrainingInterrupted
@@ -81,9 +86,12 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, resume_hint: str) -> None:
+    def __init__(self, resume_hint: str, escalate: bool = True) -> None:
         self.signum: Optional[int] = None
         self.resume_hint = resume_hint
+        # Under torchrun a Ctrl-C reaches each worker twice (from the terminal and forwarded by the agent),
+        # so there a repeated signal does not escalate; the agent kills workers that do not stop in time.
+        self.escalate = escalate
         self._previous: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -104,6 +112,8 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if self.signum is not None and not self.escalate:
+            return
         if self.signum is not None:
             raise TrainingInterrupted(f"interrupted again ({name}): stopped at once without saving the current "
                                       f"step; the last checkpoint is intact; {self.resume_hint}", signum)
@@ -138,9 +148,22 @@ class _EpochSums:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "first_bad": self.first_bad,
                 "n_seen": self.n_seen, "seconds": seconds, "stats": dict(self.stats)}
 
+    def reduce(self, info: distributed.DistInfo) -> None:
+        """Sum over ranks in place (the sums of the whole global batch; a collective, all ranks call it)."""
+        if not info.enabled:
+            return
+        distributed.all_reduce_(self.loss_sum, info)
+        distributed.all_reduce_(self.correct, info)
+        distributed.all_reduce_(self.first_bad, info, "max")
+        n = torch.tensor([self.n_seen], dtype=torch.long, device=self.loss_sum.device)
+        self.n_seen = int(distributed.all_reduce_(n, info).item())
+        for key in sorted(self.stats):
+            self.stats[key] = distributed.all_reduce_(torch.as_tensor(self.stats[key]).clone(), info)
 
-def _check_finite(sums: _EpochSums, epoch: int, ckpt_dir: Path, bar: tqdm) -> None:
-    bad = int(sums.first_bad)
+
+def _check_finite(sums: _EpochSums, epoch: int, ckpt_dir: Path, bar: tqdm,
+                  info: distributed.DistInfo = distributed.SINGLE) -> None:
+    bad = int(distributed.all_reduce_(sums.first_bad.clone(), info, "max"))
     if bad > 0:
         bar.close()
         raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
@@ -173,19 +196,56 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         IaatError: on bad input, a non-finite loss, or a failed write (:class:`~iaat.errors.OutputError`).
     """
     run_dir = Path(run_dir)
-    if resume:
-        rundir.check_resumable(run_dir)
-    else:
-        rundir.check_new_run_dir(run_dir)
-    device = resolve_device(cfg.train.device)
-    with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
-        return _train(cfg, run_dir, resume, log, device)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info, dist_device = distributed.init(cfg.train.device)
+    try:
+        if resume:
+            rundir.check_resumable(run_dir)
+        else:
+            rundir.check_new_run_dir(run_dir)
+        distributed.barrier(info)  # every rank has looked at the folder before rank 0 creates it
+        device = dist_device or resolve_device(cfg.train.device)
+        with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
+            return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info)
+    finally:
+        if owns_group:
+            distributed.shutdown()
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device) -> dict:
+def _check_distributed(cfg: Config, info: distributed.DistInfo, device: torch.device) -> None:
+    if not info.enabled:
+        return
+    if cfg.train.batch_size < 2 * info.world_size:
+        raise ConfigError(f"train.batch_size is the global batch: {cfg.train.batch_size} cannot give each of the "
+                          f"{info.world_size} processes 2 images or more; raise it to >= {2 * info.world_size}.")
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation); "
+                          "drop it for gloo/CPU runs.")
+
+
+def _wrap_ddp(model: torch.nn.Module, cfg: Config, info: distributed.DistInfo,
+              device: torch.device) -> torch.nn.Module:
+    """The model the training loss runs through: DistributedDataParallel over ``model`` under torchrun."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**63 - 1)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
+           info: distributed.DistInfo = distributed.SINGLE) -> dict:
+    _check_distributed(cfg, info, device)
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
-    model = model_from_config(cfg, data.splits).to(device)
+    model = model_from_config(cfg, data.splits)
+    if info.enabled and cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
     amp_dtype = autocast_dtype(cfg.train.amp)
@@ -196,7 +256,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     loader = DeviceLoader(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
+    global_sizes = loader.global_batch_sizes()
+    net = _wrap_ddp(model, cfg, info, device)  # same initial weights everywhere: equal seeds, and DDP broadcasts
+    if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
+        seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
 
     start_epoch, start_step, global_step, partial = 0, 0, 0, None
     ckpt_dir = run_dir / rundir.CHECKPOINTS
@@ -208,20 +272,29 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             method.load_state_dict(ckpt["method"])
-            set_rng_state(ckpt["rng"])
             start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
             start_step, partial = int(ckpt.get("step", 0)), ckpt.get("partial")
+            _restore_rng(ckpt, cfg, info, start_epoch, log)
+            buffers = ckpt.get("buffers_ranks")
+            if buffers is not None and len(buffers) == info.world_size:
+                for name, buf in model.named_buffers():
+                    buf.copy_(buffers[info.rank][name])
+            if info.rank > 0:
+                partial = None  # rank 0's saved sums are the whole job's
             where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch} done"
             log(f"resuming {run_dir} from {path.name} ({where})")
         else:
             log(f"no checkpoint in {ckpt_dir} yet; starting {run_dir} from epoch 1")
-        rundir.prepare_resume(run_dir)
-        if not (run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
-            rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
-        rundir.truncate_metrics(run_dir, start_epoch)
-    else:
+        distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
+        if info.is_main:
+            rundir.prepare_resume(run_dir)
+            if not (run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
+                rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
+            rundir.truncate_metrics(run_dir, start_epoch)
+    elif info.is_main:
         rundir.create_run_dir(run_dir, cfg)
         rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
+    distributed.barrier(info)
 
     epochs = cfg.train.epochs
     steps_per_epoch = len(loader)
@@ -234,6 +307,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         return rows[-1] if rows else {}
 
     def payload(epoch_done: int, lr: float) -> dict:
+        """The checkpoint (a collective under torchrun: every rank's RNG state goes in)."""
+        rng = rng_state()
+        ranks = distributed.gather_objects(rng, info)
         return {
             "iaat_version": __version__,
             "epoch": epoch_done,
@@ -245,14 +321,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
             "scheduler": {"schedule": cfg.optim.schedule, "lr": lr},  # the LR is a pure function of progress
             "scaler": scaler.state_dict(),
             "method": method.state_dict(),
-            "rng": rng_state(),
+            "rng": rng,
+            **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
             "config": cfg.to_dict(),
             "data": {"dataset": cfg.data.dataset, "num_classes": data.splits.num_classes,
                      "image_shape": list(data.splits.image_shape),
                      "train_size": len(data.train), "source": data.splits.source},
         }
 
-    with StopOnSignal(f"resume with iaat train --out {shlex.quote(str(run_dir))} --resume") as stop:
+    launcher = "torchrun ... -m iaat train" if info.enabled else "iaat train"
+    with StopOnSignal(f"resume with {launcher} --out {shlex.quote(str(run_dir))} --resume",
+                      escalate=not info.enabled) as stop:
         for epoch in range(start_epoch, epochs):
             skip = start_step if epoch == start_epoch else 0
             t0 = time.perf_counter()
@@ -260,18 +339,22 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
             model.train()
             sums = _EpochSums.from_state(partial, device) if skip and partial else _EpochSums.zeros(device)
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not cfg.train.progress, leave=False, unit="batch", dynamic_ncols=True)
-            lr = lr_at(cfg.optim, epoch, epochs)
+                       disable=not (cfg.train.progress and info.is_main), leave=False, unit="batch",
+                       dynamic_ncols=True)
+            lr = lr_at(cfg.optim, epoch, epochs, cfg.train.batch_size)
             for step, (x, y, idx) in enumerate(loader.epoch(epoch)):
                 if step < skip:
                     continue  # drawing the skipped batches replays the epoch generator up to the saved step
-                lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs)
+                lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs, cfg.train.batch_size)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with amp_ctx():
-                    out = method.loss(model, x, y, idx)
+                    out = method.loss(net, x, y, idx)
+                loss_to_step = out.loss
+                if info.enabled:  # DDP averages over ranks; weigh each rank by its share of the global batch
+                    loss_to_step = out.loss * (info.world_size * len(y) / global_sizes[step])
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
+                scaler.scale(loss_to_step).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 global_step += 1
@@ -286,64 +369,109 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
                 sums.correct += (out.logits.detach().argmax(1) == y).sum()
                 for k, v in out.stats.items():
                     sums.stats[k] = sums.stats.get(k, 0) + v.detach()
-                if stop.signum is not None:
-                    _check_finite(sums, epoch, ckpt_dir, bar)
+                if distributed.any_rank(stop.signum is not None, info, device):
+                    _check_finite(sums, epoch, ckpt_dir, bar, info)
                     bar.close()
+                    method.merge_ranks(info)
+                    sums.reduce(info)
                     state = payload(epoch, lr)
+                    if info.enabled:  # mid-epoch the ranks' BatchNorm statistics differ (each saw its own batches)
+                        state["buffers_ranks"] = distributed.gather_objects(
+                            {k: v.detach().cpu() for k, v in model.named_buffers()}, info)
                     state["step"] = step + 1  # steps done in epoch `epoch` (0-based); the next one is step + 1
                     state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
                     ipath = interrupt_path(ckpt_dir)
-                    save_checkpoint(ipath, state)
+                    if info.is_main:
+                        save_checkpoint(ipath, state)
+                    distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
                     raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of "
                                               f"{steps_per_epoch}; state saved to {ipath}; {stop.resume_hint}",
                                               stop.signum)
                 if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps_per_epoch:
-                    _check_finite(sums, epoch, ckpt_dir, bar)
+                    _check_finite(sums, epoch, ckpt_dir, bar, info)
                     bar.set_postfix(loss=f"{sums.loss_sum.item() / sums.n_seen:.3f}",
                                     acc=f"{sums.correct.item() / sums.n_seen:.3f}", lr=f"{lr:.4g}")
                 bar.update(1)
             bar.close()
             train_seconds = sums.seconds + time.perf_counter() - t0
+            method.merge_ranks(info)  # every rank holds the full per-sample state from here on
+            distributed.broadcast_buffers(model, info)  # rank 0's BatchNorm statistics are the model's
+            sums.reduce(info)
             n_seen = sums.n_seen
 
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / max(n_seen, 1),
                    "train_acc": sums.correct.item() / max(n_seen, 1), **{f"train_{k}": v for k, v in
                                                                         _to_host(sums.stats, n_seen).items()}}
             try:
-                row.update(method.end_epoch(epoch, run_dir))
+                row.update(method.end_epoch(epoch, run_dir if info.is_main else None))
             except OSError as e:  # a method's own files (e.g. IAAT's radii); atomic writes raise OutputError
                 raise OutputError(f"could not write the {cfg.method.name} files of epoch {epoch + 1} in {run_dir}: "
                                   f"{e}. Is the disk full or the folder read-only?") from None
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
                 if len(data.val) > 0:
-                    res = evaluate(model, data.val, [eval_spec], batch_size=max(256, cfg.train.batch_size),
-                                   device=device, progress=cfg.train.progress, desc="val", autocast_dtype=amp_dtype)
-                    row["val_clean_acc"] = res["clean"]
-                    row[f"val_pgd{cfg.train.eval_steps}_acc"] = res["attacks"][eval_spec.label]["accuracy"]
+                    clean, robust = _validate(model, data.val, eval_spec, cfg, device, amp_dtype, info)
+                    row["val_clean_acc"] = clean
+                    row[f"val_pgd{cfg.train.eval_steps}_acc"] = robust
             row["train_seconds"] = train_seconds
             row["images_per_second"] = n_seen / train_seconds if train_seconds > 0 else None
             row["seconds"] = time.perf_counter() - t0
 
             # Metrics first, then the checkpoint: a crash in between leaves a row that resuming drops; a failed
             # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
-            size = rundir.metrics_size(run_dir)
-            rundir.append_metrics(run_dir, row)
+            state = payload(epoch + 1, lr)
             path = checkpoint_path(ckpt_dir, epoch + 1)
-            try:
-                save_checkpoint(path, payload(epoch + 1, lr))
-            except BaseException:
-                rundir.rollback_metrics(run_dir, size)
-                raise
-            remove_checkpoint(interrupt_path(ckpt_dir))  # now older than the newest epoch checkpoint
-            prune(ckpt_dir, cfg.train.keep_checkpoints)
+            if info.is_main:
+                size = rundir.metrics_size(run_dir)
+                rundir.append_metrics(run_dir, row)
+                try:
+                    save_checkpoint(path, state)
+                except BaseException:
+                    rundir.rollback_metrics(run_dir, size)
+                    raise
+                remove_checkpoint(interrupt_path(ckpt_dir))  # now older than the newest epoch checkpoint
+                prune(ckpt_dir, cfg.train.keep_checkpoints)
+            distributed.barrier(info)
             log(_format_row(row))
             last_row = row
-            if stop.signum is not None and epoch + 1 < epochs:
+            if distributed.any_rank(stop.signum is not None, info, device) and epoch + 1 < epochs:
                 raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
                                           f"{path}; {stop.resume_hint}", stop.signum)
 
-    rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": epochs, "last": last_row})
+    if info.is_main:
+        rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": epochs, "last": last_row})
+    distributed.barrier(info)
     return last_row
+
+
+def _restore_rng(ckpt: dict, cfg: Config, info: distributed.DistInfo, epoch: int, log: Callable[[str], None]) -> None:
+    """This rank's RNG state from a checkpoint; exact when the number of processes is the same as when saved."""
+    ranks = ckpt.get("rng_ranks")
+    saved_world = int(ckpt.get("world_size", 1))
+    if ranks is not None and len(ranks) == info.world_size:
+        set_rng_state(ranks[info.rank])
+        return
+    set_rng_state(ckpt["rng"])
+    if saved_world != info.world_size:
+        log(f"note: the checkpoint was written by {saved_world} process(es), this run has {info.world_size}: data "
+            f"order and the epsilon memory carry over, the random streams of the attacks do not (not bitwise "
+            f"equal to an uninterrupted run).")
+    if info.rank > 0:
+        seed_everything(_rank_seed(cfg.train.seed, info.rank, epoch))
+
+
+def _validate(model: torch.nn.Module, val, spec: AttackSpec, cfg: Config, device: torch.device,
+              amp_dtype: Optional[torch.dtype], info: distributed.DistInfo) -> tuple[float, float]:
+    """Held-out clean and PGD accuracy; under torchrun each rank evaluates every world_size-th image."""
+    part = val.subset(torch.arange(info.rank, len(val), info.world_size)) if info.enabled else val
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    if len(part) > 0:
+        res = evaluate(model, part, [spec], batch_size=max(256, cfg.train.batch_size), device=device,
+                       progress=cfg.train.progress and info.is_main, desc="val", autocast_dtype=amp_dtype)
+        counts += torch.tensor([res["clean"], res["attacks"][spec.label]["accuracy"]], dtype=torch.float64,
+                               device=device) * len(part)
+    distributed.all_reduce_(counts, info)
+    clean, robust = (counts / len(val)).tolist()
+    return clean, robust
 
 
 def _format_row(row: dict) -> str:

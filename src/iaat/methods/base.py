@@ -91,6 +91,11 @@ class Method:
         """Host-side metrics for ``metrics.jsonl`` after epoch ``epoch`` (0-based); may write files to run_dir."""
         return {}
 
+    def merge_ranks(self, info: Any) -> None:
+        """Under torchrun, after an epoch (or before a mid-epoch checkpoint): make the per-sample state that
+        each rank updated for its own samples identical on every rank (see :func:`iaat.distributed.merge_rows`).
+        ``info`` is the :class:`~iaat.distributed.DistInfo`; methods without per-sample state do nothing."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..distributed import global_sum
 from ..errors import ConfigError
 
 WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
@@ -41,13 +42,13 @@ def weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.T
 
 
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:
-    """Per-sample weights from kappa, normalised to mean 1 over the batch.
+    """Per-sample weights from kappa, normalised to mean 1 over the (global) batch.
 
     tanh: (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, written with K // 2 as the authors' code;
     sigmoid: sigmoid(lam + 5 (1 - 2 kappa / K)); discrete: (K + 1 - kappa) / (K + 1).
     ``lam = +inf`` gives uniform weights.
     """
-    k = kappa.float()
+    k = kappa.to(torch.get_default_dtype())
     half = max(steps // 2, 1)
     if fn == "tanh":
         raw = (torch.tanh(lam + (half - k) * 5.0 / half) + 1.0) / 2.0
@@ -57,7 +58,9 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
         raw = (steps + 1 - k) / (steps + 1)
     else:
         raise ValueError(f"unknown GAIR weight function {fn!r}")
-    return raw * (len(raw) / raw.sum())
+    # Under torchrun the mean is over the global batch (all ranks), as in a 1-process run of that batch.
+    stats = global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
+    return raw * (stats[0] / stats[1])
 
 
 class GairWeighting:

@@ -158,6 +158,7 @@ class IAAT(Method):
         self.cfg = self.resolve(params)
         self.gair = GairWeighting(params) if self.cfg.weights == "gair" else None
         self.memory = torch.full((num_train,), self.clip(self.cfg.eps_init), dtype=torch.float32, device=device)
+        self.touched = torch.zeros(num_train, dtype=torch.bool, device=device)  #: rows this rank wrote since a merge
 
     # -- pieces ------------------------------------------------------------------------------------------
     def clip(self, eps: Any) -> Any:
@@ -227,8 +228,8 @@ class IAAT(Method):
         steps = self.attack.steps
         stats: dict = {}
         if c.loss_split:
-            with torch.no_grad(), attack_mode(model):
-                clean_ok = model(x).argmax(1) == y
+            with torch.no_grad(), attack_mode(model) as plain:
+                clean_ok = plain(x).argmax(1) == y
             stats["clean_acc"] = clean_ok.sum()
         mem = self.memory[idx]
 
@@ -270,12 +271,13 @@ class IAAT(Method):
             stats["up"] = held.sum()
             stats["down"] = (~held).sum()
         self.memory[idx] = eps
+        self.touched[idx] = True
         return StepOutput(loss, logits, stats)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def end_epoch(self, epoch: int, run_dir: Optional[Path]) -> dict:
         mem = self.memory.float().cpu()
-        q = torch.quantile(mem, torch.tensor(QUANTILES))
+        q = torch.quantile(mem, torch.tensor(QUANTILES, dtype=mem.dtype))
         row = {"radius_mean": float(mem.mean()) * 255, "radius_std": float(mem.std()) * 255,
                "radius_min": float(mem.min()) * 255, "radius_max": float(mem.max()) * 255,
                **{f"radius_q{int(p * 100):02d}": float(v) * 255 for p, v in zip(QUANTILES, q)}}
@@ -290,6 +292,12 @@ class IAAT(Method):
             np.save(buf, mem.numpy().astype(np.float32), allow_pickle=False)
             atomic_write_bytes(folder / f"epoch_{epoch + 1:04d}.npy", buf.getvalue())
         return row
+
+    def merge_ranks(self, info: Any) -> None:
+        from ..distributed import merge_rows
+
+        self.memory = merge_rows(self.memory, self.touched, info)
+        self.touched.zero_()
 
     def state_dict(self) -> dict:
         return {"memory": self.memory.detach().cpu().clone()}

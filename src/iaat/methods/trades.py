@@ -35,8 +35,8 @@ class TRADES(Method):
         return p
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
-        with torch.no_grad(), attack_mode(model):
-            clean_eval = model(x)
+        with torch.no_grad(), attack_mode(model) as plain:
+            clean_eval = plain(x)
         adv = self.attack_batch(model, x, y, loss="kl", reference=clean_eval, init_std=self.params.init_std,
                                 final_check=False)
         logits_clean = model(x)
