@@ -90,3 +90,25 @@ TINY_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.wid
 
 def tiny_train_args(data_dir: Path, out: Path, epochs: int = 1, *extra: str) -> list[str]:
     return ["train", "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), *TINY_ARGS, *extra]
+
+
+def write_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 4,
+                       size: int = 64, seed: int = 0) -> Path:
+    """A tiny ImageNet-layout folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG, a few PNGs): each class is a
+    bright square of its own colour and place on noise, images of slightly different sizes around ``size``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = size + int(rng.integers(0, 17)), size + int(rng.integers(0, 17))
+                img = rng.integers(0, 90, size=(h, w, 3)).astype(np.int32)
+                top, left = (h // 3) * (c % 2), (w // 3) * (c // 2 % 2)
+                img[top:top + h // 2, left:left + w // 2, c % 3] += 160
+                ext = "png" if i % 4 == 3 else "JPEG"
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.{ext}")
+    return root

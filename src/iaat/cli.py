@@ -31,8 +31,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | mixup_at  "
                                      "[method.name]; set its keys with --set method.KEY=VALUE")
     p.add_argument("--model", help="architecture: small_cnn | resnet18 | preact_resnet18 | wideresnet | "
-                                   "wrn-32-10 | wrn-34-10  [model.name]")
-    p.add_argument("--dataset", help="cifar10 | cifar100 | digits  [data.dataset]")
+                                   "wrn-32-10 | wrn-34-10 (CIFAR-sized); resnet50 | resnet101 | resnet152 "
+                                   "(ImageNet-sized)  [model.name]")
+    p.add_argument("--dataset", help="cifar10 | cifar100 | digits | imagefolder (--data-dir ROOT with "
+                                     "ROOT/train/<class>, ROOT/val/<class>, e.g. ImageNet)  [data.dataset]")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder holding cifar-10-batches-py / cifar-100-python, or that folder itself "
                         "[data.data_dir; default ~/.cache/iaat or $IAAT_DATA]")

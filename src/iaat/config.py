@@ -27,13 +27,15 @@ SECTIONS = ("data", "model", "method", "attack", "optim", "train")
 class DataConfig:
     """Which data set, where it lives, and how the training split is made."""
 
-    dataset: str = "cifar10"  #: cifar10 | cifar100 | digits
+    dataset: str = "cifar10"  #: cifar10 | cifar100 | digits | imagefolder (ROOT/train/<class>, ROOT/val/<class>)
     data_dir: Optional[str] = None  #: folder holding (or parent of) the official python archive layout
     train_subset: Optional[int] = None  #: train on a fixed class-balanced subset of this many images
     val_size: int = 1000  #: held out of the training split for end-of-epoch evaluation (never the test set)
     split_seed: int = 0  #: seed of the val/subset split, independent of the training seed
     augment: bool = True  #: random crop (zero padding of 1/8 of the side: 4 pixels on CIFAR) and horizontal flip
     download: bool = True  #: download the official archive when missing (needs internet)
+    image_size: Optional[int] = None  #: imagefolder: side of the training crops and evaluation center crops (224)
+    resize: Optional[int] = None  #: imagefolder: short side before the evaluation center crop (image_size*256/224)
 
 
 @dataclass
@@ -257,6 +259,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"attack.steps must be >= 0, got {cfg.attack.steps}.")
     if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
         raise ConfigError(f"data.train_subset must be positive, got {cfg.data.train_subset}.")
+    for key in ("image_size", "resize"):
+        value = getattr(cfg.data, key)
+        if value is not None and (cfg.data.dataset != "imagefolder" or value < 8):
+            raise ConfigError(f"data.{key} applies to data.dataset=imagefolder only and must be >= 8, got {value} "
+                              f"for {cfg.data.dataset}.")
     if cfg.data.val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0, got {cfg.data.val_size}.")
     if cfg.train.epochs < 1:

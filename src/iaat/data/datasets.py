@@ -13,7 +13,7 @@ from ..errors import DataError
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W) and int64 labels (N,)."""
+    """Images as uint8 (N, C, H, W) and int64 labels (N,); x may be lazy (:class:`~iaat.data.folder.FolderImages`)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -28,6 +28,8 @@ class ImageSet:
         return len(self.x)
 
     def subset(self, indices: torch.Tensor) -> "ImageSet":
+        if not torch.is_tensor(self.x):  # lazy images (an image folder): select without decoding
+            return ImageSet(self.x.select(indices), self.y[indices])
         return ImageSet(self.x[indices], self.y[indices])
 
 
@@ -56,19 +58,19 @@ def _check_labels(split: ImageSet, num_classes: int, where: str) -> None:
         raise DataError(f"{where} has labels in [{lo}, {hi}], outside 0..{num_classes - 1}.")
 
 
-def _load_cifar10(data_dir: Optional[str], download: bool) -> DatasetSplits:
+def _load_cifar10(data_dir: Optional[str], download: bool, **_: object) -> DatasetSplits:
     from .cifar import load_cifar
 
     return load_cifar("cifar10", data_dir, download)
 
 
-def _load_cifar100(data_dir: Optional[str], download: bool) -> DatasetSplits:
+def _load_cifar100(data_dir: Optional[str], download: bool, **_: object) -> DatasetSplits:
     from .cifar import load_cifar
 
     return load_cifar("cifar100", data_dir, download)
 
 
-def _load_digits(data_dir: Optional[str], download: bool) -> DatasetSplits:
+def _load_digits(data_dir: Optional[str], download: bool, **_: object) -> DatasetSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download)."""
     try:
         from sklearn.datasets import load_digits
@@ -86,18 +88,30 @@ def _load_digits(data_dir: Optional[str], download: bool) -> DatasetSplits:
     return DatasetSplits("digits", train, test, 10, mean, std, "scikit-learn load_digits (bundled)")
 
 
-DATASETS: dict[str, Callable[[Optional[str], bool], DatasetSplits]] = {
+def _load_imagefolder(data_dir: Optional[str], download: bool, image_size: Optional[int] = None,
+                      resize: Optional[int] = None) -> DatasetSplits:
+    from .folder import load_image_folder
+
+    return load_image_folder(data_dir, image_size or 224, resize)
+
+
+DATASETS: dict[str, Callable[..., DatasetSplits]] = {
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
     "digits": _load_digits,
+    "imagefolder": _load_imagefolder,
 }
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True) -> DatasetSplits:
-    """Load a registered data set's train and test splits as uint8 tensors on the CPU."""
+def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True, *,
+                 image_size: Optional[int] = None, resize: Optional[int] = None) -> DatasetSplits:
+    """Load a registered data set's train and test splits as uint8 tensors on the CPU (lazy for image folders).
+
+    ``image_size`` and ``resize`` (short side before the center crop) apply to image folders only.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}.")
-    splits = DATASETS[name](data_dir, download)
+    splits = DATASETS[name](data_dir, download, image_size=image_size, resize=resize)
     _check_labels(splits.train, splits.num_classes, f"the {name} training split")
     _check_labels(splits.test, splits.num_classes, f"the {name} test split")
     return splits

@@ -107,15 +107,21 @@ class DeviceLoader:
         bounds = self._bounds()
         return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The batches of one epoch (deterministic in ``seed`` and ``epoch``)."""
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch from step ``start`` on (deterministic in ``seed`` and ``epoch``).
+
+        The random draws of skipped steps are still made, so step ``start`` gets the same batch as in a
+        full pass; only their images are not gathered.
+        """
         g = _epoch_generator(self.device, self.seed, epoch)
         n = len(self.x)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         bounds = self._bounds()
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            idx = order[start:stop]
+        for step, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            idx = order[lo:hi]
             draws = draw_augmentation(len(idx), g, self.padding, device=self.device) if self.augment else None
+            if step < start:
+                continue
             if self.world > 1:
                 mine = slice(self.rank, None, self.world)
                 idx = idx[mine]

@@ -50,7 +50,7 @@ class RunData:
 
 def prepare_data(cfg: Config) -> RunData:
     d = cfg.data
-    splits = load_dataset(d.dataset, d.data_dir, d.download)
+    splits = load_dataset(d.dataset, d.data_dir, d.download, image_size=d.image_size, resize=d.resize)
     train_idx, val_idx = make_train_val(splits.train.y, d.val_size, d.train_subset, d.split_seed)
     return RunData(splits, splits.train.subset(train_idx), splits.train.subset(val_idx), train_idx, val_idx)
 

@@ -35,6 +35,7 @@ from .. import __version__
 from .. import distributed
 from ..config import Config
 from ..data import DeviceLoader
+from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, OutputError, TrainingInterrupted
 from ..evaluation import AttackSpec, evaluate
 from ..methods import AttackSettings, build_method
@@ -255,8 +256,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    loader = DeviceLoader(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
-                          seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
+    loader_cls = FolderLoader if isinstance(data.train.x, FolderImages) else DeviceLoader
+    loader = loader_cls(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
+                        seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
     global_sizes = loader.global_batch_sizes()
     net = _wrap_ddp(model, cfg, info, device)  # same initial weights everywhere: equal seeds, and DDP broadcasts
     if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
@@ -342,9 +344,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
                        disable=not (cfg.train.progress and info.is_main), leave=False, unit="batch",
                        dynamic_ncols=True)
             lr = lr_at(cfg.optim, epoch, epochs, cfg.train.batch_size)
-            for step, (x, y, idx) in enumerate(loader.epoch(epoch)):
-                if step < skip:
-                    continue  # drawing the skipped batches replays the epoch generator up to the saved step
+            for step, (x, y, idx) in enumerate(loader.epoch(epoch, skip), start=skip):
                 lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs, cfg.train.batch_size)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import math
 import numbers
-import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -30,6 +29,12 @@ from tqdm.auto import tqdm
 
 from ..attacks.pgd import attack_mode
 from ..data import ImageSet
+from ..data.folder import IMAGE_EXTENSIONS
+from ..data.folder import READ_THREADS as _READ_THREADS
+from ..data.folder import image_files as _image_files
+from ..data.folder import pillow as _pillow
+from ..data.folder import read_image as _read_image
+from ..data.folder import subfolders as _subfolders
 from ..errors import DataError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -191,26 +196,7 @@ def load_cifar_c(folder: Union[str, Path], n: Optional[int] = None) -> Corruptio
 
 _IMAGENET_C_HINT = ("ImageNet-C is at https://zenodo.org/record/2235448; extract its .tar files into one folder so "
                     "that it holds <corruption>/<severity 1..5>/<wnid>/<image>.JPEG")
-#: File endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _SEVERITY_FOLDERS = frozenset(str(s) for s in SEVERITIES)
-# Pillow releases the GIL while it decodes and resizes, so threads read images in parallel.
-_READ_THREADS = min(8, os.cpu_count() or 1)
-
-
-def _subfolders(path: Path) -> list[str]:
-    """Sorted names of the visible sub-folders of ``path``."""
-    with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
-
-
-def _image_files(path: Path) -> list[str]:
-    """Sorted names of the visible image files (:data:`IMAGE_EXTENSIONS`) in ``path``."""
-    with os.scandir(path) as entries:
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
-
-
 def _few(names: Sequence[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
@@ -226,28 +212,6 @@ def is_imagenet_c(folder: Union[str, Path]) -> bool:
         return path.is_dir() and any(_SEVERITY_FOLDERS.intersection(_subfolders(path / sub)) for sub in _subfolders(path))
     except OSError:
         return False
-
-
-def _read_image(image_cls, file: Path, image_size: int, resize: Optional[int]) -> torch.Tensor:
-    """One image as uint8 (3, image_size, image_size): RGB, torchvision's Resize(resize) then CenterCrop(image_size)."""
-    try:
-        with image_cls.open(file) as img:
-            img = img.convert("RGB")  # decodes the whole file, so damaged data fails here
-    except (OSError, ValueError, SyntaxError, image_cls.DecompressionBombError) as exc:
-        raise DataError(f"cannot read the image {file} ({exc}); the file is damaged or not an image, "
-                        "download or extract it again.") from None
-    w, h = img.size
-    if resize is not None and min(w, h) != resize:
-        # As torchvision's Resize(int) on PIL images: short side to `resize`, long side truncated, bilinear.
-        size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-        img = img.resize(size, image_cls.BILINEAR)
-        w, h = img.size
-    if min(w, h) < image_size:
-        raise DataError(f"the image {file} is {w}x{h} pixels{' after resizing' if resize else ''}, smaller than "
-                        f"image_size {image_size}.")
-    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # torchvision's CenterCrop
-    img = img.crop((left, top, left + image_size, top + image_size))
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def load_imagenet_c(folder: Union[str, Path], n: Optional[int] = None, image_size: int = 224,
@@ -652,18 +616,10 @@ def pixelate(x: torch.Tensor, severity: int, generator: torch.Generator) -> torc
     return (_pil_box_resize(small, (h, w)) / 255).clamp_(0, 1)
 
 
-def _pillow(purpose: str = "the jpeg_compression corruption"):
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError(f"{purpose} needs Pillow: pip install Pillow (or pip install -e '.[dev]').") from None
-    return Image
-
-
 def jpeg_compression(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Save each image as a JPEG of quality c with Pillow's defaults and decode it again."""
     quality = _level([80, 65, 58, 50, 40], severity)
-    image_cls = _pillow()
+    image_cls = _pillow("the jpeg_compression corruption")
     if x.shape[1] not in (1, 3):
         raise DataError(f"jpeg_compression needs grey or RGB images (1 or 3 channels), got {x.shape[1]}.")
     pixels = (x.detach() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -727,7 +683,7 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
     if "saturate" in names and channels != 3:
         raise DataError(f"saturate needs RGB images (3 channels), got {channels}; leave it out of names.")
     if "jpeg_compression" in names:
-        _pillow()  # fail now, not after the other corruptions have run
+        _pillow("the jpeg_compression corruption")  # fail now, not after the other corruptions have run
     take = len(data) if n is None else min(n, len(data))
     clean = data.subset(torch.arange(take))
 

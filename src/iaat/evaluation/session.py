@@ -61,7 +61,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     # On CPU small batches stay in cache: PGD-10 on the small CNN ran 1.65x faster at 64 than at 256 (2-core EPYC).
     batch_size = req.batch_size or (256 if device.type == "cuda" else 64)
     model, cfg, ckpt_path, ckpt = load_run(req.path, device)
-    splits = load_dataset(cfg.data.dataset, req.data_dir or cfg.data.data_dir, cfg.data.download)
+    splits = load_dataset(cfg.data.dataset, req.data_dir or cfg.data.data_dir, cfg.data.download,
+                          image_size=cfg.data.image_size, resize=cfg.data.resize)
     check_same_data(ckpt, splits, str(ckpt_path))
     if req.split == "test":
         data = splits.test

@@ -35,6 +35,14 @@ def _wrn(depth: int, width: int) -> Callable[..., nn.Module]:
     return build
 
 
+def _imagenet_resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes, in_channels, _depth, _width) -> nn.Module:
+        from .resnet_imagenet import DEPTHS, ImageNetResNet
+
+        return ImageNetResNet(DEPTHS[depth], num_classes, in_channels)
+    return build
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": _small_cnn,
     "resnet18": _resnet18,
@@ -42,6 +50,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wideresnet": _wideresnet,
     "wrn-32-10": _wrn(32, 10),
     "wrn-34-10": _wrn(34, 10),
+    "resnet50": _imagenet_resnet(50),  # ImageNet-style (7x7 stem): for image folders, not 32-px CIFAR
+    "resnet101": _imagenet_resnet(101),
+    "resnet152": _imagenet_resnet(152),
 }
 
 

@@ -1,0 +1,108 @@
+"""Image folders (the ImageNet layout), the ImageNet ResNets, and the ImageNet recipe end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, run_main, write_image_folder
+from iaat.data import load_dataset
+from iaat.data.folder import FolderImages, FolderLoader
+from iaat.errors import DataError
+
+pytest.importorskip("PIL", reason="image folders are decoded with Pillow")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def test_folder_splits_labels_and_lazy_images(folder):
+    splits = load_dataset("imagefolder", str(folder), image_size=48, resize=56)
+    assert splits.num_classes == 3 and len(splits.train) == 24 and len(splits.test) == 12
+    assert isinstance(splits.train.x, FolderImages) and splits.image_shape == (3, 48, 48)
+    assert sorted(splits.train.y.tolist()) == sorted([0, 1, 2] * 8)
+    x = splits.test.x[0:5]
+    assert x.dtype == torch.uint8 and x.shape == (5, 3, 48, 48)
+    sub = splits.test.subset(torch.tensor([4, 0]))
+    assert isinstance(sub.x, FolderImages)  # selecting does not decode
+    assert torch.equal(sub.x[0:2], splits.test.x[torch.tensor([4, 0])])
+    # the colour of each class's square survives decoding: the class mean of its channel is the highest
+    for c in range(3):
+        imgs = splits.train.x[torch.nonzero(splits.train.y == c).squeeze(1)].float()
+        assert imgs[:, c % 3].mean() > imgs[:, (c + 1) % 3].mean() + 20
+
+
+def test_folder_loader_is_seeded_resumable_and_sharded(folder):
+    splits = load_dataset("imagefolder", str(folder), image_size=32, resize=40)
+    cpu = torch.device("cpu")
+
+    full = list(FolderLoader(splits.train, 6, cpu, seed=1).epoch(2))
+    again = list(FolderLoader(splits.train, 6, cpu, seed=1).epoch(2))
+    other = list(FolderLoader(splits.train, 6, cpu, seed=1).epoch(3))
+    assert len(full) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(full, again))
+    assert not torch.equal(full[0][0], other[0][0])
+    assert torch.equal(torch.cat([i for _, _, i in full]).sort().values, torch.arange(24))
+    tail = list(FolderLoader(splits.train, 6, cpu, seed=1).epoch(2, 2))
+    assert len(tail) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(tail, full[2:]))
+    for rank in range(2):
+        part = list(FolderLoader(splits.train, 6, cpu, seed=1, shard=(rank, 2)).epoch(2))
+        for (xs, ys, ids), (x, y, idx) in zip(part, full):
+            assert torch.equal(ids, idx[rank::2]) and torch.equal(xs, x[rank::2]) and torch.equal(ys, y[rank::2])
+    plain = list(FolderLoader(splits.train, 6, cpu, seed=1, augment=False).epoch(2))
+    assert torch.equal(plain[0][0], splits.train.x[plain[0][2]].float() / 255)  # no augmentation: evaluation crops
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda root: root, "train is missing"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True) or root, "hold no images"),
+])
+def test_bad_folders_are_clear_errors(tmp_path, make, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset("imagefolder", str(make(tmp_path)))
+
+
+def test_imagenet_resnets_have_the_published_sizes():
+    from iaat.models import build_model
+
+    sizes = {"resnet50": 25.557032, "resnet101": 44.549160, "resnet152": 60.192808}  # torchvision, 1000 classes
+    for name, millions in sizes.items():
+        model = build_model(name, 1000)
+        assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=1e-6)
+    assert build_model("resnet50", 3)(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_imagenet_recipe_end_to_end(folder, tmp_path):
+    """configs/imagenet_resnet50_iaat.yaml on 3 classes of 64-px images: two epochs (warmup, then Alg. 2 with
+    PGD-1 selection and PGD-2 training), then a targeted evaluation and its report."""
+    run = tmp_path / "in-r50"
+    code, out, err = run_main(
+        "train", "--config", str(REPO / "configs" / "imagenet_resnet50_iaat.yaml"), "--data-dir", str(folder),
+        "--out", str(run), "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--amp", "off", "--no-progress",
+        "--set", "data.image_size=56", "--set", "data.resize=64", "--set", "data.val_size=6",
+        "--set", "method.warmup_epochs=1", "--set", "method.selection_steps=1", "--set", "attack.steps=2",
+        "--set", "optim.warmup_epochs=1", "--set", "train.eval_every=1", "--set", "train.eval_steps=2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["radius_mean"] == pytest.approx(16)  # warmup at eps_w 16/255
+    assert rows[1]["radius_min"] >= 4 - 1e-4  # clipped below at 4/255
+    assert rows[1]["train_up"] + rows[1]["train_same"] + rows[1]["train_down"] == pytest.approx(1)
+    assert rows[0]["lr"] < rows[1]["lr"] <= 0.1 * 8 / 256 + 1e-12  # warmup to the linearly scaled rate
+    assert (run / "radii" / "epoch_0002.npy").is_file()
+
+    report = tmp_path / "eval.json"
+    code, out, err = run_main("eval", str(run), "--attack", "pgd:steps=3,targeted=true", "--eps", "4", "16",
+                              "--device", "cpu", "--no-progress", "--out", str(report))
+    assert code == 0, err
+    result = json.loads(report.read_text())
+    assert result["n"] == 12
+    labels = [k for k in result["attacks"]]
+    assert labels == ["PGD-3-targeted@4/255", "PGD-3-targeted@16/255"], labels
+    for stats in result["attacks"].values():
+        assert 0 <= stats["accuracy"] <= result["clean"]
+    assert report.with_suffix(".md").is_file()
