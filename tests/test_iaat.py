@@ -160,6 +160,40 @@ def test_loss_split_uses_clean_loss_for_misclassified_samples():
     assert method.loss(model, x, y, torch.arange(16)).loss > F.cross_entropy(model(x), y) + 1e-3
 
 
+@pytest.mark.parametrize("selection", ["alg2", "online"])
+def test_skip_misclassified_attacks_only_clean_correct_samples_and_trains_the_same(selection, monkeypatch):
+    """Half the batch is misclassified when clean: skipping their attacks attacks the other half only and gives
+    the same loss and the same radii (no random start, so the attacks are deterministic)."""
+    torch.manual_seed(0)
+    model = Linear()
+    x = torch.rand(16, 1, 8, 8)
+    pred = model(x).argmax(1)
+    y = torch.where(torch.arange(16) % 2 == 0, pred, 1 - pred)
+    losses, memories, sizes = [], [], []
+    import iaat.methods.base as base
+
+    real_pgd = base.pgd
+
+    def counting_pgd(model, x, *args, **kwargs):
+        sizes.append(len(x))
+        return real_pgd(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(base, "pgd", counting_pgd)
+    for skip in (True, False):
+        attack = AttackSettings(eps=8 * U, step_size=2 * U, steps=5, random_start=False)
+        method = build_method("iaat", {"warmup_epochs": 0, "eps_init": 4, "selection": selection,
+                                       "skip_misclassified": skip}, attack, 16, 2, torch.device("cpu"))
+        method.start_epoch(0)
+        sizes.clear()
+        losses.append(method.loss(model, x, y, torch.arange(16)).loss)
+        memories.append(method.memory.clone())
+        # alg2 (batched): one selection call over both radii, then the training attack; online: training only
+        expected = [32, 16] if selection == "alg2" else [16]
+        assert sizes == ([n // 2 for n in expected] if skip else expected)
+    torch.testing.assert_close(losses[0], losses[1])
+    assert torch.equal(memories[0], memories[1])
+
+
 def test_learned_radii_rank_samples_by_distance_to_the_boundary():
     """Train a linear model with IAAT on data whose L-inf distance to the true boundary is known."""
     g = torch.Generator().manual_seed(0)

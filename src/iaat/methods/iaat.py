@@ -10,7 +10,10 @@ trained at ``eps_warmup``. After that, per batch (the paper's Alg. 2):
     eps = (1−β)·memory + β·choice, clipped to [eps_min, eps_max], written back to memory
 
 and the model trains on PGD(x, y, eps). Alg. 1's loss takes the adversarial loss for samples
-classified correctly when clean and the clean loss for the others (``loss_split``).
+classified correctly when clean and the clean loss for the others (``loss_split``). Those others
+are not attacked at all (``skip_misclassified``): their training attack would be thrown away, and
+Alg. 2's attacks would give them memory−γ anyway (an attack maximising their loss leaves them
+misclassified), so they get memory−γ directly.
 
 This is the one place where a radius is chosen. Selection modes:
 
@@ -82,6 +85,7 @@ class _Resolved:
     train_attack: str
     step_rule: str
     loss_split: bool
+    skip_misclassified: bool
     grid_step: float
     line_search_max: float
     save_radii: bool
@@ -109,6 +113,9 @@ class IAAT(Method):
         train_attack: str = "separate"  #: separate (paper) | reuse (project the selection attack's perturbation)
         step_rule: str = "proportional"  #: proportional: max(step_size, 2*eps/steps) | fixed: step_size
         loss_split: bool = True  #: Alg. 1: clean loss for samples misclassified when clean
+        #: with loss_split: no attacks for samples misclassified when clean: no training attack (they train on
+        #: their clean image) and, in alg2, no selection attacks (they get memory-γ, as the attacks would give)
+        skip_misclassified: bool = True
         line_search_step: Optional[Size] = None  #: grid spacing of line_search (default gamma)
         line_search_max: Size = 16  #: largest radius line_search tries
         save_radii: bool = True  #: write every sample's radius to RUN/radii/epoch_NNNN.npy each epoch
@@ -149,7 +156,8 @@ class IAAT(Method):
             if p.line_search_step is not None else gamma
         return _Resolved(gamma, p.beta, p.warmup_epochs, parse_size(p.eps_warmup, "method.eps_warmup"),
                          parse_size(p.eps_init, "method.eps_init"), eps_min, eps_max, p.selection,
-                         p.selection_steps, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split, grid,
+                         p.selection_steps, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split,
+                         p.loss_split and p.skip_misclassified, grid,
                          parse_size(p.line_search_max, "method.line_search_max", allow_zero=False), p.save_radii,
                          p.weights)
 
@@ -178,6 +186,19 @@ class IAAT(Method):
         return self.attack_batch(model, x, y, eps=eps, steps=steps, step_size=self.step_size(eps, steps),
                                  final_check=final_check)
 
+    def _attack_where(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training attack on the samples of ``mask`` only; the others keep x and kappa 0 (misclassified at x)."""
+        keep = mask.nonzero().squeeze(1)  # the one host sync: how many to attack
+        if len(keep) == len(y):
+            adv = self._attack(model, x, y, eps, steps, False)
+            return adv.x_adv, adv.kappa
+        x_adv, kappa = x.clone(), torch.zeros_like(y)
+        if len(keep):
+            sub = self._attack(model, x[keep], y[keep], eps[keep], steps, False)
+            x_adv[keep], kappa[keep] = sub.x_adv, sub.kappa
+        return x_adv, kappa
+
     @property
     def in_warmup(self) -> bool:
         return self.epoch < self.cfg.warmup_epochs
@@ -185,14 +206,28 @@ class IAAT(Method):
     def smooth(self, memory: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         return self.clip((1.0 - self.cfg.beta) * memory + self.cfg.beta * choice)
 
-    def select_alg2(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mem: torch.Tensor):
+    def select_alg2(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mem: torch.Tensor,
+                    active: Optional[torch.Tensor] = None):
         """Alg. 2's selection attacks at radii mem+γ and mem (see ``alg2_schedule``).
 
         Returns ``(choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur)``; with the conditional
-        schedule the ``*_cur`` values are only meaningful where ``hold_high`` is false.
+        schedule the ``*_cur`` values are only meaningful where ``hold_high`` is false. Samples outside
+        ``active`` (misclassified when clean, with ``skip_misclassified``) are not attacked: they get
+        memory−γ, which is what the two attacks give them (an attack that maximises their loss leaves them
+        misclassified), with x and kappa 0.
         """
-        steps = self.cfg.selection_steps or self.attack.steps
         g = self.cfg.gamma
+        if active is not None:
+            keep = active.nonzero().squeeze(1)  # the one host sync: who is attacked
+            if len(keep) < len(y):
+                broke = torch.zeros_like(active)
+                out = [self.clip(mem - g), broke, broke.clone(), x.clone(), x.clone(), torch.zeros_like(y),
+                       torch.zeros_like(y)]
+                if len(keep):
+                    for full, part in zip(out, self.select_alg2(model, x[keep], y[keep], mem[keep])):
+                        full[keep] = part
+                return tuple(out)
+        steps = self.cfg.selection_steps or self.attack.steps
         high = self.clip(mem + g)
         if self.cfg.alg2_schedule == "batched":
             res = self._attack(model, torch.cat([x, x]), torch.cat([y, y]), torch.cat([high, mem]), steps, True)
@@ -237,7 +272,8 @@ class IAAT(Method):
         if self.in_warmup:
             eps = torch.full_like(mem, c.eps_warmup)
         elif c.selection == "alg2":
-            choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur = self.select_alg2(model, x, y, mem)
+            choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur = self.select_alg2(
+                model, x, y, mem, clean_ok if c.skip_misclassified else None)
             eps = self.smooth(mem, choice)
             stats["up"] = hold_high.sum()
             stats["same"] = (~hold_high & hold_cur).sum()
@@ -252,6 +288,8 @@ class IAAT(Method):
             x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.attack.norm)
             kappa = torch.where(hold_high, kappa_high, kappa_cur)
             kappa_steps = c.selection_steps or steps
+        elif c.skip_misclassified:
+            x_adv, kappa = self._attack_where(model, x, y, eps, steps, clean_ok)
         else:
             adv = self._attack(model, x, y, eps, steps, False)
             x_adv, kappa = adv.x_adv, adv.kappa
