@@ -94,7 +94,7 @@ def test_without_mean_std_the_model_sees_raw_pixels():
         torch.testing.assert_close(model(x), model.net(x))
 
 
-@pytest.mark.parametrize("name", ["resnet50", "WRN-34-10", "", "small-cnn"])
+@pytest.mark.parametrize("name", ["resnet34", "WRN-34-10", "", "small-cnn"])
 def test_unknown_model_raises_config_error(name):
     with pytest.raises(ConfigError, match="unknown model") as info:
         build_model(name, 10)
