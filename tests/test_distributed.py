@@ -143,9 +143,9 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path, extra, message):
            "--no-progress", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
     assert proc.returncode != 0
-    lines = proc.stderr.splitlines()
-    assert any(line.startswith(message) for line in lines), proc.stderr  # rank 0: one line, no traceback
-    assert any(line.startswith("iaat: error: [rank 1] ") for line in lines)  # rank 1's copy is labelled
+    # the two ranks write to the same pipe, so their lines may run into each other
+    assert message in proc.stderr, proc.stderr  # rank 0's copy, unlabelled
+    assert "iaat: error: [rank 1] " in proc.stderr  # rank 1's copy is labelled
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

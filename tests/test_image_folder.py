@@ -106,3 +106,10 @@ def test_imagenet_recipe_end_to_end(folder, tmp_path):
     for stats in result["attacks"].values():
         assert 0 <= stats["accuracy"] <= result["clean"]
     assert report.with_suffix(".md").is_file()
+
+    # generated corruptions work on image folders too (the images to corrupt are decoded once)
+    report = tmp_path / "corruptions.json"
+    code, out, err = run_main("eval", str(run), "--corruptions", "generated", "--steps", "1", "--n", "6",
+                              "--device", "cpu", "--no-progress", "--no-checks", "--out", str(report))
+    assert code == 0, err
+    assert 0 <= json.loads(report.read_text())["corruptions"]["mean"] <= 1

@@ -308,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"iaat: {e}", file=sys.stderr)
             return e.exit_code
         except IaatError as e:
-            print(f"iaat: error: {_rank_prefix()}{e}", file=sys.stderr)
+            sys.stderr.write(f"iaat: error: {_rank_prefix()}{e}\n")  # one write: ranks share the stream
             return 2
         except KeyboardInterrupt:
             print("iaat: interrupted", file=sys.stderr)

@@ -677,6 +677,8 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
                         f"known: {', '.join(GENERATED_CORRUPTIONS)}.")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise DataError(f"n must be a positive number of images, got {n!r}.")
+    if not torch.is_tensor(data.x):  # an image folder: decode the images to corrupt once
+        data = ImageSet(data.x[0:min(n or len(data), len(data))], data.y[:min(n or len(data), len(data))])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise DataError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     channels = data.x.shape[1]
