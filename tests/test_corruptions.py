@@ -118,13 +118,18 @@ def test_load_cifar_c_takes_whole_blocks_by_default_and_caps_n(tmp_path):
     assert capped.n == N and [len(d) for _, _, d in capped] == [N] * 5
 
 
-def _expect_error(folder, *fragments, n=None):
+def _data_error(call, *fragments) -> str:
+    """``call()`` raises a DataError whose message holds every fragment; returns the message."""
     with pytest.raises(DataError) as info:
-        load_cifar_c(folder, n=n)
+        call()
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message
     return message
+
+
+def _expect_error(folder, *fragments, n=None):
+    return _data_error(lambda: load_cifar_c(folder, n=n), *fragments)
 
 
 def test_load_cifar_c_folder_errors(tmp_path):
@@ -504,14 +509,12 @@ def test_load_imagenet_c_resize_and_crop_like_torchvision(tmp_path):
 
 
 def _imagenet_error(folder, *fragments, iterate=False, **kwargs):
-    with pytest.raises(DataError) as info:
+    def call():
         sets = load_imagenet_c(folder, **{"image_size": 16, "resize": 20, **kwargs})
         if iterate:
             list(sets)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+
+    return _data_error(call, *fragments)
 
 
 def test_load_imagenet_c_folder_errors(tmp_path):

@@ -158,9 +158,14 @@ def merge_rows(values: torch.Tensor, touched: torch.Tensor, info: DistInfo) -> t
     return torch.where(count > 0, summed, values)
 
 
+def active() -> bool:
+    """Whether a process group of more than one process is up (for code that holds no :class:`DistInfo`)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def global_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks when a process group is up (autograd does not flow through it)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if active():
         t = t.detach().clone()
         dist.all_reduce(t)
     return t

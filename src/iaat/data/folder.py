@@ -23,12 +23,13 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import DataError
+from .loader import BatchPlan
 
 #: File endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -172,19 +173,22 @@ class FolderImages:
         idx = indices.tolist() if torch.is_tensor(indices) else list(indices)
         return FolderImages([self.files[i] for i in idx], self.image_size, self.resize)
 
-    def __getitem__(self, key: Union[slice, torch.Tensor, Sequence[int]]) -> torch.Tensor:
+    def __getitem__(self, key: Union[slice, int, torch.Tensor, Sequence[int]]) -> torch.Tensor:
         if isinstance(key, slice):
-            idx = range(*key.indices(len(self.files)))
+            idx = list(range(*key.indices(len(self.files))))
         else:
-            idx = key.tolist() if torch.is_tensor(key) else list(key)
-            if isinstance(idx, int):
-                idx = [idx]
+            idx = key.tolist() if torch.is_tensor(key) else key
+            idx = [idx] if isinstance(idx, int) else list(idx)
         image_cls = pillow("reading image folders")
-        return _read_many([self.files[i] for i in idx], self.image_size,
-                          lambda f: read_image(image_cls, f, self.image_size, self.resize))
+        return read_images([self.files[i] for i in idx], self.image_size,
+                           lambda f: read_image(image_cls, f, self.image_size, self.resize))
 
 
-def _read_many(files: list, image_size: int, read_one) -> torch.Tensor:
+def read_images(files: Sequence[Path], image_size: int, read_one: Callable[[Path], torch.Tensor]) -> torch.Tensor:
+    """``read_one`` of every file into one uint8 (len(files), 3, image_size, image_size) tensor, by a few threads.
+
+    After a failed image the rest are not read (the error is raised at once).
+    """
     x = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
 
     def fill(i: int) -> None:
@@ -194,8 +198,12 @@ def _read_many(files: list, image_size: int, read_one) -> torch.Tensor:
         for i in range(len(files)):
             fill(i)
         return x
-    with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
-        list(pool.map(fill, range(len(files))))
+    pool = ThreadPoolExecutor(min(READ_THREADS, len(files)))
+    try:
+        for _ in pool.map(fill, range(len(files))):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)
     return x
 
 
@@ -205,65 +213,47 @@ def _sample_generator(seed: int, epoch: int, sample: int) -> torch.Generator:
     return g
 
 
-class FolderLoader:
+class FolderLoader(BatchPlan):
     """Training batches ``(x, y, index)`` from a :class:`FolderImages` set, decoded and augmented on the host.
 
-    The interface of :class:`~iaat.data.DeviceLoader` (``len``, ``global_batch_sizes``, ``epoch``), same
-    permutation rule, same sharding of each global batch between ranks, same folding of a last batch too
-    small for BatchNorm. With ``augment`` every image gets its own RandomResizedCrop + flip; without, the
-    evaluation preprocessing. The next batch is decoded in the background while the current one trains.
+    The interface and the batch plan of :class:`~iaat.data.DeviceLoader` (same permutation, same sharding of
+    each global batch between ranks, same folding of a last batch too small for BatchNorm). With ``augment``
+    every image gets its own RandomResizedCrop + flip; without, the evaluation preprocessing. The next
+    batch is decoded in the background while the current one trains.
     """
 
     def __init__(self, data, batch_size: int, device: torch.device, *, shuffle: bool = True, augment: bool = True,
                  seed: int = 0, shard: Optional[tuple[int, int]] = None) -> None:
-        from .loader import DeviceLoader
-
         if not isinstance(data.x, FolderImages):
             raise TypeError("FolderLoader reads image folders; use DeviceLoader for tensors")
+        # The permutation is drawn on the CPU: the indices pick files, and must not depend on the device.
+        super().__init__(len(data.y), batch_size, torch.device("cpu"), shuffle=shuffle, seed=seed, shard=shard)
         self.images, self.y = data.x, data.y
-        self.device = torch.device(device)
-        # The batch plan (bounds, permutation, shard) is DeviceLoader's, computed from the labels alone.
-        self._plan = DeviceLoader(_LabelsOnly(self.y), batch_size, torch.device("cpu"), shuffle=shuffle,
-                                  augment=False, seed=seed, shard=shard)
+        self.target = torch.device(device)
         self.augment = augment
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
-    def global_batch_sizes(self) -> list:
-        return self._plan.global_batch_sizes()
 
     def _decode(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        files = [self.images.files[i] for i in idx.tolist()]
         image_cls = pillow("reading image folders")
         size = self.images.image_size
+        files = [self.images.files[i] for i in idx.tolist()]
         if not self.augment:
-            return _read_many(files, size, lambda f: read_image(image_cls, f, size, self.images.resize))
-        gens = {f: _sample_generator(self.seed, epoch, int(i)) for f, i in zip(files, idx.tolist())}
-        return _read_many(files, size, lambda f: random_resized_crop(image_cls, f, size, gens[f]))
+            return read_images(files, size, lambda f: read_image(image_cls, f, size, self.images.resize))
+        gens = {f: _sample_generator(self.seed, epoch, i) for f, i in zip(files, idx.tolist())}
+        return read_images(files, size, lambda f: random_resized_crop(image_cls, f, size, gens[f]))
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of one epoch from step ``start`` on (deterministic in ``seed`` and ``epoch``)."""
-        plan = [idx for _, _, idx in self._plan.epoch(epoch, start)]
+        plan = [self._mine(idx) for idx in self._plan(epoch)[1][start:]]
         with ThreadPoolExecutor(1) as prefetch:
             pending = prefetch.submit(self._decode, plan[0], epoch) if plan else None
             for k, idx in enumerate(plan):
                 x = pending.result()
                 if k + 1 < len(plan):
                     pending = prefetch.submit(self._decode, plan[k + 1], epoch)
-                x = x.to(self.device, non_blocking=True).float().div_(255.0)
-                yield x, self.y[idx].to(self.device), idx.to(self.device)
+                x = x.to(self.target, non_blocking=True).float().div_(255.0)
+                yield x, self.y[idx].to(self.target), idx.to(self.target)
 
     __iter__ = epoch
-
-
-class _LabelsOnly:
-    """An ImageSet stand-in with no pixels: lets DeviceLoader plan batches (indices) for a folder set."""
-
-    def __init__(self, y: torch.Tensor) -> None:
-        self.y = y
-        self.x = torch.empty((len(y), 0, 0, 0), dtype=torch.uint8)
 
 
 def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Optional[int] = None):

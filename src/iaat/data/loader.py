@@ -55,45 +55,33 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4,
     return apply_augmentation(x, draw_augmentation(len(x), generator, padding, flip, x.device), padding)
 
 
-class DeviceLoader:
-    """Yields ``(x, y, index)`` batches: x float in [0, 1] on ``device``, index into the split.
+class BatchPlan:
+    """Which samples each step of an epoch takes: the part every loader shares.
 
-    Args:
-        data: the images (uint8) and labels; moved to ``device`` once.
-        batch_size: images per batch; with ``shard``, per *global* batch (all ranks together).
-        device: where the data lives and batches are made.
-        shuffle: draw a new permutation each epoch.
-        augment: random crop with zero padding of 1/8 of the image side (4 pixels on CIFAR's 32, 1 on
-            8x8 digits) and horizontal flip.
-        seed: base seed; epoch ``e`` uses a generator seeded by (seed, e).
-        shard: ``(rank, world_size)``: every rank draws the same permutation and the same
-            augmentation for each global batch and keeps every world_size-th sample of it, so
-            the ranks' batches of a step together are exactly the 1-process batch of that step
-            (images, crops and flips alike) and every rank takes the same number of steps.
+    Each epoch draws a permutation from a generator seeded by (seed, epoch) and cuts it into global
+    batches of ``batch_size``; a last batch too small to give every rank 2 samples (1 without sharding)
+    would break BatchNorm in train mode and is folded into the previous one. With ``shard = (rank,
+    world_size)`` every rank draws the same permutation and keeps every world_size-th sample of each
+    global batch, so the ranks' batches of a step together are exactly the 1-process batch of that step
+    and every rank takes the same number of steps.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = True,
-                 augment: bool = False, seed: int = 0, shard: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, n: int, batch_size: int, device: torch.device, *, shuffle: bool = True, seed: int = 0,
+                 shard: Optional[tuple[int, int]] = None) -> None:
         rank, world = shard or (0, 1)
         if not 0 <= rank < world:
             raise ValueError(f"shard rank {rank} outside world size {world}")
         if world > 1 and batch_size < 2 * world:
             raise ValueError(f"a global batch of {batch_size} cannot give each of {world} processes 2 images or more")
-        self.x = data.x.to(device)
-        self.y = data.y.to(device)
+        self.n = n
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.shuffle = shuffle
-        self.augment = augment
         self.seed = seed
         self.rank, self.world = rank, world
-        self.padding = max(1, self.x.shape[-1] // 8) if self.x.dim() == 4 else 4
 
     def _bounds(self) -> list:
-        n = len(self.x)
-        bounds = list(range(0, n, self.batch_size)) + [n]
-        # A last batch too small to give every rank 2 samples (1 without sharding) would break BatchNorm in
-        # train mode: fold it into the previous one.
+        bounds = list(range(0, self.n, self.batch_size)) + [self.n]
         least = 2 * self.world if self.world > 1 else 2
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < least:
             bounds.pop(-2)
@@ -107,28 +95,57 @@ class DeviceLoader:
         bounds = self._bounds()
         return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def _plan(self, epoch: int) -> tuple[torch.Generator, list]:
+        """The epoch's generator (after the permutation was drawn from it) and its global batches of indices."""
+        g = _epoch_generator(self.device, self.seed, epoch)
+        order = (torch.randperm(self.n, generator=g, device=self.device) if self.shuffle
+                 else torch.arange(self.n, device=self.device))
+        bounds = self._bounds()
+        return g, [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch (or of anything drawn per image of it)."""
+        return t[self.rank::self.world] if self.world > 1 else t
+
+
+class DeviceLoader(BatchPlan):
+    """Yields ``(x, y, index)`` batches: x float in [0, 1] on ``device``, index into the split.
+
+    Args:
+        data: the images (uint8) and labels; moved to ``device`` once.
+        batch_size: images per batch; with ``shard``, per *global* batch (all ranks together).
+        device: where the data lives and batches are made.
+        shuffle: draw a new permutation each epoch.
+        augment: random crop with zero padding of 1/8 of the image side (4 pixels on CIFAR's 32, 1 on
+            8x8 digits) and horizontal flip.
+        seed: base seed; epoch ``e`` uses a generator seeded by (seed, e).
+        shard: ``(rank, world_size)`` (see :class:`BatchPlan`); every rank also draws the same crops and
+            flips for the global batch, so the ranks' images together are the 1-process batch.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = True,
+                 augment: bool = False, seed: int = 0, shard: Optional[tuple[int, int]] = None) -> None:
+        super().__init__(len(data.y), batch_size, device, shuffle=shuffle, seed=seed, shard=shard)
+        self.x = data.x.to(device)
+        self.y = data.y.to(device)
+        self.augment = augment
+        self.padding = max(1, self.x.shape[-1] // 8)
+
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of one epoch from step ``start`` on (deterministic in ``seed`` and ``epoch``).
 
         The random draws of skipped steps are still made, so step ``start`` gets the same batch as in a
         full pass; only their images are not gathered.
         """
-        g = _epoch_generator(self.device, self.seed, epoch)
-        n = len(self.x)
-        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        bounds = self._bounds()
-        for step, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            idx = order[lo:hi]
+        g, batches = self._plan(epoch)
+        for step, idx in enumerate(batches):
             draws = draw_augmentation(len(idx), g, self.padding, device=self.device) if self.augment else None
             if step < start:
                 continue
-            if self.world > 1:
-                mine = slice(self.rank, None, self.world)
-                idx = idx[mine]
-                draws = tuple(d[mine] for d in draws) if draws is not None else None
+            idx = self._mine(idx)
             xb = self.x[idx]
             if draws is not None:
-                xb = apply_augmentation(xb, draws, self.padding)
+                xb = apply_augmentation(xb, tuple(self._mine(d) for d in draws), self.padding)
             yield xb.float().div_(255.0), self.y[idx], idx
 
     __iter__ = epoch

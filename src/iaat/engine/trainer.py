@@ -224,8 +224,7 @@ def _check_distributed(cfg: Config, info: distributed.DistInfo, device: torch.de
                           "drop it for gloo/CPU runs.")
 
 
-def _wrap_ddp(model: torch.nn.Module, cfg: Config, info: distributed.DistInfo,
-              device: torch.device) -> torch.nn.Module:
+def _wrap_ddp(model: torch.nn.Module, info: distributed.DistInfo, device: torch.device) -> torch.nn.Module:
     """The model the training loss runs through: DistributedDataParallel over ``model`` under torchrun."""
     if not info.enabled:
         return model
@@ -260,7 +259,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     loader = loader_cls(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
                         seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
     global_sizes = loader.global_batch_sizes()
-    net = _wrap_ddp(model, cfg, info, device)  # same initial weights everywhere: equal seeds, and DDP broadcasts
+    net = _wrap_ddp(model, info, device)  # same initial weights everywhere: equal seeds, and DDP broadcasts
     if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
         seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
 

@@ -16,7 +16,6 @@ import io
 import math
 import numbers
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -30,10 +29,10 @@ from tqdm.auto import tqdm
 from ..attacks.pgd import attack_mode
 from ..data import ImageSet
 from ..data.folder import IMAGE_EXTENSIONS
-from ..data.folder import READ_THREADS as _READ_THREADS
 from ..data.folder import image_files as _image_files
 from ..data.folder import pillow as _pillow
 from ..data.folder import read_image as _read_image
+from ..data.folder import read_images
 from ..data.folder import subfolders as _subfolders
 from ..errors import DataError
 
@@ -314,18 +313,7 @@ def load_imagenet_c(folder: Union[str, Path], n: Optional[int] = None, image_siz
 
     def read(files: list[Path]) -> torch.Tensor:
         """The images of ``files`` as uint8 (len(files), 3, image_size, image_size), read by a few threads."""
-        x = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
-
-        def read_one(i: int) -> None:
-            x[i] = _read_image(image_cls, files[i], image_size, resize)
-
-        pool = ThreadPoolExecutor(_READ_THREADS)
-        try:
-            for _ in pool.map(read_one, range(len(files))):
-                pass
-        finally:
-            pool.shutdown(cancel_futures=True)  # after a bad image, do not read the rest
-        return x
+        return read_images(files, image_size, lambda f: _read_image(image_cls, f, image_size, resize))
 
     def items() -> Iterator[CorruptionItem]:
         for name in names:
@@ -678,7 +666,7 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise DataError(f"n must be a positive number of images, got {n!r}.")
     if not torch.is_tensor(data.x):  # an image folder: decode the images to corrupt once
-        data = ImageSet(data.x[0:min(n or len(data), len(data))], data.y[:min(n or len(data), len(data))])
+        data = ImageSet(data.x[:n], data.y[:n])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise DataError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     channels = data.x.shape[1]

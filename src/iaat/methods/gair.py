@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..distributed import global_sum
+from .. import distributed
 from ..errors import ConfigError
 
 WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
@@ -58,8 +58,10 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
         raw = (steps + 1 - k) / (steps + 1)
     else:
         raise ValueError(f"unknown GAIR weight function {fn!r}")
+    if not distributed.active():
+        return raw * (len(raw) / raw.sum())
     # Under torchrun the mean is over the global batch (all ranks), as in a 1-process run of that batch.
-    stats = global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
+    stats = distributed.global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
     return raw * (stats[0] / stats[1])
 
 

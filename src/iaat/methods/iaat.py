@@ -92,6 +92,22 @@ class _Resolved:
     weights: str
 
 
+def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
+    """``compute(rows)`` on the rows of ``mask`` only, as one smaller batch; ``fill()``'s values elsewhere.
+
+    ``compute`` takes an index (``slice(None)`` when every row is in ``mask``: no copies) and returns a tuple
+    of per-row tensors; ``fill()`` returns full-size tensors of the same kinds. One host sync: the row count.
+    """
+    keep = mask.nonzero().squeeze(1)
+    if len(keep) == len(mask):
+        return tuple(compute(slice(None)))
+    out = list(fill())
+    if len(keep):
+        for full, part in zip(out, compute(keep)):
+            full[keep] = part
+    return tuple(out)
+
+
 class IAAT(Method):
     """Instance-adaptive adversarial training with an epsilon memory over the training set."""
 
@@ -189,15 +205,11 @@ class IAAT(Method):
     def _attack_where(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training attack on the samples of ``mask`` only; the others keep x and kappa 0 (misclassified at x)."""
-        keep = mask.nonzero().squeeze(1)  # the one host sync: how many to attack
-        if len(keep) == len(y):
-            adv = self._attack(model, x, y, eps, steps, False)
+        def attack(rows: Any) -> tuple:
+            adv = self._attack(model, x[rows], y[rows], eps[rows], steps, False)
             return adv.x_adv, adv.kappa
-        x_adv, kappa = x.clone(), torch.zeros_like(y)
-        if len(keep):
-            sub = self._attack(model, x[keep], y[keep], eps[keep], steps, False)
-            x_adv[keep], kappa[keep] = sub.x_adv, sub.kappa
-        return x_adv, kappa
+
+        return _on_rows(mask, attack, lambda: (x.clone(), torch.zeros_like(y)))
 
     @property
     def in_warmup(self) -> bool:
@@ -218,15 +230,12 @@ class IAAT(Method):
         """
         g = self.cfg.gamma
         if active is not None:
-            keep = active.nonzero().squeeze(1)  # the one host sync: who is attacked
-            if len(keep) < len(y):
+            def skipped() -> tuple:
                 broke = torch.zeros_like(active)
-                out = [self.clip(mem - g), broke, broke.clone(), x.clone(), x.clone(), torch.zeros_like(y),
-                       torch.zeros_like(y)]
-                if len(keep):
-                    for full, part in zip(out, self.select_alg2(model, x[keep], y[keep], mem[keep])):
-                        full[keep] = part
-                return tuple(out)
+                return (self.clip(mem - g), broke, broke.clone(), x.clone(), x.clone(), torch.zeros_like(y),
+                        torch.zeros_like(y))
+
+            return _on_rows(active, lambda rows: self.select_alg2(model, x[rows], y[rows], mem[rows]), skipped)
         steps = self.cfg.selection_steps or self.attack.steps
         high = self.clip(mem + g)
         if self.cfg.alg2_schedule == "batched":
