@@ -1,4 +1,4 @@
-"""Command line: ``iaat train | eval | demo``.
+"""Command line: ``iaat train | eval | sweep | report | demo``.
 
 Sizes (eps, step sizes) are in pixel units over 255: ``8`` means 8/255; ``"8/255"`` and
 ``"0.031/1"`` (an explicit fraction of the [0, 1] range) are accepted too.
@@ -187,6 +187,72 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import apply_override
+    from .sweep import DEFAULT_RUNS, build_plan, load_sweep_file, run_sweep
+
+    if args.sweep_file:
+        spec = load_sweep_file(Path(args.sweep_file))
+        base_dir = Path(args.sweep_file).parent
+        if args.config:
+            spec["base"] = str(Path(args.config).resolve())
+    else:
+        if not args.config:
+            raise ConfigError("iaat sweep needs a sweep file (see configs/sweeps/) or --config BASE.yaml.")
+        spec, base_dir = {"base": str(Path(args.config).resolve())}, Path(".")
+    overrides: dict = {}
+    for assignment in args.set:
+        holder: dict = {}
+        apply_override(holder, assignment)
+        for section, values in holder.items():
+            overrides.update({f"{section}.{k}": v for k, v in values.items()})
+    for key, value in (("data.data_dir", args.data_dir), ("train.epochs", args.epochs),
+                       ("data.train_subset", args.train_subset), ("train.device", args.device)):
+        if value is not None:
+            overrides[key] = value
+    spec["set"] = {**(spec.get("set") or {}), **overrides}
+    if args.frontier_eps is not None:
+        spec["frontier_eps"] = args.frontier_eps
+    if args.with_runs:
+        runs = dict(spec.get("runs") or {name: {} for name in DEFAULT_RUNS})
+        runs.update({name: runs.get(name, {}) for name in args.with_runs})
+        spec["runs"] = runs
+    if args.grid:
+        params = {}
+        for item in args.grid:
+            key, sep, values = item.partition("=")
+            if not sep or not values:
+                raise ConfigError(f"--grid expects section.key=V1,V2,..., got {item!r}.")
+            import yaml
+
+            params[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+        spec["grid"] = {"of": args.grid_of, "params": params}
+    ev = dict(spec.get("eval") or {})
+    if args.eval_n is not None:
+        ev["n"] = args.eval_n
+    if args.eval_attack:
+        ev["attacks"] = args.eval_attack
+    spec["eval"] = ev
+    plan = build_plan(spec, base_dir)
+    if args.dry_run:
+        for name, raw in plan.runs.items():
+            method = raw["method"]
+            params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+            print(f"{name:<28}{plan.groups[name]:<10}{method['name']} eps={raw['attack']['eps']} {params}")
+        print(f"evaluation: iaat eval RUN {' '.join(plan.eval.args())}")
+        return 0
+    return run_sweep(plan, Path(args.out), jobs=args.jobs, only=args.only)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import make_report
+
+    out = make_report([Path(p) for p in args.runs], Path(args.out), data_dir=args.data_dir,
+                      image_eps=args.image_eps, device=args.device)
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -280,6 +346,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file to write, markdown beside it (default RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="train and evaluate the papers' comparison (fixed-eps frontier, IAAT, GAIRAT, ...) "
+                                     "or a parameter grid, resumably",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a set of runs on the same data, model and schedule, then evaluate them all "
+                                   "with the same attacks. Default runs: PGD-AT at each --frontier-eps, iaat, "
+                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, iaat_line_search with "
+                                   "--with). Each run trains in its own process into OUT/runs/NAME (log in "
+                                   "OUT/logs/NAME.log). Re-running the same command skips finished runs and "
+                                   "resumes interrupted ones from their checkpoints; nothing is trained twice.",
+                       epilog="examples:\n"
+                              "  iaat sweep configs/sweeps/cifar10_small_cnn_cpu.yaml --data-dir ~/data --out runs/sweep\n"
+                              "  iaat sweep --config configs/cifar10_resnet18_pgd_at.yaml --with clean trades \\\n"
+                              "      --grid method.gamma=1,1.9,4 --grid method.beta=0.1,0.5 --out runs/sweep --jobs 2\n"
+                              "  iaat report runs/sweep --out runs/sweep/report\n"
+                              "sweep file keys: base (a train config), set (section.key: value for every run), "
+                              "frontier_eps,\nruns (name: overrides), grid (of: RUN, params: {section.key: [values]}), "
+                              "eval (eps, n, attacks, sweep_eps, checks).")
+    p.add_argument("sweep_file", nargs="?", metavar="SWEEP_FILE", help="a sweep plan (YAML; see configs/sweeps/)")
+    p.add_argument("--out", metavar="SWEEP_DIR", required=True, help="sweep folder (created, or continued)")
+    p.add_argument("--config", metavar="FILE", help="base train config of every run (replaces the sweep file's base)")
+    p.add_argument("--data-dir", metavar="DIR", help="data folder of every run  [data.data_dir]")
+    p.add_argument("--epochs", type=int, help="epochs of every run  [train.epochs]")
+    p.add_argument("--train-subset", type=int, metavar="N", help="class-balanced training subset  [data.train_subset]")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field of every run (repeatable)")
+    p.add_argument("--frontier-eps", nargs="*", metavar="EPS",
+                   help=f"PGD-AT radii of the fixed-eps frontier, {SIZE_HELP} (default 2 4 6 8; none: no frontier)")
+    p.add_argument("--with", dest="with_runs", nargs="+", choices=["clean", "trades", "mixup_at", "iaat_line_search"],
+                   help="add these baselines/ablations to the runs")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                   help="grid over a parameter of the --grid-of run (repeatable: every combination is a run)")
+    p.add_argument("--grid-of", default="iaat", metavar="RUN", help="the run the grid varies (default iaat)")
+    p.add_argument("--eval-n", type=int, metavar="N", help="evaluate on the first N test images (default all)")
+    p.add_argument("--eval-attack", action="append", metavar="SPEC",
+                   help="evaluation attacks (repeatable; default pgd:steps=10 and pgd:steps=100), as in iaat eval")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split; default 1)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the plan")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and the evaluation, run nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="figures and tables (the IAAT paper's) from saved runs or sweeps",
+                       description="Make the report of saved runs: the accuracy/robustness tradeoff, accuracy over "
+                                   "test eps, radius trajectories and histograms, the images with the smallest and "
+                                   "largest radii, and markdown tables, into --out (PNG and SVG figures, report.md). "
+                                   "Reads only files of the runs (config, metrics, radii, evaluations, checkpoints); "
+                                   "needs matplotlib (pip install 'iaat[report]').")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run folders and/or sweep folders")
+    p.add_argument("--out", metavar="DIR", required=True, help="report folder (created; files in it are replaced)")
+    p.add_argument("--data-dir", metavar="DIR", help="data folder for the image grids (default: the run's)")
+    p.add_argument("--image-eps", default="16", help=f"radius of the perturbed images shown beside the smallest/"
+                                                      f"largest-radius images, {SIZE_HELP} (default 16)")
+    p.add_argument("--device", default="auto", help="device of the attack behind the image grids")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="a few-minute CPU demo on scikit-learn's bundled digits (no download)",
                        description="Train a small CNN on scikit-learn's 8x8 digits twice, with clean training and "

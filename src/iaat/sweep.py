@@ -1,0 +1,432 @@
+"""``iaat sweep``: train and evaluate a set of runs on the same data, model and schedule, resumably.
+
+A sweep is a plan (a YAML file, or built from flags) of named runs, each a train config:
+
+* the fixed-eps frontier: ``pgd_at`` at every radius of ``frontier_eps`` (runs ``pgd_at_eps<E>``,
+  PGD step eps/4, the paper's 2/255 at 8/255);
+* named runs, each a set of ``section.key: value`` overrides of the base config (``iaat``,
+  ``iaat_no_warmup``, ``gairat``, ...); a run that changes ``method.name`` starts from that
+  method's defaults instead of the base method's parameters;
+* a grid over any parameters of one named run (e.g. IAAT's γ and β, the paper's Table 9):
+  every combination is a run, except those equal to a run already in the plan.
+
+Every run is trained by ``iaat train`` in a child process into ``OUT/runs/<name>`` and then
+evaluated by ``iaat eval`` with the same attacks, radius and test images; the results land
+in ``OUT/runs/<name>/eval/sweep-<key>.json``. The plan is saved as ``OUT/sweep.yaml``. Re-running
+the command skips what is finished, resumes an interrupted training from its checkpoint and
+an interrupted evaluation from its saved state, so nothing is trained twice. ``--jobs N``
+runs N runs at once (CPU threads are split between them).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from .config import SECTIONS, config_from_dict, load_yaml
+from .errors import CheckpointError, ConfigError
+
+PLAN = "sweep.yaml"
+RUNS = "runs"
+LOGS = "logs"
+DEFAULT_FRONTIER = (2, 4, 6, 8)
+#: The runs ``iaat sweep`` adds beside the frontier, and the optional ones ``--with`` adds.
+DEFAULT_RUNS = ("iaat", "iaat_no_warmup", "gairat")
+OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "iaat_line_search")
+#: Overrides of the built-in run names (applied on top of the base config).
+BUILTIN_RUNS: dict[str, dict] = {
+    "iaat": {"method.name": "iaat"},
+    "iaat_no_warmup": {"method.name": "iaat", "method.warmup_epochs": 0},
+    "iaat_line_search": {"method.name": "iaat", "method.selection": "line_search"},
+    "gairat": {"method.name": "gairat"},
+    "clean": {"method.name": "clean"},
+    "trades": {"method.name": "trades"},
+    "mixup_at": {"method.name": "mixup_at"},
+}
+DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
+DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)
+# Keys a finished or interrupted run may differ in from the plan (where the data is, which device).
+_FREE_KEYS = {("data", "data_dir"), ("data", "download"), ("train", "device"), ("train", "progress")}
+
+
+@dataclass
+class EvalSpec:
+    """The one evaluation every run of a sweep gets."""
+
+    eps: Any = None  #: test radius (pixel units over 255); default: the base config's attack.eps
+    n: Optional[int] = None  #: first N test images (default all)
+    attacks: list = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    sweep_eps: list = field(default_factory=lambda: list(DEFAULT_SWEEP_EPS))
+    checks: bool = True
+
+    def args(self) -> list[str]:
+        out = ["--eps", str(self.eps)]
+        for a in self.attacks:
+            out += ["--attack", a]
+        if self.sweep_eps:
+            out += ["--sweep-eps", *[str(e) for e in self.sweep_eps]]
+        if self.n is not None:
+            out += ["--n", str(self.n)]
+        if not self.checks:
+            out.append("--no-checks")
+        return out
+
+    def key(self) -> str:
+        text = json.dumps([str(self.eps), self.n, self.attacks, [str(e) for e in self.sweep_eps], self.checks])
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass
+class SweepPlan:
+    runs: dict  #: name -> nested raw config (validated)
+    eval: EvalSpec
+    groups: dict = field(default_factory=dict)  #: name -> frontier | run | grid (what the run is for)
+
+    def to_dict(self) -> dict:
+        return {"runs": self.runs, "groups": self.groups,
+                "eval": {"eps": self.eval.eps, "n": self.eval.n, "attacks": self.eval.attacks,
+                         "sweep_eps": self.eval.sweep_eps, "checks": self.eval.checks}}
+
+
+def _apply(raw: dict, overrides: dict, where: str) -> dict:
+    """``raw`` with dotted ``section.key: value`` overrides applied (a new method starts from its defaults)."""
+    out = copy.deepcopy(raw)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where} must be a mapping of section.key: value, got {overrides!r}.")
+    new_method = overrides.get("method.name")
+    if new_method is not None and new_method != (out.get("method") or {}).get("name", "pgd_at"):
+        out["method"] = {"name": new_method}
+    for dotted, value in overrides.items():
+        parts = str(dotted).split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"{where}: '{dotted}' is not a section.key name (sections: {', '.join(SECTIONS)}).")
+        section = out.setdefault(parts[0], {}) or {}
+        out[parts[0]] = section
+        section[parts[1]] = value
+    return out
+
+
+def _size_name(value: Any) -> str:
+    return str(value).replace("/", "-").replace(".", "p")
+
+
+def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
+    """A validated :class:`SweepPlan` from a sweep spec (the parsed sweep YAML; see configs/sweeps/)."""
+    known = {"base", "set", "frontier_eps", "runs", "grid", "eval"}
+    for key in spec:
+        if key not in known:
+            raise ConfigError(f"unknown sweep key '{key}'; a sweep file has {', '.join(sorted(known))}.")
+    base = spec.get("base")
+    if isinstance(base, str):
+        base = load_yaml((base_dir / base) if not Path(base).is_absolute() else Path(base))
+    base = _apply(base or {}, spec.get("set") or {}, "sweep 'set'")
+    runs: dict[str, dict] = {}
+    groups: dict[str, str] = {}
+
+    def add(name: str, raw: dict, group: str) -> None:
+        try:
+            cfg = config_from_dict(copy.deepcopy(raw))
+        except ConfigError as e:
+            raise ConfigError(f"sweep run '{name}': {e}") from None
+        for other, other_raw in runs.items():
+            if identity(other_raw) == identity(cfg.to_dict()):
+                if group == "grid":
+                    return  # the grid point is a run already in the plan
+                raise ConfigError(f"sweep runs '{other}' and '{name}' have the same config.")
+        runs[name] = cfg.to_dict()
+        groups[name] = group
+
+    from .units import parse_size
+
+    for eps in spec.get("frontier_eps", DEFAULT_FRONTIER) or []:
+        step = f"{parse_size(eps, 'frontier_eps', allow_zero=False) * 255 / 4:g}"  # the paper's 2/255 at 8/255
+        add(f"pgd_at_eps{_size_name(eps)}", _apply(base, {"method.name": "pgd_at", "attack.eps": eps,
+                                                          "attack.step_size": step}, "frontier"), "frontier")
+    named = spec.get("runs")
+    if named is None:
+        named = {name: {} for name in DEFAULT_RUNS}
+    if not isinstance(named, dict):
+        raise ConfigError(f"sweep 'runs' must map run names to overrides, got {named!r}.")
+    for name, overrides in named.items():
+        _check_name(name)
+        merged = {**BUILTIN_RUNS.get(name, {}), **(overrides or {})}
+        if "method.name" not in merged:
+            raise ConfigError(f"sweep run '{name}' needs method.name (or a built-in name: "
+                              f"{', '.join(BUILTIN_RUNS)}).")
+        add(name, _apply(base, merged, f"sweep run '{name}'"), "run")
+    grid = spec.get("grid")
+    if grid:
+        of = grid.get("of", "iaat") if isinstance(grid, dict) else None
+        params = grid.get("params") if isinstance(grid, dict) else None
+        if of not in named or not isinstance(params, dict) or not params:
+            raise ConfigError("sweep 'grid' needs 'of: RUN' (a named run of the sweep) and 'params: {section.key: "
+                              "[values]}'.")
+        keys = list(params)
+        for key in keys:
+            if not isinstance(params[key], list) or not params[key]:
+                raise ConfigError(f"sweep grid parameter '{key}' needs a non-empty list of values.")
+        of_raw = _apply(base, {**BUILTIN_RUNS.get(of, {}), **(named[of] or {})}, f"sweep run '{of}'")
+        for values in itertools.product(*(params[k] for k in keys)):
+            name = of + "".join(f"_{k.split('.')[-1]}{_size_name(v)}" for k, v in zip(keys, values))
+            add(name, _apply(of_raw, dict(zip(keys, values)), f"sweep grid point {name}"), "grid")
+    if not runs:
+        raise ConfigError("the sweep has no runs.")
+    ev = spec.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise ConfigError(f"sweep 'eval' must be a mapping, got {ev!r}.")
+    unknown = set(ev) - {"eps", "n", "attacks", "sweep_eps", "checks"}
+    if unknown:
+        raise ConfigError(f"unknown sweep eval key(s) {', '.join(sorted(unknown))}; known: eps, n, attacks, "
+                          f"sweep_eps, checks.")
+    spec_eval = EvalSpec(**ev)
+    if spec_eval.eps is None:
+        spec_eval.eps = (base.get("attack") or {}).get("eps", 8)
+    if spec_eval.n is not None and (not isinstance(spec_eval.n, int) or spec_eval.n < 1):
+        raise ConfigError(f"sweep eval.n must be a positive integer, got {spec_eval.n!r}.")
+    return SweepPlan(runs=runs, eval=spec_eval, groups=groups)
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name) or name[0] == ".":
+        raise ConfigError(f"sweep run name {name!r} must be letters, digits, '_', '-' or '.'.")
+
+
+def load_sweep_file(path: Path) -> dict:
+    """The sweep spec of a YAML file (paths in it are relative to the file)."""
+    return load_yaml(path)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunStatus:
+    name: str
+    trained: str = ""  #: done | skipped | resumed | started | failed | interrupted
+    evaluated: str = ""
+    seconds: float = 0.0
+    log: Optional[Path] = None
+
+
+def identity(raw: dict) -> dict:
+    """A config as a comparable dict: validated, with the method's defaults filled in."""
+    import dataclasses
+
+    from .methods import method_class
+
+    cfg = config_from_dict(copy.deepcopy(raw))
+    out = cfg.to_dict()
+    params = method_class(cfg.method.name).parse_params(cfg.method.params)
+    out["method"] = {"name": cfg.method.name, **dataclasses.asdict(params)}
+    return out
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a child's log, indented (what went wrong, without opening the file)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text)
+
+
+def _same_config(saved: dict, planned: dict) -> Optional[str]:
+    """The first key (other than where/how it runs) in which a run folder's config differs from the plan."""
+    a, b = identity(saved), identity(planned)
+    for section in b:
+        for key in sorted(set(a.get(section, {})) | set(b[section])):
+            if (section, key) in _FREE_KEYS or (section, key) == ("train", "epochs"):
+                continue
+            if a.get(section, {}).get(key) != b[section].get(key):
+                return f"{section}.{key} ({a.get(section, {}).get(key)!r} there, {b[section].get(key)!r} planned)"
+    return None
+
+
+class SweepRunner:
+    """Runs a plan's trainings and evaluations as child processes; resumable and interruptible."""
+
+    def __init__(self, plan: SweepPlan, out: Path, jobs: int = 1, log: Callable[[str], None] = print,
+                 python: str = sys.executable) -> None:
+        self.plan, self.out, self.jobs, self.log, self.python = plan, Path(out), jobs, log, python
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+        self.signals = 0
+
+    def eval_path(self, name: str) -> Path:
+        return self.out / RUNS / name / "eval" / f"sweep-{self.plan.eval.key()}.json"
+
+    def check(self) -> None:
+        """Refuse to reuse a folder whose runs were trained with another config (before anything starts)."""
+        for name, raw in self.plan.runs.items():
+            config = self.out / RUNS / name / "config.yaml"
+            if config.is_file():
+                diff = _same_config(load_yaml(config), raw)
+                if diff:
+                    raise ConfigError(f"run {self.out / RUNS / name} was trained with another config: {diff}. "
+                                      f"Use another --out, or remove that run folder to train it again.")
+
+    def write_plan(self) -> None:
+        from .engine.checkpoint import atomic_write_bytes
+
+        try:
+            (self.out / LOGS).mkdir(parents=True, exist_ok=True)
+            (self.out / RUNS).mkdir(exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the sweep folder {self.out}: {e.strerror or e}.") from None
+        atomic_write_bytes(self.out / PLAN, yaml.safe_dump(self.plan.to_dict(), sort_keys=False).encode())
+
+    def _spawn(self, args: list[str], log_path: Path, threads: int) -> int:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+        with open(log_path, "a") as log_file:
+            log_file.write(f"\n$ iaat {' '.join(args)}\n")
+            log_file.flush()
+            # Own session: a Ctrl-C on the terminal reaches the sweep only, which forwards exactly one signal
+            # (a run that receives two stops without saving its current step).
+            child = subprocess.Popen([self.python, "-m", "iaat", *args], stdout=log_file, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+            with self._lock:
+                if self.stopping:
+                    child.send_signal(signal.SIGTERM)
+                self._children.add(child)
+            try:
+                return child.wait()
+            finally:
+                with self._lock:
+                    self._children.discard(child)
+
+    def forward(self, signum: int) -> None:
+        """Ask every running child to stop (they save their state) and start nothing new."""
+        with self._lock:
+            self.stopping = True
+            self.signals += 1
+            for child in self._children:
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+
+    def run_one(self, name: str, threads: int) -> RunStatus:
+        status = RunStatus(name)
+        run_dir = self.out / RUNS / name
+        status.log = self.out / LOGS / f"{name}.log"
+        start = time.time()
+        cfg = config_from_dict(copy.deepcopy(self.plan.runs[name]))
+        summary = run_dir / "summary.json"
+        done = summary.is_file() and json.loads(summary.read_text()).get("epochs", 0) >= cfg.train.epochs
+        if done:
+            status.trained = "skipped"
+        elif self.stopping:
+            return status
+        else:
+            if (run_dir / "config.yaml").is_file():
+                status.trained = "resumed"
+                args = ["train", "--resume", "--out", str(run_dir), "--no-progress",
+                        "--set", f"train.epochs={cfg.train.epochs}", "--set", f"train.device={cfg.train.device}"]
+                if cfg.data.data_dir:
+                    args += ["--set", f"data.data_dir={cfg.data.data_dir}"]
+            else:
+                status.trained = "started"
+                config_path = self.out / LOGS / f"{name}.config.yaml"
+                config_path.write_text(yaml.safe_dump(self.plan.runs[name], sort_keys=False))
+                args = ["train", "--config", str(config_path), "--out", str(run_dir), "--no-progress"]
+            self.log(f"[{name}] training ({status.trained}; log {status.log})")
+            code = self._spawn(args, status.log, threads)
+            if code != 0:
+                status.trained = "interrupted" if self.stopping else "failed"
+                if not self.stopping:
+                    self.log(_tail(status.log))
+                status.seconds = time.time() - start
+                return status
+            status.trained = "done" if status.trained == "started" else status.trained
+        out = self.eval_path(name)
+        if out.is_file():
+            status.evaluated = "skipped"
+        elif not self.stopping:
+            self.log(f"[{name}] evaluating ({' '.join(self.plan.eval.args())})")
+            args = ["eval", str(run_dir), "--out", str(out), "--no-progress", *self.plan.eval.args()]
+            if cfg.data.data_dir:
+                args += ["--data-dir", str(cfg.data.data_dir)]
+            if cfg.train.device != "auto":
+                args += ["--device", cfg.train.device]
+            code = self._spawn(args, status.log, threads)
+            status.evaluated = "done" if code == 0 else ("interrupted" if self.stopping else "failed")
+            if status.evaluated == "failed":
+                self.log(_tail(status.log))
+        status.seconds = time.time() - start
+        return status
+
+    def run(self, only: Optional[list[str]] = None) -> list[RunStatus]:
+        names = [n for n in self.plan.runs if not only or n in only]
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        results: list[RunStatus] = []
+
+        def one(name: str) -> RunStatus:
+            status = self.run_one(name, threads)
+            if status.trained in ("failed", "interrupted") or status.evaluated in ("failed", "interrupted"):
+                what = status.trained if status.trained in ("failed", "interrupted") else status.evaluated
+                self.log(f"[{name}] {what}; see {status.log}")
+            elif status.trained == "skipped" and status.evaluated == "skipped":
+                self.log(f"[{name}] already trained and evaluated")
+            elif status.trained:
+                self.log(f"[{name}] training {status.trained}, evaluation {status.evaluated or 'not run'} "
+                         f"({status.seconds:.0f} s)")
+            return status
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for status in pool.map(one, names):
+                results.append(status)
+        return results
+
+
+def run_sweep(plan: SweepPlan, out: Path, jobs: int = 1, only: Optional[list[str]] = None,
+              log: Callable[[str], None] = print) -> int:
+    """Run (or resume) a sweep; returns the process exit code (0 when every run is trained and evaluated)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}.")
+    unknown = [n for n in only or [] if n not in plan.runs]
+    if unknown:
+        raise ConfigError(f"--only: no run named {', '.join(unknown)} in this sweep; runs: {', '.join(plan.runs)}.")
+    out = Path(out)
+    runner = SweepRunner(plan, out, jobs=jobs, log=log)
+    runner.check()
+    runner.write_plan()
+    log(f"sweep of {len(plan.runs)} runs into {out} ({jobs} at a time); plan in {out / PLAN}")
+
+    def handler(signum: int, frame: object) -> None:
+        os.write(2, f"iaat: {signal.Signals(signum).name} received; stopping the running trainings (they save "
+                    f"their state) and starting nothing new\n".encode())
+        runner.forward(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        results = runner.run(only)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if runner.stopping:
+        log("iaat: sweep interrupted; run the same command again to continue where it stopped")
+        return 130
+    failed = [r for r in results if "failed" in (r.trained, r.evaluated)]
+    if failed:
+        log(f"iaat: error: {len(failed)} run(s) failed: " + ", ".join(f"{r.name} (log {r.log})" for r in failed))
+        return 1
+    log(f"sweep finished: {len(results)} runs trained and evaluated; make the report with: iaat report {out}")
+    return 0
