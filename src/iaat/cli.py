@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .sweep import stop_with_parent
+
+    stop_with_parent()  # a child of `iaat sweep` stops (saving its state) when the sweep dies
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -222,6 +222,41 @@ class RunStatus:
     log: Optional[Path] = None
 
 
+PARENT_ENV = "IAAT_SWEEP_PARENT"
+
+
+def stop_with_parent() -> None:
+    """In a sweep's child (Linux): get SIGTERM when the sweep dies, even by SIGKILL, so that no orphaned
+    training keeps writing into a run folder that a re-run of the sweep would resume. Called by the CLI."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        # PR_SET_PDEATHSIG fires when the parent *thread* ends: the sweep's pool threads live until every run is done
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the sweep died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _lock(out: Path) -> Any:
+    """Hold ``OUT/sweep.lock`` for the sweep's lifetime; a second sweep on the same folder is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(out / "sweep.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise CheckpointError(f"another iaat sweep is running in {out}; wait for it or stop it first.") from None
+    return handle
+
+
 def identity(raw: dict) -> dict:
     """A config as a comparable dict: validated, with the method's defaults filled in."""
     import dataclasses
@@ -294,6 +329,7 @@ class SweepRunner:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads))
         env.setdefault("MKL_NUM_THREADS", str(threads))
+        env[PARENT_ENV] = str(os.getpid())
         with open(log_path, "a") as log_file:
             log_file.write(f"\n$ iaat {' '.join(args)}\n")
             log_file.flush()
@@ -406,7 +442,21 @@ def run_sweep(plan: SweepPlan, out: Path, jobs: int = 1, only: Optional[list[str
     out = Path(out)
     runner = SweepRunner(plan, out, jobs=jobs, log=log)
     runner.check()
-    runner.write_plan()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the sweep folder {out}: {e.strerror or e}.") from None
+    lock = _lock(out)
+    try:
+        runner.write_plan()
+        return _run_locked(runner, plan, out, jobs, only, log)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_locked(runner: SweepRunner, plan: SweepPlan, out: Path, jobs: int, only: Optional[list[str]],
+                log: Callable[[str], None]) -> int:
     log(f"sweep of {len(plan.runs)} runs into {out} ({jobs} at a time); plan in {out / PLAN}")
 
     def handler(signum: int, frame: object) -> None:

@@ -1,0 +1,150 @@
+"""What a report reads: the saved files of run folders and sweep folders, never a live process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import Config, config_from_dict, load_yaml
+from ..engine import rundir
+from ..errors import CheckpointError
+from ..units import parse_size
+
+_RADII = re.compile(r"epoch_(\d+)\.npy$")
+
+
+@dataclass
+class RunRecord:
+    """One run as saved: its config, metrics, evaluation and (IAAT) per-epoch radii."""
+
+    name: str
+    path: Path
+    cfg: Config
+    metrics: list
+    evaluation: Optional[dict]  #: the chosen eval JSON (see :func:`pick_evaluation`), or None
+    evaluation_path: Optional[Path]
+    radii: dict = field(default_factory=dict)  #: epoch -> path of that epoch's radii (.npy, [0, 1] units)
+    group: str = "run"  #: frontier | run | grid (from the sweep plan) or run
+
+    @property
+    def method(self) -> str:
+        return self.cfg.method.name
+
+    @property
+    def params(self) -> dict:
+        """The method's parameters with defaults filled in."""
+        from ..methods import method_class
+
+        return dataclasses.asdict(method_class(self.method).parse_params(self.cfg.method.params))
+
+    @property
+    def train_eps(self) -> float:
+        """The training radius in pixel units over 255 (IAAT: the final mean radius)."""
+        if self.method == "iaat" and self.metrics and "radius_mean" in self.metrics[-1]:
+            return float(self.metrics[-1]["radius_mean"])
+        return self.cfg.eps * 255
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method == "iaat"
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(row.get("train_seconds", 0.0) for row in self.metrics))
+
+    def accuracy(self, attack: Optional[str] = None) -> Optional[float]:
+        """Clean accuracy (attack None), an attack's accuracy by label, or the worst case ("worst")."""
+        ev = self.evaluation
+        if ev is None:
+            return None
+        if attack is None:
+            return ev.get("clean")
+        if attack == "worst":
+            worst = ev.get("worst_case")
+            if worst:
+                return worst["accuracy"]
+            values = [a["accuracy"] for a in ev.get("attacks", {}).values()]
+            return min(values) if values else None
+        entry = ev.get("attacks", {}).get(attack)
+        return entry["accuracy"] if entry else None
+
+    def radii_at(self, epoch: int) -> np.ndarray:
+        return np.load(self.radii[epoch])
+
+
+def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Optional[dict], Optional[Path]]:
+    """The evaluation a report shows for a run: ``preferred`` when it exists, else the one on the most
+    test images (newest among equals) of ``RUN/eval/*.json`` and ``RUN/*.json`` other than summary.json."""
+    if preferred is not None and preferred.is_file():
+        return json.loads(preferred.read_text()), preferred
+    best: Optional[tuple] = None
+    for path in list((run_dir / "eval").glob("*.json")) + list(run_dir.glob("*.json")):
+        if path.name == rundir.SUMMARY:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict) or "clean" not in data or data.get("split", "test") != "test":
+            continue
+        key = (data.get("n", 0), path.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, data, path)
+    return (best[1], best[2]) if best else (None, None)
+
+
+def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Path] = None) -> RunRecord:
+    config = path / rundir.CONFIG
+    if not config.is_file():
+        raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
+    cfg = config_from_dict(load_yaml(config))
+    radii = {}
+    if (path / "radii").is_dir():
+        for f in (path / "radii").iterdir():
+            m = _RADII.match(f.name)
+            if m:
+                radii[int(m.group(1))] = f
+    evaluation, chosen = pick_evaluation(path, eval_path)
+    return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
+                     evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group)
+
+
+def collect_runs(paths: list[Path]) -> list[RunRecord]:
+    """Run records of run folders and of every run of sweep folders, in the order given (sweeps: plan order)."""
+    from ..sweep import PLAN, RUNS, EvalSpec
+
+    records: list[RunRecord] = []
+    seen: set = set()
+    for path in paths:
+        path = Path(path)
+        if (path / PLAN).is_file():
+            plan = load_yaml(path / PLAN)
+            key = EvalSpec(**(plan.get("eval") or {})).key()
+            groups = plan.get("groups") or {}
+            for name in plan.get("runs") or {}:
+                run_dir = path / RUNS / name
+                if not (run_dir / rundir.CONFIG).is_file():
+                    continue  # not started yet
+                if run_dir.resolve() not in seen:
+                    seen.add(run_dir.resolve())
+                    records.append(_load_run(run_dir, name, groups.get(name, "run"),
+                                             run_dir / "eval" / f"sweep-{key}.json"))
+        elif path.resolve() not in seen:
+            seen.add(path.resolve())
+            records.append(_load_run(path, path.name))
+    names = [r.name for r in records]
+    for r in records:  # two folders with the same name (from two sweeps): tell them apart by their parent
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.parent.name}/{r.name}" if r.path.parent.name == RUNS else str(r.path)
+    return records
+
+
+def eps_pixels(value) -> float:
+    """A size from a config or plan in pixel units over 255."""
+    return parse_size(value, "eps") * 255

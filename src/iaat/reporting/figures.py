@@ -1,0 +1,265 @@
+"""The report's figures (matplotlib, PNG and SVG), after the IAAT paper's Figs. 2-8.
+
+Every function takes run records (see :mod:`.collect`) and a path stem, and writes ``stem.png``
+and ``stem.svg``; it returns what it drew (for report.json and the tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from .collect import RunRecord
+
+#: CIFAR-10's class names, for the captions of the image grids.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, or a clear error when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("iaat report draws with matplotlib, which is not installed: pip install 'iaat[report]' "
+                          "(or pip install matplotlib).") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False, "font.size": 10,
+                         "legend.fontsize": 8, "legend.frameon": False, "svg.fonttype": "none"})
+    return plt
+
+
+def save(fig: Any, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` and close the figure."""
+    plt = pyplot()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _style(record: RunRecord, frontier_rank: float) -> dict:
+    """Colour and marker by kind of run: blues for the fixed-eps frontier, reds for IAAT, others distinct."""
+    plt = pyplot()
+    if record.method == "pgd_at":
+        return {"color": plt.cm.Blues(0.35 + 0.6 * frontier_rank), "marker": "o"}
+    if record.adaptive:
+        return {"color": "tab:red" if record.group != "grid" else "tab:orange", "marker": "*"}
+    palette = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": ("tab:olive", "v"),
+               "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "clean": ("tab:gray", "X")}
+    color, marker = palette.get(record.method, ("black", "^"))
+    return {"color": color, "marker": marker}
+
+
+def _frontier(records: list[RunRecord]) -> list[RunRecord]:
+    return sorted([r for r in records if r.method == "pgd_at" and r.evaluation], key=lambda r: r.cfg.eps)
+
+
+def _rank(records: list[RunRecord]) -> dict:
+    front = _frontier(records)
+    return {id(r): (i / max(1, len(front) - 1)) for i, r in enumerate(front)}
+
+
+def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) -> list[dict]:
+    """Fig. 3: clean accuracy over robust accuracy, the fixed-eps frontier joined by a line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ranks = _rank(records)
+    front = _frontier(records)
+    if len(front) > 1:
+        ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "-",
+                color="tab:blue", alpha=0.5, lw=1.5, zorder=1, label="fixed-eps PGD-AT frontier")
+    points = []
+    for r in records:
+        if r.evaluation is None or r.accuracy(attack) is None:
+            continue
+        x, y = 100 * r.accuracy(attack), 100 * r.accuracy()
+        style = _style(r, ranks.get(id(r), 0.5))
+        size = 14 if style["marker"] == "*" else 8
+        ax.plot([x], [y], linestyle="none", markersize=size, markeredgecolor="black", markeredgewidth=0.5,
+                label=r.name, zorder=3, **style)
+        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color="0.25")
+        points.append({"run": r.name, "robust": x / 100, "clean": y / 100})
+    ax.set_xlabel(f"robust accuracy (%), {caption}")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_title("Accuracy / robustness tradeoff")
+    ax.legend(loc="best", ncol=2 if len(points) > 8 else 1)
+    save(fig, stem)
+    return points
+
+
+def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
+    """Fig. 4: accuracy over the test radius (the evaluation's eps sweep), one line per run (grid runs left out)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ranks = _rank(records)
+    curves = []
+    shown = [r for r in records if r.group != "grid"] or records
+    for r in shown:
+        curve = (r.evaluation or {}).get("curves", {}).get("eps")
+        if not curve:
+            continue
+        xs = [p["eps_pixels"] for p in curve["points"]]
+        ys = [100 * p["accuracy"] for p in curve["points"]]
+        style = _style(r, ranks.get(id(r), 0.5))
+        ax.plot(xs, ys, "-", marker=style["marker"], color=style["color"], markersize=5,
+                lw=2.2 if r.adaptive else 1.4, label=r.name)
+        curves.append({"run": r.name, "eps": xs, "accuracy": [y / 100 for y in ys], "attack": curve.get("attack")})
+    attack = curves[0]["attack"] if curves else "PGD"
+    ax.set_xlabel("test radius ε (pixel units, /255)")
+    ax.set_ylabel(f"accuracy under {attack} (%)")
+    ax.set_title("Robust accuracy over the test radius")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right")
+    save(fig, stem)
+    return curves
+
+
+def pick_trajectories(final: np.ndarray, k: int = 8) -> np.ndarray:
+    """``k`` samples spread over the final radii (its quantiles), so both ends of the range are seen."""
+    order = np.argsort(final, kind="stable")
+    positions = np.linspace(0, len(order) - 1, k).round().astype(int)
+    return order[np.unique(positions)]
+
+
+def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
+    """Fig. 7: the mean radius per epoch with quantile bands, and the trajectories of a few samples."""
+    plt = pyplot()
+    rows = [m for m in record.metrics if "radius_mean" in m]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    epochs = [m["epoch"] for m in rows]
+    if rows:
+        if all("radius_q10" in m for m in rows):
+            left.fill_between(epochs, [m["radius_q10"] for m in rows], [m["radius_q90"] for m in rows],
+                              color="tab:red", alpha=0.12, label="10-90% of samples")
+            left.fill_between(epochs, [m["radius_q25"] for m in rows], [m["radius_q75"] for m in rows],
+                              color="tab:red", alpha=0.25, label="25-75%")
+        left.plot(epochs, [m["radius_mean"] for m in rows], "-o", color="tab:red", markersize=4, label="mean")
+        warmup = record.params.get("warmup_epochs", 0)
+        if warmup:
+            left.axvspan(0.5, warmup + 0.5, color="0.85", alpha=0.5, label=f"warmup ({warmup} epochs)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_xlabel("epoch")
+    left.set_ylabel("radius ε_i (pixel units, /255)")
+    left.set_title(f"{record.name}: radii over training")
+    left.legend(loc="best")
+    chosen: list = []
+    if record.radii:
+        ep = sorted(record.radii)
+        stack = np.stack([record.radii_at(e) for e in ep]) * 255  # (epochs, samples)
+        chosen = pick_trajectories(stack[-1], k).tolist()
+        cmap = plt.cm.viridis
+        for j, i in enumerate(chosen):
+            right.plot(ep, stack[:, i], "-", color=cmap(j / max(1, len(chosen) - 1)), lw=1.5, marker=".",
+                       label=f"sample {i}: {stack[-1, i]:.1f}/255")
+        right.legend(loc="best", title="final radius")
+    right.set_xlabel("epoch")
+    right.set_title(f"{len(chosen)} samples (spread over the final radii)")
+    save(fig, stem)
+    return {"run": record.name, "epochs": epochs, "trajectories": chosen}
+
+
+def radius_histograms(record: RunRecord, stem: Path, panels: int = 4) -> dict:
+    """Fig. 8: histograms of the radii at a few epochs, on one shared axis."""
+    plt = pyplot()
+    warmup = record.params.get("warmup_epochs", 0)
+    ep = [e for e in sorted(record.radii) if e >= warmup] or sorted(record.radii)  # from the last warmup epoch on
+    pick = sorted({ep[i] for i in np.linspace(0, len(ep) - 1, min(panels, len(ep))).round().astype(int)})
+    fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 3.2), sharex=True, sharey=True, squeeze=False)
+    values = {e: record.radii_at(e) * 255 for e in pick}
+    top = max(float(v.max()) for v in values.values())
+    bins = np.linspace(0, max(top, 1e-3) * 1.02, 31)
+    for ax, e in zip(axes[0], pick):
+        v = values[e]
+        ax.hist(v, bins=bins, color="tab:red", alpha=0.8, edgecolor="white", linewidth=0.4)
+        ax.axvline(v.mean(), color="black", lw=1, ls="--", label="mean")
+        ax.set_title(f"epoch {e}: mean {v.mean():.2f}/255", fontsize=9)
+        ax.set_xlabel("radius (pixel units, /255)")
+    axes[0][0].set_ylabel("training samples")
+    axes[0][0].legend(loc="upper right")
+    fig.suptitle(f"{record.name}: distribution of the per-sample radii", y=1.03)
+    save(fig, stem)
+    return {"run": record.name, "epochs": pick}
+
+
+def image_grid(images: np.ndarray, adversarial: np.ndarray, captions: list[str], adv_captions: list[str],
+               title: str, stem: Path) -> None:
+    """Figs. 2, 5, 6: each image above its perturbed version, captions under each."""
+    plt = pyplot()
+    k = len(images)
+    fig, axes = plt.subplots(2, k, figsize=(1.45 * k, 3.6), squeeze=False)
+    for j in range(k):
+        for row, (batch, text) in enumerate(((images, captions), (adversarial, adv_captions))):
+            ax = axes[row][j]
+            img = np.transpose(batch[j], (1, 2, 0))
+            ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            ax.set_xlabel(text[j], fontsize=7)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    axes[1][0].set_ylabel("perturbed", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def class_name(label: int, dataset: str) -> str:
+    return CIFAR10_CLASSES[label] if dataset == "cifar10" and 0 <= label < 10 else str(label)
+
+
+def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], image_eps: float, device: str,
+                     k: int = 8) -> Optional[dict]:
+    """The training images with the smallest and the largest final radii, each beside a PGD-20 perturbation
+    at ``image_eps`` ([0, 1] units) of the final model, with radius and (adversarial) prediction printed."""
+    import torch
+
+    from ..attacks import pgd
+    from ..data import load_dataset
+    from ..engine.setup import resolve_device
+    from ..engine.trainer import load_run
+
+    split = np.load(record.path / "data_split.npz")
+    final = record.radii_at(max(record.radii))
+    train_idx = split["train_indices"]
+    if len(train_idx) != len(final):
+        raise ConfigError(f"{record.path}: the radii hold {len(final)} samples but data_split.npz {len(train_idx)}.")
+    order = np.argsort(final, kind="stable")
+    groups = {"smallest": order[:k], "largest": order[::-1][:k]}
+    cfg = record.cfg
+    splits = load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir, False, image_size=cfg.data.image_size,
+                          resize=cfg.data.resize)
+    dev = resolve_device(device)
+    model, _, _, _ = load_run(record.path, dev)
+    drawn = {}
+    for which, rows in groups.items():
+        idx = torch.as_tensor(train_idx[rows], dtype=torch.long)
+        subset = splits.train.subset(idx)
+        x = subset.x.float().div(255).to(dev)
+        y = subset.y.to(dev)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        res = pgd(model, x, y, image_eps, steps=20, step_size=image_eps / 4)
+        torch.random.set_rng_state(gen_state)
+        with torch.no_grad():
+            pred = model(res.x_adv).argmax(1).cpu()
+        labels = y.cpu().tolist()
+        captions = [f"{class_name(c, cfg.data.dataset)}\n{final[r] * 255:.2f}/255" for c, r in zip(labels, rows)]
+        adv_captions = [f"→ {class_name(int(p), cfg.data.dataset)}" for p in pred]
+        title = (f"{record.name}: the {k} training images with the {which} final radii (class, radius); "
+                 f"below, PGD-20 at {image_eps * 255:g}/255 (→ prediction)")
+        image_grid(x.cpu().numpy(), res.x_adv.detach().cpu().numpy(), captions, adv_captions, title,
+                   stem.with_name(f"{stem.name}_{which}"))
+        drawn[which] = {"train_positions": rows.tolist(), "radii": (final[rows] * 255).tolist(), "labels": labels}
+    return {"run": record.name, **drawn}

@@ -1,0 +1,124 @@
+"""Markdown tables in the shape of the IAAT paper's Tables 1, 5, 7, 8 and 9, from run records."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .collect import RunRecord, eps_pixels
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def attack_labels(records: list[RunRecord]) -> list[str]:
+    """The attack labels of the evaluations, in first-seen order."""
+    labels: list[str] = []
+    for r in records:
+        for label in (r.evaluation or {}).get("attacks", {}):
+            if label not in labels:
+                labels.append(label)
+    return labels
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _radius(r: RunRecord) -> str:
+    return f"{r.train_eps:.2f} (mean, adaptive)" if r.adaptive else f"{r.train_eps:g}"
+
+
+def robustness_table(records: list[RunRecord]) -> str:
+    """Table 1: clean and robust accuracy (%) of every run under every attack, the worst case, training time."""
+    labels = attack_labels(records)
+    rows = []
+    for r in records:
+        if r.evaluation is None:
+            rows.append([r.name, r.method, _radius(r), "not evaluated"] + [""] * (len(labels) + 2))
+            continue
+        rows.append([r.name, r.method, _radius(r), _pct(r.accuracy())] + [_pct(r.accuracy(a)) for a in labels]
+                    + [_pct(r.accuracy("worst")), f"{r.train_seconds:.0f}"])
+    return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case", "train s"], rows)
+
+
+def _compare(records: list[RunRecord], attack: str) -> str:
+    rows = [[r.name, r.method, _radius(r), _pct(r.accuracy()), _pct(r.accuracy(attack)),
+             _pct(r.accuracy("worst"))] for r in records]
+    return _table(["run", "method", "training ε (/255)", "clean", attack, "worst case"], rows)
+
+
+def _reference(records: list[RunRecord]) -> list[RunRecord]:
+    """The PGD-AT run at the evaluation's radius (the paper's baseline), when there is one."""
+    for r in records:
+        ev = r.evaluation or {}
+        if r.method == "pgd_at" and ev and abs(r.cfg.eps - ev.get("eps", -1)) < 1e-9:
+            return [r]
+    return []
+
+
+def _missing(what: str, how: str) -> str:
+    return f"_No {what} among these runs; {how}._\n"
+
+
+def warmup_table(records: list[RunRecord], attack: str) -> str:
+    """Table 5: IAAT with and without warmup, beside PGD-AT."""
+    iaat = [r for r in records if r.adaptive and r.params.get("selection") == "alg2" and r.group != "grid"]
+    with_w = [r for r in iaat if r.params.get("warmup_epochs", 0) > 0]
+    without = [r for r in iaat if r.params.get("warmup_epochs", 0) == 0]
+    if not (with_w and without):
+        return _missing("IAAT runs both with and without warmup", "the default `iaat sweep` trains both "
+                        "(iaat, iaat_no_warmup)")
+    return _compare(_reference(records) + with_w + without, attack)
+
+
+def line_search_table(records: list[RunRecord], attack: str) -> str:
+    """Table 7: IAAT's Alg. 2 selection against the exact line search over eps."""
+    alg2 = [r for r in records if r.adaptive and r.params.get("selection") == "alg2" and r.group != "grid"
+            and r.params.get("warmup_epochs", 0) > 0]
+    search = [r for r in records if r.adaptive and r.params.get("selection") == "line_search"]
+    if not search:
+        return _missing("line-search IAAT run", "add one with `iaat sweep ... --with iaat_line_search`")
+    return _compare(_reference(records) + alg2[:1] + search, attack)
+
+
+def mixup_table(records: list[RunRecord], attack: str) -> str:
+    """Table 8: Mixup-AT against IAAT and PGD-AT."""
+    mixup = [r for r in records if r.method == "mixup_at"]
+    if not mixup:
+        return _missing("Mixup-AT run", "add one with `iaat sweep ... --with mixup_at`")
+    iaat = [r for r in records if r.adaptive and r.group != "grid" and r.params.get("warmup_epochs", 0) > 0
+            and r.params.get("selection") == "alg2"]
+    return _compare(_reference(records) + iaat[:1] + mixup, attack)
+
+
+def sensitivity_table(records: list[RunRecord], attack: str) -> str:
+    """Table 9: IAAT's clean / robust accuracy over its γ (rows) and β (columns), for runs equal but for them."""
+    def rest(r: RunRecord) -> tuple:
+        params = {k: v for k, v in r.params.items() if k not in ("gamma", "beta")}
+        cfg = r.cfg.to_dict()
+        cfg.pop("method")
+        return repr((sorted(params.items()), cfg))
+
+    groups: dict = {}
+    for r in records:
+        if r.adaptive and r.evaluation is not None:
+            groups.setdefault(rest(r), []).append(r)
+    best = max(groups.values(), key=len, default=[])
+    gammas = sorted({eps_pixels(r.params["gamma"]) for r in best})
+    betas = sorted({float(r.params["beta"]) for r in best})
+    if len(gammas) * len(betas) < 2:
+        return _missing("IAAT runs that differ only in γ and β", "sweep them with `iaat sweep ... --grid "
+                        "method.gamma=1,1.9,4 --grid method.beta=0.1,0.5`")
+    cell = {(eps_pixels(r.params["gamma"]), float(r.params["beta"])): r for r in best}
+    rows = []
+    for g in gammas:
+        row = [f"γ = {g:.3g}/255"]
+        for b in betas:
+            r = cell.get((g, b))
+            row.append(f"{_pct(r.accuracy())} / {_pct(r.accuracy(attack))}" if r else "–")
+        rows.append(row)
+    return (_table(["clean / " + attack + " (%)"] + [f"β = {b:g}" for b in betas], rows)
+            + "\nRuns: " + ", ".join(r.name for r in best) + "\n")

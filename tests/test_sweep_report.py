@@ -1,0 +1,194 @@
+"""``iaat sweep`` and ``iaat report`` end to end on scikit-learn's digits (real, bundled, tiny)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iaat.cli import main
+from iaat.errors import ConfigError
+from iaat.sweep import build_plan
+
+pytest.importorskip("matplotlib", reason="iaat report needs matplotlib (pip install 'iaat[report]')")
+
+BASE = {
+    "data": {"dataset": "digits", "val_size": 197, "augment": False},
+    "model": {"name": "small_cnn", "width": 8},
+    "attack": {"eps": 32, "step_size": 8, "steps": 3},
+    "optim": {"lr": 0.05, "schedule": "cosine"},
+    "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "eval_steps": 2},
+}
+EVAL = {"n": 100, "attacks": ["pgd:steps=5", "pgd:steps=10"], "sweep_eps": [0, 16, 32], "checks": False}
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    spec = {"base": BASE, "frontier_eps": [16, 32],
+            "runs": {"iaat": {"method.warmup_epochs": 1, "method.gamma": 8, "method.eps_warmup": 32},
+                     "iaat_no_warmup": {"method.gamma": 8, "method.eps_init": 16},
+                     "gairat": {}, "clean": {}, "mixup_at": {},
+                     "iaat_line_search": {"method.warmup_epochs": 1, "method.eps_warmup": 32,
+                                          "method.line_search_step": 16, "method.line_search_max": 48}},
+            "grid": {"of": "iaat", "params": {"method.gamma": [4, 8]}}, "eval": EVAL}
+    spec.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_plan_names_dedup_and_errors(tmp_path):
+    plan = build_plan(yaml.safe_load(write_spec(tmp_path).read_text()))
+    assert list(plan.runs) == ["pgd_at_eps16", "pgd_at_eps32", "iaat", "iaat_no_warmup", "gairat", "clean",
+                               "mixup_at", "iaat_line_search", "iaat_gamma4"]  # iaat_gamma8 is the iaat run
+    assert plan.runs["pgd_at_eps16"]["attack"]["step_size"] == "4"  # eps/4
+    assert plan.runs["gairat"]["method"] == {"name": "gairat"}  # a new method starts from its own defaults
+    assert plan.groups["iaat_gamma4"] == "grid"
+    with pytest.raises(ConfigError, match="unknown sweep key 'frontier'"):
+        build_plan({"base": BASE, "frontier": [8]})
+    with pytest.raises(ConfigError, match="sweep run 'iaat'.*gama"):
+        build_plan({"base": BASE, "runs": {"iaat": {"method.gama": 2}}})
+    with pytest.raises(ConfigError, match="needs method.name"):
+        build_plan({"base": BASE, "runs": {"mine": {"attack.eps": 4}}})
+    with pytest.raises(ConfigError, match="grid"):
+        build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
+
+
+def epoch_lines(log: Path) -> list[int]:
+    return [int(m) for m in re.findall(r"^epoch (\d+) \|", log.read_text(), flags=re.M)]
+
+
+@pytest.mark.slow
+def test_sweep_then_report_end_to_end(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--jobs", "2"]) == 0
+    plan = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert len(plan["runs"]) == 9
+    for name in plan["runs"]:
+        assert epoch_lines(out / "logs" / f"{name}.log") == [1, 2]
+        assert list((out / "runs" / name / "eval").glob("sweep-*.json"))
+    # Everything finished: a second call trains and evaluates nothing.
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("already trained and evaluated") == 9
+
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    summary = json.loads((report / "report.json").read_text())
+    assert len(summary["figures"]["fig3_tradeoff"]) == 9  # one point per run
+    assert {c["run"] for c in summary["figures"]["fig4_accuracy_over_eps"]} == set(plan["runs"]) - {"iaat_gamma4"}
+    adaptive = ["iaat", "iaat_no_warmup", "iaat_line_search", "iaat_gamma4"]
+    stems = ["fig3_tradeoff", "fig4_accuracy_over_eps"]
+    stems += [f"fig7_radius_over_epochs_{n}" for n in adaptive] + [f"fig8_radius_histograms_{n}" for n in adaptive]
+    stems += [f"fig2_images_{n}_{w}" for n in ("iaat", "iaat_no_warmup", "iaat_line_search")
+              for w in ("smallest", "largest")]
+    for stem in stems:
+        png, svg = report / f"{stem}.png", report / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, stem
+        assert "<svg" in svg.read_text()[:2000], stem
+    grid = summary["figures"]["fig2_images_iaat"]
+    assert len(grid["smallest"]["radii"]) == 8 and max(grid["smallest"]["radii"]) <= min(grid["largest"]["radii"])
+    tables = {t: (report / f"{t}.md").read_text() for t in
+              ("table1_robustness", "table5_warmup", "table7_line_search", "table8_mixup", "table9_sensitivity")}
+    assert all(name in tables["table1_robustness"] for name in plan["runs"])
+    assert "PGD-5@32/255" in tables["table1_robustness"] and "PGD-10@32/255" in tables["table1_robustness"]
+    assert "iaat_no_warmup" in tables["table5_warmup"] and "pgd_at_eps32" in tables["table5_warmup"]
+    assert "iaat_line_search" in tables["table7_line_search"]
+    assert "mixup_at" in tables["table8_mixup"]
+    assert "γ = 4/255" in tables["table9_sensitivity"] and "γ = 8/255" in tables["table9_sensitivity"]
+    md = (report / "report.md").read_text()
+    assert all(f"({stem}.png)" in md for stem in stems)
+    clean_row = next(r for r in summary["runs"] if r["name"] == "clean")
+    pgd_row = next(r for r in summary["runs"] if r["name"] == "pgd_at_eps32")
+    assert clean_row["robust"] < pgd_row["robust"]  # the attack is real: clean training is not robust
+
+    # A single run folder works too, and reporting is repeatable into the same folder.
+    assert main(["report", str(out / "runs" / "pgd_at_eps32"), "--out", str(report)]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_killed_sweep_trains_nothing_twice(tmp_path, how):
+    """Stopped (SIGTERM: the sweep forwards it) or killed (SIGKILL: its children get SIGTERM from the kernel)
+    in the middle of its second run, a sweep run again skips the first run and resumes the second."""
+    base = {**BASE, "train": {**BASE["train"], "epochs": 4}}
+    spec = write_spec(tmp_path, base=base, frontier_eps=[32], grid=None,
+                      runs={"iaat": {"method.warmup_epochs": 1, "method.gamma": 8}, "gairat": {}},
+                      eval={**EVAL, "attacks": ["pgd:steps=5"], "sweep_eps": []})
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "iaat", "sweep", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "logs" / "iaat.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.is_file() and 1 in epoch_lines(log)):
+        time.sleep(0.05)
+    assert log.is_file(), "the sweep never reached its second run"
+    proc.send_signal(getattr(signal, how))
+    text, _ = proc.communicate(timeout=120)
+    if how == "SIGTERM":
+        assert proc.returncode == 130, text
+        assert "run the same command again" in text
+    deadline = time.time() + 120  # the orphaned training saves its state and exits
+    while time.time() < deadline and "interrupted (SIGTERM)" not in log.read_text():
+        time.sleep(0.1)
+    assert "SIGTERM received" in log.read_text()
+    first = out / "runs" / "pgd_at_eps32"
+    frozen = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    assert not (out / "runs" / "iaat" / "summary.json").exists()  # stopped mid-run
+    assert not (out / "runs" / "gairat").exists()  # nothing new started after the signal
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[pgd_at_eps32] already trained and evaluated" in again.stdout
+    assert "[iaat] training (resumed" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == frozen
+    for name in ("pgd_at_eps32", "iaat", "gairat"):  # every epoch trained exactly once over both calls
+        assert epoch_lines(out / "logs" / f"{name}.log") == [1, 2, 3, 4], name
+
+
+def test_sweep_refuses_a_folder_trained_with_another_config(tmp_path, capsys):
+    spec = write_spec(tmp_path, frontier_eps=[32], runs={}, grid=None,
+                      eval={**EVAL, "attacks": ["pgd:steps=2"], "sweep_eps": []})
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    before = (out / "runs" / "pgd_at_eps32" / "metrics.jsonl").read_text()
+    assert main(["sweep", str(spec), "--out", str(out), "--set", "optim.lr=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another config: optim.lr" in err and "Traceback" not in err
+    assert (out / "runs" / "pgd_at_eps32" / "metrics.jsonl").read_text() == before
+    assert main(["sweep", str(spec), "--out", str(out), "--only", "nope"]) == 2
+    assert "no run named nope" in capsys.readouterr().err
+    import fcntl
+
+    with open(out / "sweep.lock", "a+") as held:  # as if another sweep were running on this folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["sweep", str(spec), "--out", str(out)]) == 2
+    assert "another iaat sweep is running" in capsys.readouterr().err
+
+
+def test_report_errors(tmp_path, capsys, monkeypatch):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "pip install 'iaat[report]'" in capsys.readouterr().err
+
+
+def test_sweep_cli_without_file_builds_the_default_plan(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run", "--with", "clean",
+                 "--grid", "method.beta=0.1,0.5"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith("evaluation")]
+    assert names == ["pgd_at_eps2", "pgd_at_eps4", "pgd_at_eps6", "pgd_at_eps8", "iaat", "iaat_no_warmup", "gairat",
+                     "clean", "iaat_beta0p5"]
+    assert not (tmp_path / "s").exists()
+    assert main(["sweep", "--out", str(tmp_path / "s")]) == 2
+    assert "needs a sweep file" in capsys.readouterr().err
