@@ -192,3 +192,16 @@ def test_sweep_cli_without_file_builds_the_default_plan(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
     assert main(["sweep", "--out", str(tmp_path / "s")]) == 2
     assert "needs a sweep file" in capsys.readouterr().err
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
+    spec = write_spec(tmp_path, frontier_eps=[], grid=None,
+                      runs={"broken": {"method.name": "pgd_at", "train.device": "cuda:7"}, "clean": {}},
+                      eval={**EVAL, "attacks": ["pgd:steps=2"], "sweep_eps": []})
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 1
+    text = capsys.readouterr().err
+    assert "CUDA is not available" in text  # the tail of the failed run's log is shown
+    assert "1 run(s) failed: broken" in text
+    assert (out / "runs" / "clean" / "summary.json").is_file()
+    assert list((out / "runs" / "clean" / "eval").glob("sweep-*.json"))

@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field of every run (repeatable)")
     p.add_argument("--frontier-eps", nargs="*", metavar="EPS",
                    help=f"PGD-AT radii of the fixed-eps frontier, {SIZE_HELP} (default 2 4 6 8; none: no frontier)")
-    p.add_argument("--with", dest="with_runs", nargs="+", choices=["clean", "trades", "mixup_at", "iaat_line_search"],
+    from .sweep import OPTIONAL_RUNS
+
+    p.add_argument("--with", dest="with_runs", nargs="+", choices=OPTIONAL_RUNS,
                    help="add these baselines/ablations to the runs")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="grid over a parameter of the --grid-of run (repeatable: every combination is a run)")

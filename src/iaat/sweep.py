@@ -270,6 +270,10 @@ def identity(raw: dict) -> dict:
     return out
 
 
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _tail(path: Path, lines: int = 8) -> str:
     """The last lines of a child's log, indented (what went wrong, without opening the file)."""
     try:
@@ -365,7 +369,10 @@ class SweepRunner:
         start = time.time()
         cfg = config_from_dict(copy.deepcopy(self.plan.runs[name]))
         summary = run_dir / "summary.json"
-        done = summary.is_file() and json.loads(summary.read_text()).get("epochs", 0) >= cfg.train.epochs
+        try:
+            done = summary.is_file() and json.loads(summary.read_text()).get("epochs", 0) >= cfg.train.epochs
+        except (OSError, json.JSONDecodeError, AttributeError):
+            done = False  # unreadable: `iaat train --resume` decides from the checkpoints
         if done:
             status.trained = "skipped"
         elif self.stopping:
@@ -387,7 +394,7 @@ class SweepRunner:
             if code != 0:
                 status.trained = "interrupted" if self.stopping else "failed"
                 if not self.stopping:
-                    self.log(_tail(status.log))
+                    _err(_tail(status.log))
                 status.seconds = time.time() - start
                 return status
             status.trained = "done" if status.trained == "started" else status.trained
@@ -404,7 +411,7 @@ class SweepRunner:
             code = self._spawn(args, status.log, threads)
             status.evaluated = "done" if code == 0 else ("interrupted" if self.stopping else "failed")
             if status.evaluated == "failed":
-                self.log(_tail(status.log))
+                _err(_tail(status.log))
         status.seconds = time.time() - start
         return status
 
@@ -417,7 +424,7 @@ class SweepRunner:
             status = self.run_one(name, threads)
             if status.trained in ("failed", "interrupted") or status.evaluated in ("failed", "interrupted"):
                 what = status.trained if status.trained in ("failed", "interrupted") else status.evaluated
-                self.log(f"[{name}] {what}; see {status.log}")
+                _err(f"[{name}] {what}; see {status.log}")
             elif status.trained == "skipped" and status.evaluated == "skipped":
                 self.log(f"[{name}] already trained and evaluated")
             elif status.trained:
@@ -472,11 +479,11 @@ def _run_locked(runner: SweepRunner, plan: SweepPlan, out: Path, jobs: int, only
         for s, h in previous.items():
             signal.signal(s, h)
     if runner.stopping:
-        log("iaat: sweep interrupted; run the same command again to continue where it stopped")
+        _err("iaat: sweep interrupted; run the same command again to continue where it stopped")
         return 130
     failed = [r for r in results if "failed" in (r.trained, r.evaluated)]
     if failed:
-        log(f"iaat: error: {len(failed)} run(s) failed: " + ", ".join(f"{r.name} (log {r.log})" for r in failed))
+        _err(f"iaat: error: {len(failed)} run(s) failed: " + ", ".join(f"{r.name} (log {r.log})" for r in failed))
         return 1
     log(f"sweep finished: {len(results)} runs trained and evaluated; make the report with: iaat report {out}")
     return 0
