@@ -53,7 +53,8 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         summary["runs"].append({"name": r.name, "path": str(r.path), "method": r.method, "group": r.group,
                                 "train_eps": r.train_eps, "clean": r.accuracy(), "robust": r.accuracy(attack),
                                 "evaluation": str(r.evaluation_path) if r.evaluation_path else None,
-                                "train_seconds": r.train_seconds, "epochs": len(r.metrics)})
+                                "train_seconds": r.train_seconds, "epochs": len(r.metrics),
+                                "eval_seconds": ((r.evaluation or {}).get("seconds") or {}).get("this_run")})
     fig_md: list[str] = []
 
     def figure(stem: str, title: str, note: str = "") -> None:

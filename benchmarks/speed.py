@@ -1,0 +1,222 @@
+"""Training speed of iaat's methods beside a plain PyTorch PGD-AT loop, side by side.
+
+For every method (default: clean, pgd_at, iaat Alg. 2, iaat online, gairat, trades) and for a
+*reference*: a straightforward PGD adversarial training loop as found in tutorials (a
+``torch.utils.data.DataLoader`` over the images with per-sample random crop and flip in
+``__getitem__``, fp32, the attack written inline: random start, 10 signed-gradient steps,
+projection, then cross-entropy, backward and an SGD step), on the same model, batch size and
+data. Each is timed over whole steps including fetching the batch, methods interleaved in rounds
+so that drift of the machine hits them alike; reported as images/s (from the median step time)
+and as a time ratio to ``pgd_at`` from the same run, with peak GPU memory on CUDA.
+
+    python benchmarks/speed.py --data-dir DIR                       # CPU: small CNN
+    python benchmarks/speed.py --data-dir DIR --model resnet18 --device cuda --batch-size 512
+
+Results go to benchmarks/results/speed-<device>-<model>.json with the command, device, torch
+version and data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import RESULTS, Runner, cpu_name  # noqa: E402
+
+from iaat.data import ImageSet, load_dataset  # noqa: E402
+from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
+
+DEFAULT_METHODS = ["clean", "pgd_at", "iaat", "iaat:selection=online", "gairat", "trades"]
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """CIFAR-style augmentation per sample, the usual way: zero-pad 4, random 32x32 crop, random flip."""
+
+    def __init__(self, data: ImageSet) -> None:
+        self.x, self.y = data.x, data.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        img = self.x[i].float().div(255)
+        img = F.pad(img, (4, 4, 4, 4))
+        top, left = torch.randint(0, 9, (2,)).tolist()
+        img = img[:, top:top + 32, left:left + 32]
+        if torch.rand(()) < 0.5:
+            img = img.flip(2)
+        return img, self.y[i]
+
+
+def plain_pgd(model, x, y, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """The textbook L-inf PGD with a random start (Madry et al.), model in eval mode while attacking."""
+    model.eval()
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = ((x + delta).clamp(0, 1) - x).detach()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+    model.train()
+    return (x + delta).detach()
+
+
+class ReferenceRunner:
+    """The plain PGD-AT loop, stepped like :class:`throughput.Runner`."""
+
+    spec = "reference (plain PyTorch PGD-AT loop)"
+
+    def __init__(self, model_name: str, data: ImageSet, splits, device, batch_size: int,
+                 init: dict | None = None) -> None:
+        from iaat.config import config_from_dict
+
+        cfg = config_from_dict({"model": {"name": model_name}})
+        torch.manual_seed(0)
+        self.device = device
+        self.model = model_from_config(cfg, splits)
+        if init is not None:
+            self.model.load_state_dict(init)
+        self.model.to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.loader = torch.utils.data.DataLoader(_Augmented(data), batch_size=batch_size, shuffle=True,
+                                                  drop_last=True)
+        self.batches = self._cycle()
+        self.times: list[float] = []
+
+    def _cycle(self):
+        while True:
+            yield from self.loader
+
+    def step(self) -> None:
+        x, y = next(self.batches)
+        x, y = x.to(self.device), y.to(self.device)
+        x_adv = plain_pgd(self.model, x, y, 8 / 255, 2 / 255, 10)
+        loss = F.cross_entropy(self.model(x_adv), y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+def timed(runner, device) -> float:
+    """Seconds of one whole step (fetching the batch included), synchronised on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if isinstance(runner, ReferenceRunner):
+        runner.step()
+    else:
+        runner.step(timed=False)  # Runner.step times without the batch fetch; here the whole step is timed
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
+    p.add_argument("--data-label", help="how to name the data in the results (default: from the files)")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                   help="method specs, e.g. pgd_at iaat iaat:selection=online (ratios are to pgd_at)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=2048, help="training images cycled through (default 2048)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
+    p.add_argument("--init-from", metavar="RUN", help="start every method from this run's weights: IAAT's and "
+                   "GAIRAT's costs depend on how many samples the attacks break, which an untrained model overstates")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON file (default benchmarks/results/speed-<device>-<model>.json)")
+    args = p.parse_args(argv)
+    if "pgd_at" not in args.methods:
+        p.error("--methods must include pgd_at (the ratios are to it)")
+
+    device = resolve_device(args.device)
+    if args.data_dir:
+        splits = load_dataset("cifar10", args.data_dir, download=False)
+        data = splits.train.subset(torch.arange(args.images))
+        data_name = args.data_label or f"CIFAR-10 from {splits.source}, first {args.images} training images"
+    else:
+        from iaat.data.datasets import DatasetSplits
+
+        g = torch.Generator().manual_seed(0)
+        data = ImageSet(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (args.images,), generator=g))
+        splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
+        data_name = args.data_label or "random uint8 images, 3x32x32"
+
+    init = None
+    if args.init_from:
+        from iaat.engine.trainer import load_run
+
+        init_model, init_cfg, _, _ = load_run(Path(args.init_from))
+        if init_cfg.model.name != args.model:
+            p.error(f"--init-from {args.init_from} holds a {init_cfg.model.name}; pass --model {init_cfg.model.name}")
+        init = init_model.state_dict()
+    runners = [ReferenceRunner(args.model, data, splits, device, args.batch_size, init)]
+    runners += [Runner(args.model, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
+    peaks = {id(r): 0 for r in runners}
+    times = {id(r): [] for r in runners}
+    for r in runners:
+        for _ in range(args.warmup):
+            timed(r, device)
+    for _ in range(args.rounds):
+        for r in runners:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[id(r)] += [timed(r, device) for _ in range(args.steps)]
+            if device.type == "cuda":
+                peaks[id(r)] = max(peaks[id(r)], torch.cuda.max_memory_allocated(device))
+    base = statistics.median(times[id(runners[1 + args.methods.index("pgd_at")])])
+    rows = []
+    for r in runners:
+        median = statistics.median(times[id(r)])
+        row = {"method": r.spec, "images_per_second": args.batch_size / median, "median_seconds_per_step": median,
+               "timed_steps": len(times[id(r)]), "time_ratio_to_pgd_at": median / base}
+        if device.type == "cuda":
+            row["peak_memory_gib"] = peaks[id(r)] / 2**30
+        rows.append(row)
+        print(f"{r.spec:<40} {row['images_per_second']:8.1f} images/s  {row['time_ratio_to_pgd_at']:.2f}x pgd_at",
+              flush=True)
+    ref = rows[0]["median_seconds_per_step"]
+    result = {
+        "benchmark": "training_speed",
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "data": data_name,
+        "init_from": args.init_from or "random initialisation",
+        "attack": "L-inf PGD-10, eps 8/255, step 2/255 (IAAT timed right after its warmup, radii at 8/255)",
+        "pgd_at_speedup_over_reference": ref / base,
+        "peak_memory": "torch.cuda.max_memory_allocated per method" if device.type == "cuda"
+                       else "not measured on CPU (no per-method allocator statistics)",
+        "date": time.strftime("%Y-%m-%d"),
+        "results": rows,
+    }
+    print(f"pgd_at is {ref / base:.2f}x faster than the plain reference loop")
+    out = Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
