@@ -161,7 +161,7 @@ def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
         for j, i in enumerate(chosen):
             right.plot(ep, stack[:, i], "-", color=cmap(j / max(1, len(chosen) - 1)), lw=1.5, marker=".",
                        label=f"sample {i}: {stack[-1, i]:.1f}/255")
-        right.legend(loc="best", title="final radius")
+        right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="final radius")
     right.set_xlabel("epoch")
     right.set_title(f"{len(chosen)} samples (spread over the final radii)")
     save(fig, stem)
@@ -261,5 +261,7 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
                  f"below, PGD-20 at {image_eps * 255:g}/255 (→ prediction)")
         image_grid(x.cpu().numpy(), res.x_adv.detach().cpu().numpy(), captions, adv_captions, title,
                    stem.with_name(f"{stem.name}_{which}"))
-        drawn[which] = {"train_positions": rows.tolist(), "radii": (final[rows] * 255).tolist(), "labels": labels}
+        edge = final[rows[-1]]  # ties at the edge of the group: which of them are shown is training-set order
+        drawn[which] = {"train_positions": rows.tolist(), "radii": (final[rows] * 255).tolist(), "labels": labels,
+                        "tied_at_edge": int((final == edge).sum())}
     return {"run": record.name, **drawn}

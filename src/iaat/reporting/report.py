@@ -86,9 +86,12 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
             continue
         summary["figures"][stem] = drawn
         for which in ("smallest", "largest"):
+            tied = drawn[which]["tied_at_edge"]
+            ties = (f" {tied} samples share the radius at the edge of this group; those shown come first in "
+                    f"training-set order." if tied > 1 else "")
             fig_md.append(f"### {r.name}: training images with the {which} radii\n\nFigs. 2, 5, 6 — each image "
                           f"above its PGD-20 perturbation at {format_size(eps_images)}, with class, final radius "
-                          f"and the prediction on the perturbed image.\n\n![{which}]({stem}_{which}.png)\n")
+                          f"and the prediction on the perturbed image.{ties}\n\n![{which}]({stem}_{which}.png)\n")
 
     table_specs = {
         "table1_robustness": ("Table 1 — clean and robust accuracy (%)", tables.robustness_table(records)),
