@@ -44,33 +44,37 @@ def save(fig: Any, stem: Path) -> list[Path]:
     return paths
 
 
-def _style(record: RunRecord, frontier_rank: float) -> dict:
-    """Colour and marker by kind of run: blues for the fixed-eps frontier, reds for IAAT, others distinct."""
+_ADAPTIVE_COLORS = ("tab:red", "tab:orange", "tab:pink", "gold", "tab:cyan", "tab:olive", "magenta", "sienna")
+_OTHERS = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": ("tab:olive", "v"),
+           "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "clean": ("tab:gray", "X")}
+
+
+def styles(records: list[RunRecord]) -> dict:
+    """Colour and marker per run (by id), the same in every figure: blues from light to dark for the
+    fixed-eps frontier by radius, a distinct colour per IAAT run (stars), a fixed one per other method."""
     plt = pyplot()
-    if record.method == "pgd_at":
-        return {"color": plt.cm.Blues(0.35 + 0.6 * frontier_rank), "marker": "o"}
-    if record.adaptive:
-        return {"color": "tab:red" if record.group != "grid" else "tab:orange", "marker": "*"}
-    palette = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": ("tab:olive", "v"),
-               "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "clean": ("tab:gray", "X")}
-    color, marker = palette.get(record.method, ("black", "^"))
-    return {"color": color, "marker": marker}
+    out = {}
+    front = sorted([r for r in records if r.method == "pgd_at"], key=lambda r: r.cfg.eps)
+    for i, r in enumerate(front):
+        out[id(r)] = {"color": plt.cm.Blues(0.35 + 0.6 * i / max(1, len(front) - 1)), "marker": "o"}
+    for i, r in enumerate([r for r in records if r.adaptive]):
+        out[id(r)] = {"color": _ADAPTIVE_COLORS[i % len(_ADAPTIVE_COLORS)], "marker": "*"}
+    for r in records:
+        if id(r) not in out:
+            color, marker = _OTHERS.get(r.method, ("black", "^"))
+            out[id(r)] = {"color": color, "marker": marker}
+    return out
 
 
 def _frontier(records: list[RunRecord]) -> list[RunRecord]:
     return sorted([r for r in records if r.method == "pgd_at" and r.evaluation], key=lambda r: r.cfg.eps)
 
 
-def _rank(records: list[RunRecord]) -> dict:
-    front = _frontier(records)
-    return {id(r): (i / max(1, len(front) - 1)) for i, r in enumerate(front)}
-
-
 def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) -> list[dict]:
     """Fig. 3: clean accuracy over robust accuracy, the fixed-eps frontier joined by a line."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    ranks = _rank(records)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    style_of = styles(records)
     front = _frontier(records)
     if len(front) > 1:
         ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "-",
@@ -80,16 +84,17 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
         if r.evaluation is None or r.accuracy(attack) is None:
             continue
         x, y = 100 * r.accuracy(attack), 100 * r.accuracy()
-        style = _style(r, ranks.get(id(r), 0.5))
+        style = style_of[id(r)]
         size = 14 if style["marker"] == "*" else 8
         ax.plot([x], [y], linestyle="none", markersize=size, markeredgecolor="black", markeredgewidth=0.5,
                 label=r.name, zorder=3, **style)
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color="0.25")
+        if r.group != "grid":  # grid points are told apart by the legend; their labels would overlap
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color="0.25")
         points.append({"run": r.name, "robust": x / 100, "clean": y / 100})
     ax.set_xlabel(f"robust accuracy (%), {caption}")
     ax.set_ylabel("clean accuracy (%)")
     ax.set_title("Accuracy / robustness tradeoff")
-    ax.legend(loc="best", ncol=2 if len(points) > 8 else 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save(fig, stem)
     return points
 
@@ -97,8 +102,8 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
 def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
     """Fig. 4: accuracy over the test radius (the evaluation's eps sweep), one line per run (grid runs left out)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    ranks = _rank(records)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    style_of = styles(records)
     curves = []
     shown = [r for r in records if r.group != "grid"] or records
     for r in shown:
@@ -107,7 +112,7 @@ def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
             continue
         xs = [p["eps_pixels"] for p in curve["points"]]
         ys = [100 * p["accuracy"] for p in curve["points"]]
-        style = _style(r, ranks.get(id(r), 0.5))
+        style = style_of[id(r)]
         ax.plot(xs, ys, "-", marker=style["marker"], color=style["color"], markersize=5,
                 lw=2.2 if r.adaptive else 1.4, label=r.name)
         curves.append({"run": r.name, "eps": xs, "accuracy": [y / 100 for y in ys], "attack": curve.get("attack")})
@@ -116,7 +121,7 @@ def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
     ax.set_ylabel(f"accuracy under {attack} (%)")
     ax.set_title("Robust accuracy over the test radius")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save(fig, stem)
     return curves
 

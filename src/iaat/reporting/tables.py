@@ -28,6 +28,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _radius(r: RunRecord) -> str:
+    if r.method == "clean":
+        return "0 (clean)"
     return f"{r.train_eps:.2f} (mean, adaptive)" if r.adaptive else f"{r.train_eps:g}"
 
 
@@ -44,10 +46,12 @@ def robustness_table(records: list[RunRecord]) -> str:
     return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case", "train s"], rows)
 
 
-def _compare(records: list[RunRecord], attack: str) -> str:
-    rows = [[r.name, r.method, _radius(r), _pct(r.accuracy()), _pct(r.accuracy(attack)),
-             _pct(r.accuracy("worst"))] for r in records]
-    return _table(["run", "method", "training ε (/255)", "clean", attack, "worst case"], rows)
+def _compare(records: list[RunRecord]) -> str:
+    """A small table: clean, every attack and the worst case, for the runs a comparison is about."""
+    labels = attack_labels(records)
+    rows = [[r.name, r.method, _radius(r), _pct(r.accuracy())] + [_pct(r.accuracy(a)) for a in labels]
+            + [_pct(r.accuracy("worst"))] for r in records]
+    return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case"], rows)
 
 
 def _reference(records: list[RunRecord]) -> list[RunRecord]:
@@ -63,7 +67,7 @@ def _missing(what: str, how: str) -> str:
     return f"_No {what} among these runs; {how}._\n"
 
 
-def warmup_table(records: list[RunRecord], attack: str) -> str:
+def warmup_table(records: list[RunRecord]) -> str:
     """Table 5: IAAT with and without warmup, beside PGD-AT."""
     iaat = [r for r in records if r.adaptive and r.params.get("selection") == "alg2" and r.group != "grid"]
     with_w = [r for r in iaat if r.params.get("warmup_epochs", 0) > 0]
@@ -71,27 +75,27 @@ def warmup_table(records: list[RunRecord], attack: str) -> str:
     if not (with_w and without):
         return _missing("IAAT runs both with and without warmup", "the default `iaat sweep` trains both "
                         "(iaat, iaat_no_warmup)")
-    return _compare(_reference(records) + with_w + without, attack)
+    return _compare(_reference(records) + with_w + without)
 
 
-def line_search_table(records: list[RunRecord], attack: str) -> str:
+def line_search_table(records: list[RunRecord]) -> str:
     """Table 7: IAAT's Alg. 2 selection against the exact line search over eps."""
     alg2 = [r for r in records if r.adaptive and r.params.get("selection") == "alg2" and r.group != "grid"
             and r.params.get("warmup_epochs", 0) > 0]
     search = [r for r in records if r.adaptive and r.params.get("selection") == "line_search"]
     if not search:
         return _missing("line-search IAAT run", "add one with `iaat sweep ... --with iaat_line_search`")
-    return _compare(_reference(records) + alg2[:1] + search, attack)
+    return _compare(_reference(records) + alg2[:1] + search)
 
 
-def mixup_table(records: list[RunRecord], attack: str) -> str:
+def mixup_table(records: list[RunRecord]) -> str:
     """Table 8: Mixup-AT against IAAT and PGD-AT."""
     mixup = [r for r in records if r.method == "mixup_at"]
     if not mixup:
         return _missing("Mixup-AT run", "add one with `iaat sweep ... --with mixup_at`")
     iaat = [r for r in records if r.adaptive and r.group != "grid" and r.params.get("warmup_epochs", 0) > 0
             and r.params.get("selection") == "alg2"]
-    return _compare(_reference(records) + iaat[:1] + mixup, attack)
+    return _compare(_reference(records) + iaat[:1] + mixup)
 
 
 def sensitivity_table(records: list[RunRecord], attack: str) -> str:
