@@ -136,7 +136,7 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
         assert proc.returncode == 130, text
         assert "run the same command again" in text
     deadline = time.time() + 120  # the orphaned training saves its state and exits
-    while time.time() < deadline and "interrupted (SIGTERM)" not in log.read_text():
+    while time.time() < deadline and "iaat: interrupted" not in log.read_text():
         time.sleep(0.1)
     assert "SIGTERM received" in log.read_text()
     first = out / "runs" / "pgd_at_eps32"

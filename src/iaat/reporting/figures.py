@@ -89,7 +89,9 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
         ax.plot([x], [y], linestyle="none", markersize=size, markeredgecolor="black", markeredgewidth=0.5,
                 label=r.name, zorder=3, **style)
         if r.group != "grid":  # grid points are told apart by the legend; their labels would overlap
-            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color="0.25")
+            # above for every other point, below for the rest: neighbours' labels rarely collide
+            offset = (6, 4) if len(points) % 2 == 0 else (6, -11)
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=offset, fontsize=7, color="0.25")
         points.append({"run": r.name, "robust": x / 100, "clean": y / 100})
     ax.set_xlabel(f"robust accuracy (%), {caption}")
     ax.set_ylabel("clean accuracy (%)")
