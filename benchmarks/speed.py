@@ -19,7 +19,6 @@ version and data set.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import statistics
@@ -31,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULTS, Runner, cpu_name  # noqa: E402
+from throughput import RESULTS, Runner, bench_data, cpu_name, write_result  # noqa: E402
 
-from iaat.data import ImageSet, load_dataset  # noqa: E402
+from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
 
 DEFAULT_METHODS = ["clean", "pgd_at", "iaat", "iaat:selection=online", "gairat", "trades"]
@@ -144,19 +143,7 @@ def main(argv=None) -> int:
         p.error("--methods must include pgd_at (the ratios are to it)")
 
     device = resolve_device(args.device)
-    if args.data_dir:
-        splits = load_dataset("cifar10", args.data_dir, download=False)
-        data = splits.train.subset(torch.arange(args.images))
-        data_name = args.data_label or f"CIFAR-10 from {splits.source}, first {args.images} training images"
-    else:
-        from iaat.data.datasets import DatasetSplits
-
-        g = torch.Generator().manual_seed(0)
-        data = ImageSet(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                        torch.randint(0, 10, (args.images,), generator=g))
-        splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
-        data_name = args.data_label or "random uint8 images, 3x32x32"
-
+    data, splits, data_name = bench_data(args.data_dir, args.images, args.data_label)
     init = None
     if args.init_from:
         from iaat.engine.trainer import load_run
@@ -211,10 +198,7 @@ def main(argv=None) -> int:
         "results": rows,
     }
     print(f"pgd_at is {ref / base:.2f}x faster than the plain reference loop")
-    out = Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+    write_result(result, Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json")
     return 0
 
 

@@ -58,6 +58,31 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
+    """The first ``n`` CIFAR-10 training images of ``data_dir`` (or ``n`` random uint8 images), their
+    splits, and how to name them in the results."""
+    if data_dir:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = load_dataset("cifar10", data_dir, download=False)
+        official = not any("differ" in str(w.message) for w in caught)
+        name = label or ("CIFAR-10" if official else "CIFAR-10 (not the official files: md5 differs)")
+        return splits.train.subset(torch.arange(n)), splits, f"{name}, first {n} training images"
+    from iaat.data.datasets import DatasetSplits
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (n,), generator=g))
+    splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
+    return data, splits, label or "random uint8 images, 3x32x32"
+
+
+def write_result(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
+
+
 class Runner:
     """One (model, method) training step, ready to be timed."""
 
@@ -124,22 +149,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    n = args.batch_size * 8
-    if args.data_dir:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            splits = load_dataset("cifar10", args.data_dir, download=False)
-        data = splits.train.subset(torch.arange(n))
-        official = not any("differ" in str(w.message) for w in caught)
-        data_name = args.data_label or ("CIFAR-10" if official else "CIFAR-10 (not the official files: md5 differs)")
-    else:
-        from iaat.data.datasets import DatasetSplits
-
-        g = torch.Generator().manual_seed(0)
-        data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                        torch.randint(0, 10, (n,), generator=g))
-        splits = DatasetSplits("random", data, data, 10, (0.5,) * 3, (0.25,) * 3, "random uint8")
-        data_name = args.data_label or "random uint8 images, 3x32x32"
+    data, splits, data_name = bench_data(args.data_dir, args.batch_size * 8, args.data_label)
 
     init = None
     if args.init_from:
@@ -190,10 +200,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }
-    out = Path(args.out) if args.out else RESULTS / f"throughput-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+    write_result(result, Path(args.out) if args.out else RESULTS / f"throughput-{device.type}.json")
     return 0
 
 
