@@ -56,6 +56,8 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "runs": {"iaat": {"method.gama": 2}}})
     with pytest.raises(ConfigError, match="needs method.name"):
         build_plan({"base": BASE, "runs": {"mine": {"attack.eps": 4}}})
+    with pytest.raises(ConfigError, match="sweep 'base' must be a train config"):
+        build_plan({"base": [1, 2]})
     with pytest.raises(ConfigError, match="grid"):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
 

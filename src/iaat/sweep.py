@@ -133,6 +133,8 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     base = spec.get("base")
     if isinstance(base, str):
         base = load_yaml((base_dir / base) if not Path(base).is_absolute() else Path(base))
+    if base is not None and not isinstance(base, dict):
+        raise ConfigError(f"sweep 'base' must be a train config (a mapping) or the path of one, got {base!r}.")
     base = _apply(base or {}, spec.get("set") or {}, "sweep 'set'")
     runs: dict[str, dict] = {}
     groups: dict[str, str] = {}
