@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULTS, Runner, bench_data, cpu_name, write_result  # noqa: E402
+from throughput import RESULTS, Runner, bench_data, cpu_name, init_weights, write_result  # noqa: E402
 
 from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
@@ -144,14 +144,7 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     data, splits, data_name = bench_data(args.data_dir, args.images, args.data_label)
-    init = None
-    if args.init_from:
-        from iaat.engine.trainer import load_run
-
-        init_model, init_cfg, _, _ = load_run(Path(args.init_from))
-        if init_cfg.model.name != args.model:
-            p.error(f"--init-from {args.init_from} holds a {init_cfg.model.name}; pass --model {init_cfg.model.name}")
-        init = init_model.state_dict()
+    init = init_weights(args.init_from, [args.model], p, "--model")[0] if args.init_from else None
     runners = [ReferenceRunner(args.model, data, splits, device, args.batch_size, init)]
     runners += [Runner(args.model, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
     peaks = {id(r): 0 for r in runners}

@@ -83,6 +83,17 @@ def write_result(result: dict, out: Path) -> None:
     print(f"written to {out}")
 
 
+def init_weights(run: str, models: list[str], parser: argparse.ArgumentParser, flag: str) -> tuple[dict, Path]:
+    """The weights of a run's newest checkpoint and its path, for benchmarking from a realistically trained
+    model; ``models`` (the benchmarked models) must be exactly the run's."""
+    from iaat.engine.trainer import load_run
+
+    model, cfg, path, _ = load_run(Path(run))
+    if models != [cfg.model.name]:
+        parser.error(f"--init-from {run} holds a {cfg.model.name}; pass {flag} {cfg.model.name}")
+    return model.state_dict(), Path(path)
+
+
 class Runner:
     """One (model, method) training step, ready to be timed."""
 
@@ -151,14 +162,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     data, splits, data_name = bench_data(args.data_dir, args.batch_size * 8, args.data_label)
 
-    init = None
-    if args.init_from:
-        from iaat.engine.trainer import load_run
-
-        init_model, init_cfg, init_path, _ = load_run(Path(args.init_from))
-        if args.models != [init_cfg.model.name]:
-            p.error(f"--init-from {args.init_from} holds a {init_cfg.model.name}; pass --models {init_cfg.model.name}")
-        init = init_model.state_dict()
+    init, init_path = init_weights(args.init_from, args.models, p, "--models") if args.init_from else (None, None)
     rows = []
     for model_name in args.models:
         runners = [Runner(model_name, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "data": data_name,
         "attack": "L-inf PGD-10, eps 8/255, step 2/255",
-        "init_from": str(init_path) if args.init_from else "random initialisation",
+        "init_from": str(init_path) if init_path else "random initialisation",
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }

@@ -138,19 +138,22 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     base = _apply(base or {}, spec.get("set") or {}, "sweep 'set'")
     runs: dict[str, dict] = {}
     groups: dict[str, str] = {}
+    identities: dict[str, dict] = {}
 
     def add(name: str, raw: dict, group: str) -> None:
         try:
             cfg = config_from_dict(copy.deepcopy(raw))
+            ident = identity(cfg.to_dict())
         except ConfigError as e:
             raise ConfigError(f"sweep run '{name}': {e}") from None
-        for other, other_raw in runs.items():
-            if identity(other_raw) == identity(cfg.to_dict()):
+        for other, other_ident in identities.items():
+            if other_ident == ident:
                 if group == "grid":
                     return  # the grid point is a run already in the plan
                 raise ConfigError(f"sweep runs '{other}' and '{name}' have the same config.")
         runs[name] = cfg.to_dict()
         groups[name] = group
+        identities[name] = ident
 
     from .units import parse_size
 
