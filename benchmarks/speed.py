@@ -9,8 +9,13 @@ data. Each is timed over whole steps including fetching the batch, methods inter
 so that drift of the machine hits them alike; reported as images/s (from the median step time)
 and as a time ratio to ``pgd_at`` from the same run, with peak GPU memory on CUDA.
 
-    python benchmarks/speed.py --data-dir DIR                       # CPU: small CNN
-    python benchmarks/speed.py --data-dir DIR --model resnet18 --device cuda --batch-size 512
+iaat's methods run as the trainer sets them up (``build_step``), with the fast-path switches
+given here (``--amp``, ``--attack-amp``, ``--channels-last``, ``--compile``: the ``train.*`` keys of
+the same names); the reference always runs in fp32 in the default layout.
+
+    python benchmarks/speed.py --data-dir DIR --amp bf16 --channels-last        # CPU: small CNN
+    python benchmarks/speed.py --data-dir DIR --model resnet18 --device cuda --batch-size 512 \
+        --amp bf16 --channels-last --compile
 
 Results go to benchmarks/results/speed-<device>-<model>.json with the command, device, torch
 version and data set.
@@ -136,21 +141,30 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     p.add_argument("--init-from", metavar="RUN", help="start every method from this run's weights: IAAT's and "
                    "GAIRAT's costs depend on how many samples the attacks break, which an untrained model overstates")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="autocast of iaat's training steps and attacks  [train.amp] (default off)")
+    p.add_argument("--attack-amp", choices=["same", "off", "bf16", "fp16"], default="same",
+                   help="autocast of iaat's attacks alone  [train.attack_amp] (default: as --amp)")
+    p.add_argument("--channels-last", action="store_true", help="iaat's models in channels_last  [train.channels_last]")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile iaat's models and PGD update  [train.compile]; compile time is not timed")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/speed-<device>-<model>.json)")
     args = p.parse_args(argv)
     if "pgd_at" not in args.methods:
         p.error("--methods must include pgd_at (the ratios are to it)")
+    train = {"amp": args.amp, "attack_amp": args.attack_amp, "channels_last": args.channels_last,
+             "compile": args.compile}
 
     device = resolve_device(args.device)
     data, splits, data_name = bench_data(args.data_dir, args.images, args.data_label)
     init = init_weights(args.init_from, [args.model], p, "--model")[0] if args.init_from else None
     runners = [ReferenceRunner(args.model, data, splits, device, args.batch_size, init)]
-    runners += [Runner(args.model, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
+    runners += [Runner(args.model, spec, data, splits, device, args.batch_size, init, train) for spec in args.methods]
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}
     for r in runners:
-        for _ in range(args.warmup):
+        for _ in range(args.warmup if not args.compile else max(args.warmup, 3)):  # compiling (shapes, modes)
             timed(r, device)
     for _ in range(args.rounds):
         for r in runners:
@@ -184,6 +198,8 @@ def main(argv=None) -> int:
         "data": data_name,
         "init_from": args.init_from or "random initialisation",
         "attack": "L-inf PGD-10, eps 8/255, step 2/255 (IAAT timed right after its warmup, radii at 8/255)",
+        "iaat_train_settings": train,
+        "reference_settings": "fp32, default memory layout, eager, DataLoader with per-sample augmentation",
         "pgd_at_speedup_over_reference": ref / base,
         "peak_memory": "torch.cuda.max_memory_allocated per method" if device.type == "cuda"
                        else "not measured on CPU (no per-method allocator statistics)",

@@ -26,14 +26,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
 
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader, ImageSet, load_dataset
-from iaat.engine.setup import model_from_config, resolve_device
-from iaat.methods import AttackSettings, build_method
+from iaat.engine.setup import autocast_context, resolve_device
+from iaat.engine.trainer import build_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,21 +96,21 @@ def init_weights(run: str, models: list[str], parser: argparse.ArgumentParser, f
 
 
 class Runner:
-    """One (model, method) training step, ready to be timed."""
+    """One (model, method) training step, ready to be timed; ``train`` holds ``train.*`` config keys (precision,
+    layout, compile), and the model and method are set up by the trainer's own :func:`build_step`."""
 
     def __init__(self, model_name: str, spec: str, data: ImageSet, splits, device, batch_size: int,
-                 init: dict | None = None) -> None:
+                 init: dict | None = None, train: dict | None = None) -> None:
         name, params = parse_method(spec)
         cfg = config_from_dict({"model": {"name": model_name}, "method": {"name": name, **params},
-                                "attack": {"eps": 8, "step_size": 2, "steps": 10}})
+                                "attack": {"eps": 8, "step_size": 2, "steps": 10}, "train": dict(train or {})})
         torch.manual_seed(0)
         self.spec, self.device = spec, device
-        self.model = model_from_config(cfg, splits)
+        self.model, self.net, self.method = build_step(cfg, SimpleNamespace(splits=splits, train=data), device)
         if init is not None:
             self.model.load_state_dict(init)
-        self.model.to(device).train()
-        self.method = build_method(name, cfg.method.params, AttackSettings.from_config(cfg), len(data),
-                                   splits.num_classes, device)
+        self.model.train()
+        self.autocast = autocast_context(device, cfg.train.amp)
         # Time the state right after IAAT's warmup: selection active, every radius at eps_warmup.
         self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))
         if hasattr(self.method, "memory"):
@@ -131,7 +132,8 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = self.method.loss(self.model, x, y, idx)
+        with self.autocast():
+            out = self.method.loss(self.net, x, y, idx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()

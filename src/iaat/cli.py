@@ -19,7 +19,8 @@ SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255'
 
 # Keys a resumed run may change; anything else must match the saved config.yaml.
 _RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
-                      ("train", "deterministic"), ("data", "data_dir"), ("data", "download")}
+                      ("train", "deterministic"), ("train", "channels_last"), ("train", "compile"),
+                      ("data", "data_dir"), ("data", "download")}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

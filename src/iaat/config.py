@@ -94,6 +94,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
     amp: str = "off"  #: off | bf16 | fp16 (autocast for attacks and training)
+    #: same (as amp) | off | bf16 | fp16: the attacks' autocast on its own, e.g. fp16 attacks beside an fp32 or bf16
+    #: training step (the IAAT paper's ImageNet setting); fp16 attacks need no gradient scaler (see iaat.attacks.pgd)
+    attack_amp: str = "same"
+    #: the model's weights and activations in channels_last layout: faster convolutions with bf16/fp16 on GPUs and
+    #: on CPUs with oneDNN; the attacks' tensors keep the plain layout (same random starts with it on or off)
+    channels_last: bool = False
+    #: torch.compile the model (its forward and backward, in the attacks and the training step) and the PGD update;
+    #: the first steps pay the compile time (about half a minute), worth it on GPUs for long runs
+    compile: bool = False
     eval_steps: int = 10  #: PGD steps of the end-of-epoch held-out evaluation (at attack.eps)
     eval_every: int = 1  #: evaluate every this many epochs (and always after the last)
     log_interval: int = 20  #: steps between progress-bar updates (each one syncs with the device)
@@ -272,6 +281,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 2 (BatchNorm needs two samples), got {cfg.train.batch_size}.")
     if cfg.train.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}.")
+    if cfg.train.attack_amp not in ("same", "off", "bf16", "fp16"):
+        raise ConfigError(f"train.attack_amp must be same, off, bf16 or fp16, got {cfg.train.attack_amp!r}.")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}.")
     if cfg.train.eval_every < 1 or cfg.train.log_interval < 1:

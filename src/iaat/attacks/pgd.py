@@ -12,6 +12,12 @@ misclassified (so one PGD-K run gives the accuracy under PGD-k for every k <= K)
 Habits: the model is in eval mode during the attack and its mode is restored afterwards;
 gradients are taken with ``torch.autograd.grad`` w.r.t. the perturbation only, so no
 parameter ever receives a ``.grad``; the step loop has no host synchronisation.
+
+Precision: the kernel sets its own autocast state (``autocast_dtype``, or none at all), whatever
+the caller's context, so attack and training precision are chosen separately. Under fp16 the
+objective is multiplied by a fixed power of two before the backward pass so that small input
+gradients do not underflow to zero; a step uses only the gradient's sign (L-inf) or direction
+(L2, MI-FGSM's normalised sum), which a constant factor leaves unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from torch import nn
 from ..distributed import unwrap
 
 Radius = Union[float, torch.Tensor]
+
+#: fp16 attacks: the objective's factor before the backward pass (only the gradient's direction is used)
+FP16_OBJECTIVE_SCALE = 1024.0
 
 
 @dataclass
@@ -143,8 +152,33 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) 
     return (x + delta).clamp_(0.0, 1.0) - x
 
 
+def _advance(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
+             norm: str, moving: Optional[torch.Tensor]) -> torch.Tensor:
+    """One ascent step along the gradient's sign (L-inf) or direction (L2), masked by ``moving``, then projected."""
+    if norm == "linf":
+        step = alpha * grad.sign()
+    else:
+        step = alpha * grad / (_l2_norm(grad) + 1e-12)
+    if moving is not None:
+        step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
+    return project(delta + step, x, eps, norm)
+
+
+_compiled_advance = None
+
+
+def _advance_fn(compiled: bool):
+    """:func:`_advance`, or its ``torch.compile``d form (one fused kernel on GPUs), built on first use."""
+    global _compiled_advance
+    if not compiled:
+        return _advance
+    if _compiled_advance is None:
+        _compiled_advance = torch.compile(_advance, dynamic=True)
+    return _compiled_advance
+
+
 def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast, reference,
-             init_std, momentum):
+             init_std, momentum, objective_scale, advance):
     batch = x.shape[0]
     delta = _random_start(x, eps, norm, init_std) if random_start else torch.zeros_like(x)
     delta = project(delta, x, eps, norm)
@@ -156,7 +190,7 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
         with autocast():
             logits = model(x + delta)
         objective = _objective(logits, y, target, loss, reference)
-        (grad,) = torch.autograd.grad(objective.sum(), delta)
+        (grad,) = torch.autograd.grad(objective.sum() * objective_scale, delta)
         delta = delta.detach()
         correct = logits.detach().argmax(1) == y
         kappa += correct
@@ -164,15 +198,11 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
         if velocity is not None:  # MI-FGSM: accumulate the L1-normalised gradient
             velocity = momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
             grad = velocity
-        if norm == "linf":
-            step = alpha * grad.sign()
-        else:
-            step = alpha * grad / (_l2_norm(grad) + 1e-12)
+        moving = None
         if early_stop_tau is not None:
             # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
             moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
-            step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
-        delta = project(delta + step, x, eps, norm)
+        delta = advance(delta, grad, x, eps, alpha, norm, moving)
     return (x + delta).detach(), kappa, first_miss
 
 
@@ -181,7 +211,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
-        momentum: float = 0.0) -> AttackResult:
+        momentum: float = 0.0, compiled: bool = False) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -202,9 +232,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         eval_mode: attack the model in eval mode (default; BatchNorm statistics stay untouched).
         reference: logits the ``"kl"`` loss compares against.
         init_std: start from ``init_std * N(0, 1)`` noise instead of the uniform ball (TRADES uses 0.001).
-        autocast_dtype: run the model under autocast with this dtype (bf16/fp16), gradients in fp32.
+        autocast_dtype: run the model under autocast with this dtype (bf16/fp16), gradients in fp32;
+            ``None`` runs it in full precision even inside a caller's autocast region.
         momentum: MI-FGSM's decay factor mu (0 = plain PGD): steps follow the running sum of
             L1-normalised gradients.
+        compiled: use the ``torch.compile``d step-and-project update (``train.compile``).
 
     Returns:
         An :class:`AttackResult`.
@@ -223,14 +255,19 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     else:
         alpha = _as_radius(step_size, batch, x)
     device_type = x.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    if autocast_dtype is not None:
+        autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
+    else:  # full precision, also when called inside the training step's autocast region
+        autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
+    objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
     final_check = final_check or restarts > 1
 
     best_x = best_kappa = best_correct = best_logits = best_loss = best_success = first_miss = None
     with attack_mode(model, eval_mode) as model, torch.enable_grad():
         for _ in range(restarts):
             x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
-                                              early_stop_tau, autocast, reference, init_std, momentum)
+                                              early_stop_tau, autocast, reference, init_std, momentum,
+                                              objective_scale, _advance_fn(compiled))
             if not final_check:
                 return AttackResult(x_adv, None, kappa, first_miss=run_miss, steps=steps)
             with torch.no_grad(), autocast():

@@ -27,7 +27,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(amp: str) -> Optional[torch.dtype]:
+    """``off`` | ``bf16`` | ``fp16`` → the autocast dtype (``None`` for full precision)."""
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def attack_autocast_dtype(cfg: Config) -> Optional[torch.dtype]:
+    """The attacks' autocast dtype: ``train.attack_amp``, or ``train.amp`` when that is ``same``."""
+    return autocast_dtype(cfg.train.amp if cfg.train.attack_amp == "same" else cfg.train.attack_amp)
+
+
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device`` in the memory layout ``train.channels_last`` asks for (in place; returns it).
+
+    Only the model's tensors change layout: inputs stay in the plain layout, the first convolution
+    produces channels_last activations from the channels_last weights, and the attacks' random
+    starts are drawn exactly as without it.
+    """
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """``torch.compile(model)`` when ``train.compile`` is on (the returned wrapper shares its weights), else ``model``."""
+    if not cfg.train.compile:
+        return model
+    if not hasattr(torch, "compile"):
+        raise ConfigError(f"train.compile needs torch.compile (PyTorch >= 2.0); this is torch {torch.__version__}.")
+    return torch.compile(model)
 
 
 def autocast_context(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -38,13 +38,14 @@ from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, OutputError, TrainingInterrupted
 from ..evaluation import AttackSpec, evaluate
-from ..methods import AttackSettings, build_method
+from ..methods import AttackSettings, Method, build_method
 from . import rundir
 from .checkpoint import (checkpoint_path, interrupt_path, latest_valid, prune, remove_checkpoint, resume_point,
                          save_checkpoint)
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import lr_at
-from .setup import autocast_context, autocast_dtype, load_model_state, model_from_config, prepare_data, resolve_device
+from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, compile_model, load_model_state,
+                    model_from_config, prepare_data, prepare_model, resolve_device)
 
 
 def _to_host(stats: dict, n: int) -> dict:
@@ -208,6 +209,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         device = dist_device or resolve_device(cfg.train.device)
         with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
             return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info)
+    except Exception as e:
+        if cfg.train.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"train.compile: torch.compile failed ({type(e).__name__}: {first[:300]}). Set "
+                              f"train.compile=false (on CPU it needs a working C++ compiler); resume with "
+                              f"--resume --set train.compile=false.") from None
+        raise
     finally:
         if owns_group:
             distributed.shutdown()
@@ -233,6 +241,32 @@ def _wrap_ddp(model: torch.nn.Module, info: distributed.DistInfo, device: torch.
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def build_step(cfg: Config, data, device: torch.device, info: distributed.DistInfo = distributed.SINGLE
+               ) -> tuple[torch.nn.Module, torch.nn.Module, Method]:
+    """The model and method of a run, set up as the training step uses them.
+
+    Returns ``(model, net, method)``: ``model`` on the device in its ``train.channels_last`` layout
+    (checkpoints and validation use it), ``net`` the module the training loss and the attacks run
+    through (``model`` compiled with ``train.compile``, in DistributedDataParallel under torchrun;
+    same weights), and the method with the attack's precision from ``train.attack_amp``. The step
+    itself is ``with autocast_context(device, cfg.train.amp)(): method.loss(net, x, y, idx)``.
+    """
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
+    if cfg.train.attack_amp == "fp16" and device.type == "cpu":
+        raise ConfigError("train.attack_amp=fp16 is for GPUs: CPUs without fp16 arithmetic run it many times slower "
+                          "than bf16 (25x on this project's test machine); use bf16 or off on the CPU.")
+    model = model_from_config(cfg, data.splits)
+    if info.enabled and cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = prepare_model(model, cfg, device)
+    attack = AttackSettings.from_config(cfg, attack_autocast_dtype(cfg))
+    method = build_method(cfg.method.name, cfg.method.params, attack, len(data.train), data.splits.num_classes, device)
+    method.total_epochs = cfg.train.epochs
+    net = _wrap_ddp(compile_model(model, cfg), info, device)  # same initial weights everywhere: seeds, DDP broadcast
+    return model, net, method
+
+
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**63 - 1)
 
@@ -242,16 +276,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     _check_distributed(cfg, info, device)
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
-    model = model_from_config(cfg, data.splits)
-    if info.enabled and cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
+    model, net, method = build_step(cfg, data, device, info)
     amp_dtype = autocast_dtype(cfg.train.amp)
-    attack = AttackSettings.from_config(cfg, amp_dtype)
-    method = build_method(cfg.method.name, cfg.method.params, attack, len(data.train), data.splits.num_classes, device)
-    method.total_epochs = cfg.train.epochs
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
@@ -259,7 +285,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     loader = loader_cls(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
                         seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
     global_sizes = loader.global_batch_sizes()
-    net = _wrap_ddp(model, info, device)  # same initial weights everywhere: equal seeds, and DDP broadcasts
     if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
         seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
 

@@ -22,12 +22,13 @@ class AttackSettings:
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
-    autocast_dtype: Optional[torch.dtype] = None
+    autocast_dtype: Optional[torch.dtype] = None  #: the attacks' precision (``train.attack_amp``)
+    compiled: bool = False  #: the torch.compile'd PGD update (``train.compile``)
 
     @classmethod
     def from_config(cls, cfg: Any, autocast_dtype: Optional[torch.dtype] = None) -> "AttackSettings":
         a = cfg.attack
-        return cls(a.norm, cfg.eps, cfg.step_size, a.steps, a.random_start, autocast_dtype)
+        return cls(a.norm, cfg.eps, cfg.step_size, a.steps, a.random_start, autocast_dtype, cfg.train.compile)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Method:
         a = self.attack
         return pgd(model, x, y, a.eps if eps is None else eps, steps=a.steps if steps is None else steps,
                    step_size=a.step_size if step_size is None else step_size, norm=a.norm,
-                   random_start=a.random_start, autocast_dtype=a.autocast_dtype, **kwargs)
+                   random_start=a.random_start, autocast_dtype=a.autocast_dtype, compiled=a.compiled, **kwargs)
 
 
 def params_dict(params: Any) -> dict:
