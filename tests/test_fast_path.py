@@ -161,3 +161,15 @@ def test_compiled_step_matches_plain_loop(batch, tiny_cifar):
     fast_loss, fast_grads = fast_step(cfg, data, x, y, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-4)
     assert _cosine(fast_grads, plain_grads) > 0.999
+
+
+def test_resume_may_switch_layout_but_not_precision(tiny_cifar, tmp_path):
+    from helpers import run_main, tiny_train_args
+
+    out = tmp_path / "run"
+    assert run_main(*tiny_train_args(tiny_cifar, out, 1))[0] == 0
+    code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 2, "--resume", "--amp", "bf16"))
+    assert code == 2 and "cannot change train.amp when resuming" in err
+    code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 2, "--resume", "--set", "train.channels_last=true"))
+    assert code == 0, err
+    assert (out / "checkpoints" / "epoch_0002.pt").is_file()
