@@ -255,7 +255,7 @@ def build_step(cfg: Config, data, device: torch.device, info: distributed.DistIn
         raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
     if cfg.train.attack_amp == "fp16" and device.type == "cpu":
         raise ConfigError("train.attack_amp=fp16 is for GPUs: CPUs without fp16 arithmetic run it many times slower "
-                          "than bf16 (25x on this project's test machine); use bf16 or off on the CPU.")
+                          "than fp32 (25x on this project's 2-core test machine); use bf16 or off on the CPU.")
     model = model_from_config(cfg, data.splits)
     if info.enabled and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
