@@ -24,8 +24,6 @@ version and data set.
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULTS, Runner, bench_data, cpu_name, init_weights, write_result  # noqa: E402
+from throughput import RESULTS, Runner, bench_data, init_weights, run_header, write_result  # noqa: E402
 
 from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
@@ -186,13 +184,7 @@ def main(argv=None) -> int:
               flush=True)
     ref = rows[0]["median_seconds_per_step"]
     result = {
-        "benchmark": "training_speed",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **run_header("training_speed", device, argv),
         "model": args.model,
         "batch_size": args.batch_size,
         "data": data_name,

@@ -78,6 +78,20 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
     return data, splits, label or "random uint8 images, 3x32x32"
 
 
+def run_header(benchmark: str, device: torch.device, argv: list[str] | None) -> dict:
+    """What every result file starts with: the benchmark, the exact command, the machine and the software."""
+    return {
+        "benchmark": benchmark,
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -192,14 +206,7 @@ def main(argv=None) -> int:
             print(f"{model_name:<12} {r.spec:<32} {ips:8.1f} images/s{ratio}", flush=True)
         del runners
     result = {
-        "benchmark": "training_step_throughput",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **run_header("training_step_throughput", device, argv),
         "data": data_name,
         "attack": "L-inf PGD-10, eps 8/255, step 2/255",
         "init_from": str(init_path) if init_path else "random initialisation",

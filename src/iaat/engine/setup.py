@@ -51,11 +51,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
 
 def compile_model(model: nn.Module, cfg: Config) -> nn.Module:
     """``torch.compile(model)`` when ``train.compile`` is on (the returned wrapper shares its weights), else ``model``."""
-    if not cfg.train.compile:
-        return model
-    if not hasattr(torch, "compile"):
-        raise ConfigError(f"train.compile needs torch.compile (PyTorch >= 2.0); this is torch {torch.__version__}.")
-    return torch.compile(model)
+    return torch.compile(model) if cfg.train.compile else model
 
 
 def autocast_context(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
