@@ -4,6 +4,9 @@ With BatchNorm each rank normalises by the statistics of its own share of the ba
 which fixes that, needs CUDA), so only a BatchNorm-free model can end a 2-process CPU run with the
 same weights as a 1-process run. Run as ``python tests/ddp_worker.py train ...`` or under
 ``torchrun ... tests/ddp_worker.py train ...``.
+
+It also checks the process group's teardown: once the CLI returns, no gloo thread may be left
+(Linux), since threads that live into interpreter shutdown can abort a finished run (SIGABRT).
 """
 
 import os
@@ -34,6 +37,18 @@ def _plain_cnn(num_classes, in_channels, depth, width) -> nn.Module:
 
 MODELS["plain_cnn"] = _plain_cnn
 
+
+def _thread_names() -> list[str]:
+    """The names of this process's native threads (Linux; empty elsewhere)."""
+    names = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
 if __name__ == "__main__":
     # Adversarial training amplifies rounding: a 1e-7 difference in an all-reduced gradient flips a sign() in
     # PGD or a kept/dropped radius a few hundred steps later. In float64 the rounding of the gradient sum over
@@ -41,4 +56,9 @@ if __name__ == "__main__":
     # Hence the float64 option of the 1-process/2-process comparisons (the plain CNN casts its input).
     if os.environ.get("IAAT_TEST_FLOAT64") == "1":
         torch.set_default_dtype(torch.float64)
-    sys.exit(main())
+    code = main()
+    left = [name for name in _thread_names() if "gloo" in name]
+    if left:
+        print(f"ddp_worker: gloo threads still alive after the CLI returned: {left}", file=sys.stderr)
+        code = code or 3
+    sys.exit(code)

@@ -19,6 +19,7 @@ What stays consistent across ranks, and how:
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -81,6 +82,10 @@ def init(device_name: str) -> tuple[DistInfo, Optional[torch.device]]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # DistributedDataParallel imports torch._dynamo on first use; imported after the group exists, dynamo
+    # keeps references to it (torch 2.13), so destroy_process_group() would not free it: its gloo threads
+    # would live into interpreter shutdown, where one can abort the process (SIGABRT after a finished run).
+    importlib.import_module("torch._dynamo")  # not `import torch._dynamo`: that would make `torch` local here
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
                             **({"device_id": device} if device.type == "cuda" else {}))
     return info, device
