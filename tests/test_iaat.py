@@ -86,10 +86,39 @@ def test_line_search_picks_largest_grid_radius_that_holds():
 
 def test_alg2_selection_is_one_batched_attack():
     model, x, y, _ = stub_problem(8)
-    method = make_iaat(len(y), warmup_epochs=0, eps_init=8)
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, selection_check="final_iterate")
     run_epochs(method, model, x, y, 1)
     # clean check (B), selection over 2B: 10 steps + final check, training attack 10 steps (B), training forward (B)
     assert model.calls == [8] + [16] * 11 + [8] * 10 + [8]
+
+    model, x, y, radii = stub_problem(8)
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8)  # any_iterate: a sample's attack ends at its miss
+    run_epochs(method, model, x, y, 1)
+    selection = model.calls[1:-11]
+    assert model.calls[0] == 8 and model.calls[-11:] == [8] * 11
+    assert selection[0] == 16 and selection == sorted(selection, reverse=True) and len(selection) <= 11
+    broken = int((8 * U >= radii).sum() + (10 * U >= radii).sum())  # the 2B attacks that break (+1 check)
+    assert 0 < broken < 16 and sum(selection) < 16 * 11
+
+
+@pytest.mark.parametrize("schedule", ["batched", "conditional"])
+def test_selection_check_any_iterate_chooses_as_final_iterate_on_monotone_attacks(schedule):
+    """On the stub an attack that breaks a sample never brings it back, so both checks choose the same radii;
+    any_iterate gets there with fewer forward rows."""
+    memories, rows = [], []
+    for check in ("final_iterate", "any_iterate"):
+        model, x, y, _ = stub_problem()
+        method = make_iaat(len(y), warmup_epochs=0, eps_init=8, alg2_schedule=schedule, selection_check=check)
+        run_epochs(method, model, x, y, 6)
+        memories.append(method.memory)
+        rows.append(sum(model.calls))
+    torch.testing.assert_close(memories[1], memories[0])
+    assert rows[1] < rows[0]
+
+
+def test_reuse_needs_the_final_iterate_check():
+    with pytest.raises(ConfigError, match="selection_check=final_iterate"):
+        make_iaat(8, train_attack="reuse")
 
 
 def test_online_mode_runs_no_extra_attack():
@@ -122,7 +151,7 @@ def test_bounds_clip_every_radius():
 
 def test_reuse_mode_stays_inside_the_new_radius():
     model, x, y, _ = stub_problem()
-    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, train_attack="reuse")
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, train_attack="reuse", selection_check="final_iterate")
     seen = {}
 
     def record(module, inputs, output):
@@ -271,7 +300,8 @@ def test_conditional_schedule_chooses_like_batched():
         memories.append(method.memory)
     torch.testing.assert_close(memories[0], memories[1])
     model.calls.clear()
-    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, alg2_schedule="conditional")
+    method = make_iaat(len(y), warmup_epochs=0, eps_init=8, alg2_schedule="conditional",
+                       selection_check="final_iterate")  # full-length attacks: batch sizes are easy to count
     run_epochs(method, model, x, y, 1)
     broke = int((radii < 8 * U + 1.9 * U).sum())
     assert 0 < broke < len(y)

@@ -504,3 +504,88 @@ def test_accuracy_non_increasing_in_steps(robust_grid, eps):
     grid, _, _ = robust_grid
     accs = [grid[s, eps] for s in STEPS]
     assert all(b <= a + TOL for a, b in zip(accs, accs[1:])), accs
+
+
+# --------------------------------------------------------------------------- stop at the first miss
+
+class TaggedStub(nn.Module):
+    """Like :class:`ScheduledStub`, but each sample is told apart by a tag pixel (``x[:, 0, 0, 0]``, which
+    gets no gradient and so never moves without a random start) and counts its own forward calls: sample
+    i is classified as its label on its calls 0..k_i-1, wrongly afterwards, whatever batch it is in."""
+
+    def __init__(self, labels: torch.Tensor, k: torch.Tensor, num_classes: int = 4, slope: float = 1e-3):
+        super().__init__()
+        self.labels, self.k, self.c, self.slope = labels, k, num_classes, slope
+        self.calls = torch.zeros(len(k), dtype=torch.long)
+        self.rows_seen = 0
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, 0].detach() * 100).round().long()
+        labels, other = self.labels[ids], (self.labels[ids] + 1) % self.c
+        pred = torch.where(self.k[ids] > self.calls[ids], labels, other)
+        self.calls[ids] += 1
+        self.rows_seen += len(ids)
+        moving = x.clone()
+        moving[:, 0, 0, 0] = 0  # the tag gets no gradient
+        logits = 5.0 * F.one_hot(pred, self.c).float()
+        return logits + self.slope * moving.flatten(1).sum(1, keepdim=True) * F.one_hot(other, self.c).float()
+
+
+def _tagged(k: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = len(k)
+    x = torch.full((n, 3, 4, 4), 0.5)
+    x[:, 0, 0, 0] = torch.arange(n) / 100
+    return x, torch.arange(n) % 4, torch.tensor(k)
+
+
+@FEW
+@given(k=st.lists(st.integers(0, 15), min_size=1, max_size=8), steps=st.integers(1, 12))
+def test_stop_on_miss_ends_each_sample_at_its_first_miss(k, steps):
+    """Same verdicts as the full attack; each sample is forwarded only until its first miss (or through the
+    final check), and its x_adv is that iterate."""
+    x, labels, k_t = _tagged(k)
+    full = pgd(TaggedStub(labels, k_t), x, labels, 0.45, steps=steps, step_size=ALPHA, random_start=False)
+    stub = TaggedStub(labels, k_t)
+    res = pgd(stub, x, labels, 0.45, steps=steps, step_size=ALPHA, random_start=False, stop_on_miss=True)
+    assert torch.equal(res.first_miss, full.first_miss)
+    assert torch.equal(res.correct, k_t > steps) and torch.equal(res.robust, res.correct)
+    assert torch.equal(res.kappa, torch.clamp(k_t, max=steps))
+    assert res.logits is None and res.loss is None
+    calls = torch.where(k_t < steps, k_t + 1, torch.full_like(k_t, steps + 1))  # the miss, or K steps + check
+    assert torch.equal(stub.calls, calls) and stub.rows_seen == int(calls.sum())
+    moved = (res.x_adv - x)[:, 1:]  # every pixel but the tag moved +ALPHA per applied step
+    applied = torch.clamp(k_t, max=steps).to(x.dtype)
+    assert torch.allclose(moved, applied.view(-1, 1, 1, 1).expand_as(moved) * ALPHA, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_stop_on_miss_follows_the_full_attack_until_the_miss(digits_model, norm, eps):
+    """On a real model (float64, so that batch size cannot change a rounding): survivors end where the full
+    attack ends, and a sample that breaks stops at the full attack's first misclassified iterate."""
+    import copy
+
+    net, ds = digits_model
+    net = copy.deepcopy(net).double()
+    x, y = _digits_batch(ds, 96)
+    x = x.double()
+    torch.manual_seed(3)
+    full = pgd(net, x, y, eps, steps=6, norm=norm)
+    torch.manual_seed(3)
+    res = pgd(net, x, y, eps, steps=6, norm=norm, stop_on_miss=True)
+    assert torch.equal(res.first_miss, full.first_miss)
+    assert torch.equal(res.correct, full.robust)
+    assert 0 < int(res.correct.sum()) < len(y), "the test needs samples that break and samples that hold"
+    held = res.correct
+    torch.testing.assert_close(res.x_adv[held], full.x_adv[held], rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(net(res.x_adv).argmax(1) == y, held)  # the returned iterate of a broken sample is wrong
+    delta = (res.x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert bool((size <= eps + 1e-9).all()) and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+
+
+def test_stop_on_miss_refuses_what_it_cannot_do(tiny_model):
+    x, y = _batch(1)
+    for kwargs in ({"restarts": 2}, {"target": (y + 1) % 10}, {"early_stop_tau": 1}):
+        with pytest.raises(ValueError, match="stop_on_miss"):
+            pgd(tiny_model, x, y, 0.1, steps=2, stop_on_miss=True, **kwargs)

@@ -178,13 +178,22 @@ def _advance_fn(compiled: bool):
 
 
 def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast, reference,
-             init_std, momentum, objective_scale, advance):
+             init_std, momentum, objective_scale, advance, stop_on_miss=False):
+    """One PGD run: ``(x_adv, kappa, first_miss)``, each over the whole batch.
+
+    With ``stop_on_miss`` a sample leaves the batch at its first misclassified iterate, which becomes its
+    ``x_adv``: the remaining steps run on the samples still classified correctly only (one host sync per
+    step to count them), and the survivors' final iterates are checked here (``first_miss`` = K if wrong).
+    """
     batch = x.shape[0]
     delta = _random_start(x, eps, norm, init_std) if random_start else torch.zeros_like(x)
     delta = project(delta, x, eps, norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
     velocity = torch.zeros_like(x) if momentum else None
+    if stop_on_miss:  # results of the samples that left; ``rows``: where the still-attacked ones belong
+        out_x, out_kappa, out_miss = x.clone(), kappa.clone(), first_miss.clone()
+        rows = torch.arange(batch, device=x.device)
     for k in range(steps):
         delta.requires_grad_(True)
         with autocast():
@@ -195,6 +204,17 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
         correct = logits.detach().argmax(1) == y
         kappa += correct
         first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
+        if stop_on_miss and not bool(correct.all()):
+            gone = (~correct).nonzero().squeeze(1)
+            out_x[rows[gone]] = x[gone] + delta[gone]
+            out_kappa[rows[gone]], out_miss[rows[gone]] = kappa[gone], first_miss[gone]
+            keep = correct.nonzero().squeeze(1)
+            if len(keep) == 0:
+                return out_x, out_kappa, out_miss
+            x, y, eps, alpha, delta, grad, kappa, first_miss, rows = (
+                t[keep] for t in (x, y, eps, alpha, delta, grad, kappa, first_miss, rows))
+            velocity = velocity[keep] if velocity is not None else None
+            reference = reference[keep] if reference is not None else None
         if velocity is not None:  # MI-FGSM: accumulate the L1-normalised gradient
             velocity = momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
             grad = velocity
@@ -203,7 +223,14 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
             # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
             moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
         delta = advance(delta, grad, x, eps, alpha, norm, moving)
-    return (x + delta).detach(), kappa, first_miss
+    if not stop_on_miss:
+        return (x + delta).detach(), kappa, first_miss
+    with torch.no_grad(), autocast():  # the survivors' final iterates
+        wrong = model(x + delta).argmax(1) != y
+    out_x[rows] = x + delta
+    out_kappa[rows] = kappa
+    out_miss[rows] = torch.where(wrong, torch.full_like(first_miss, steps), first_miss)
+    return out_x, out_kappa, out_miss
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
@@ -211,7 +238,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
-        momentum: float = 0.0, compiled: bool = False) -> AttackResult:
+        momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -237,6 +264,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         momentum: MI-FGSM's decay factor mu (0 = plain PGD): steps follow the running sum of
             L1-normalised gradients.
         compiled: use the ``torch.compile``d step-and-project update (``train.compile``).
+        stop_on_miss: end each sample's attack at its first misclassified iterate, which becomes its
+            ``x_adv``, and run the remaining steps on the other samples only (a smaller batch: the cost
+            falls with every sample that breaks). ``correct`` then means that no iterate, the final one
+            included, was misclassified; ``kappa`` counts the iterates before the first miss; ``logits``
+            and ``loss`` are ``None``. One run of an untargeted attack without FAT's early stop.
 
     Returns:
         An :class:`AttackResult`.
@@ -247,6 +279,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     if loss == "kl" and reference is None:
         raise ValueError("the 'kl' loss needs reference logits")
+    if stop_on_miss and (restarts > 1 or target is not None or early_stop_tau is not None):
+        raise ValueError("stop_on_miss is for one untargeted run without early_stop_tau")
     batch = x.shape[0]
     x = x.detach()
     eps_t = _as_radius(eps, batch, x)
@@ -267,7 +301,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         for _ in range(restarts):
             x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
                                               early_stop_tau, autocast, reference, init_std, momentum,
-                                              objective_scale, _advance_fn(compiled))
+                                              objective_scale, _advance_fn(compiled), stop_on_miss)
+            if stop_on_miss:
+                return AttackResult(x_adv, run_miss > steps, kappa, first_miss=run_miss, steps=steps)
             if not final_check:
                 return AttackResult(x_adv, None, kappa, first_miss=run_miss, steps=steps)
             with torch.no_grad(), autocast():

@@ -81,6 +81,7 @@ class _Resolved:
     eps_max: float
     selection: str
     selection_steps: Optional[int]
+    selection_check: str
     alg2_schedule: str
     train_attack: str
     step_rule: str
@@ -125,6 +126,9 @@ class IAAT(Method):
         eps_max: Optional[Size] = None  #: optional upper bound
         selection: str = "alg2"  #: alg2 | online | line_search
         selection_steps: Optional[int] = None  #: PGD steps of the selection attacks (default attack.steps)
+        #: any_iterate: a sample breaks at its first misclassified PGD iterate, where its selection attack stops |
+        #: final_iterate: the authors' code, every selection attack runs all steps and only its end counts
+        selection_check: str = "any_iterate"
         alg2_schedule: str = "batched"  #: batched (one 2B attack) | conditional (attack at memory only where needed)
         train_attack: str = "separate"  #: separate (paper) | reuse (project the selection attack's perturbation)
         step_rule: str = "proportional"  #: proportional: max(step_size, 2*eps/steps) | fixed: step_size
@@ -147,6 +151,13 @@ class IAAT(Method):
         """Check the parameters and convert sizes to [0, 1] units."""
         if p.selection not in SELECTIONS:
             raise ConfigError(f"method.selection must be one of {', '.join(SELECTIONS)}, got {p.selection!r}.")
+        if p.selection_check not in ("any_iterate", "final_iterate"):
+            raise ConfigError(f"method.selection_check must be any_iterate or final_iterate, got "
+                              f"{p.selection_check!r}.")
+        if p.train_attack == "reuse" and p.selection_check == "any_iterate":
+            raise ConfigError("method.train_attack=reuse needs method.selection_check=final_iterate: with "
+                              "any_iterate a selection attack stops at its first misclassified iterate, too weak "
+                              "a training example.")
         if p.alg2_schedule not in ("batched", "conditional"):
             raise ConfigError(f"method.alg2_schedule must be batched or conditional, got {p.alg2_schedule!r}.")
         if p.train_attack not in ("separate", "reuse"):
@@ -172,7 +183,7 @@ class IAAT(Method):
             if p.line_search_step is not None else gamma
         return _Resolved(gamma, p.beta, p.warmup_epochs, parse_size(p.eps_warmup, "method.eps_warmup"),
                          parse_size(p.eps_init, "method.eps_init"), eps_min, eps_max, p.selection,
-                         p.selection_steps, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split,
+                         p.selection_steps, p.selection_check, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split,
                          p.loss_split and p.skip_misclassified, grid,
                          parse_size(p.line_search_max, "method.line_search_max", allow_zero=False), p.save_radii,
                          p.weights)
@@ -198,15 +209,18 @@ class IAAT(Method):
         return torch.maximum(fixed, 2.0 * eps / max(steps, 1))
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
-                final_check: bool):
-        return self.attack_batch(model, x, y, eps=eps, steps=steps, step_size=self.step_size(eps, steps),
-                                 final_check=final_check)
+                **kwargs: Any):
+        return self.attack_batch(model, x, y, eps=eps, steps=steps, step_size=self.step_size(eps, steps), **kwargs)
+
+    def _select_attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int):
+        """A selection attack: ``correct`` says whether the sample held at ``eps`` (see ``selection_check``)."""
+        return self._attack(model, x, y, eps, steps, stop_on_miss=self.cfg.selection_check == "any_iterate")
 
     def _attack_where(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training attack on the samples of ``mask`` only; the others keep x and kappa 0 (misclassified at x)."""
         def attack(rows: Any) -> tuple:
-            adv = self._attack(model, x[rows], y[rows], eps[rows], steps, False)
+            adv = self._attack(model, x[rows], y[rows], eps[rows], steps, final_check=False)
             return adv.x_adv, adv.kappa
 
         return _on_rows(mask, attack, lambda: (x.clone(), torch.zeros_like(y)))
@@ -239,17 +253,17 @@ class IAAT(Method):
         steps = self.cfg.selection_steps or self.attack.steps
         high = self.clip(mem + g)
         if self.cfg.alg2_schedule == "batched":
-            res = self._attack(model, torch.cat([x, x]), torch.cat([y, y]), torch.cat([high, mem]), steps, True)
+            res = self._select_attack(model, torch.cat([x, x]), torch.cat([y, y]), torch.cat([high, mem]), steps)
             hold_high, hold_cur = res.correct.chunk(2)
             x_high, x_cur = res.x_adv.chunk(2)
             kappa_high, kappa_cur = res.kappa.chunk(2)
         else:
-            res = self._attack(model, x, y, high, steps, True)
+            res = self._select_attack(model, x, y, high, steps)
             hold_high, x_high, kappa_high = res.correct, res.x_adv, res.kappa
             hold_cur, x_cur, kappa_cur = hold_high.clone(), x_high.clone(), kappa_high.clone()
             broke = (~hold_high).nonzero().squeeze(1)  # the one host sync: how many need the second attack
             if len(broke):
-                sub = self._attack(model, x[broke], y[broke], mem[broke], steps, True)
+                sub = self._select_attack(model, x[broke], y[broke], mem[broke], steps)
                 hold_cur[broke], x_cur[broke], kappa_cur[broke] = sub.correct, sub.x_adv, sub.kappa
         choice = torch.where(hold_high, high, torch.where(hold_cur, mem, self.clip(mem - g)))
         return choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur
@@ -261,7 +275,7 @@ class IAAT(Method):
         radii = torch.arange(1, n_grid + 1, device=x.device, dtype=x.dtype) * self.cfg.grid_step
         b = len(y)
         eps = radii.repeat_interleave(b)
-        res = self._attack(model, x.repeat(n_grid, 1, 1, 1), y.repeat(n_grid), eps, steps, True)
+        res = self._select_attack(model, x.repeat(n_grid, 1, 1, 1), y.repeat(n_grid), eps, steps)
         holds = res.correct.view(n_grid, b)
         survived = torch.cumprod(holds.long(), dim=0).sum(0)  # grid points held before the first break
         return survived.to(x.dtype) * self.cfg.grid_step
@@ -300,7 +314,7 @@ class IAAT(Method):
         elif c.skip_misclassified:
             x_adv, kappa = self._attack_where(model, x, y, eps, steps, clean_ok)
         else:
-            adv = self._attack(model, x, y, eps, steps, False)
+            adv = self._attack(model, x, y, eps, steps, final_check=False)
             x_adv, kappa = adv.x_adv, adv.kappa
 
         x_train = torch.where(clean_ok.view(-1, 1, 1, 1), x_adv, x) if c.loss_split else x_adv
