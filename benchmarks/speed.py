@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULTS, Runner, bench_data, init_weights, run_header, write_result  # noqa: E402
+from throughput import (RESULTS, RUN_DATA_HELP, Runner, bench_inputs, clean_accuracy, init_weights,  # noqa: E402
+                        model_section, run_header, write_result)
 
 from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
@@ -80,11 +81,11 @@ class ReferenceRunner:
 
     spec = "reference (plain PyTorch PGD-AT loop)"
 
-    def __init__(self, model_name: str, data: ImageSet, splits, device, batch_size: int,
+    def __init__(self, model: str | dict, data: ImageSet, splits, device, batch_size: int,
                  init: dict | None = None) -> None:
         from iaat.config import config_from_dict
 
-        cfg = config_from_dict({"model": {"name": model_name}})
+        cfg = config_from_dict({"model": model_section(model)})
         torch.manual_seed(0)
         self.device = device
         self.model = model_from_config(cfg, splits)
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="iaat's models in channels_last  [train.channels_last]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile iaat's models and PGD update  [train.compile]; compile time is not timed")
+    p.add_argument("--run-data", action="store_true", help=RUN_DATA_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/speed-<device>-<model>.json)")
     args = p.parse_args(argv)
@@ -155,10 +157,13 @@ def main(argv=None) -> int:
              "compile": args.compile}
 
     device = resolve_device(args.device)
-    data, splits, data_name = bench_data(args.data_dir, args.images, args.data_label)
-    init = init_weights(args.init_from, [args.model], p, "--model")[0] if args.init_from else None
-    runners = [ReferenceRunner(args.model, data, splits, device, args.batch_size, init)]
-    runners += [Runner(args.model, spec, data, splits, device, args.batch_size, init, train) for spec in args.methods]
+    data, splits, data_name, radii = bench_inputs(args, args.images, p)
+    init, model = None, args.model
+    if args.init_from:  # the run's weights and model settings (width, depth)
+        init, _, model = init_weights(args.init_from, [args.model], p, "--model")
+    runners = [ReferenceRunner(model, data, splits, device, args.batch_size, init)]
+    runners += [Runner(model, spec, data, splits, device, args.batch_size, init, train, radii) for spec in args.methods]
+    clean_acc = clean_accuracy(runners[1].model, data, device) if init is not None else None
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}
     for r in runners:
@@ -189,7 +194,9 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "data": data_name,
         "init_from": args.init_from or "random initialisation",
-        "attack": "L-inf PGD-10, eps 8/255, step 2/255 (IAAT timed right after its warmup, radii at 8/255)",
+        "attack": "L-inf PGD-10, eps 8/255, step 2/255 (IAAT: " + ("the run's radii)" if radii is not None
+                                                                   else "timed right after its warmup, radii at 8/255)"),
+        **({"clean_accuracy_on_timed_images": clean_acc} if clean_acc is not None else {}),
         "iaat_train_settings": train,
         "reference_settings": "fp32, default memory layout, eager, DataLoader with per-sample augmentation",
         "pgd_at_speedup_over_reference": ref / base,

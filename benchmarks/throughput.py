@@ -9,7 +9,7 @@ warmup, i.e. with its selection attacks active.
 
     python benchmarks/throughput.py --data-dir DIR --models small_cnn resnet18
     python benchmarks/throughput.py --data-dir DIR --models small_cnn \
-        --methods pgd_at iaat iaat:train_attack=reuse iaat:selection=online clean
+        --methods pgd_at iaat iaat:selection_check=final_iterate iaat:selection=online clean
 
 Results go to benchmarks/results/ as JSON with the command, device, torch version and data.
 """
@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import yaml
 
@@ -59,15 +60,20 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def _cifar10(data_dir: str, label: str | None) -> tuple:
+    """CIFAR-10's splits from ``data_dir`` and how to name them (``label``, else from the files' checksums)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = load_dataset("cifar10", data_dir, download=False)
+    official = not any("differ" in str(w.message) for w in caught)
+    return splits, label or ("CIFAR-10" if official else "CIFAR-10 (not the official files: md5 differs)")
+
+
 def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
     """The first ``n`` CIFAR-10 training images of ``data_dir`` (or ``n`` random uint8 images), their
     splits, and how to name them in the results."""
     if data_dir:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            splits = load_dataset("cifar10", data_dir, download=False)
-        official = not any("differ" in str(w.message) for w in caught)
-        name = label or ("CIFAR-10" if official else "CIFAR-10 (not the official files: md5 differs)")
+        splits, name = _cifar10(data_dir, label)
         return splits.train.subset(torch.arange(n)), splits, f"{name}, first {n} training images"
     from iaat.data.datasets import DatasetSplits
 
@@ -92,31 +98,84 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None) -> 
     }
 
 
+RUN_DATA_HELP = ("with --init-from: time on the run's own training images (the first ones, in its order) and start "
+                 "IAAT's memory from the run's newest radii for them, i.e. mid-training state (default: the first "
+                 "training images of --data-dir, every radius at eps_warmup as right after the warmup)")
+
+
+def bench_inputs(args: argparse.Namespace, n: int, parser: argparse.ArgumentParser) -> tuple:
+    """``(data, splits, name, radii)`` for ``args.data_dir``/``--run-data`` (radii ``None``: eps_warmup)."""
+    if args.run_data:
+        if not args.init_from:
+            parser.error("--run-data needs --init-from RUN")
+        return run_data(args.init_from, args.data_dir, n, args.data_label, parser)
+    return (*bench_data(args.data_dir, n, args.data_label), None)
+
+
+def run_data(run: str, data_dir: str | None, n: int, label: str | None,
+             parser: argparse.ArgumentParser) -> tuple:
+    """``--run-data``: the first ``n`` images of ``run``'s own training set (in its order, so that they line up with
+    its per-sample state), the splits, a name, and the run's newest IAAT radii for them (``None`` if it has none)."""
+    from iaat.engine.trainer import load_run
+
+    if not data_dir:
+        parser.error("--run-data needs --data-dir (the run's data set)")
+    run_dir = Path(run)
+    cfg = load_run(run_dir)[1]
+    if cfg.data.dataset != "cifar10":
+        parser.error(f"--run-data: {run} was trained on {cfg.data.dataset}; the benchmarks load CIFAR-10")
+    splits, name = _cifar10(data_dir, label)
+    order = np.load(run_dir / "data_split.npz")["train_indices"]
+    if len(order) < n:
+        parser.error(f"--run-data: {run} has {len(order)} training images; the benchmark needs {n}")
+    data = splits.train.subset(torch.as_tensor(order[:n], dtype=torch.long))
+    files = sorted((run_dir / "radii").glob("epoch_*.npy"))
+    radii = torch.from_numpy(np.load(files[-1])[:n]) if files else None
+    where = f", radii of {files[-1].name}" if files else ""
+    return data, splits, f"{name}, the first {n} training images of {run}{where}", radii
+
+
+def clean_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device) -> float:
+    """Share of ``data`` that ``model`` classifies correctly: IAAT attacks only those samples."""
+    model.eval()
+    with torch.no_grad():
+        right = sum(int((model(data.x[i:i + 256].to(device).float().div(255)).argmax(1).cpu()
+                         == data.y[i:i + 256]).sum()) for i in range(0, len(data.y), 256))
+    model.train()
+    return right / len(data.y)
+
+
 def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
 
 
-def init_weights(run: str, models: list[str], parser: argparse.ArgumentParser, flag: str) -> tuple[dict, Path]:
-    """The weights of a run's newest checkpoint and its path, for benchmarking from a realistically trained
-    model; ``models`` (the benchmarked models) must be exactly the run's."""
+def init_weights(run: str, models: list[str], parser: argparse.ArgumentParser, flag: str) -> tuple[dict, Path, dict]:
+    """The weights of a run's newest checkpoint, its path and the run's ``model`` config section (width,
+    depth, ...), for benchmarking from a realistically trained model; ``models`` (the benchmarked
+    models) must be exactly the run's."""
     from iaat.engine.trainer import load_run
 
     model, cfg, path, _ = load_run(Path(run))
     if models != [cfg.model.name]:
         parser.error(f"--init-from {run} holds a {cfg.model.name}; pass {flag} {cfg.model.name}")
-    return model.state_dict(), Path(path)
+    return model.state_dict(), Path(path), cfg.to_dict()["model"]
+
+
+def model_section(model: str | dict) -> dict:
+    """The ``model`` config section of a benchmarked model: a name (default settings) or a run's section."""
+    return {"name": model} if isinstance(model, str) else dict(model)
 
 
 class Runner:
     """One (model, method) training step, ready to be timed; ``train`` holds ``train.*`` config keys (precision,
     layout, compile), and the model and method are set up by the trainer's own :func:`build_step`."""
 
-    def __init__(self, model_name: str, spec: str, data: ImageSet, splits, device, batch_size: int,
-                 init: dict | None = None, train: dict | None = None) -> None:
+    def __init__(self, model: str | dict, spec: str, data: ImageSet, splits, device, batch_size: int,
+                 init: dict | None = None, train: dict | None = None, radii: torch.Tensor | None = None) -> None:
         name, params = parse_method(spec)
-        cfg = config_from_dict({"model": {"name": model_name}, "method": {"name": name, **params},
+        cfg = config_from_dict({"model": model_section(model), "method": {"name": name, **params},
                                 "attack": {"eps": 8, "step_size": 2, "steps": 10}, "train": dict(train or {})})
         torch.manual_seed(0)
         self.spec, self.device = spec, device
@@ -125,10 +184,13 @@ class Runner:
             self.model.load_state_dict(init)
         self.model.train()
         self.autocast = autocast_context(device, cfg.train.amp)
-        # Time the state right after IAAT's warmup: selection active, every radius at eps_warmup.
+        # Time IAAT with its selection active: every radius at eps_warmup (right after the warmup), or ``radii``.
         self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))
         if hasattr(self.method, "memory"):
-            self.method.memory.fill_(self.method.cfg.eps_warmup)
+            if radii is not None:
+                self.method.memory.copy_(radii.to(self.method.memory))
+            else:
+                self.method.memory.fill_(self.method.cfg.eps_warmup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
         self.batches = self._cycle()
@@ -171,17 +233,23 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     p.add_argument("--init-from", metavar="RUN", help="start from this run's weights (one model only): selection "
                    "costs depend on how many samples an attack breaks, which an untrained model overstates")
+    p.add_argument("--run-data", action="store_true", help=RUN_DATA_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    data, splits, data_name = bench_data(args.data_dir, args.batch_size * 8, args.data_label)
-
-    init, init_path = init_weights(args.init_from, args.models, p, "--models") if args.init_from else (None, None)
-    rows = []
+    data, splits, data_name, radii = bench_inputs(args, args.batch_size * 8, p)
+    init = init_path = init_model = None
+    if args.init_from:  # the run's weights and model settings (width, depth)
+        init, init_path, init_model = init_weights(args.init_from, args.models, p, "--models")
+    rows, clean_acc = [], None
     for model_name in args.models:
-        runners = [Runner(model_name, spec, data, splits, device, args.batch_size, init) for spec in args.methods]
+        runners = [Runner(init_model or model_name, spec, data, splits, device, args.batch_size, init, radii=radii)
+                   for spec in args.methods]
+        if init is not None:  # before any timed SGD step moves the weights
+            clean_acc = clean_accuracy(runners[0].model, data, device)
+            print(f"clean accuracy of {args.init_from} on the timed images: {clean_acc:.3f}", flush=True)
         for r in runners:
             for _ in range(args.warmup):
                 r.step(timed=False)
@@ -210,6 +278,7 @@ def main(argv=None) -> int:
         "data": data_name,
         "attack": "L-inf PGD-10, eps 8/255, step 2/255",
         "init_from": str(init_path) if init_path else "random initialisation",
+        **({"clean_accuracy_on_timed_images": clean_acc} if clean_acc is not None else {}),
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, run_cli, tiny_train_args
 
 
 def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):
@@ -35,3 +35,39 @@ def test_speed_benchmark_times_the_plain_reference_loop_too(tmp_path):
     assert rows["reference (plain PyTorch PGD-AT loop)"]["images_per_second"] > 0
     assert rows["clean"]["time_ratio_to_pgd_at"] < 1.0  # no attack: cheaper than PGD-10 training
     assert result["pgd_at_speedup_over_reference"] > 0 and result["device"] == "cpu"
+
+
+def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
+    """--run-data: the run's training images in its order and its newest radii, which IAAT's runner starts from."""
+    import argparse
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    run = tmp_path / "iaat"
+    res = run_cli(*tiny_train_args(tiny_cifar, run, 1, "--method", "iaat", "--set", "method.warmup_epochs=0"))
+    assert res.returncode == 0, res.stderr
+    data, splits, name, radii = throughput.run_data(str(run), str(tiny_cifar), 64, None, argparse.ArgumentParser())
+    order = np.load(run / "data_split.npz")["train_indices"][:64]
+    assert torch.equal(data.x, splits.train.x[torch.as_tensor(order)]) and torch.equal(data.y, splits.train.y[order])
+    saved = np.load(run / "radii" / "epoch_0001.npy")[:64]
+    assert np.array_equal(radii.numpy(), saved) and len(np.unique(saved)) > 1  # selection moved the radii
+    assert str(run) in name and "epoch_0001.npy" in name
+    runner = throughput.Runner("small_cnn", "iaat", data, splits, torch.device("cpu"), 16, radii=radii,
+                               train={"amp": "off"})
+    assert torch.equal(runner.method.memory, radii)
+
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--models", "small_cnn", "--methods", "pgd_at",
+           "iaat", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+           "--data-dir", str(tiny_cifar), "--init-from", str(run), "--run-data"]
+    res = subprocess.run([*cmd[:2], "--run-data", "--models", "small_cnn"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "--run-data needs --init-from" in res.stderr
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert str(run) in result["data"] and 0 <= result["clean_accuracy_on_timed_images"] <= 1

@@ -11,7 +11,8 @@ misclassified (so one PGD-K run gives the accuracy under PGD-k for every k <= K)
 
 Habits: the model is in eval mode during the attack and its mode is restored afterwards;
 gradients are taken with ``torch.autograd.grad`` w.r.t. the perturbation only, so no
-parameter ever receives a ``.grad``; the step loop has no host synchronisation.
+parameter ever receives a ``.grad``; the step loop has no host synchronisation (except with
+``stop_on_miss``, which counts the samples still standing once per step to shrink the batch).
 
 Precision: the kernel sets its own autocast state (``autocast_dtype``, or none at all), whatever
 the caller's context, so attack and training precision are chosen separately. Under fp16 the

@@ -27,6 +27,13 @@ This is the one place where a radius is chosen. Selection modes:
   or taken from the selection attack whose radius is nearest and projected onto the new
   eps ball (``train_attack: reuse``: two attacks' cost instead of three, radii differ by at
   most β·γ before the projection).
+  Whether a sample "stays correct" under a selection attack (``selection_check``): with
+  ``any_iterate`` (default) it breaks as soon as any PGD iterate is misclassified, and its attack
+  stops there (the kernel's ``stop_on_miss``: later steps run on the samples still standing only);
+  with ``final_iterate`` every attack runs all its steps and only the last iterate is classified,
+  as in the authors' code. Alg. 2 asks whether the attack finds an adversarial example within the
+  radius; an iterate that fooled the model is one, even if later steps wander back (the strict
+  evaluation counts it the same way), and the steps after it are wasted work.
 * ``online`` (the paper's Section 3 wording): train at eps = memory and update the memory
   from whether the training attack itself fooled the model in the training forward pass:
   +γ if not, −γ if it did. No extra attacks at all.
@@ -40,10 +47,11 @@ Step size (``step_rule``): ``proportional`` (default) uses max(attack.step_size,
 the authors' code does, so a K-step attack can reach the boundary of a large ball while small
 balls keep the paper's fixed 2/255 step; ``fixed`` uses attack.step_size for every radius.
 
-The official code differs in two places, both deliberate here: it sets the choice of samples
-misclassified when clean to 0 (here they follow Alg. 2, which gives memory−γ), and its
-selection forward passes run in train mode so BatchNorm statistics absorb every attack (here
-all attacks run in eval mode).
+The official code differs in three places, all deliberate here: it sets the choice of samples
+misclassified when clean to 0 (here they follow Alg. 2, which gives memory−γ), its selection
+forward passes run in train mode so BatchNorm statistics absorb every attack (here all attacks
+run in eval mode), and it checks only the final iterate of a selection attack (here
+``selection_check: final_iterate``; the default checks every iterate, see above).
 """
 
 from __future__ import annotations
