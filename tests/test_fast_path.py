@@ -106,14 +106,15 @@ def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return F.cosine_similarity(torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b]), 0).item()
 
 
-# Tolerances ~10x the gaps measured on this batch (channels_last: loss 1e-7, gradients 7e-4 relative; bf16: loss
-# 6e-4 relative, gradient cosine 0.982: bf16 flips the sign of some near-zero input gradients, so the adversarial
-# batch moves a little). A wrong layout, a dropped autocast or a broken attack misses them by far.
+# Tolerances ~10x the gaps measured on this batch on two CPUs (channels_last, whose kernels round differently per
+# CPU: loss 1e-7 / 6e-6 relative, gradient cosine 0.99999 / 0.99991 with and without AVX-512; bf16: loss 6e-4 /
+# 1.1e-3 relative, gradient cosine 0.982 / 0.983). Both flip the sign of some near-zero input gradients, so the
+# adversarial batch moves a little. A wrong layout, a dropped autocast or a broken attack misses them by far.
 @pytest.mark.parametrize("train, loss_tol, min_cosine", [
-    ({"channels_last": True}, 1e-6, 0.99999),
-    ({"amp": "bf16"}, 6e-3, 0.9),
-    ({"amp": "bf16", "channels_last": True}, 6e-3, 0.9),
-    ({"attack_amp": "bf16"}, 6e-3, 0.9),
+    ({"channels_last": True}, 1e-4, 0.999),
+    ({"amp": "bf16"}, 1e-2, 0.9),
+    ({"amp": "bf16", "channels_last": True}, 1e-2, 0.9),
+    ({"attack_amp": "bf16"}, 1e-2, 0.9),
 ], ids=["channels_last", "bf16", "bf16+channels_last", "bf16-attack-only"])
 def test_fast_path_on_stays_within_tolerance(batch, tiny_cifar, train, loss_tol, min_cosine):
     data, x, y, idx = batch
