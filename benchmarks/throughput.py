@@ -135,14 +135,31 @@ def run_data(run: str, data_dir: str | None, n: int, label: str | None,
     return data, splits, f"{name}, the first {n} training images of {run}{where}", radii
 
 
-def clean_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device) -> float:
-    """Share of ``data`` that ``model`` classifies correctly: IAAT attacks only those samples."""
+def clean_correct(model: torch.nn.Module, data: ImageSet, device: torch.device) -> torch.Tensor:
+    """(N,) bool: which images of ``data`` ``model`` classifies correctly (IAAT attacks only those)."""
     model.eval()
     with torch.no_grad():
-        right = sum(int((model(data.x[i:i + 256].to(device).float().div(255)).argmax(1).cpu()
-                         == data.y[i:i + 256]).sum()) for i in range(0, len(data.y), 256))
+        right = torch.cat([model(data.x[i:i + 256].to(device).float().div(255)).argmax(1).cpu() == data.y[i:i + 256]
+                           for i in range(0, len(data.y), 256)])
     model.train()
-    return right / len(data.y)
+    return right
+
+
+def clean_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device) -> float:
+    """Share of ``data`` that ``model`` classifies correctly."""
+    return float(clean_correct(model, data, device).float().mean())
+
+
+def keep_clean_correct(model: str | dict, data: ImageSet, splits, device, init: dict, radii: torch.Tensor | None,
+                       batch_size: int, parser: argparse.ArgumentParser) -> tuple[ImageSet, torch.Tensor | None]:
+    """``--clean-correct-only``: the images (and radii) the initial model classifies correctly."""
+    probe = Runner(model, "pgd_at", data, splits, device, batch_size, init)
+    keep = clean_correct(probe.model, data, device)
+    if int(keep.sum()) < batch_size:
+        parser.error(f"--clean-correct-only: the model classifies only {int(keep.sum())} of the {len(keep)} images "
+                     f"correctly, fewer than one batch of {batch_size}")
+    rows = keep.nonzero().squeeze(1)
+    return data.subset(rows), (radii[rows] if radii is not None else None)
 
 
 def write_result(result: dict, out: Path) -> None:
@@ -234,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", metavar="RUN", help="start from this run's weights (one model only): selection "
                    "costs depend on how many samples an attack breaks, which an untrained model overstates")
     p.add_argument("--run-data", action="store_true", help=RUN_DATA_HELP)
+    p.add_argument("--clean-correct-only", action="store_true",
+                   help="with --init-from: time only on the images the model classifies correctly, the worst case for "
+                   "IAAT (it attacks every sample of such a batch, as for a model that fits its training set)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = p.parse_args(argv)
@@ -243,6 +263,13 @@ def main(argv=None) -> int:
     init = init_path = init_model = None
     if args.init_from:  # the run's weights and model settings (width, depth)
         init, init_path, init_model = init_weights(args.init_from, args.models, p, "--models")
+    if args.clean_correct_only:
+        if init is None:
+            p.error("--clean-correct-only needs --init-from RUN")
+        n = len(data.y)
+        data, radii = keep_clean_correct(init_model, data, splits, device, init, radii, args.batch_size, p)
+        data_name += f"; only the {len(data.y)} of them the model classifies correctly"
+        print(f"timing on the {len(data.y)} of {n} images the model classifies correctly", flush=True)
     rows, clean_acc = [], None
     for model_name in args.models:
         runners = [Runner(init_model or model_name, spec, data, splits, device, args.batch_size, init, radii=radii)

@@ -70,4 +70,11 @@ def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
-    assert str(run) in result["data"] and 0 <= result["clean_accuracy_on_timed_images"] <= 1
+    assert str(run) in result["data"] and 0 <= result["clean_accuracy_on_timed_images"] < 1
+
+    # --clean-correct-only: IAAT's worst case, every timed image classified correctly by the initial model
+    res = subprocess.run([*cmd, "--batch-size", "4", "--clean-correct-only"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert result["clean_accuracy_on_timed_images"] == 1.0 and "classifies correctly" in result["data"]
