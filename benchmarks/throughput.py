@@ -34,7 +34,7 @@ import yaml
 
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader, ImageSet, load_dataset
-from iaat.engine.setup import autocast_context, resolve_device
+from iaat.engine.setup import autocast_context, model_from_config, resolve_device
 from iaat.engine.trainer import build_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,12 +116,12 @@ def run_data(run: str, data_dir: str | None, n: int, label: str | None,
              parser: argparse.ArgumentParser) -> tuple:
     """``--run-data``: the first ``n`` images of ``run``'s own training set (in its order, so that they line up with
     its per-sample state), the splits, a name, and the run's newest IAAT radii for them (``None`` if it has none)."""
-    from iaat.engine.trainer import load_run
+    from iaat.engine.trainer import load_run_config
 
     if not data_dir:
         parser.error("--run-data needs --data-dir (the run's data set)")
     run_dir = Path(run)
-    cfg = load_run(run_dir)[1]
+    cfg = load_run_config(run_dir)  # the config only: init_weights loads the checkpoint
     if cfg.data.dataset != "cifar10":
         parser.error(f"--run-data: {run} was trained on {cfg.data.dataset}; the benchmarks load CIFAR-10")
     splits, name = _cifar10(data_dir, label)
@@ -153,8 +153,9 @@ def clean_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device)
 def keep_clean_correct(model: str | dict, data: ImageSet, splits, device, init: dict, radii: torch.Tensor | None,
                        batch_size: int, parser: argparse.ArgumentParser) -> tuple[ImageSet, torch.Tensor | None]:
     """``--clean-correct-only``: the images (and radii) the initial model classifies correctly."""
-    probe = Runner(model, "pgd_at", data, splits, device, batch_size, init)
-    keep = clean_correct(probe.model, data, device)
+    probe = model_from_config(config_from_dict({"model": model_section(model)}), splits)
+    probe.load_state_dict(init)
+    keep = clean_correct(probe.to(device), data, device)
     if int(keep.sum()) < batch_size:
         parser.error(f"--clean-correct-only: the model classifies only {int(keep.sum())} of the {len(keep)} images "
                      f"correctly, fewer than one batch of {batch_size}")

@@ -49,6 +49,7 @@ def _thread_names() -> list[str]:
             pass
     return names
 
+
 if __name__ == "__main__":
     # Adversarial training amplifies rounding: a 1e-7 difference in an all-reduced gradient flips a sign() in
     # PGD or a kept/dropped radius a few hundred steps later. In float64 the rounding of the gradient sum over
