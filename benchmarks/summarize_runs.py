@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     lines = [f"Command: `{args.command}`  ", f"Data: {args.data}; machine: {args.machine}; torch {torch.__version__}",
              "", "| method | test clean | test PGD-20 | train time (s) | mean radius (/255) |", "|---|---|---|---|---|"]
     for r in runs:
-        radius = f"{r['radius_mean']:.2f}" if "radius_mean" in r else "8 (fixed)" if r["method"] != "clean" else "0"
+        radius = f"{r['radius_mean'] * 255:.2f}" if "radius_mean" in r else "8 (fixed)" if r["method"] != "clean" else "0"
         lines.append(f"| {r['run']} | {r['test_clean_acc']:.3f} | {r['test_pgd20_acc']:.3f} | "
                      f"{r['train_seconds_total']:.0f} | {radius} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

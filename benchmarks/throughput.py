@@ -1,6 +1,6 @@
 """Training-step throughput (images/s) of iaat's methods, measured side by side.
 
-Times the real training step (``method.loss`` — the PGD attacks and, for IAAT, the radius
+Times the real training step (``method.compute`` — the PGD attacks and, for IAAT, the radius
 selection — then backward and an SGD step) on real CIFAR-10 batches (``--data-dir``) or on
 random uint8 images (the speed does not depend on pixel values). Methods are timed in
 interleaved rounds so that drift of the machine hits them alike, and each is reported in
@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from iaat.config import config_from_dict
-from iaat.data import DeviceLoader, ImageSet, load_dataset
+from iaat.data import DeviceLoader, ImageSet, load_dataset, to_unit
 from iaat.engine.setup import autocast_context, model_from_config, resolve_device
 from iaat.engine.trainer import build_step
 
@@ -116,7 +116,7 @@ def run_data(run: str, data_dir: str | None, n: int, label: str | None,
              parser: argparse.ArgumentParser) -> tuple:
     """``--run-data``: the first ``n`` images of ``run``'s own training set (in its order, so that they line up with
     its per-sample state), the splits, a name, and the run's newest IAAT radii for them (``None`` if it has none)."""
-    from iaat.engine.trainer import load_run_config
+    from iaat.engine.runs import load_run_config
 
     if not data_dir:
         parser.error("--run-data needs --data-dir (the run's data set)")
@@ -139,7 +139,7 @@ def clean_correct(model: torch.nn.Module, data: ImageSet, device: torch.device) 
     """(N,) bool: which images of ``data`` ``model`` classifies correctly (IAAT attacks only those)."""
     model.eval()
     with torch.no_grad():
-        right = torch.cat([model(data.x[i:i + 256].to(device).float().div(255)).argmax(1).cpu() == data.y[i:i + 256]
+        right = torch.cat([model(to_unit(data.x[i:i + 256], device)).argmax(1).cpu() == data.y[i:i + 256]
                            for i in range(0, len(data.y), 256)])
     model.train()
     return right
@@ -173,7 +173,7 @@ def init_weights(run: str, models: list[str], parser: argparse.ArgumentParser, f
     """The weights of a run's newest checkpoint, its path and the run's ``model`` config section (width,
     depth, ...), for benchmarking from a realistically trained model; ``models`` (the benchmarked
     models) must be exactly the run's."""
-    from iaat.engine.trainer import load_run
+    from iaat.engine.runs import load_run
 
     model, cfg, path, _ = load_run(Path(run))
     if models != [cfg.model.name]:
@@ -203,12 +203,12 @@ class Runner:
         self.model.train()
         self.autocast = autocast_context(device, cfg.train.amp)
         # Time IAAT with its selection active: every radius at eps_warmup (right after the warmup), or ``radii``.
-        self.method.start_epoch(getattr(getattr(self.method, "cfg", None), "warmup_epochs", 0))
+        self.method.start_epoch(getattr(self.method, "warmup_epochs", 0))
         if hasattr(self.method, "memory"):
             if radii is not None:
                 self.method.memory.copy_(radii.to(self.method.memory))
             else:
-                self.method.memory.fill_(self.method.cfg.eps_warmup)
+                self.method.memory.fill_(self.method.eps_warmup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
         self.batches = self._cycle()
@@ -227,7 +227,7 @@ class Runner:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.autocast():
-            out = self.method.loss(self.net, x, y, idx)
+            out = self.method.compute(self.net, x, y, idx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()

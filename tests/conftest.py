@@ -10,6 +10,16 @@ from helpers import SHARED_DATA, run_cli, tiny_train_args, write_cifar10_folder
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+#: Fixtures that train (or evaluate at length) end to end: a test that uses one is marked ``slow``, so that
+#: ``make test-fast`` (``pytest -m "not slow"``) leaves it out; ``make test`` runs everything.
+TRAINING_FIXTURES = {"tiny_run", "real_cifar", "reference", "digits_eval", "robust_grid"}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory) -> Path:

@@ -50,6 +50,14 @@ def _dump(path: Path, x: np.ndarray, y: np.ndarray) -> None:
         pickle.dump({"data": x.reshape(len(x), -1), "labels": [int(v) for v in y]}, f, protocol=2)
 
 
+def config_method(name: str, num_train: int, attack: Optional[dict] = None, epochs: int = 10, **params):
+    """A method built the way a config builds it: ``params`` and ``attack`` sizes in pixel units over 255."""
+    from iaat.config import build_method, config_from_dict
+
+    cfg = config_from_dict({"method": {"name": name, **params}, "attack": attack or {}, "train": {"epochs": epochs}})
+    return build_method(cfg, num_train)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m iaat ARGS`` in a subprocess and capture its output."""
     return subprocess.run([sys.executable, "-m", "iaat", *args], capture_output=True, text=True, cwd=cwd,

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, run_cli, tiny_train_args
+
+pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 
 
 def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):

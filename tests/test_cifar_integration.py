@@ -1,10 +1,14 @@
-"""The Foundation's integration check on real CIFAR-10 (the shared JPEG-75 copy)."""
+"""The integration check on real CIFAR-10 (the shared JPEG-75 copy): the CPU preset trains and evaluates."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 
 
 def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_path):

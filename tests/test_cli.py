@@ -60,6 +60,7 @@ def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
     assert not (run_dir / "checkpoints" / "epoch_0002.pt").exists(), "killed too late: epoch 2 had finished"
 
 
+@pytest.mark.slow
 def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
     epochs = 3
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -78,6 +79,7 @@ def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
     assert rows == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_can_extend_epochs(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -138,6 +140,7 @@ def test_resume_refuses_changed_model(tiny_run):
     assert snapshot(tiny_run) == before
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -149,6 +152,7 @@ def test_truncated_checkpoint(tiny_run, tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_different_model(tiny_run, tiny_cifar, tmp_path):
     other = tmp_path / "wide"
     assert run_cli(*tiny_train_args(tiny_cifar, other, 1), "--set", "model.width=16").returncode == 0

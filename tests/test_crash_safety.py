@@ -111,6 +111,7 @@ def _start_or_resume(data_dir: Path, run: Path) -> tuple[subprocess.Popen, bool]
     return start(fresh_args(data_dir, run)), False
 
 
+@pytest.mark.slow
 def test_repeated_sigkill_at_random_moments_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path):
     rng = random.Random(20240607)
     epoch_s = epoch_seconds(reference)
@@ -148,6 +149,7 @@ def test_repeated_sigkill_at_random_moments_then_resume_is_bitwise_equal(tiny_ci
 # ---- 3. SIGTERM / SIGINT: finish the step, save, exit 128+signal, resume exactly ---------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_state_and_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path):
     run = tmp_path / "term"
     proc = start(fresh_args(tiny_cifar, run))
@@ -172,11 +174,12 @@ def test_sigterm_mid_epoch_saves_state_and_resume_is_bitwise_equal(tiny_cifar, r
     assert_bitwise_equal(reference, run)
 
 
+@pytest.mark.slow
 def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path, monkeypatch):
     """Ctrl-C at exact steps (the signal is raised from inside the loss), twice, with handlers restored each time."""
     from iaat.methods.iaat import IAAT
 
-    original_loss = IAAT.loss
+    original_loss = IAAT.compute  # what the trainer calls per step
     calls = {"n": 0, "at": 0}
 
     def loss_with_ctrl_c(self, *args, **kwargs):
@@ -185,7 +188,7 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
             os.kill(os.getpid(), signal.SIGINT)
         return original_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(IAAT, "loss", loss_with_ctrl_c)
+    monkeypatch.setattr(IAAT, "compute", loss_with_ctrl_c)
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     run = tmp_path / "int"
 
@@ -214,7 +217,7 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
 def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):
     from iaat.methods.iaat import IAAT
 
-    original_loss = IAAT.loss
+    original_loss = IAAT.compute  # what the trainer calls per step
     calls = {"n": 0}
 
     def loss_with_two_signals(self, *args, **kwargs):
@@ -227,7 +230,7 @@ def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)  # impatient: the second one must not wait for the step
         return original_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(IAAT, "loss", loss_with_two_signals)
+    monkeypatch.setattr(IAAT, "compute", loss_with_two_signals)
     before = signal.getsignal(signal.SIGTERM)
     run = tmp_path / "twice"
     code, _, err = run_main(*fresh_args(tiny_cifar, run))

@@ -76,6 +76,7 @@ def _assert_close_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(b["model"][key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_processes_match_one_process(tmp_path):
     """Same global batch (63: the ranks get 32 and 31 images, crops and flips included) and seed: the
     2-process run ends with the 1-process weights and the same epsilon memory."""
@@ -89,12 +90,14 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_array_equal(np.load(two / "radii" / "epoch_0003.npy"), mem_b.numpy())
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_gairat_weights_are_normalised_over_the_global_batch(tmp_path):
     """GAIRAT's weights have mean 1 over the global batch, not over each rank's share."""
     a, b, _ = _one_and_two(tmp_path, [*BASE, "--method", "gairat", "--set", "method.burn_in_epochs=0"])
     _assert_close_weights(a, b)
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_resume_under_torchrun_is_exact(tmp_path):
     """A 2-process run stopped after epoch 1 and resumed under torchrun equals an uninterrupted 2-process run
     (BatchNorm model, random starts on: each rank's random stream is saved and restored)."""
@@ -135,6 +138,7 @@ def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
     assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-6)
 
 
+@pytest.mark.slow  # torchrun with two processes
 @pytest.mark.parametrize("extra,message", [(["--batch-size", "3"], "iaat: error: train.batch_size is the global batch"),
                                            (["--set", "train.sync_bn=true"], "iaat: error: train.sync_bn needs CUDA")])
 def test_bad_distributed_settings_are_clear_errors(tmp_path, extra, message):

@@ -285,6 +285,7 @@ def test_autoattack_missing_gives_a_clear_error(monkeypatch):
         build_plan(eps=[EPS], attacks=["autoattack"])
 
 
+@pytest.mark.slow
 def test_autoattack_is_not_weaker_than_pgd(at_digits):
     pytest.importorskip("pyautoattack", reason="AutoAttack is the optional extra pyautoattack")
     net, test, k = at_digits
@@ -323,7 +324,7 @@ def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run,
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     assert set(result["attacks"]) == {"PGD-20@8/255", "CW-40@8/255", "PGD-3@4/255"}
-    assert [p["eps_pixels"] for p in result["curves"]["eps"]["points"]] == pytest.approx([0, 4, 8])
+    assert [p["eps"] * 255 for p in result["curves"]["eps"]["points"]] == pytest.approx([0, 4, 8])  # [0, 1] units
     assert [p["steps"] for p in result["curves"]["steps"]["points"]] == [1, 3]
     assert set(result["corruptions"]["per_corruption"]) == {"gaussian_noise", "contrast"}
     assert result["corruptions"]["comparable_with_cifar_c"] is True

@@ -56,7 +56,7 @@ def fast_step(cfg, data, x, y, idx, weights) -> tuple[float, list[torch.Tensor]]
     model.load_state_dict(weights)
     model.train()
     with autocast_context(CPU, cfg.train.amp)():
-        out = method.loss(net, x, y, idx)
+        out = method.compute(net, x, y, idx)
     out.loss.backward()
     return out.loss.item(), [p.grad.detach().clone().contiguous() for p in model.parameters()]
 
@@ -133,20 +133,21 @@ def test_channels_last_changes_the_model_layout_only(batch, tiny_cifar):
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
-    assert net is model and method.attack.autocast_dtype is None
+    assert net is model and method.attack_dtype is None
 
 
 def test_attack_precision_is_its_own(batch, tiny_cifar):
     data, *_ = batch
-    assert build_step(_config(tiny_cifar, amp="bf16"), data, CPU)[2].attack.autocast_dtype == torch.bfloat16
-    assert build_step(_config(tiny_cifar, amp="bf16", attack_amp="off"), data, CPU)[2].attack.autocast_dtype is None
-    assert build_step(_config(tiny_cifar, attack_amp="bf16"), data, CPU)[2].attack.autocast_dtype == torch.bfloat16
+    assert build_step(_config(tiny_cifar, amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
+    assert build_step(_config(tiny_cifar, amp="bf16", attack_amp="off"), data, CPU)[2].attack_dtype is None
+    assert build_step(_config(tiny_cifar, attack_amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="attack_amp=fp16 is for GPUs"):
         build_step(_config(tiny_cifar, attack_amp="fp16"), data, CPU)
     with pytest.raises(ConfigError, match="train.attack_amp must be"):
         _config(tiny_cifar, attack_amp="fp8")
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_plain_loop(batch, tiny_cifar):
     """torch.compile of the model and of the PGD update (the CPU build needs a C++ compiler)."""
     data, x, y, idx = batch

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import config_method
 from iaat.config import config_from_dict
 from iaat.engine import train
 from iaat.errors import ConfigError
-from iaat.methods import AttackSettings, build_method
 from iaat.methods.gair import GairParams, GairWeighting, gair_weights
 
 U = 1 / 255
@@ -90,8 +90,7 @@ class Linear(nn.Module):
 
 
 def _method(name: str, eps: float = 8, steps: int = 5, **params):
-    attack = AttackSettings(eps=eps * U, step_size=2 * U, steps=steps)
-    return build_method(name, params, attack, 8, 3, torch.device("cpu"))
+    return config_method(name, 8, {"eps": eps, "step_size": 2, "steps": steps}, **params)
 
 
 def _record_train_inputs(model: nn.Module) -> list:
@@ -105,7 +104,7 @@ def test_trades_loss_matches_hand_computation():
     model = Linear()
     x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     seen = _record_train_inputs(model)
-    out = _method("trades", beta=6.0).loss(model, x, y, torch.arange(6))
+    out = _method("trades", beta=6.0).compute(model, x, y, torch.arange(6))
     x_clean, x_adv = seen
     assert torch.equal(x_clean, x) and (x_adv - x).abs().max() <= 8 * U + 1e-6
     with torch.no_grad():
@@ -121,7 +120,7 @@ def test_mixup_at_loss_on_identical_images_is_the_mean_cross_entropy():
     model = Linear()
     x = torch.rand(1, 1, 4, 4).expand(6, 1, 4, 4).contiguous()
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    out = _method("mixup_at", eps=0).loss(model, x, y, torch.arange(6))
+    out = _method("mixup_at", eps=0).compute(model, x, y, torch.arange(6))
     # Mixing identical images changes nothing; mixing labels by a permutation keeps the batch mean.
     torch.testing.assert_close(out.loss.detach(), F.cross_entropy(model(x), y).detach())
 
@@ -132,8 +131,9 @@ def test_gair_fat_keeps_labels_paired_with_their_own_examples():
     model = Linear()
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     method = _method("gair_fat", eps=16, steps=6, tau=1, lam=-1.0)
+    method.start_epoch(0)
     torch.manual_seed(1)
-    out = method.loss(model, x, y, torch.arange(8))
+    out = method.compute(model, x, y, torch.arange(8))
     torch.manual_seed(1)  # the same attack again, by hand
     adv = pgd(model, x, y, 16 * U, steps=6, step_size=2 * U, early_stop_tau=1, final_check=False)
     weights = gair_weights(adv.kappa, 6, -1.0, "tanh")
@@ -146,7 +146,7 @@ def test_fat_tau_schedule():
     method = _method("fat", tau=0, tau_schedule=[[4, 3], [7, 6]])
     from iaat.methods.reweighted import _tau
 
-    assert [_tau(method.params, e) for e in range(9)] == [0, 0, 0, 0, 3, 3, 3, 6, 6]
+    assert [_tau(method, e) for e in range(9)] == [0, 0, 0, 0, 3, 3, 3, 6, 6]
 
 
 def test_iaat_with_gair_weights_weighs_its_losses():
@@ -155,7 +155,7 @@ def test_iaat_with_gair_weights_weighs_its_losses():
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     method = _method("iaat", weights="gair", lam=-1.0, warmup_epochs=1, loss_split=False)
     method.start_epoch(0)
-    out = method.loss(model, x, y, torch.arange(8))
+    out = method.compute(model, x, y, torch.arange(8))
     assert "gair_weight_sq" in out.stats and out.stats["gair_weight_sq"] >= 8 - 1e-4  # E[w^2] >= E[w]^2 = 1
     with pytest.raises(ConfigError, match="method.weights"):
         _method("iaat", weights="focal")

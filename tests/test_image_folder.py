@@ -77,6 +77,7 @@ def test_imagenet_resnets_have_the_published_sizes():
     assert build_model("resnet50", 3)(torch.rand(2, 3, 64, 64)).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_imagenet_recipe_end_to_end(folder, tmp_path):
     """configs/imagenet_resnet50_iaat.yaml on 3 classes of 64-px images: two epochs (warmup, then Alg. 2 with
     PGD-1 selection and PGD-2 training), then a targeted evaluation and its report."""
@@ -90,8 +91,8 @@ def test_imagenet_recipe_end_to_end(folder, tmp_path):
     assert code == 0, err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[0]["radius_mean"] == pytest.approx(16)  # warmup at eps_w 16/255
-    assert rows[1]["radius_min"] >= 4 - 1e-4  # clipped below at 4/255
+    assert rows[0]["radius_mean"] == pytest.approx(16 / 255)  # warmup at eps_w 16/255 ([0, 1] units)
+    assert rows[1]["radius_min"] >= (4 - 1e-4) / 255  # clipped below at 4/255
     assert rows[1]["train_up"] + rows[1]["train_same"] + rows[1]["train_down"] == pytest.approx(1)
     assert rows[0]["lr"] < rows[1]["lr"] <= 0.1 * 8 / 256 + 1e-12  # warmup to the linearly scaled rate
     assert (run / "radii" / "epoch_0002.npy").is_file()

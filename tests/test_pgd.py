@@ -11,7 +11,7 @@ from torch import nn
 
 from iaat.attacks import margin_loss, pgd, random_targets
 from iaat.data import ImageSet, load_dataset
-from iaat.evaluation import AttackSpec, evaluate
+from iaat.evaluation import AttackSpec, accuracy
 from iaat.models import build_model
 
 B = 8
@@ -451,7 +451,7 @@ def robust_grid(digits_model):
     for steps in STEPS:
         for e in EPS_PIXELS:
             torch.manual_seed(0)
-            out = evaluate(net, ds.test, [AttackSpec(eps=e / 255, steps=steps)])
+            out = accuracy(net, ds.test, [AttackSpec(eps=e / 255, steps=steps)])
             (entry,) = out["attacks"].values()
             grid[steps, e] = round(entry["accuracy"] * out["n"])
             clean = round(out["clean"] * out["n"])
@@ -483,7 +483,7 @@ class _WrongThenRight(nn.Module):
 
 def test_evaluate_counts_robust_only_if_clean_correct():
     data = ImageSet(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
-    out = evaluate(_WrongThenRight(), data, [AttackSpec(eps=8 / 255, steps=2)])
+    out = accuracy(_WrongThenRight(), data, [AttackSpec(eps=8 / 255, steps=2)])
     assert out["clean"] == 0.0
     (entry,) = out["attacks"].values()
     assert entry["accuracy"] == 0.0  # the attack "fails", but the clean image was already wrong

@@ -155,6 +155,7 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
         assert epoch_lines(out / "logs" / f"{name}.log") == [1, 2, 3, 4], name
 
 
+@pytest.mark.slow
 def test_sweep_refuses_a_folder_trained_with_another_config(tmp_path, capsys):
     spec = write_spec(tmp_path, frontier_eps=[32], runs={}, grid=None,
                       eval={**EVAL, "attacks": ["pgd:steps=2"], "sweep_eps": []})
@@ -196,6 +197,7 @@ def test_sweep_cli_without_file_builds_the_default_plan(tmp_path, capsys):
     assert "needs a sweep file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
     spec = write_spec(tmp_path, frontier_eps=[], grid=None,
                       runs={"broken": {"method.name": "pgd_at", "train.device": "cuda:7"}, "clean": {}},

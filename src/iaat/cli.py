@@ -116,8 +116,8 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.protocol import CURVE_X, build_plan
-    from .evaluation.session import EvalRequest, evaluate_checkpoint
+    from .evaluation.protocol import build_plan, curve_x
+    from .eval_session import EvalRequest, evaluate_checkpoint
     from .units import format_size
 
     # Options first: a typo should not wait for the model and the data to load.
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if eps is None:  # the run's own radius
-        from .engine.trainer import load_run_config
+        from .engine.runs import load_run_config
 
         eps = [load_run_config(path).eps]
     plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
@@ -177,8 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if result["corruptions"].get("mCE") is not None:
             print(f"  {'ImageNet-C mCE':<34}{result['corruptions']['mCE']:.4f}")
     for name, curve in result.get("curves", {}).items():
-        key = CURVE_X[name]
-        print(f"  accuracy over {name}: " + ", ".join(f"{p[key]:g}: {p['accuracy']:.3f}" for p in curve["points"]))
+        print(f"  accuracy over {name}: " + ", ".join(f"{curve_x(name, p)}: {p['accuracy']:.3f}" for p in curve["points"]))
     for check in result.get("checks", []):
         if not check["passed"]:
             warnings.warn(f"suspicious evaluation: {check['name']}: {check['detail']}", stacklevel=1)

@@ -9,8 +9,6 @@ checked; eps and step sizes are in pixel units over 255 (see :mod:`iaat.units`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,7 +16,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
-from .units import Size, parse_size
+from .schema import build_dataclass, check_keys, did_you_mean
+from .units import PixelSize, parse_size
 
 SECTIONS = ("data", "model", "method", "attack", "optim", "train")
 
@@ -61,8 +60,8 @@ class AttackConfig:
     """The training attack (PGD). Sizes in pixel units over 255 or 'a/b'."""
 
     norm: str = "linf"  #: linf | l2
-    eps: Size = 8  #: radius, pixel units over 255 (8 means 8/255)
-    step_size: Size = 2  #: PGD step, pixel units over 255
+    eps: PixelSize = 8  #: radius, pixel units over 255 (8 means 8/255)
+    step_size: PixelSize = 2  #: PGD step, pixel units over 255
     steps: int = 10  #: PGD iterations
     random_start: bool = True  #: uniform random start inside the eps ball
 
@@ -77,7 +76,8 @@ class OptimConfig:
     nesterov: bool = False
     schedule: str = "step"  #: step | cosine | constant
     milestones: list = field(default_factory=lambda: [100, 150])  #: epochs where step decay happens
-    decay: float = 0.1  #: step-decay factor
+    #: step-decay factor at every milestone, or one factor per milestone (the GAIRAT code's x0.1, x0.1, x0.5)
+    decay: Union[float, list] = 0.1
     warmup_epochs: float = 0.0  #: linear learning-rate warmup from 0 (Goyal et al.)
     #: none: lr is the peak rate | linear: the peak is lr * batch_size / base_batch_size (Goyal et al.), batch_size
     #: being the global batch (all processes together)
@@ -155,70 +155,6 @@ _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "attack": AttackConf
                   "optim": OptimConfig, "train": TrainConfig}
 
 
-def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Check (and lightly coerce) one value against a dataclass field's type hint."""
-    origin = typing.get_origin(hint)
-    if origin is Union:
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        if hint == Size or set(args) == {int, float, str}:
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ConfigError(f"{where} must be a size like 8 or '8/255', got {value!r}.")
-            return value
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}.")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where} must be an integer, got {value!r}.")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)  # YAML reads 5e-4 (no dot) as a string
-                except ValueError:
-                    pass
-            raise ConfigError(f"{where} must be a number, got {value!r}.")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}.")
-        return value
-    if hint is list or origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}.")
-        return list(value)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}.")
-        return value
-    return value
-
-
-def _build_section(cls: type, values: dict, section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"unknown key '{section}.{key}'.{_did_you_mean(key, names)} "
-                              f"Valid keys of '{section}': {', '.join(names)}.")
-        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
-
-
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a :class:`Config` from a nested dict (e.g. parsed YAML)."""
     if raw is None:
@@ -227,14 +163,14 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
     for key in raw:
         if key not in SECTIONS:
-            raise ConfigError(f"unknown config section '{key}'.{_did_you_mean(str(key), SECTIONS)} "
+            raise ConfigError(f"unknown config section '{key}'.{did_you_mean(str(key), SECTIONS)} "
                               f"Sections: {', '.join(SECTIONS)}.")
     sections = {}
     for name, cls in _SECTION_TYPES.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{name}' must be a mapping, got {values!r}.")
-        sections[name] = _build_section(cls, values, name)
+        sections[name] = build_dataclass(cls, values, name)
     method_raw = raw.get("method") or {}
     if not isinstance(method_raw, dict):
         raise ConfigError(f"config section 'method' must be a mapping, got {method_raw!r}.")
@@ -255,12 +191,12 @@ def validate(cfg: Config) -> None:
     from .models import MODELS
 
     if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{_did_you_mean(cfg.data.dataset, DATASETS)} "
+        raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{did_you_mean(cfg.data.dataset, DATASETS)} "
                           f"Known: {', '.join(sorted(DATASETS))}.")
     if cfg.model.name not in MODELS:
-        raise ConfigError(f"unknown model '{cfg.model.name}'.{_did_you_mean(cfg.model.name, MODELS)} "
+        raise ConfigError(f"unknown model '{cfg.model.name}'.{did_you_mean(cfg.model.name, MODELS)} "
                           f"Known: {', '.join(sorted(MODELS))}.")
-    method_class(cfg.method.name).parse_params(cfg.method.params)  # raises on unknown/invalid params
+    method_class(cfg.method.name)
     if cfg.attack.norm not in ("linf", "l2"):
         raise ConfigError(f"attack.norm must be 'linf' or 'l2', got {cfg.attack.norm!r}.")
     cfg.eps, cfg.step_size  # noqa: B018 -- parse to validate units
@@ -297,9 +233,53 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.base_batch_size must be >= 1 and optim.warmup_epochs >= 0.")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be a list of epoch numbers, got {cfg.optim.milestones!r}.")
+    decays = cfg.optim.decay if isinstance(cfg.optim.decay, list) else [cfg.optim.decay]
+    if not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0 for d in decays) or (
+            isinstance(cfg.optim.decay, list) and len(decays) != len(cfg.optim.milestones)):
+        raise ConfigError(f"optim.decay must be a positive factor or a list of one factor per milestone "
+                          f"({len(cfg.optim.milestones)}), got {cfg.optim.decay!r}.")
     if not cfg.train.device == "auto" and not (cfg.train.device == "cpu" or cfg.train.device.startswith("cuda")
                                                or cfg.train.device == "mps"):
         raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}.")
+    build_method(cfg, num_train=1)  # last: the method's own keys (names, types, units, values)
+
+
+def method_kwargs(cfg: Config) -> dict:
+    """The keyword arguments of the run's method class: the training attack, ``epochs`` and the method's own keys,
+    every size converted from the config's pixel units to [0, 1] units (where a method's sizes enter)."""
+    from .methods import method_class
+    from .methods.base import own_fields
+
+    cls = method_class(cfg.method.name)
+    own = {f.name: f for f in own_fields(cls)}
+    raw = cfg.method.params
+    if raw and not own:
+        raise ConfigError(f"method '{cls.name}' takes no parameters, got {', '.join(sorted(raw))}.")
+    check_keys(raw, own, "method")
+    kwargs = {}
+    for key, value in raw.items():
+        if own[key].metadata.get("size") and value is not None:
+            value = parse_size(value, f"method.{key}", max_unit=_max_unit(cfg.attack.norm))
+        kwargs[key] = value
+    return {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.attack.steps, "norm": cfg.attack.norm,
+            "random_start": cfg.attack.random_start, "epochs": cfg.train.epochs, **kwargs}
+
+
+def build_method(cfg: Config, num_train: int, *, attack_dtype: Optional[Any] = None, compiled: bool = False):
+    """The run's :class:`~iaat.methods.Method` for a training set of ``num_train`` samples.
+
+    ``attack_dtype`` and ``compiled`` are the attacks' precision and ``torch.compile`` switch (the
+    trainer's ``train.attack_amp`` and ``train.compile``).
+    """
+    from .methods import method_class
+
+    return method_class(cfg.method.name)(**method_kwargs(cfg), num_train=num_train, attack_dtype=attack_dtype,
+                                         compiled=compiled)
+
+
+def method_params(cfg: Config) -> dict:
+    """The method's own keys with their defaults filled in, sizes in [0, 1] units (what reports compare)."""
+    return build_method(cfg, num_train=1).own_params()
 
 
 def load_yaml(path: Union[str, Path]) -> dict:
@@ -331,7 +311,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     section, key = parts
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section '{section}' in --set {assignment!r}."
-                          f"{_did_you_mean(section, SECTIONS)}")
+                          f"{did_you_mean(section, SECTIONS)}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:

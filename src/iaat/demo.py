@@ -16,8 +16,9 @@ import torch
 from .config import config_from_dict
 from .data import load_dataset
 from .engine import train
-from .engine.trainer import load_run
-from .evaluation import AttackSpec, evaluate
+from .engine.runs import load_run
+from .evaluation.attacks import AttackSpec
+from .evaluation.robustness import accuracy
 from .units import format_size, parse_size
 
 
@@ -49,7 +50,7 @@ def run_demo(out: Optional[Path] = None, epochs: int = 20, eps: str = "64", seed
         model, *_ = load_run(out / method)
         torch.manual_seed(seed)
         spec = AttackSpec(eps_unit, steps=20, restarts=1, step_size=eps_unit / 8)
-        res = evaluate(model, test, [spec], device=torch.device("cpu"))
+        res = accuracy(model, test, [spec], device=torch.device("cpu"))
         results[method] = {"clean": res["clean"], "pgd20": res["attacks"][spec.label]["accuracy"]}
     print(f"\ntest accuracy on {len(test)} digits (PGD-20, eps {format_size(eps_unit)}), "
           f"{time.perf_counter() - start:.0f} s in all:")

@@ -12,8 +12,8 @@ class IaatError(Exception):
     """An error caused by input the user can fix; the message says how."""
 
 
-class ConfigError(IaatError):
-    """A config file, override or option value is invalid."""
+class ConfigError(IaatError, ValueError):
+    """A config file, override, option or argument value is invalid (a ``ValueError`` for Python callers)."""
 
 
 class DataError(IaatError):

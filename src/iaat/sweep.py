@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, config_from_dict, load_yaml
+from .config import SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
 
 PLAN = "sweep.yaml"
@@ -264,14 +264,9 @@ def _lock(out: Path) -> Any:
 
 def identity(raw: dict) -> dict:
     """A config as a comparable dict: validated, with the method's defaults filled in."""
-    import dataclasses
-
-    from .methods import method_class
-
     cfg = config_from_dict(copy.deepcopy(raw))
     out = cfg.to_dict()
-    params = method_class(cfg.method.name).parse_params(cfg.method.params)
-    out["method"] = {"name": cfg.method.name, **dataclasses.asdict(params)}
+    out["method"] = {"name": cfg.method.name, **method_params(cfg)}
     return out
 
 

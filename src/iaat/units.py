@@ -1,26 +1,30 @@
-"""Perturbation-size units.
+"""Perturbation-size units: one unit inside, converted once where a size enters.
 
 Configs and the CLI write eps and step sizes in *pixel units over 255*: ``8`` means
 8/255. A string ``"a/b"`` is an explicit fraction of the [0, 1] pixel range, so the
-GAIRAT paper's ``0.031`` is written ``"0.031/1"`` and ``"8/255"`` is 8/255. Internally
-every size is a float in [0, 1] image units.
+GAIRAT paper's ``0.031`` is written ``"0.031/1"`` and ``"8/255"`` is 8/255
+(:func:`parse_size`). The Python API takes floats in [0, 1] image units, as AutoAttack and
+torchattacks do (:func:`check_size`). Every function past those entry points takes and
+returns [0, 1] units, and so does every JSON file the project writes; the pixel form
+appears only in printed text (:func:`format_size`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 from .errors import ConfigError
 
-Size = Union[int, float, str]
+#: A size as written in a config file or on the command line: pixel units over 255, or "a/b".
+PixelSize = Union[int, float, str]
 
 # A bare number below this many pixel units is almost surely a value already in
 # [0, 1] units (e.g. 0.031 meant as 8/255), which would silently attack at 0.03/255.
 _SMALLEST_PLAUSIBLE_PIXELS = 0.5
 
 
-def parse_size(value: Size, name: str = "eps", *, allow_zero: bool = True, max_unit: float = 1.0) -> float:
+def parse_size(value: PixelSize, name: str = "eps", *, allow_zero: bool = True, max_unit: float = 1.0) -> float:
     """Convert a size written in pixel units over 255 (or as ``"a/b"``) to [0, 1] units.
 
     Args:
@@ -79,5 +83,41 @@ def parse_size(value: Size, name: str = "eps", *, allow_zero: bool = True, max_u
 
 
 def format_size(unit: float) -> str:
-    """Format a [0, 1]-unit size as pixels over 255, e.g. ``'8/255'``."""
+    """Format a [0, 1]-unit size as pixels over 255, for printed text.
+
+    Example:
+        >>> format_size(8 / 255)
+        '8/255'
+    """
     return f"{unit * 255:.4g}/255"
+
+
+def _is_linf(norm: str) -> bool:
+    return norm == "linf"
+
+
+def check_size(value: Any, name: str = "eps", *, norm: str = "linf", allow_zero: bool = True) -> float:
+    """Check a size passed to the Python API, in [0, 1] image units; returns it as a float.
+
+    Under L-inf a size above 1 is larger than the whole pixel range: almost surely pixel units
+    (``eps=8`` meant as 8/255), so it is an error that names the fix. L2 sizes may exceed 1.
+
+    Example:
+        >>> check_size(8 / 255)
+        0.03137254901960784
+        >>> check_size(8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        iaat.errors.ConfigError: eps=8 is larger than 1, the whole [0, 1] pixel range: ... write eps=8/255.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number in [0, 1] image units (e.g. 8/255), got {value!r}.")
+    unit = float(value)
+    if not math.isfinite(unit) or unit < 0:
+        raise ConfigError(f"{name}={value!r} must be a finite size >= 0 in [0, 1] image units.")
+    if unit == 0 and not allow_zero:
+        raise ConfigError(f"{name} must be positive, got {value!r}.")
+    if _is_linf(norm) and unit > 1:
+        raise ConfigError(f"{name}={value:g} is larger than 1, the whole [0, 1] pixel range: the Python API takes "
+                          f"sizes in [0, 1] image units. For {value:g} pixel levels write {name}={value:g}/255.")
+    return unit

@@ -1,5 +1,5 @@
 """The one PGD kernel shared by training and evaluation."""
 
-from .pgd import AttackResult, attack_mode, margin_loss, pgd, random_targets
+from .pgd import PGD, AttackResult, attack_mode, margin_loss, pgd, random_targets
 
-__all__ = ["AttackResult", "attack_mode", "margin_loss", "pgd", "random_targets"]
+__all__ = ["PGD", "AttackResult", "attack_mode", "margin_loss", "pgd", "random_targets"]

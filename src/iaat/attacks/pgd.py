@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import unwrap
+from ..errors import ConfigError
+from ..units import check_size, format_size
 
 Radius = Union[float, torch.Tensor]
 
@@ -110,7 +112,7 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Ten
         return -F.cross_entropy(logits.float(), target, reduction="none")
     if loss == "margin":
         return margin_loss(logits.float(), y if target is None else target, targeted=target is not None)
-    raise ValueError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'")
+    raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
 
 
 def random_targets(y: torch.Tensor, num_classes: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -178,34 +180,51 @@ def _advance_fn(compiled: bool):
     return _compiled_advance
 
 
-def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, early_stop_tau, autocast, reference,
-             init_std, momentum, objective_scale, advance, stop_on_miss=False):
+@dataclass(frozen=True)
+class _Run:
+    """The settings of one PGD run that stay fixed across its restarts (see :func:`pgd` for their meaning)."""
+
+    steps: int
+    norm: str
+    random_start: bool
+    loss: str
+    early_stop_tau: Optional[int]
+    init_std: Optional[float]
+    momentum: float
+    objective_scale: float
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    advance: Callable[..., torch.Tensor]
+    stop_on_miss: bool
+
+
+def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
+             target: Optional[torch.Tensor], reference: Optional[torch.Tensor], s: _Run):
     """One PGD run: ``(x_adv, kappa, first_miss)``, each over the whole batch.
 
     With ``stop_on_miss`` a sample leaves the batch at its first misclassified iterate, which becomes its
     ``x_adv``: the remaining steps run on the samples still classified correctly only (one host sync per
     step to count them), and the survivors' final iterates are checked here (``first_miss`` = K if wrong).
     """
-    batch = x.shape[0]
-    delta = _random_start(x, eps, norm, init_std) if random_start else torch.zeros_like(x)
-    delta = project(delta, x, eps, norm)
+    batch, steps = x.shape[0], s.steps
+    delta = _random_start(x, eps, s.norm, s.init_std) if s.random_start else torch.zeros_like(x)
+    delta = project(delta, x, eps, s.norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
-    velocity = torch.zeros_like(x) if momentum else None
-    if stop_on_miss:  # results of the samples that left; ``rows``: where the still-attacked ones belong
+    velocity = torch.zeros_like(x) if s.momentum else None
+    if s.stop_on_miss:  # results of the samples that left; ``rows``: where the still-attacked ones belong
         out_x, out_kappa, out_miss = x.clone(), kappa.clone(), first_miss.clone()
         rows = torch.arange(batch, device=x.device)
     for k in range(steps):
         delta.requires_grad_(True)
-        with autocast():
+        with s.autocast():
             logits = model(x + delta)
-        objective = _objective(logits, y, target, loss, reference)
-        (grad,) = torch.autograd.grad(objective.sum() * objective_scale, delta)
+        objective = _objective(logits, y, target, s.loss, reference)
+        (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
         correct = logits.detach().argmax(1) == y
         kappa += correct
         first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
-        if stop_on_miss and not bool(correct.all()):
+        if s.stop_on_miss and not bool(correct.all()):
             gone = (~correct).nonzero().squeeze(1)
             out_x[rows[gone]] = x[gone] + delta[gone]
             out_kappa[rows[gone]], out_miss[rows[gone]] = kappa[gone], first_miss[gone]
@@ -217,16 +236,16 @@ def _one_run(model, x, y, eps, alpha, steps, norm, random_start, target, loss, e
             velocity = velocity[keep] if velocity is not None else None
             reference = reference[keep] if reference is not None else None
         if velocity is not None:  # MI-FGSM: accumulate the L1-normalised gradient
-            velocity = momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
+            velocity = s.momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
             grad = velocity
         moving = None
-        if early_stop_tau is not None:
+        if s.early_stop_tau is not None:
             # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
-            moving = (first_miss > steps) | (k - first_miss < early_stop_tau)
-        delta = advance(delta, grad, x, eps, alpha, norm, moving)
-    if not stop_on_miss:
+            moving = (first_miss > steps) | (k - first_miss < s.early_stop_tau)
+        delta = s.advance(delta, grad, x, eps, alpha, s.norm, moving)
+    if not s.stop_on_miss:
         return (x + delta).detach(), kappa, first_miss
-    with torch.no_grad(), autocast():  # the survivors' final iterates
+    with torch.no_grad(), s.autocast():  # the survivors' final iterates
         wrong = model(x + delta).argmax(1) != y
     out_x[rows] = x + delta
     out_kappa[rows] = kappa
@@ -246,7 +265,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         model: maps images in [0, 1] to logits.
         x: images in [0, 1], shape (B, C, H, W).
         y: true labels (B,).
-        eps: radius in [0, 1] units, a float or a (B,) tensor (per-sample radii).
+        eps: radius in [0, 1] units, a float or a (B,) tensor (per-sample radii). A float above 1 under
+            L-inf (``eps=8`` meant as 8/255) is an error.
         steps: number of gradient steps K (0 returns the start point).
         step_size: step in [0, 1] units, float or (B,) tensor; default 2.5 * eps / steps.
         norm: ``"linf"`` or ``"l2"``.
@@ -273,59 +293,116 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
 
     Returns:
         An :class:`AttackResult`.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> res = iaat.pgd(model, x, y, eps=8 / 255, steps=10)
+        >>> bool(((res.x_adv - x).abs().max() <= 8 / 255 + 1e-6) and res.x_adv.min() >= 0)
+        True
+        >>> res.robust.shape  # no iterate misclassified, per sample
+        torch.Size([4])
     """
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    if restarts < 1:
-        raise ValueError(f"restarts must be >= 1, got {restarts}")
-    if loss == "kl" and reference is None:
-        raise ValueError("the 'kl' loss needs reference logits")
-    if stop_on_miss and (restarts > 1 or target is not None or early_stop_tau is not None):
-        raise ValueError("stop_on_miss is for one untargeted run without early_stop_tau")
+    _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop_on_miss, target, early_stop_tau)
     batch = x.shape[0]
     x = x.detach()
     eps_t = _as_radius(eps, batch, x)
-    if step_size is None:
-        alpha = 2.5 * eps_t / max(steps, 1)
-    else:
-        alpha = _as_radius(step_size, batch, x)
+    alpha = 2.5 * eps_t / max(steps, 1) if step_size is None else _as_radius(step_size, batch, x)
     device_type = x.device.type
     if autocast_dtype is not None:
         autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
     else:  # full precision, also when called inside the training step's autocast region
         autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
     objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
+    run = _Run(steps, norm, random_start, loss, early_stop_tau, init_std, momentum, objective_scale, autocast,
+               _advance_fn(compiled), stop_on_miss)
     final_check = final_check or restarts > 1
 
-    best_x = best_kappa = best_correct = best_logits = best_loss = best_success = first_miss = None
+    best: Optional[AttackResult] = None
     with attack_mode(model, eval_mode) as model, torch.enable_grad():
         for _ in range(restarts):
-            x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, steps, norm, random_start, target, loss,
-                                              early_stop_tau, autocast, reference, init_std, momentum,
-                                              objective_scale, _advance_fn(compiled), stop_on_miss)
+            x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, target, reference, run)
             if stop_on_miss:
                 return AttackResult(x_adv, run_miss > steps, kappa, first_miss=run_miss, steps=steps)
             if not final_check:
                 return AttackResult(x_adv, None, kappa, first_miss=run_miss, steps=steps)
             with torch.no_grad(), autocast():
-                logits = model(x_adv)
-            logits = logits.float()
-            objective = _objective(logits, y, target, loss, reference)
-            pred = logits.argmax(1)
-            correct = pred == y
-            success = (pred == target) if target is not None else ~correct
+                logits = model(x_adv).float()
+            correct = logits.argmax(1) == y
             run_miss = torch.where(~correct & (run_miss > steps), torch.full_like(run_miss, steps), run_miss)
-            first_miss = run_miss if first_miss is None else torch.minimum(first_miss, run_miss)
-            if best_x is None:
-                best_x, best_kappa, best_correct, best_logits, best_loss, best_success = (
-                    x_adv, kappa, correct, logits, objective, success)
-                continue
-            better = (success & ~best_success) | ((success == best_success) & (objective > best_loss))
-            m = better.view(-1, *([1] * (x.ndim - 1)))
-            best_x = torch.where(m, x_adv, best_x)
-            best_kappa = torch.where(better, kappa, best_kappa)
-            best_correct = torch.where(better, correct, best_correct)
-            best_logits = torch.where(better[:, None], logits, best_logits)
-            best_loss = torch.where(better, objective, best_loss)
-            best_success = best_success | success
-    return AttackResult(best_x, best_correct, best_kappa, best_logits, best_loss, first_miss, steps)
+            res = AttackResult(x_adv, correct, kappa, logits, _objective(logits, y, target, loss, reference),
+                               run_miss, steps)
+            best = res if best is None else _better_of(best, res, target)
+    return best
+
+
+def _success(res: AttackResult, target: Optional[torch.Tensor]) -> torch.Tensor:
+    return (res.logits.argmax(1) == target) if target is not None else ~res.correct
+
+
+def _better_of(best: AttackResult, new: AttackResult, target: Optional[torch.Tensor]) -> AttackResult:
+    """Per sample, the successful restart, else the one with the higher objective; first misses: the earliest."""
+    ok_best, ok_new = _success(best, target), _success(new, target)
+    better = (ok_new & ~ok_best) | ((ok_new == ok_best) & (new.loss > best.loss))
+    pick = lambda a, b: torch.where(better.view(-1, *([1] * (a.ndim - 1))), b, a)  # noqa: E731
+    return AttackResult(pick(best.x_adv, new.x_adv), pick(best.correct, new.correct), pick(best.kappa, new.kappa),
+                        pick(best.logits, new.logits), pick(best.loss, new.loss),
+                        torch.minimum(best.first_miss, new.first_miss), best.steps)
+
+
+def _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop_on_miss, target, early_stop_tau):
+    """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on."""
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}.")
+    if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
+        raise ConfigError(f"pgd takes images x of shape (B, C, H, W) in [0, 1] and labels y of shape (B,), got "
+                          f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
+    for name, value in (("eps", eps), ("step_size", step_size)):
+        if value is not None and not torch.is_tensor(value):  # what a person types; tensors come from code
+            check_size(value, name, norm=norm)
+    if restarts < 1:
+        raise ConfigError(f"restarts must be >= 1, got {restarts}.")
+    if loss not in ("ce", "margin", "kl"):
+        raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
+    if loss == "kl" and reference is None:
+        raise ConfigError("the 'kl' loss needs reference logits")
+    if stop_on_miss and (restarts > 1 or target is not None or early_stop_tau is not None):
+        raise ConfigError("stop_on_miss is for one untargeted run without early_stop_tau")
+
+
+class PGD:
+    """A PGD attack that holds its settings: ``PGD(model, eps=8/255, steps=10)(x, y)`` returns ``x_adv``.
+
+    Sizes in [0, 1] image units; any other keyword of :func:`pgd` (``norm``, ``restarts``, ``loss``,
+    ``target``, ``autocast_dtype``, ...) is passed on. :meth:`run` returns the whole
+    :class:`AttackResult` (per-sample ``robust``, ``first_miss``, ``kappa``).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> attack = iaat.PGD(model, eps=8 / 255, steps=10, step_size=2 / 255)
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> x_adv = attack(x, y)
+        >>> bool((x_adv - x).abs().max() <= 8 / 255 + 1e-6)
+        True
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 10, step_size: Optional[float] = None,
+                 **options) -> None:
+        norm = options.get("norm", "linf")
+        check_size(eps, "eps", norm=norm)
+        if step_size is not None:
+            check_size(step_size, "step_size", norm=norm)
+        self.model, self.eps, self.steps, self.step_size, self.options = model, eps, steps, step_size, options
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        """The attack's full result on the batch (see :func:`pgd`)."""
+        return pgd(self.model, x, y, self.eps, steps=self.steps, step_size=self.step_size, **self.options)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.run(x, y).x_adv
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"PGD(eps={format_size(self.eps)}, steps={self.steps}, step_size={self.step_size}{extra})"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .datasets import DatasetSplits, ImageSet
+from .imageset import DatasetSplits, ImageSet
 
 # The official release (https://www.cs.toronto.edu/~kriz/cifar.html).
 _SPECS = {

@@ -1,53 +1,14 @@
-"""Data sets held whole as uint8 tensors of shape (N, C, H, W)."""
+"""The registry of data sets, each loaded whole as uint8 tensors of shape (N, C, H, W)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-
-
-@dataclass
-class ImageSet:
-    """Images as uint8 (N, C, H, W) and int64 labels (N,); x may be lazy (:class:`~iaat.data.folder.FolderImages`)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.dtype != torch.uint8 or self.x.ndim != 4:
-            raise DataError(f"images must be uint8 of shape (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}.")
-        if self.y.ndim != 1 or len(self.y) != len(self.x):
-            raise DataError(f"labels must have shape ({len(self.x)},), got {tuple(self.y.shape)}.")
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
-        if not torch.is_tensor(self.x):  # lazy images (an image folder): select without decoding
-            return ImageSet(self.x.select(indices), self.y[indices])
-        return ImageSet(self.x[indices], self.y[indices])
-
-
-@dataclass
-class DatasetSplits:
-    """The official train and test splits of a data set plus what a model needs to know."""
-
-    name: str
-    train: ImageSet
-    test: ImageSet
-    num_classes: int
-    mean: tuple
-    std: tuple
-    source: str  #: human-readable provenance, e.g. the folder it was read from
-
-    @property
-    def image_shape(self) -> tuple:
-        return tuple(self.train.x.shape[1:])
+from .imageset import DatasetSplits, ImageSet
 
 
 def _check_labels(split: ImageSet, num_classes: int, where: str) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .batch import to_unit
 from .loader import BatchPlan
 
 #: File endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
@@ -250,7 +251,7 @@ class FolderLoader(BatchPlan):
                 x = pending.result()
                 if k + 1 < len(plan):
                     pending = prefetch.submit(self._decode, plan[k + 1], epoch)
-                x = x.to(self.target, non_blocking=True).float().div_(255.0)
+                x = to_unit(x, self.target, non_blocking=True)
                 yield x, self.y[idx].to(self.target), idx.to(self.target)
 
     __iter__ = epoch
@@ -258,7 +259,7 @@ class FolderLoader(BatchPlan):
 
 def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Optional[int] = None):
     """``ROOT/train`` and ``ROOT/val`` as :class:`~iaat.data.DatasetSplits` of lazy images (ImageNet statistics)."""
-    from .datasets import DatasetSplits, ImageSet
+    from .imageset import DatasetSplits, ImageSet
 
     if not data_dir:
         raise DataError("data.dataset=imagefolder needs --data-dir ROOT with ROOT/train/<class>/<image> and "

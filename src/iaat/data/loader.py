@@ -12,7 +12,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .datasets import ImageSet
+from .batch import to_unit
+from .imageset import ImageSet
 
 
 def _epoch_generator(device: torch.device, seed: int, epoch: int) -> torch.Generator:
@@ -146,6 +147,6 @@ class DeviceLoader(BatchPlan):
             xb = self.x[idx]
             if draws is not None:
                 xb = apply_augmentation(xb, tuple(self._mine(d) for d in draws), self.padding)
-            yield xb.float().div_(255.0), self.y[idx], idx
+            yield to_unit(xb), self.y[idx], idx
 
     __iter__ = epoch

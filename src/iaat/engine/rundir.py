@@ -1,4 +1,5 @@
-"""The run folder: config.yaml, metrics.jsonl, checkpoints/, data_split.npz, summary.json (radii/ for IAAT).
+"""The run folder: config.yaml, metrics.jsonl, checkpoints/, data_split.npz, summary.json, and a method's
+per-sample arrays (radii/ for IAAT).
 
 Every write either happens atomically or can be rolled back, and a failed write (disk full,
 read-only folder) becomes an :class:`~iaat.errors.OutputError` naming the file.
@@ -74,6 +75,16 @@ def write_split(run_dir: Path, train_indices: np.ndarray, val_indices: np.ndarra
     buffer = io.BytesIO()
     np.savez(buffer, train_indices=train_indices, val_indices=val_indices)
     atomic_write_bytes(run_dir / SPLIT, buffer.getvalue())
+
+
+def write_epoch_arrays(run_dir: Path, epoch: int, arrays: dict) -> None:
+    """A method's per-sample arrays after 1-based ``epoch``: ``RUN/<name>/epoch_NNNN.npy`` (e.g. IAAT's radii)."""
+    for name, values in arrays.items():
+        folder = run_dir / name
+        _mkdir(folder)
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(values, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(folder / f"epoch_{epoch:04d}.npy", buffer.getvalue())
 
 
 def metrics_size(run_dir: Path) -> int:

@@ -21,14 +21,17 @@ def peak_lr(optim: OptimConfig, batch_size: Optional[int] = None) -> float:
 def lr_at(optim: OptimConfig, progress: float, total_epochs: int, batch_size: Optional[int] = None) -> float:
     """Learning rate at ``progress`` epochs into training (fractional within an epoch).
 
-    ``step`` multiplies by ``decay`` at each milestone epoch; ``cosine`` anneals to 0 over
+    ``step`` multiplies by ``decay`` at each milestone epoch (by ``decay[i]`` at milestone i when it is a
+    list); ``cosine`` anneals to 0 over
     ``total_epochs``; ``constant`` keeps ``lr``. An optional linear warmup (Goyal et al.)
     ramps from 0 over ``warmup_epochs``. ``batch_size`` (the global batch) matters only with
     ``lr_scaling: linear`` (see :func:`peak_lr`).
     """
     base = peak_lr(optim, batch_size)
     if optim.schedule == "step":
-        lr = base * optim.decay ** bisect.bisect_right(sorted(optim.milestones), int(progress))
+        passed = bisect.bisect_right(sorted(optim.milestones), int(progress))
+        factor = math.prod(optim.decay[:passed]) if isinstance(optim.decay, list) else optim.decay ** passed
+        lr = base * factor
     elif optim.schedule == "cosine":
         lr = base * 0.5 * (1 + math.cos(math.pi * min(progress / total_epochs, 1.0)))
     else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -52,6 +53,32 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
 def compile_model(model: nn.Module, cfg: Config) -> nn.Module:
     """``torch.compile(model)`` when ``train.compile`` is on (the returned wrapper shares its weights), else ``model``."""
     return torch.compile(model) if cfg.train.compile else model
+
+
+@contextlib.contextmanager
+def deterministic_cuda(enabled: bool) -> Iterator[None]:
+    """``train.deterministic`` on CUDA: deterministic kernels only, no cuDNN autotuning; restored afterwards.
+
+    ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS makes its first handle, i.e. before any
+    CUDA matmul of the process, which is why this wraps the whole of :func:`~iaat.engine.trainer.train`.
+    """
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def autocast_context(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -1,15 +1,16 @@
 """The method-agnostic training loop.
 
-Per step: loader → (x, y, idx) on the device → ``method.loss`` (which calls the PGD
-kernel) → optimiser step. Per epoch: held-out evaluation (clean + PGD-k), one JSON line
-in ``metrics.jsonl``, an atomic checkpoint with the full state (model, optimiser,
-schedule, AMP scaler, method state, every RNG state, epoch). On the CPU a resumed run
-ends bitwise equal to an uninterrupted one with the same seed.
+Per step (:func:`_train_epoch`, one screen): loader → (x, y, idx) on the device →
+``method.compute`` (which calls the PGD kernel) → backward → optimiser step. Per epoch
+(:func:`_end_epoch`): held-out evaluation (clean + PGD-k), one JSON line in ``metrics.jsonl``, the
+method's per-sample arrays, an atomic checkpoint with the full state (model, optimiser, schedule,
+AMP scaler, method state, every RNG state, epoch). On the CPU a resumed run ends bitwise equal to
+an uninterrupted one with the same seed.
 
 Stopping: SIGINT/SIGTERM finish the current step, save the exact mid-epoch state to
-``checkpoints/interrupt.pt`` and raise :class:`~iaat.errors.TrainingInterrupted`; a
-resumed run replays the epoch's batch order up to that step and continues from there.
-A NaN/inf loss stops the run without saving anything.
+``checkpoints/interrupt.pt`` (:func:`_save_interrupt`) and raise
+:class:`~iaat.errors.TrainingInterrupted`; a resumed run (:func:`_restore`) replays the epoch's batch
+order up to that step and continues from there. A NaN/inf loss stops the run without saving anything.
 
 Under ``torchrun`` (see :mod:`iaat.distributed`) the same loop runs on every rank with the
 model in DistributedDataParallel; ``train.batch_size`` is the global batch, rank 0 alone
@@ -18,173 +19,33 @@ writes files, and the ranks agree after every step on whether to stop.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import distributed
-from ..config import Config
+from ..config import Config, build_method
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
-from ..errors import CheckpointError, ConfigError, IaatError, OutputError, TrainingInterrupted
-from ..evaluation import AttackSpec, evaluate
-from ..methods import AttackSettings, Method, build_method
+from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted
+from ..evaluation.attacks import AttackSpec
+from ..evaluation.robustness import accuracy
+from ..methods import Method
 from . import rundir
-from .checkpoint import (checkpoint_path, interrupt_path, latest_valid, prune, remove_checkpoint, resume_point,
+from .checkpoint import (checkpoint_path, interrupt_path, prune, remove_checkpoint, resume_point,
                          save_checkpoint)
 from .rng import rng_state, seed_everything, set_rng_state
+
 from .schedule import lr_at
-from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, compile_model, load_model_state,
-                    model_from_config, prepare_data, prepare_model, resolve_device)
-
-
-def _to_host(stats: dict, n: int) -> dict:
-    return {k: (v.item() if torch.is_tensor(v) else v) / max(n, 1) for k, v in stats.items()}
-
-
-@contextlib.contextmanager
-def deterministic_cuda(enabled: bool) -> Iterator[None]:
-    """``train.deterministic`` on CUDA: deterministic kernels only, no cuDNN autotuning; restored afterwards.
-
-    ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS makes its first handle, i.e. before any
-    CUDA matmul of the process, which is why this wraps the whole of :func:`train`.
-    """
-    if not enabled:
-        yield
-        return
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
-        if saved[4] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-
-
-class StopOnSignal:
-    """SIGINT/SIGTERM handlers (main thread only) that ask the training loop to stop after the current step.
-
-    A second signal stops at once by raising :class:`TrainingInterrupted` wherever the loop is
-    (checkpoint writes are atomic, so the last checkpoint stays intact). The previous handlers
-    are restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, resume_hint: str, escalate: bool = True) -> None:
-        self.signum: Optional[int] = None
-        self.resume_hint = resume_hint
-        # Under torchrun a Ctrl-C reaches each worker twice (from the terminal and forwarded by the agent),
-        # so there a repeated signal does not escalate; the agent kills workers that do not stop in time.
-        self.escalate = escalate
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.getsignal(s)
-                signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
-    def _handle(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None and not self.escalate:
-            return
-        if self.signum is not None:
-            raise TrainingInterrupted(f"interrupted again ({name}): stopped at once without saving the current "
-                                      f"step; the last checkpoint is intact; {self.resume_hint}", signum)
-        self.signum = signum
-        # os.write, not print: a handler may run in the middle of a print to the same stream.
-        os.write(2, f"iaat: {name} received; stopping after the current step (send it again to stop at "
-                    f"once)\n".encode())
-
-
-@dataclass
-class _EpochSums:
-    """What an epoch accumulates on the device; saved in a mid-epoch checkpoint to finish the epoch exactly."""
-
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    first_bad: torch.Tensor  #: 1-based step of the first non-finite loss, -1 while all are finite
-    n_seen: int = 0
-    seconds: float = 0.0  #: training time spent in this epoch before the last interruption
-    stats: dict = field(default_factory=dict)
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> "_EpochSums":
-        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
-                   torch.full((), -1, dtype=torch.long, device=device))
-
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> "_EpochSums":
-        return cls(state["loss_sum"].to(device), state["correct"].to(device), state["first_bad"].to(device),
-                   int(state["n_seen"]), float(state["seconds"]), {k: v.to(device) for k, v in state["stats"].items()})
-
-    def state_dict(self, seconds: float) -> dict:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "first_bad": self.first_bad,
-                "n_seen": self.n_seen, "seconds": seconds, "stats": dict(self.stats)}
-
-    def reduce(self, info: distributed.DistInfo) -> None:
-        """Sum over ranks in place (the sums of the whole global batch; a collective, all ranks call it)."""
-        if not info.enabled:
-            return
-        distributed.all_reduce_(self.loss_sum, info)
-        distributed.all_reduce_(self.correct, info)
-        distributed.all_reduce_(self.first_bad, info, "max")
-        n = torch.tensor([self.n_seen], dtype=torch.long, device=self.loss_sum.device)
-        self.n_seen = int(distributed.all_reduce_(n, info).item())
-        for key in sorted(self.stats):
-            self.stats[key] = distributed.all_reduce_(torch.as_tensor(self.stats[key]).clone(), info)
-
-
-def _check_finite(sums: _EpochSums, epoch: int, ckpt_dir: Path, bar: tqdm,
-                  info: distributed.DistInfo = distributed.SINGLE) -> None:
-    bad = int(distributed.all_reduce_(sums.first_bad.clone(), info, "max"))
-    if bad > 0:
-        bar.close()
-        raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
-                        f"without saving. The last good checkpoint in {ckpt_dir} is intact. Try a "
-                        f"lower learning rate or train.amp=off.")
-
-
-def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
-    """The checkpoint must come from this method and data (``--data-dir`` may change on resume)."""
-    if ckpt.get("method_name") != cfg.method.name:
-        raise CheckpointError(f"{path} was written by method '{ckpt.get('method_name')}', "
-                              f"but this run uses '{cfg.method.name}'.")
-    info = ckpt.get("data") or {}
-    now = {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
-           "train_size": len(data.train)}
-    for key, value in now.items():
-        if key in info and info[key] != value:
-            raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "
-                                  f"{value}; resume with the data the run started with (check --data-dir).")
+from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, compile_model, deterministic_cuda,
+                    load_model_state, model_from_config, prepare_data, prepare_model, resolve_device)
+from .stopping import StopOnSignal
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -221,6 +82,344 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
             distributed.shutdown()
 
 
+def build_step(cfg: Config, data, device: torch.device, info: distributed.DistInfo = distributed.SINGLE
+               ) -> tuple[torch.nn.Module, torch.nn.Module, Method]:
+    """The model and method of a run, set up as the training step uses them.
+
+    Returns ``(model, net, method)``: ``model`` on the device in its ``train.channels_last`` layout
+    (checkpoints and validation use it), ``net`` the module the training loss and the attacks run
+    through (``model`` compiled with ``train.compile``, in DistributedDataParallel under torchrun;
+    same weights), and the method with the attack's precision from ``train.attack_amp``. The step
+    itself is ``with autocast_context(device, cfg.train.amp)(): method.compute(net, x, y, idx)``.
+    """
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
+    if cfg.train.attack_amp == "fp16" and device.type == "cpu":
+        raise ConfigError("train.attack_amp=fp16 is for GPUs: CPUs without fp16 arithmetic run it many times slower "
+                          "than fp32 (see the README's fast-path section); use bf16 or off on the CPU.")
+    model = model_from_config(cfg, data.splits)
+    if info.enabled and cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = prepare_model(model, cfg, device)
+    method = build_method(cfg, len(data.train), attack_dtype=attack_autocast_dtype(cfg),
+                          compiled=cfg.train.compile).to(device)
+    net = _wrap_ddp(compile_model(model, cfg), info, device)  # same initial weights everywhere: seeds, DDP broadcast
+    return model, net, method
+
+
+@dataclass
+class _EpochSums:
+    """What an epoch accumulates on the device; saved in a mid-epoch checkpoint to finish the epoch exactly."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    first_bad: torch.Tensor  #: 1-based step of the first non-finite loss, -1 while all are finite
+    n_seen: int = 0
+    seconds: float = 0.0  #: training time spent in this epoch before the last interruption
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "_EpochSums":
+        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
+                   torch.full((), -1, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "_EpochSums":
+        return cls(state["loss_sum"].to(device), state["correct"].to(device), state["first_bad"].to(device),
+                   int(state["n_seen"]), float(state["seconds"]), {k: v.to(device) for k, v in state["stats"].items()})
+
+    def state_dict(self, seconds: float) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "first_bad": self.first_bad,
+                "n_seen": self.n_seen, "seconds": seconds, "stats": dict(self.stats)}
+
+    def add(self, out: Any, y: torch.Tensor, step: int) -> None:
+        """One step's loss, accuracy and method statistics; device-side only (the host reads them rarely)."""
+        b = len(y)
+        self.n_seen += b
+        loss = out.loss.detach().float()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
+                                     torch.full_like(self.first_bad, step + 1), self.first_bad)
+        self.loss_sum += loss * b
+        self.correct += (out.logits.detach().argmax(1) == y).sum()
+        for k, v in out.stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v.detach()
+
+    def reduce(self, info: distributed.DistInfo) -> None:
+        """Sum over ranks in place (the sums of the whole global batch; a collective, all ranks call it)."""
+        if not info.enabled:
+            return
+        distributed.all_reduce_(self.loss_sum, info)
+        distributed.all_reduce_(self.correct, info)
+        distributed.all_reduce_(self.first_bad, info, "max")
+        n = torch.tensor([self.n_seen], dtype=torch.long, device=self.loss_sum.device)
+        self.n_seen = int(distributed.all_reduce_(n, info).item())
+        for key in sorted(self.stats):
+            self.stats[key] = distributed.all_reduce_(torch.as_tensor(self.stats[key]).clone(), info)
+
+
+@dataclass
+class _Session:
+    """Everything one training run holds while it runs."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    info: distributed.DistInfo
+    log: Callable[[str], None]
+    data: Any
+    model: torch.nn.Module  #: the weights (checkpoints and validation use it)
+    net: torch.nn.Module  #: what the step runs through: model, compiled and/or in DistributedDataParallel
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Any
+    global_sizes: list  #: images per step of the global batch (a rank's share of the loss weighs by it)
+    global_step: int = 0
+    start_epoch: int = 0
+    start_step: int = 0  #: steps of start_epoch already done (a mid-epoch resume)
+    partial: Optional[dict] = None  #: the interrupted epoch's sums
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / rundir.CHECKPOINTS
+
+    def set_lr(self, progress: float) -> float:
+        lr = lr_at(self.cfg.optim, progress, self.cfg.train.epochs, self.cfg.train.batch_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
+           info: distributed.DistInfo = distributed.SINGLE) -> dict:
+    s = _setup(cfg, run_dir, device, info, log)
+    if resume:
+        _restore(s)
+    elif info.is_main:
+        rundir.create_run_dir(run_dir, cfg)
+        rundir.write_split(run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
+    distributed.barrier(info)
+    if s.start_epoch >= cfg.train.epochs:
+        log(f"{run_dir} already finished {s.start_epoch} epochs (asked for {cfg.train.epochs}); nothing to do.")
+        rows = rundir.read_metrics(run_dir)
+        return rows[-1] if rows else {}
+    for note in s.method.notes():
+        log(note)
+
+    last_row: dict = {}
+    launcher = "torchrun ... -m iaat train" if info.enabled else "iaat train"
+    with StopOnSignal(f"resume with {launcher} --out {shlex.quote(str(run_dir))} --resume",
+                      escalate=not info.enabled) as stop:
+        for epoch in range(s.start_epoch, cfg.train.epochs):
+            first = s.start_step if epoch == s.start_epoch else 0
+            t0 = time.perf_counter()
+            resumed = first and s.partial
+            sums = _EpochSums.from_state(s.partial, device) if resumed else _EpochSums.zeros(device)
+            lr = _train_epoch(s, epoch, first, sums, stop, t0)
+            last_row = _end_epoch(s, epoch, sums, lr, t0)
+            if distributed.any_rank(stop.signum is not None, info, device) and epoch + 1 < cfg.train.epochs:
+                raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
+                                          f"{checkpoint_path(s.ckpt_dir, epoch + 1)}; {stop.resume_hint}", stop.signum)
+    if info.is_main:
+        rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": cfg.train.epochs, "last": last_row})
+    distributed.barrier(info)
+    return last_row
+
+
+def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, stop: StopOnSignal, t0: float) -> float:
+    """Train one epoch from step ``first_step``; returns the last learning rate."""
+    cfg, method, optimizer, scaler = s.cfg, s.method, s.optimizer, s.scaler
+    steps = len(s.loader)
+    amp = autocast_context(s.device, cfg.train.amp)
+    method.start_epoch(epoch)
+    s.model.train()
+    bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+               disable=not (cfg.train.progress and s.info.is_main), unit="batch", dynamic_ncols=True)
+    lr = lr_at(cfg.optim, epoch, cfg.train.epochs, cfg.train.batch_size)
+    for step, (x, y, idx) in enumerate(s.loader.epoch(epoch, first_step), start=first_step):
+        lr = s.set_lr(epoch + step / steps)
+        with amp():
+            out = method.compute(s.net, x, y, idx)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(_rank_share(s, out.loss, len(y), step)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        s.global_step += 1
+        sums.add(out, y, step)
+        if distributed.any_rank(stop.signum is not None, s.info, s.device):
+            _save_interrupt(s, epoch, step, sums, lr, stop, bar, t0)
+        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps:
+            _check_finite(s, sums, epoch, bar)
+            bar.set_postfix(loss=f"{sums.loss_sum.item() / sums.n_seen:.3f}",
+                            acc=f"{sums.correct.item() / sums.n_seen:.3f}", lr=f"{lr:.4g}")
+        bar.update(1)
+    bar.close()
+    return lr
+
+
+def _rank_share(s: _Session, loss: torch.Tensor, batch: int, step: int) -> torch.Tensor:
+    """Under torchrun DDP averages over ranks: weigh each rank's loss by its share of the global batch."""
+    if not s.info.enabled:
+        return loss
+    return loss * (s.info.world_size * batch / s.global_sizes[step])
+
+
+def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float) -> dict:
+    """Merge the ranks, evaluate, then write the metrics row, the method's arrays and the epoch checkpoint."""
+    cfg, info = s.cfg, s.info
+    train_seconds = sums.seconds + time.perf_counter() - t0
+    s.method.merge_ranks(info)  # every rank holds the full per-sample state from here on
+    distributed.broadcast_buffers(s.model, info)  # rank 0's BatchNorm statistics are the model's
+    sums.reduce(info)
+    n = max(sums.n_seen, 1)
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / n, "train_acc": sums.correct.item() / n,
+           **{f"train_{k}": (v.item() if torch.is_tensor(v) else v) / n for k, v in sums.stats.items()},
+           **s.method.end_epoch()}
+    if ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs) and len(s.data.val) > 0:
+        row["val_clean_acc"], row[f"val_pgd{cfg.train.eval_steps}_acc"] = _validate(s)
+    row["train_seconds"] = train_seconds
+    row["images_per_second"] = sums.n_seen / train_seconds if train_seconds > 0 else None
+    row["seconds"] = time.perf_counter() - t0
+
+    # Arrays and metrics first, then the checkpoint: a crash in between leaves a row that resuming drops; a failed
+    # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
+    state = _payload(s, epoch + 1, lr)
+    if info.is_main:
+        rundir.write_epoch_arrays(s.run_dir, epoch + 1, s.method.epoch_arrays())
+        size = rundir.metrics_size(s.run_dir)
+        rundir.append_metrics(s.run_dir, row)
+        try:
+            save_checkpoint(checkpoint_path(s.ckpt_dir, epoch + 1), state)
+        except BaseException:
+            rundir.rollback_metrics(s.run_dir, size)
+            raise
+        remove_checkpoint(interrupt_path(s.ckpt_dir))  # now older than the newest epoch checkpoint
+        prune(s.ckpt_dir, cfg.train.keep_checkpoints)
+    distributed.barrier(info)
+    s.log(_format_row(row))
+    return row
+
+
+def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.DistInfo,
+           log: Callable[[str], None]) -> _Session:
+    """Data, model, method, optimiser and loader, in the order that fixes the random streams of a seed."""
+    _check_distributed(cfg, info, device)
+    seed_everything(cfg.train.seed)
+    data = prepare_data(cfg)
+    model, net, method = build_step(cfg, data, device, info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    loader_cls = FolderLoader if isinstance(data.train.x, FolderImages) else DeviceLoader
+    loader = loader_cls(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
+                        seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
+    if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
+        seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
+    return _Session(cfg, run_dir, device, info, log, data, model, net, method, optimizer, scaler, loader,
+                    loader.global_batch_sizes())
+
+
+def _restore(s: _Session) -> None:
+    """Continue from the newest valid checkpoint (an interrupt.pt mid-epoch, else an epoch checkpoint)."""
+    cfg, info = s.cfg, s.info
+    path, ckpt = resume_point(s.ckpt_dir)
+    if ckpt is not None:
+        _check_resume_data(ckpt, path, cfg, s.data)
+        load_model_state(s.model, ckpt["model"], str(path), cfg.model.name, ckpt.get("model_name", "?"))
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.scaler.load_state_dict(ckpt["scaler"])
+        s.method.load_state_dict(ckpt["method"])
+        s.start_epoch, s.global_step = ckpt["epoch"], ckpt["global_step"]
+        s.start_step, s.partial = int(ckpt.get("step", 0)), ckpt.get("partial")
+        _restore_rng(ckpt, cfg, info, s.start_epoch, s.log)
+        buffers = ckpt.get("buffers_ranks")
+        if buffers is not None and len(buffers) == info.world_size:
+            for name, buf in s.model.named_buffers():
+                buf.copy_(buffers[info.rank][name])
+        if info.rank > 0:
+            s.partial = None  # rank 0's saved sums are the whole job's
+        where = f"epoch {s.start_epoch + 1} step {s.start_step}" if s.start_step else f"epoch {s.start_epoch} done"
+        s.log(f"resuming {s.run_dir} from {path.name} ({where})")
+    else:
+        s.log(f"no checkpoint in {s.ckpt_dir} yet; starting {s.run_dir} from epoch 1")
+    distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
+    if info.is_main:
+        rundir.prepare_resume(s.run_dir)
+        if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
+            rundir.write_split(s.run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
+        rundir.truncate_metrics(s.run_dir, s.start_epoch)
+
+
+def _payload(s: _Session, epoch_done: int, lr: float) -> dict:
+    """The checkpoint (a collective under torchrun: every rank's RNG state goes in)."""
+    cfg, info, data = s.cfg, s.info, s.data
+    rng = rng_state()
+    ranks = distributed.gather_objects(rng, info)
+    return {
+        "iaat_version": __version__,
+        "epoch": epoch_done,
+        "global_step": s.global_step,
+        "model_name": cfg.model.name,
+        "method_name": cfg.method.name,
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": {"schedule": cfg.optim.schedule, "lr": lr},  # the LR is a pure function of progress
+        "scaler": s.scaler.state_dict(),
+        "method": s.method.state_dict(),
+        "rng": rng,
+        **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
+        "config": cfg.to_dict(),
+        "data": {"dataset": cfg.data.dataset, "num_classes": data.splits.num_classes,
+                 "image_shape": list(data.splits.image_shape), "train_size": len(data.train),
+                 "source": data.splits.source},
+    }
+
+
+def _save_interrupt(s: _Session, epoch: int, step: int, sums: _EpochSums, lr: float, stop: StopOnSignal, bar: tqdm,
+                    t0: float) -> None:
+    """A signal arrived: save the exact state after ``step`` to interrupt.pt, then raise TrainingInterrupted."""
+    info = s.info
+    _check_finite(s, sums, epoch, bar)
+    bar.close()
+    s.method.merge_ranks(info)
+    sums.reduce(info)
+    state = _payload(s, epoch, lr)
+    if info.enabled:  # mid-epoch the ranks' BatchNorm statistics differ (each saw its own batches)
+        state["buffers_ranks"] = distributed.gather_objects(
+            {k: v.detach().cpu() for k, v in s.model.named_buffers()}, info)
+    state["step"] = step + 1  # steps done in epoch `epoch` (0-based); the next one is step + 1
+    state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
+    path = interrupt_path(s.ckpt_dir)
+    if info.is_main:
+        save_checkpoint(path, state)
+    distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
+    raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of {len(s.loader)}; "
+                              f"state saved to {path}; {stop.resume_hint}", stop.signum)
+
+
+def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:
+    bad = int(distributed.all_reduce_(sums.first_bad.clone(), s.info, "max"))
+    if bad > 0:
+        bar.close()
+        raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
+                        f"without saving. The last good checkpoint in {s.ckpt_dir} is intact. Try a "
+                        f"lower learning rate or train.amp=off.")
+
+
+def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
+    """The checkpoint must come from this method and data (``--data-dir`` may change on resume)."""
+    if ckpt.get("method_name") != cfg.method.name:
+        raise CheckpointError(f"{path} was written by method '{ckpt.get('method_name')}', "
+                              f"but this run uses '{cfg.method.name}'.")
+    info = ckpt.get("data") or {}
+    now = {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
+           "train_size": len(data.train)}
+    for key, value in now.items():
+        if key in info and info[key] != value:
+            raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "
+                                  f"{value}; resume with the data the run started with (check --data-dir).")
+
+
 def _check_distributed(cfg: Config, info: distributed.DistInfo, device: torch.device) -> None:
     if not info.enabled:
         return
@@ -241,230 +440,8 @@ def _wrap_ddp(model: torch.nn.Module, info: distributed.DistInfo, device: torch.
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def build_step(cfg: Config, data, device: torch.device, info: distributed.DistInfo = distributed.SINGLE
-               ) -> tuple[torch.nn.Module, torch.nn.Module, Method]:
-    """The model and method of a run, set up as the training step uses them.
-
-    Returns ``(model, net, method)``: ``model`` on the device in its ``train.channels_last`` layout
-    (checkpoints and validation use it), ``net`` the module the training loss and the attacks run
-    through (``model`` compiled with ``train.compile``, in DistributedDataParallel under torchrun;
-    same weights), and the method with the attack's precision from ``train.attack_amp``. The step
-    itself is ``with autocast_context(device, cfg.train.amp)(): method.loss(net, x, y, idx)``.
-    """
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device (it relies on gradient scaling); use bf16 or off.")
-    if cfg.train.attack_amp == "fp16" and device.type == "cpu":
-        raise ConfigError("train.attack_amp=fp16 is for GPUs: CPUs without fp16 arithmetic run it many times slower "
-                          "than fp32 (25x on this project's 2-core test machine); use bf16 or off on the CPU.")
-    model = model_from_config(cfg, data.splits)
-    if info.enabled and cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = prepare_model(model, cfg, device)
-    attack = AttackSettings.from_config(cfg, attack_autocast_dtype(cfg))
-    method = build_method(cfg.method.name, cfg.method.params, attack, len(data.train), data.splits.num_classes, device)
-    method.total_epochs = cfg.train.epochs
-    net = _wrap_ddp(compile_model(model, cfg), info, device)  # same initial weights everywhere: seeds, DDP broadcast
-    return model, net, method
-
-
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**63 - 1)
-
-
-def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
-           info: distributed.DistInfo = distributed.SINGLE) -> dict:
-    _check_distributed(cfg, info, device)
-    seed_everything(cfg.train.seed)
-    data = prepare_data(cfg)
-    model, net, method = build_step(cfg, data, device, info)
-    amp_dtype = autocast_dtype(cfg.train.amp)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    loader_cls = FolderLoader if isinstance(data.train.x, FolderImages) else DeviceLoader
-    loader = loader_cls(data.train, cfg.train.batch_size, device, shuffle=True, augment=cfg.data.augment,
-                        seed=cfg.train.seed, shard=(info.rank, info.world_size) if info.enabled else None)
-    global_sizes = loader.global_batch_sizes()
-    if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
-        seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
-
-    start_epoch, start_step, global_step, partial = 0, 0, 0, None
-    ckpt_dir = run_dir / rundir.CHECKPOINTS
-    if resume:
-        path, ckpt = resume_point(ckpt_dir)
-        if ckpt is not None:
-            _check_resume_data(ckpt, path, cfg, data)
-            load_model_state(model, ckpt["model"], str(path), cfg.model.name, ckpt.get("model_name", "?"))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            method.load_state_dict(ckpt["method"])
-            start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
-            start_step, partial = int(ckpt.get("step", 0)), ckpt.get("partial")
-            _restore_rng(ckpt, cfg, info, start_epoch, log)
-            buffers = ckpt.get("buffers_ranks")
-            if buffers is not None and len(buffers) == info.world_size:
-                for name, buf in model.named_buffers():
-                    buf.copy_(buffers[info.rank][name])
-            if info.rank > 0:
-                partial = None  # rank 0's saved sums are the whole job's
-            where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch} done"
-            log(f"resuming {run_dir} from {path.name} ({where})")
-        else:
-            log(f"no checkpoint in {ckpt_dir} yet; starting {run_dir} from epoch 1")
-        distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
-        if info.is_main:
-            rundir.prepare_resume(run_dir)
-            if not (run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
-                rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
-            rundir.truncate_metrics(run_dir, start_epoch)
-    elif info.is_main:
-        rundir.create_run_dir(run_dir, cfg)
-        rundir.write_split(run_dir, data.train_indices.numpy(), data.val_indices.numpy())
-    distributed.barrier(info)
-
-    epochs = cfg.train.epochs
-    steps_per_epoch = len(loader)
-    amp_ctx = autocast_context(device, cfg.train.amp)
-    eval_spec = AttackSpec(cfg.eps, cfg.train.eval_steps, 1, cfg.step_size, cfg.attack.norm)
-    last_row: dict = {}
-    if start_epoch >= epochs:
-        log(f"{run_dir} already finished {start_epoch} epochs (asked for {epochs}); nothing to do.")
-        rows = rundir.read_metrics(run_dir)
-        return rows[-1] if rows else {}
-
-    def payload(epoch_done: int, lr: float) -> dict:
-        """The checkpoint (a collective under torchrun: every rank's RNG state goes in)."""
-        rng = rng_state()
-        ranks = distributed.gather_objects(rng, info)
-        return {
-            "iaat_version": __version__,
-            "epoch": epoch_done,
-            "global_step": global_step,
-            "model_name": cfg.model.name,
-            "method_name": cfg.method.name,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"schedule": cfg.optim.schedule, "lr": lr},  # the LR is a pure function of progress
-            "scaler": scaler.state_dict(),
-            "method": method.state_dict(),
-            "rng": rng,
-            **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
-            "config": cfg.to_dict(),
-            "data": {"dataset": cfg.data.dataset, "num_classes": data.splits.num_classes,
-                     "image_shape": list(data.splits.image_shape),
-                     "train_size": len(data.train), "source": data.splits.source},
-        }
-
-    launcher = "torchrun ... -m iaat train" if info.enabled else "iaat train"
-    with StopOnSignal(f"resume with {launcher} --out {shlex.quote(str(run_dir))} --resume",
-                      escalate=not info.enabled) as stop:
-        for epoch in range(start_epoch, epochs):
-            skip = start_step if epoch == start_epoch else 0
-            t0 = time.perf_counter()
-            method.start_epoch(epoch)
-            model.train()
-            sums = _EpochSums.from_state(partial, device) if skip and partial else _EpochSums.zeros(device)
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not (cfg.train.progress and info.is_main), leave=False, unit="batch",
-                       dynamic_ncols=True)
-            lr = lr_at(cfg.optim, epoch, epochs, cfg.train.batch_size)
-            for step, (x, y, idx) in enumerate(loader.epoch(epoch, skip), start=skip):
-                lr = lr_at(cfg.optim, epoch + step / steps_per_epoch, epochs, cfg.train.batch_size)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with amp_ctx():
-                    out = method.loss(net, x, y, idx)
-                loss_to_step = out.loss
-                if info.enabled:  # DDP averages over ranks; weigh each rank by its share of the global batch
-                    loss_to_step = out.loss * (info.world_size * len(y) / global_sizes[step])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss_to_step).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                global_step += 1
-
-                b = len(y)
-                sums.n_seen += b
-                loss = out.loss.detach().float()
-                # Device-side bookkeeping only; the host reads it once per log interval.
-                sums.first_bad = torch.where((sums.first_bad < 0) & ~torch.isfinite(loss),
-                                             torch.full_like(sums.first_bad, step + 1), sums.first_bad)
-                sums.loss_sum += loss * b
-                sums.correct += (out.logits.detach().argmax(1) == y).sum()
-                for k, v in out.stats.items():
-                    sums.stats[k] = sums.stats.get(k, 0) + v.detach()
-                if distributed.any_rank(stop.signum is not None, info, device):
-                    _check_finite(sums, epoch, ckpt_dir, bar, info)
-                    bar.close()
-                    method.merge_ranks(info)
-                    sums.reduce(info)
-                    state = payload(epoch, lr)
-                    if info.enabled:  # mid-epoch the ranks' BatchNorm statistics differ (each saw its own batches)
-                        state["buffers_ranks"] = distributed.gather_objects(
-                            {k: v.detach().cpu() for k, v in model.named_buffers()}, info)
-                    state["step"] = step + 1  # steps done in epoch `epoch` (0-based); the next one is step + 1
-                    state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
-                    ipath = interrupt_path(ckpt_dir)
-                    if info.is_main:
-                        save_checkpoint(ipath, state)
-                    distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
-                    raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of "
-                                              f"{steps_per_epoch}; state saved to {ipath}; {stop.resume_hint}",
-                                              stop.signum)
-                if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps_per_epoch:
-                    _check_finite(sums, epoch, ckpt_dir, bar, info)
-                    bar.set_postfix(loss=f"{sums.loss_sum.item() / sums.n_seen:.3f}",
-                                    acc=f"{sums.correct.item() / sums.n_seen:.3f}", lr=f"{lr:.4g}")
-                bar.update(1)
-            bar.close()
-            train_seconds = sums.seconds + time.perf_counter() - t0
-            method.merge_ranks(info)  # every rank holds the full per-sample state from here on
-            distributed.broadcast_buffers(model, info)  # rank 0's BatchNorm statistics are the model's
-            sums.reduce(info)
-            n_seen = sums.n_seen
-
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / max(n_seen, 1),
-                   "train_acc": sums.correct.item() / max(n_seen, 1), **{f"train_{k}": v for k, v in
-                                                                        _to_host(sums.stats, n_seen).items()}}
-            try:
-                row.update(method.end_epoch(epoch, run_dir if info.is_main else None))
-            except OSError as e:  # a method's own files (e.g. IAAT's radii); atomic writes raise OutputError
-                raise OutputError(f"could not write the {cfg.method.name} files of epoch {epoch + 1} in {run_dir}: "
-                                  f"{e}. Is the disk full or the folder read-only?") from None
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                if len(data.val) > 0:
-                    clean, robust = _validate(model, data.val, eval_spec, cfg, device, amp_dtype, info)
-                    row["val_clean_acc"] = clean
-                    row[f"val_pgd{cfg.train.eval_steps}_acc"] = robust
-            row["train_seconds"] = train_seconds
-            row["images_per_second"] = n_seen / train_seconds if train_seconds > 0 else None
-            row["seconds"] = time.perf_counter() - t0
-
-            # Metrics first, then the checkpoint: a crash in between leaves a row that resuming drops; a failed
-            # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
-            state = payload(epoch + 1, lr)
-            path = checkpoint_path(ckpt_dir, epoch + 1)
-            if info.is_main:
-                size = rundir.metrics_size(run_dir)
-                rundir.append_metrics(run_dir, row)
-                try:
-                    save_checkpoint(path, state)
-                except BaseException:
-                    rundir.rollback_metrics(run_dir, size)
-                    raise
-                remove_checkpoint(interrupt_path(ckpt_dir))  # now older than the newest epoch checkpoint
-                prune(ckpt_dir, cfg.train.keep_checkpoints)
-            distributed.barrier(info)
-            log(_format_row(row))
-            last_row = row
-            if distributed.any_rank(stop.signum is not None, info, device) and epoch + 1 < epochs:
-                raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
-                                          f"{path}; {stop.resume_hint}", stop.signum)
-
-    if info.is_main:
-        rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": epochs, "last": last_row})
-    distributed.barrier(info)
-    return last_row
 
 
 def _restore_rng(ckpt: dict, cfg: Config, info: distributed.DistInfo, epoch: int, log: Callable[[str], None]) -> None:
@@ -483,14 +460,16 @@ def _restore_rng(ckpt: dict, cfg: Config, info: distributed.DistInfo, epoch: int
         seed_everything(_rank_seed(cfg.train.seed, info.rank, epoch))
 
 
-def _validate(model: torch.nn.Module, val, spec: AttackSpec, cfg: Config, device: torch.device,
-              amp_dtype: Optional[torch.dtype], info: distributed.DistInfo) -> tuple[float, float]:
+def _validate(s: _Session) -> tuple[float, float]:
     """Held-out clean and PGD accuracy; under torchrun each rank evaluates every world_size-th image."""
+    cfg, info, val, device = s.cfg, s.info, s.data.val, s.device
+    spec = AttackSpec(cfg.eps, cfg.train.eval_steps, 1, cfg.step_size, cfg.attack.norm)
     part = val.subset(torch.arange(info.rank, len(val), info.world_size)) if info.enabled else val
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     if len(part) > 0:
-        res = evaluate(model, part, [spec], batch_size=max(256, cfg.train.batch_size), device=device,
-                       progress=cfg.train.progress and info.is_main, desc="val", autocast_dtype=amp_dtype)
+        res = accuracy(s.model, part, [spec], batch_size=max(256, cfg.train.batch_size), device=device,
+                       progress=cfg.train.progress and info.is_main, desc="val",
+                       autocast_dtype=autocast_dtype(cfg.train.amp))
         counts += torch.tensor([res["clean"], res["attacks"][spec.label]["accuracy"]], dtype=torch.float64,
                                device=device) * len(part)
     distributed.all_reduce_(counts, info)
@@ -508,51 +487,3 @@ def _format_row(row: dict) -> str:
     if row.get("images_per_second"):
         parts.append(f"{row['images_per_second']:.0f} img/s")
     return " | ".join(parts)
-
-
-def load_run_config(path: Path) -> Config:
-    """The config of a run folder (its config.yaml) or of a checkpoint file, without building the model."""
-    from ..config import config_from_dict, load_yaml
-    from .checkpoint import load_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / rundir.CONFIG).is_file():
-            raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
-        return config_from_dict(load_yaml(path / rundir.CONFIG))
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
-    return config_from_dict(load_checkpoint(path)["config"])
-
-
-def load_run(path: Path, device: Optional[torch.device] = None):
-    """Load the model of a run folder (its newest valid checkpoint) or of one checkpoint file.
-
-    Returns ``(model, cfg, checkpoint_path, checkpoint)``, the model in eval mode on ``device``.
-    """
-    from ..config import config_from_dict, load_yaml
-    from ..models import build_model
-    from .checkpoint import load_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        cfg_path = path / rundir.CONFIG
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
-        ckpt_path, ckpt = latest_valid(path / rundir.CHECKPOINTS)
-        if ckpt is None:
-            raise CheckpointError(f"no valid checkpoint in {path / rundir.CHECKPOINTS}.")
-        cfg = config_from_dict(load_yaml(cfg_path))
-    elif path.exists():
-        ckpt_path, ckpt = path, load_checkpoint(path)
-        cfg = config_from_dict(ckpt["config"])
-    else:
-        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
-    info = ckpt.get("data", {})
-    channels = (info.get("image_shape") or [3])[0]
-    # Normalisation constants are buffers in the state dict, so placeholders are overwritten on load.
-    model = build_model(cfg.model.name, info.get("num_classes", 10), channels, depth=cfg.model.depth,
-                        width=cfg.model.width)
-    load_model_state(model, ckpt["model"], str(ckpt_path), cfg.model.name, ckpt.get("model_name", "?"))
-    model.to(device or torch.device("cpu")).eval()
-    return model, cfg, ckpt_path, ckpt

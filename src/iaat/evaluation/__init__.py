@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"AttackSpec": "attacks", "evaluate": "robustness", "parse_attack": "attacks", "build_plan": "protocol",
-            "run_evaluation": "protocol", "EvalPlan": "protocol"}
+_EXPORTS = {"AttackSpec": "attacks", "evaluate": "api", "accuracy": "robustness", "parse_attack": "attacks",
+            "build_plan": "protocol", "run_evaluation": "protocol", "EvalPlan": "protocol"}
 
 __all__ = sorted(_EXPORTS)
 

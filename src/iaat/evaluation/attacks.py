@@ -8,7 +8,6 @@ and resume after any batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -19,7 +18,7 @@ from ..attacks import pgd, random_targets
 from ..attacks.deepfool import deepfool
 from ..attacks.pgd import project
 from ..errors import ConfigError
-from ..units import format_size, parse_size
+from ..units import check_size, format_size, parse_size
 
 KINDS = ("pgd", "cw", "mifgsm", "deepfool", "autoattack", "transfer")
 AUTOATTACK_VERSIONS = {"standard": None, "quick": ["apgd-ce", "apgd-t"]}
@@ -42,6 +41,13 @@ class AttackSpec:
 
     ``eps=None`` means "the radius of the evaluation" and is filled in by :meth:`at`.
     The first six fields keep the order of the original PGD-only spec.
+
+    Example:
+        >>> import iaat
+        >>> iaat.AttackSpec(eps=8 / 255, steps=100, restarts=5).label
+        'PGD-100x5@8/255'
+        >>> iaat.AttackSpec(kind="autoattack", version="quick").at(4 / 255).label
+        'AutoAttack-quick@4/255'
     """
 
     eps: Optional[float] = None
@@ -69,8 +75,9 @@ class AttackSpec:
         if self.steps < (0 if self.kind in ("pgd", "transfer") else 1) or self.restarts < 1:
             raise ConfigError(f"{self.kind}: steps must be >= 1 (0 for pgd) and restarts >= 1, "
                               f"got steps={self.steps}, restarts={self.restarts}.")
-        if self.eps is not None and not (self.eps >= 0 and math.isfinite(self.eps)):
-            raise ConfigError(f"attack eps must be a non-negative size, got {self.eps}.")
+        for name in ("eps", "step_size"):
+            if getattr(self, name) is not None:
+                check_size(getattr(self, name), name, norm=self.norm)
         if self.kind == "autoattack" and self.version not in AUTOATTACK_VERSIONS:
             raise ConfigError(f"AutoAttack version must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {self.version!r}.")
         if self.kind == "transfer" and not self.source:
@@ -115,6 +122,8 @@ def _parse_value(key: str, text: str, norm: str) -> object:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(text)
             return text.lower() in ("true", "1", "yes")
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"attack option {key}={text!r} is not a valid {types.get(key, 'value')}.") from None
     return text

@@ -88,8 +88,8 @@ def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> 
     eps_curve = result.get("curves", {}).get("eps")
     if eps_curve:
         accs = [p["accuracy"] for p in eps_curve["points"]]
-        rises = [(a["eps_pixels"], b["eps_pixels"]) for a, b in zip(eps_curve["points"], eps_curve["points"][1:])
-                 if b["accuracy"] > a["accuracy"] + tol]
+        rises = [(format_size(a["eps"]), format_size(b["eps"]))
+                 for a, b in zip(eps_curve["points"], eps_curve["points"][1:]) if b["accuracy"] > a["accuracy"] + tol]
         checks.append(_check("non-increasing in eps", not rises,
                              f"accuracy over eps {', '.join(f'{100 * a:.1f}' for a in accs)}"
                              + ("" if not rises else f"; rises between {rises}")))

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks.pgd import attack_mode
-from ..data import ImageSet
+from ..data import ImageSet, to_unit
 from ..errors import ConfigError
 from ..units import format_size
 from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
@@ -28,8 +28,9 @@ from .checks import probe_model, run_checks
 from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
 from .state import EvalState
 
-#: The x-axis key of each curve's points.
-CURVE_X = {"eps": "eps_pixels", "steps": "steps"}
+def curve_x(name: str, point: dict) -> str:
+    """A curve point's x value as printed text: eps in pixel units over 255, steps as they are."""
+    return f"{point['eps'] * 255:g}" if name == "eps" else f"{point['steps']}"
 
 
 @dataclass
@@ -140,13 +141,13 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
     start = time.perf_counter()
     probe = None
     if plan.checks:
-        probe = probe_model(model, data.x[:batch_size].to(device).float().div(255), data.y[:batch_size].to(device))
+        probe = probe_model(model, to_unit(data.x[:batch_size], device), data.y[:batch_size].to(device))
 
     with attack_mode(model):
         if "clean_ok" not in state.arrays:
             ok = []
             for lo in range(0, n, batch_size):
-                x = data.x[lo:lo + batch_size].to(device).float().div_(255.0)
+                x = to_unit(data.x[lo:lo + batch_size], device)
                 with torch.no_grad():
                     ok.append((model(x).argmax(1) == data.y[lo:lo + batch_size].to(device)).cpu())
             state.arrays["clean_ok"] = torch.cat(ok).numpy()
@@ -194,7 +195,7 @@ def _run_stage(state: EvalState, spec: AttackSpec, model: nn.Module, data: Image
     bar = tqdm(total=len(batches), initial=done, desc=label, disable=not progress, leave=False, unit="batch")
     for b in range(done, len(batches)):
         idx = batches[b]
-        x = data.x[idx].to(device).float().div_(255.0)
+        x = to_unit(data.x[idx], device)
         y = data.y[idx].to(device)
         torch.manual_seed(_batch_seed(seed, label, b))
         t0 = time.perf_counter()
@@ -229,10 +230,10 @@ def _curves(state: EvalState, plan: EvalPlan, clean: float, n: int) -> dict:
         points = []
         for e in sorted(plan.eps_sweep):
             if e == 0:
-                points.append({"eps": 0.0, "eps_pixels": 0.0, "accuracy": clean})
+                points.append({"eps": 0.0, "accuracy": clean})
                 continue
             spec = plan.eps_sweep_attack(e)
-            points.append({"eps": e, "eps_pixels": e * 255, "accuracy": float(state.arrays[f"{spec.label}/robust"].mean())})
+            points.append({"eps": e, "accuracy": float(state.arrays[f"{spec.label}/robust"].mean())})
         curves["eps"] = {"attack": f"PGD-{plan.sweep_steps}", "points": points}
     if plan.steps_sweep:
         spec = plan.steps_sweep_attack()
@@ -279,9 +280,9 @@ def markdown_report(result: dict, title: str = "") -> str:
         lines += [f"ImageNet-C mCE: {100 * corr['mCE']:.1f}%" if corr.get("mCE") is not None
                   else f"ImageNet-C mCE: n/a ({corr.get('mCE_note', '')})", ""]
     for name, curve in result.get("curves", {}).items():
-        key = CURVE_X[name]
         head = "eps (/255)" if name == "eps" else "PGD steps"
-        lines += [f"Accuracy over {head}:", "", f"| {head} | " + " | ".join(f"{p[key]:g}" for p in curve["points"]) + " |",
+        xs = " | ".join(curve_x(name, p) for p in curve["points"])
+        lines += [f"Accuracy over {head}:", "", f"| {head} | {xs} |",
                   "|---|" + "---|" * len(curve["points"]),
                   "| accuracy | " + " | ".join(f"{100 * p['accuracy']:.2f}" for p in curve["points"]) + " |", ""]
     if "checks" in result:

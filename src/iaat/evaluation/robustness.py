@@ -1,4 +1,4 @@
-"""Clean accuracy and attack accuracy on a fixed set of images, in one pass (validation, the demo).
+"""Clean accuracy and attack accuracy on a fixed set of images, in one pass (the trainer's validation, the demo).
 
 The full protocol (restarts, sweeps, checks, resume) is :mod:`.protocol`; both count a sample as
 robust only if it is correct when clean and no attack iterate misclassifies it.
@@ -14,11 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks.pgd import attack_mode
-from ..data import ImageSet
+from ..data import ImageSet, to_unit
 from .attacks import AttackSpec, run_attack, spec_summary
 
 
-def evaluate(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (), *, batch_size: int = 256,
+def accuracy(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (), *, batch_size: int = 256,
              device: Optional[torch.device] = None, progress: bool = False, desc: str = "eval",
              autocast_dtype: Optional[torch.dtype] = None, num_classes: Optional[int] = None) -> dict:
     """Accuracy of ``model`` on clean ``data`` and under each attack (specs with their eps set).
@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (
     start = time.perf_counter()
     with attack_mode(model):
         for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
-            x = data.x[lo:lo + batch_size].to(device).float().div_(255.0)
+            x = to_unit(data.x[lo:lo + batch_size], device)
             y = data.y[lo:lo + batch_size].to(device)
             with torch.no_grad():
                 logits = model(x)

@@ -1,6 +1,11 @@
-"""Training methods: how a batch becomes a loss. Each is a small plug-in of the trainer."""
+"""Training methods: how a batch becomes a loss. Each is a small plug-in of the trainer and of any training loop."""
 
-from .base import AttackSettings, Method, StepOutput
-from .registry import METHODS, build_method, method_class
+from .base import Method, StepOutput
+from .iaat import IAAT
+from .registry import METHODS, method_class
+from .reweighted import FAT, GAIRAT, GAIRFAT
+from .standard import PGDAT, Clean
+from .trades import TRADES, MixupAT
 
-__all__ = ["AttackSettings", "Method", "StepOutput", "METHODS", "build_method", "method_class"]
+__all__ = ["Method", "StepOutput", "METHODS", "method_class", "Clean", "PGDAT", "IAAT", "GAIRAT", "FAT", "GAIRFAT",
+           "TRADES", "MixupAT"]

@@ -1,34 +1,42 @@
-"""The method interface the trainer talks to."""
+"""The method interface: how a batch becomes a loss, in any training loop.
+
+A method is a small dataclass: the training attack (``eps``, ``step_size``, ``steps``, ``norm``,
+``random_start``), what it must know about the run (``num_train``, ``epochs``) and its own keyword
+arguments, every size a float in [0, 1] image units. The trainer drives it exactly as a user's
+own loop does::
+
+    method.start_epoch(epoch)                     # before each epoch's first batch (0-based)
+    loss = method.loss(model, x, y, index)        # x in [0, 1]; index: positions in the training set
+    stats = method.end_epoch()                    # host-side numbers for logging
+
+Per-sample state (IAAT's radius memory) lives on the method and goes through
+:meth:`Method.state_dict` / :meth:`Method.load_state_dict`, so it can be saved in any format.
+Configs write sizes in pixel units over 255; :func:`iaat.config.build_method` converts them
+before a method is constructed, so a method only ever sees [0, 1] units.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from ..attacks import AttackResult, pgd
+from ..errors import ConfigError
+from ..schema import check_type
+from ..units import check_size
+
+#: Field metadata of a size: [0, 1] units here, pixel units over 255 in configs.
+SIZE = {"size": True}
 
 
-@dataclass(frozen=True)
-class AttackSettings:
-    """The training attack in [0, 1] units, parsed from the config's ``attack`` section."""
-
-    norm: str = "linf"
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    random_start: bool = True
-    autocast_dtype: Optional[torch.dtype] = None  #: the attacks' precision (``train.attack_amp``)
-    compiled: bool = False  #: the torch.compile'd PGD update (``train.compile``)
-
-    @classmethod
-    def from_config(cls, cfg: Any, autocast_dtype: Optional[torch.dtype] = None) -> "AttackSettings":
-        a = cfg.attack
-        return cls(a.norm, cfg.eps, cfg.step_size, a.steps, a.random_start, autocast_dtype, cfg.train.compile)
+def size(default: Optional[float]) -> Any:
+    """A dataclass field holding a size in [0, 1] image units (a config writes it in pixel units over 255)."""
+    return field(default=default, metadata=SIZE)
 
 
 @dataclass
@@ -38,7 +46,7 @@ class StepOutput:
     Attributes:
         loss: scalar to backpropagate.
         logits: logits of the inputs the model was trained on (train accuracy).
-        stats: per-batch *sums* of per-sample quantities on the device, e.g. ``{"eps": eps.sum()}``;
+        stats: per-batch *sums* of per-sample quantities on the device, e.g. ``{"radius": eps.sum()}``;
             the trainer divides by the sample count at the end of the epoch.
     """
 
@@ -47,71 +55,158 @@ class StepOutput:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass(eq=False, kw_only=True)
 class Method:
-    """Base class of a training method.
+    """Base class of a training method (subclasses implement :meth:`forward`).
 
-    Subclasses set ``name``, optionally a ``Params`` dataclass for their own config keys, and
-    implement :meth:`loss`. Per-sample state (e.g. IAAT's epsilon memory) lives on the method
-    and goes through :meth:`state_dict` into every checkpoint.
+    Args:
+        eps: radius of the training attack, [0, 1] units (8/255).
+        step_size: PGD step, [0, 1] units (2/255).
+        steps: PGD iterations (10).
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start each attack uniformly inside the ball.
+        num_train: number of training samples (methods with per-sample state need it).
+        epochs: total number of epochs (schedules over the whole run need it).
+        attack_dtype: autocast dtype of the attacks (``torch.bfloat16``, ...), ``None`` for full precision.
+        compiled: use the ``torch.compile``d PGD update.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.PGDAT(eps=8 / 255, steps=3)
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> method.loss(model, x, y).backward()
     """
 
     name: ClassVar[str] = ""
+    needs_index: ClassVar[bool] = False  #: keeps per-sample state: ``loss`` needs each sample's index
+    needs_epoch: ClassVar[bool] = False  #: depends on the epoch: ``start_epoch`` must come first
 
-    @dataclass
-    class Params:
-        pass
+    eps: float = size(8 / 255)
+    step_size: float = size(2 / 255)
+    steps: int = 10
+    norm: str = "linf"
+    random_start: bool = True
+    num_train: Optional[int] = None
+    epochs: Optional[int] = None
+    attack_dtype: Optional[torch.dtype] = None
+    compiled: bool = False
 
-    def __init__(self, params: Any, attack: AttackSettings, num_train: int, num_classes: int,
-                 device: torch.device) -> None:
-        self.params = params
-        self.attack = attack
-        self.num_train = num_train
-        self.num_classes = num_classes
-        self.device = device
-        self.epoch = 0
-        self.total_epochs: Optional[int] = None  #: set by the trainer (schedules over the whole run need it)
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f.name if f.name in BASE_FIELDS else f"method.{f.name}"
+            setattr(self, f.name, check_type(getattr(self, f.name), hints[f.name], where))
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("size") and getattr(self, f.name) is not None:
+                setattr(self, f.name, check_size(getattr(self, f.name), f.name, norm=self.norm))
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+        for key in ("num_train", "epochs"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
+        self.epoch: Optional[int] = None  #: set by start_epoch
+        self._input_checked = False
 
-    @classmethod
-    def parse_params(cls, raw: dict) -> Any:
-        """Validate the config's ``method`` keys (besides ``name``) into ``cls.Params``."""
-        from ..config import _build_section
-        from ..errors import ConfigError
-
-        if raw and not dataclasses.fields(cls.Params):
-            raise ConfigError(f"method '{cls.name}' takes no parameters, got {', '.join(sorted(raw))}.")
-        return _build_section(cls.Params, raw or {}, "method")
-
+    # -- what a training loop calls ----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
-        """Called before each epoch (0-based)."""
+        """Call before each epoch's first batch, with the 0-based epoch number."""
         self.epoch = epoch
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The batch's training loss (scalar) for images ``x`` in [0, 1], labels ``y``, training-set ``index``."""
+        return self.compute(model, x, y, index).loss
+
+    def compute(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: Optional[torch.Tensor] = None) -> StepOutput:
+        """The batch's loss together with the logits it came from and per-sample statistics (sums)."""
+        self._check_call(x, y, index)
+        return self.forward(model, x, y, index)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: Optional[torch.Tensor]) -> StepOutput:
+        """The method itself (subclasses); called by :meth:`compute` after the inputs were checked."""
         raise NotImplementedError
 
-    def end_epoch(self, epoch: int, run_dir: Optional[Path]) -> dict:
-        """Host-side metrics for ``metrics.jsonl`` after epoch ``epoch`` (0-based); may write files to run_dir."""
+    def end_epoch(self) -> dict:
+        """Host-side numbers after an epoch (sizes in [0, 1] units), e.g. IAAT's radius statistics."""
         return {}
+
+    def epoch_arrays(self) -> dict[str, torch.Tensor]:
+        """Per-sample arrays to keep after every epoch (the trainer writes ``RUN/<key>/epoch_NNNN.npy``)."""
+        return {}
+
+    def notes(self) -> list[str]:
+        """Lines worth printing when training starts (e.g. a warmup radius other than ``eps``)."""
+        return []
+
+    def own_params(self) -> dict:
+        """This method's own keyword arguments and their values ([0, 1] units), without the attack's."""
+        return {f.name: getattr(self, f.name) for f in own_fields(type(self))}
+
+    # -- per-sample state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The per-sample state (e.g. IAAT's radius memory), as CPU tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def to(self, device: torch.device) -> "Method":
+        """Move the per-sample state to ``device`` (returns ``self``)."""
+        for key, value in list(vars(self).items()):
+            if torch.is_tensor(value):
+                setattr(self, key, value.to(device))
+        return self
 
     def merge_ranks(self, info: Any) -> None:
         """Under torchrun, after an epoch (or before a mid-epoch checkpoint): make the per-sample state that
         each rank updated for its own samples identical on every rank (see :func:`iaat.distributed.merge_rows`).
         ``info`` is the :class:`~iaat.distributed.DistInfo`; methods without per-sample state do nothing."""
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    # Helpers shared by the adversarial methods.
+    # -- helpers of the adversarial methods --------------------------------------------------------------
     def attack_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Any = None,
                      steps: Optional[int] = None, step_size: Any = None, **kwargs: Any) -> AttackResult:
         """Run the shared PGD kernel with the training attack's settings (overridable per call)."""
-        a = self.attack
-        return pgd(model, x, y, a.eps if eps is None else eps, steps=a.steps if steps is None else steps,
-                   step_size=a.step_size if step_size is None else step_size, norm=a.norm,
-                   random_start=a.random_start, autocast_dtype=a.autocast_dtype, compiled=a.compiled, **kwargs)
+        return pgd(model, x, y, self.eps if eps is None else eps, steps=self.steps if steps is None else steps,
+                   step_size=self.step_size if step_size is None else step_size, norm=self.norm,
+                   random_start=self.random_start, autocast_dtype=self.attack_dtype, compiled=self.compiled,
+                   **kwargs)
+
+    def _check_call(self, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+        who = type(self).__name__
+        if self.needs_epoch and self.epoch is None:
+            raise ConfigError(f"{who}.loss was called before start_epoch: call method.start_epoch(epoch) before each "
+                              f"epoch's first batch ({who} changes with the epoch, e.g. warmup and schedules).")
+        if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
+            raise ConfigError(f"{who}.loss takes images x of shape (B, C, H, W) and labels y of shape (B,), got "
+                              f"{_shape(x)} and {_shape(y)}.")
+        if index is None:
+            if self.needs_index:
+                raise ConfigError(f"{who} keeps state per training sample and needs each sample's index: call "
+                                  f"loss(model, x, y, index); iaat.IndexedDataset(dataset) makes a DataLoader yield "
+                                  f"(x, y, index).")
+        elif not torch.is_tensor(index) or index.shape != y.shape:
+            raise ConfigError(f"index must be a tensor of shape ({len(y)},) (one position per sample), got "
+                              f"{_shape(index)}.")
+        if not self._input_checked:  # once: a host sync, and the usual mistake shows on the first batch
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise ConfigError(f"{who}.loss takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise "
+                                  f"inside the model (iaat.NormalizedModel(net, mean, std)), not in the data.")
+            self._input_checked = True
 
 
-def params_dict(params: Any) -> dict:
-    return dataclasses.asdict(params)
+def _shape(t: Any) -> str:
+    return f"shape {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+
+
+BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Method))
+
+
+def own_fields(cls: type) -> list:
+    """The dataclass fields a method adds to the base's: its own config keys."""
+    return [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]

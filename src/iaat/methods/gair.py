@@ -3,6 +3,22 @@
 kappa (from the PGD kernel) counts how many of the K attack iterates were still classified
 correctly: samples near the decision boundary have a small kappa and get a large weight.
 Any method can mix in :class:`GairParams` and call :meth:`GairWeighting.weights`.
+
+Differences from the authors' code (zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training:
+GAIRAT.py, GAIR.py), each deliberate; the weight formula, its normalisation to mean 1, kappa over
+the iterates x_0..x_{K-1} and the eval-mode attack with a clamped random start are theirs:
+
+1. When the weights start: theirs from the 0-based epoch with ``(epoch + 1) >= begin_epoch``, i.e.
+   after ``begin_epoch - 1`` plain epochs; here ``burn_in_epochs`` counts the plain epochs, so their
+   ``begin_epoch: 60`` is ``burn_in_epochs: 59`` (as in ``configs/cifar10_wrn32_10_gairat.yaml``).
+2. The ``linear`` lambda schedule: theirs is ``lam_max - (e / epochs) (lam_max - lam)`` with the 1-based
+   epoch e over the whole run, from a hard-coded epoch 60 on (already half-way there), and NaN with
+   their default ``lam_max = inf``; here lambda moves from ``lam_max`` to ``lam`` over the weighted epochs
+   only, reaching ``lam`` at the last one, and an infinite ``lam_max`` is refused.
+3. The ``piecewise`` schedule: in theirs the later drops are unreachable (the first ``if epoch >= 60``
+   branch always wins), so it equals ``fixed``; here each drop applies from its milestone.
+4. ``fixed``: theirs applies lambda from a hard-coded epoch 60 (uniform weights before, whatever
+   ``begin_epoch`` says); here from ``burn_in_epochs`` on.
 """
 
 from __future__ import annotations
@@ -22,9 +38,9 @@ WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
 LAMBDA_SCHEDULES = ("fixed", "linear", "piecewise")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GairParams:
-    """GAIR keys of a method's config."""
+    """GAIR keys of a method (a mixin of GAIRAT, GAIR-FAT and IAAT with ``weights="gair"``)."""
 
     weight_fn: str = "tanh"  #: tanh (the paper) | sigmoid | discrete
     lam: float = -1.0  #: lambda: lower values concentrate the weight on samples near the boundary
@@ -46,7 +62,12 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
 
     tanh: (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, written with K // 2 as the authors' code;
     sigmoid: sigmoid(lam + 5 (1 - 2 kappa / K)); discrete: (K + 1 - kappa) / (K + 1).
-    ``lam = +inf`` gives uniform weights.
+    ``lam = +inf`` gives uniform weights. ``kappa`` is what the PGD kernel returns (:class:`iaat.AttackResult`).
+
+    Example:
+        >>> import iaat, torch
+        >>> iaat.gair_weights(torch.tensor([0, 5, 10]), steps=10, lam=-1.0)  # near the boundary weighs more
+        tensor([2.6804e+00, 3.1961e-01, 1.6461e-05])
     """
     k = kappa.to(torch.get_default_dtype())
     half = max(steps // 2, 1)
@@ -66,7 +87,7 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
 
 
 class GairWeighting:
-    """The lambda schedule and the weights of one run."""
+    """The lambda schedule and the weights of one run; ``p`` is anything with the :class:`GairParams` keys."""
 
     def __init__(self, p: GairParams) -> None:
         self.check(p)

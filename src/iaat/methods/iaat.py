@@ -47,58 +47,51 @@ Step size (``step_rule``): ``proportional`` (default) uses max(attack.step_size,
 the authors' code does, so a K-step attack can reach the boundary of a large ball while small
 balls keep the paper's fixed 2/255 step; ``fixed`` uses attack.step_size for every radius.
 
-The official code differs in three places, all deliberate here: it sets the choice of samples
-misclassified when clean to 0 (here they follow Alg. 2, which gives memory−γ), its selection
-forward passes run in train mode so BatchNorm statistics absorb every attack (here all attacks
-run in eval mode), and it checks only the final iterate of a selection attack (here
-``selection_check: final_iterate``; the default checks every iterate, see above).
+Differences from the authors' code (yogeshbalaji/Instance_Adaptive_Adversarial_Training:
+trainers/trainer_adaptive.py, attacks/pgd_adaptive.py), each deliberate:
+
+1. BatchNorm: the clean check and every attack run in eval mode here; theirs run in train mode, so
+   the running statistics absorb every selection and training attack and each "still correct?"
+   decision uses the attacked batch's own statistics.
+2. Samples misclassified when clean, during warmup: they write 0 to the memory (and so train those
+   samples at radius 0, on the clean image); here the memory gets ``eps_warmup`` for every sample
+   (and, with ``loss_split``, those samples also train on their clean image).
+3. The same samples after warmup: their choice is 0, so the smoothed radius is (1−β)·memory, and they
+   are trained on PGD at that radius with the adversarial loss for every sample (no loss split);
+   here they follow Alg. 2 (choice memory−γ, i.e. memory−β·γ after smoothing) and, with
+   ``loss_split`` (the paper's Alg. 1), contribute their clean loss without being attacked
+   (``skip_misclassified``). Their selection attacks also run on these samples; here they are skipped.
+4. Selection check: theirs classifies only the final iterate; here any misclassified iterate breaks
+   a sample by default (``selection_check: final_iterate`` restores theirs; see above).
+5. Random start: theirs is not clamped to the [0, 1] image range before the first gradient (their
+   clamp follows each step); here the start is projected onto the ball and into [0, 1] first, as in
+   every attack of this project (and in GAIRAT's and Madry et al.'s code): the paper does not say,
+   and the kernel is shared with evaluation, where every iterate must be a valid image.
+6. Bounds: theirs clamp radii below at 0 only; here radii stay in [``eps_min``, ``eps_max``] (by default
+   at most 1 under L-inf, where a larger radius means nothing): the same in practice.
+
+The presets follow the paper's Table 10 where the authors' repository differs from it (their
+config trains with batch 256, reflect padding and a WRN variant without affine BatchNorm).
 """
 
 from __future__ import annotations
 
-import io
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..attacks import attack_mode
 from ..attacks.pgd import project
 from ..errors import ConfigError
-from ..units import Size, parse_size
-from .base import Method, StepOutput
+from ..units import format_size
+from .base import Method, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-@dataclass
-class _Resolved:
-    """IAAT's parameters with sizes in [0, 1] units."""
-
-    gamma: float
-    beta: float
-    warmup_epochs: int
-    eps_warmup: float
-    eps_init: float
-    eps_min: float
-    eps_max: float
-    selection: str
-    selection_steps: Optional[int]
-    selection_check: str
-    alg2_schedule: str
-    train_attack: str
-    step_rule: str
-    loss_split: bool
-    skip_misclassified: bool
-    grid_step: float
-    line_search_max: float
-    save_radii: bool
-    weights: str
 
 
 def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
@@ -117,112 +110,144 @@ def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
     return tuple(out)
 
 
-class IAAT(Method):
-    """Instance-adaptive adversarial training with an epsilon memory over the training set."""
+@dataclass(eq=False, kw_only=True)
+class IAAT(Method, GairParams):
+    """Instance-adaptive adversarial training with an epsilon memory over the training set.
+
+    Args (besides the attack's, see :class:`~iaat.methods.base.Method`; sizes in [0, 1] units):
+        num_train: number of training samples (one radius each); required.
+        gamma: radius change per selection (1.9/255).
+        beta: smoothing, eps = (1 - beta) * memory + beta * choice (0.1).
+        warmup_epochs: epochs at the fixed ``eps_warmup`` (5; the paper: 5 for ResNet-18, 10 for WRN).
+        eps_warmup: radius during warmup; default ``eps``, the training radius.
+        eps_init: memory before the first selection when there is no warmup (0).
+        eps_min, eps_max: bounds of every radius (0 and none; the paper's ImageNet setting: eps_min 4/255).
+        selection: ``alg2`` | ``online`` | ``line_search`` (see the module docstring).
+        selection_steps: PGD steps of the selection attacks (default ``steps``).
+        selection_check: ``any_iterate`` (a sample breaks at its first misclassified iterate, where its
+            selection attack stops) | ``final_iterate`` (the authors' code: only the last iterate counts).
+        alg2_schedule: ``batched`` (one attack over 2B images) | ``conditional`` (the attack at memory only
+            where memory+γ broke).
+        train_attack: ``separate`` (the paper) | ``reuse`` (project the selection attack's perturbation).
+        step_rule: ``proportional``: step max(step_size, 2 eps / steps) | ``fixed``: step_size.
+        loss_split: Alg. 1: the clean loss for samples misclassified when clean (True).
+        skip_misclassified: with loss_split, no attacks for samples misclassified when clean (True).
+        line_search_step, line_search_max: grid of ``line_search`` (default gamma; 16/255).
+        save_radii: the trainer writes every sample's radius to ``RUN/radii/epoch_NNNN.npy`` (True).
+        weights: ``none`` | ``gair``: also weight each loss by GAIRAT's kappa weights (the GAIR keys).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.IAAT(num_train=100, epochs=10, eps=8 / 255, gamma=1.9 / 255, warmup_epochs=1)
+        >>> x, y, index = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([7, 3, 99, 0])
+        >>> for epoch in range(2):
+        ...     method.start_epoch(epoch)
+        ...     method.loss(model, x, y, index).backward()
+        >>> method.memory.shape
+        torch.Size([100])
+    """
 
     name = "iaat"
+    needs_index = True
+    needs_epoch = True
 
-    @dataclass
-    class Params(GairParams):
-        weights: str = "none"  #: none | gair: also weight each loss by GAIRAT's kappa weights (GairParams keys)
-        gamma: Size = 1.9  #: radius change per selection, pixel units over 255 (paper: 1.9/255)
-        beta: float = 0.1  #: smoothing: eps = (1-beta)*memory + beta*choice
-        warmup_epochs: int = 5  #: epochs at the fixed eps_warmup (paper: 5 for ResNet-18, 10 for WRN)
-        eps_warmup: Size = 8  #: radius during warmup, pixel units over 255
-        eps_init: Size = 0  #: memory before the first selection when there is no warmup
-        eps_min: Size = 0  #: lower bound of every radius (paper, ImageNet: 4/255)
-        eps_max: Optional[Size] = None  #: optional upper bound
-        selection: str = "alg2"  #: alg2 | online | line_search
-        selection_steps: Optional[int] = None  #: PGD steps of the selection attacks (default attack.steps)
-        #: any_iterate: a sample breaks at its first misclassified PGD iterate, where its selection attack stops |
-        #: final_iterate: the authors' code, every selection attack runs all steps and only its end counts
-        selection_check: str = "any_iterate"
-        alg2_schedule: str = "batched"  #: batched (one 2B attack) | conditional (attack at memory only where needed)
-        train_attack: str = "separate"  #: separate (paper) | reuse (project the selection attack's perturbation)
-        step_rule: str = "proportional"  #: proportional: max(step_size, 2*eps/steps) | fixed: step_size
-        loss_split: bool = True  #: Alg. 1: clean loss for samples misclassified when clean
-        #: with loss_split: no attacks for samples misclassified when clean: no training attack (they train on
-        #: their clean image) and, in alg2, no selection attacks (they get memory-γ, as the attacks would give)
-        skip_misclassified: bool = True
-        line_search_step: Optional[Size] = None  #: grid spacing of line_search (default gamma)
-        line_search_max: Size = 16  #: largest radius line_search tries
-        save_radii: bool = True  #: write every sample's radius to RUN/radii/epoch_NNNN.npy each epoch
+    weights: str = "none"
+    gamma: float = size(1.9 / 255)
+    beta: float = 0.1
+    warmup_epochs: int = 5
+    eps_warmup: Optional[float] = size(None)
+    eps_init: float = size(0.0)
+    eps_min: float = size(0.0)
+    eps_max: Optional[float] = size(None)
+    selection: str = "alg2"
+    selection_steps: Optional[int] = None
+    selection_check: str = "any_iterate"
+    alg2_schedule: str = "batched"
+    train_attack: str = "separate"
+    step_rule: str = "proportional"
+    loss_split: bool = True
+    skip_misclassified: bool = True
+    line_search_step: Optional[float] = size(None)
+    line_search_max: float = size(16 / 255)
+    save_radii: bool = True
 
-    @classmethod
-    def parse_params(cls, raw: dict) -> Any:
-        params = super().parse_params(raw)
-        cls.resolve(params)
-        return params
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check()
+        self.warmup_follows_eps = self.eps_warmup is None
+        if self.eps_warmup is None:
+            self.eps_warmup = self.eps
+        #: the radii's upper bound: eps_max, else the whole pixel range under L-inf (none under L2)
+        self.upper = self.eps_max if self.eps_max is not None else (1.0 if self.norm == "linf" else math.inf)
+        self.grid_step = self.line_search_step if self.line_search_step is not None else self.gamma
+        self.skip = self.loss_split and self.skip_misclassified  #: no attacks for samples misclassified when clean
+        self.gair = GairWeighting(self) if self.weights == "gair" else None
+        self.memory = torch.full((self.num_train,), self.clip(self.eps_init), dtype=torch.float32)
+        self.touched = torch.zeros(self.num_train, dtype=torch.bool)  #: rows this rank wrote since a merge
 
-    @staticmethod
-    def resolve(p: "IAAT.Params") -> _Resolved:
-        """Check the parameters and convert sizes to [0, 1] units."""
-        if p.selection not in SELECTIONS:
-            raise ConfigError(f"method.selection must be one of {', '.join(SELECTIONS)}, got {p.selection!r}.")
-        if p.selection_check not in ("any_iterate", "final_iterate"):
+    def _check(self) -> None:
+        """Check the parameters' values (their types and units were checked by the base class)."""
+        if self.num_train is None:
+            raise ConfigError("IAAT keeps one radius per training sample: pass num_train=len(train_set).")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"method.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
+        if self.selection_check not in ("any_iterate", "final_iterate"):
             raise ConfigError(f"method.selection_check must be any_iterate or final_iterate, got "
-                              f"{p.selection_check!r}.")
-        if p.train_attack == "reuse" and p.selection_check == "any_iterate":
+                              f"{self.selection_check!r}.")
+        if self.train_attack == "reuse" and self.selection_check == "any_iterate":
             raise ConfigError("method.train_attack=reuse needs method.selection_check=final_iterate: with "
                               "any_iterate a selection attack stops at its first misclassified iterate, too weak "
                               "a training example.")
-        if p.alg2_schedule not in ("batched", "conditional"):
-            raise ConfigError(f"method.alg2_schedule must be batched or conditional, got {p.alg2_schedule!r}.")
-        if p.train_attack not in ("separate", "reuse"):
-            raise ConfigError(f"method.train_attack must be separate or reuse, got {p.train_attack!r}.")
-        if p.step_rule not in ("proportional", "fixed"):
-            raise ConfigError(f"method.step_rule must be proportional or fixed, got {p.step_rule!r}.")
-        if p.weights not in ("none", "gair"):
-            raise ConfigError(f"method.weights must be none or gair, got {p.weights!r}.")
-        if p.weights == "gair":
-            GairWeighting.check(p)
-        if not 0 < p.beta <= 1:
-            raise ConfigError(f"method.beta must be in (0, 1], got {p.beta}.")
-        if p.warmup_epochs < 0:
-            raise ConfigError(f"method.warmup_epochs must be >= 0, got {p.warmup_epochs}.")
-        if p.selection_steps is not None and p.selection_steps < 1:
-            raise ConfigError(f"method.selection_steps must be >= 1, got {p.selection_steps}.")
-        gamma = parse_size(p.gamma, "method.gamma", allow_zero=False)
-        eps_min = parse_size(p.eps_min, "method.eps_min")
-        eps_max = parse_size(p.eps_max, "method.eps_max") if p.eps_max is not None else 1.0
-        if eps_min > eps_max:
-            raise ConfigError(f"method.eps_min ({p.eps_min}) is larger than method.eps_max ({p.eps_max}).")
-        grid = parse_size(p.line_search_step, "method.line_search_step", allow_zero=False) \
-            if p.line_search_step is not None else gamma
-        return _Resolved(gamma, p.beta, p.warmup_epochs, parse_size(p.eps_warmup, "method.eps_warmup"),
-                         parse_size(p.eps_init, "method.eps_init"), eps_min, eps_max, p.selection,
-                         p.selection_steps, p.selection_check, p.alg2_schedule, p.train_attack, p.step_rule, p.loss_split,
-                         p.loss_split and p.skip_misclassified, grid,
-                         parse_size(p.line_search_max, "method.line_search_max", allow_zero=False), p.save_radii,
-                         p.weights)
+        if self.alg2_schedule not in ("batched", "conditional"):
+            raise ConfigError(f"method.alg2_schedule must be batched or conditional, got {self.alg2_schedule!r}.")
+        if self.train_attack not in ("separate", "reuse"):
+            raise ConfigError(f"method.train_attack must be separate or reuse, got {self.train_attack!r}.")
+        if self.step_rule not in ("proportional", "fixed"):
+            raise ConfigError(f"method.step_rule must be proportional or fixed, got {self.step_rule!r}.")
+        if self.weights not in ("none", "gair"):
+            raise ConfigError(f"method.weights must be none or gair, got {self.weights!r}.")
+        if self.weights == "gair" and self.lam_schedule == "linear" and self.epochs is None:
+            raise ConfigError("the linear lambda schedule runs over the whole training: pass epochs=N.")
+        if not 0 < self.beta <= 1:
+            raise ConfigError(f"method.beta must be in (0, 1], got {self.beta}.")
+        if self.gamma <= 0 or (self.line_search_step is not None and self.line_search_step <= 0) \
+                or self.line_search_max <= 0:
+            raise ConfigError("method.gamma, method.line_search_step and method.line_search_max must be positive.")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"method.warmup_epochs must be >= 0, got {self.warmup_epochs}.")
+        if self.selection_steps is not None and self.selection_steps < 1:
+            raise ConfigError(f"method.selection_steps must be >= 1, got {self.selection_steps}.")
+        if self.eps_max is not None and self.eps_min > self.eps_max:
+            raise ConfigError(f"method.eps_min ({format_size(self.eps_min)}) is larger than method.eps_max "
+                              f"({format_size(self.eps_max)}).")
 
-    def __init__(self, params: Any, attack, num_train: int, num_classes: int, device: torch.device) -> None:
-        super().__init__(params, attack, num_train, num_classes, device)
-        self.cfg = self.resolve(params)
-        self.gair = GairWeighting(params) if self.cfg.weights == "gair" else None
-        self.memory = torch.full((num_train,), self.clip(self.cfg.eps_init), dtype=torch.float32, device=device)
-        self.touched = torch.zeros(num_train, dtype=torch.bool, device=device)  #: rows this rank wrote since a merge
+    def notes(self) -> list[str]:
+        if self.warmup_follows_eps or self.warmup_epochs == 0 or self.eps_warmup == self.eps:
+            return []
+        return [f"iaat: the {self.warmup_epochs} warmup epoch(s) train at eps_warmup {format_size(self.eps_warmup)}, "
+                f"not at the training radius eps {format_size(self.eps)}"]
 
     # -- pieces ------------------------------------------------------------------------------------------
     def clip(self, eps: Any) -> Any:
         if torch.is_tensor(eps):
-            return eps.clamp(self.cfg.eps_min, self.cfg.eps_max)
-        return min(max(eps, self.cfg.eps_min), self.cfg.eps_max)
+            return eps.clamp(self.eps_min, self.upper)
+        return min(max(eps, self.eps_min), self.upper)
 
-    def step_size(self, eps: torch.Tensor, steps: int) -> torch.Tensor:
+    def _step_sizes(self, eps: torch.Tensor, steps: int) -> torch.Tensor:
         """Per-sample PGD step for radii ``eps`` (see ``step_rule``)."""
-        fixed = torch.full_like(eps, self.attack.step_size)
-        if self.cfg.step_rule == "fixed":
+        fixed = torch.full_like(eps, self.step_size)
+        if self.step_rule == "fixed":
             return fixed
         return torch.maximum(fixed, 2.0 * eps / max(steps, 1))
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
                 **kwargs: Any):
-        return self.attack_batch(model, x, y, eps=eps, steps=steps, step_size=self.step_size(eps, steps), **kwargs)
+        return self.attack_batch(model, x, y, eps=eps, steps=steps, step_size=self._step_sizes(eps, steps), **kwargs)
 
     def _select_attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int):
         """A selection attack: ``correct`` says whether the sample held at ``eps`` (see ``selection_check``)."""
-        return self._attack(model, x, y, eps, steps, stop_on_miss=self.cfg.selection_check == "any_iterate")
+        return self._attack(model, x, y, eps, steps, stop_on_miss=self.selection_check == "any_iterate")
 
     def _attack_where(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +260,10 @@ class IAAT(Method):
 
     @property
     def in_warmup(self) -> bool:
-        return self.epoch < self.cfg.warmup_epochs
+        return self.epoch < self.warmup_epochs
 
     def smooth(self, memory: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        return self.clip((1.0 - self.cfg.beta) * memory + self.cfg.beta * choice)
+        return self.clip((1.0 - self.beta) * memory + self.beta * choice)
 
     def select_alg2(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mem: torch.Tensor,
                     active: Optional[torch.Tensor] = None):
@@ -250,7 +275,7 @@ class IAAT(Method):
         memory−γ, which is what the two attacks give them (an attack that maximises their loss leaves them
         misclassified), with x and kappa 0.
         """
-        g = self.cfg.gamma
+        g = self.gamma
         if active is not None:
             def skipped() -> tuple:
                 broke = torch.zeros_like(active)
@@ -258,9 +283,9 @@ class IAAT(Method):
                         torch.zeros_like(y))
 
             return _on_rows(active, lambda rows: self.select_alg2(model, x[rows], y[rows], mem[rows]), skipped)
-        steps = self.cfg.selection_steps or self.attack.steps
+        steps = self.selection_steps or self.steps
         high = self.clip(mem + g)
-        if self.cfg.alg2_schedule == "batched":
+        if self.alg2_schedule == "batched":
             res = self._select_attack(model, torch.cat([x, x]), torch.cat([y, y]), torch.cat([high, mem]), steps)
             hold_high, hold_cur = res.correct.chunk(2)
             x_high, x_cur = res.x_adv.chunk(2)
@@ -278,22 +303,24 @@ class IAAT(Method):
 
     def select_line_search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Table 7: the largest grid radius below the first one at which PGD breaks the sample."""
-        steps = self.cfg.selection_steps or self.attack.steps
-        n_grid = max(1, int(self.cfg.line_search_max / self.cfg.grid_step + 1e-6))
-        radii = torch.arange(1, n_grid + 1, device=x.device, dtype=x.dtype) * self.cfg.grid_step
+        steps = self.selection_steps or self.steps
+        n_grid = max(1, int(self.line_search_max / self.grid_step + 1e-6))
+        radii = torch.arange(1, n_grid + 1, device=x.device, dtype=x.dtype) * self.grid_step
         b = len(y)
         eps = radii.repeat_interleave(b)
         res = self._select_attack(model, x.repeat(n_grid, 1, 1, 1), y.repeat(n_grid), eps, steps)
         holds = res.correct.view(n_grid, b)
         survived = torch.cumprod(holds.long(), dim=0).sum(0)  # grid points held before the first break
-        return survived.to(x.dtype) * self.cfg.grid_step
+        return survived.to(x.dtype) * self.grid_step
 
     # -- the method --------------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
-        c = self.cfg
-        steps = self.attack.steps
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
+        if self.memory.device != x.device:
+            self.to(x.device)
+        idx = self._checked_index(index)
+        steps = self.steps
         stats: dict = {}
-        if c.loss_split:
+        if self.loss_split:
             with torch.no_grad(), attack_mode(model) as plain:
                 clean_ok = plain(x).argmax(1) == y
             stats["clean_acc"] = clean_ok.sum()
@@ -301,66 +328,71 @@ class IAAT(Method):
 
         kappa_steps = steps  # K of the attack whose kappa feeds GAIR weights
         if self.in_warmup:
-            eps = torch.full_like(mem, c.eps_warmup)
-        elif c.selection == "alg2":
+            eps = torch.full_like(mem, self.eps_warmup)
+        elif self.selection == "alg2":
             choice, hold_high, hold_cur, x_high, x_cur, kappa_high, kappa_cur = self.select_alg2(
-                model, x, y, mem, clean_ok if c.skip_misclassified else None)
+                model, x, y, mem, clean_ok if self.skip else None)
             eps = self.smooth(mem, choice)
             stats["up"] = hold_high.sum()
             stats["same"] = (~hold_high & hold_cur).sum()
             stats["down"] = (~hold_high & ~hold_cur).sum()
-        elif c.selection == "line_search":
+        elif self.selection == "line_search":
             eps = self.smooth(mem, self.select_line_search(model, x, y))
         else:  # online: train at the memory; the update follows from the training forward below
             eps = mem
 
-        if not self.in_warmup and c.selection == "alg2" and c.train_attack == "reuse":
+        if not self.in_warmup and self.selection == "alg2" and self.train_attack == "reuse":
             source = torch.where(hold_high.view(-1, 1, 1, 1), x_high, x_cur)
-            x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.attack.norm)
+            x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.norm)
             kappa = torch.where(hold_high, kappa_high, kappa_cur)
-            kappa_steps = c.selection_steps or steps
-        elif c.skip_misclassified:
+            kappa_steps = self.selection_steps or steps
+        elif self.skip:
             x_adv, kappa = self._attack_where(model, x, y, eps, steps, clean_ok)
         else:
             adv = self._attack(model, x, y, eps, steps, final_check=False)
             x_adv, kappa = adv.x_adv, adv.kappa
 
-        x_train = torch.where(clean_ok.view(-1, 1, 1, 1), x_adv, x) if c.loss_split else x_adv
+        x_train = torch.where(clean_ok.view(-1, 1, 1, 1), x_adv, x) if self.loss_split else x_adv
         logits = model(x_train)
         weights = None
         if self.gair is not None and self.gair.active(self.epoch):
-            weights = self.gair.weights(kappa, kappa_steps, self.epoch, self.total_epochs)
+            weights = self.gair.weights(kappa, kappa_steps, self.epoch, self.epochs)
             stats["gair_weight_sq"] = (weights * weights).sum()
         loss = weighted_ce(logits, y, weights)
         stats["radius"] = eps.sum()  # the radius trained at
 
-        if not self.in_warmup and c.selection == "online":
+        if not self.in_warmup and self.selection == "online":
             held = logits.detach().argmax(1) == y
-            eps = self.smooth(mem, torch.where(held, self.clip(mem + c.gamma), self.clip(mem - c.gamma)))
+            eps = self.smooth(mem, torch.where(held, self.clip(mem + self.gamma), self.clip(mem - self.gamma)))
             stats["up"] = held.sum()
             stats["down"] = (~held).sum()
         self.memory[idx] = eps
         self.touched[idx] = True
         return StepOutput(loss, logits, stats)
 
+    def _checked_index(self, index: torch.Tensor) -> torch.Tensor:
+        """The batch's memory rows; out-of-range positions are a clear error, not an indexing crash in torch."""
+        if index.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"index must hold integer positions in the training set, got {index.dtype}.")
+        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one host sync
+        if lo < 0 or hi >= self.num_train:
+            raise ConfigError(f"index holds positions {lo}..{hi}, outside the training set of num_train="
+                              f"{self.num_train} samples: pass each sample's position in the training set.")
+        return index.to(self.memory.device)
+
     # -- bookkeeping -------------------------------------------------------------------------------------
-    def end_epoch(self, epoch: int, run_dir: Optional[Path]) -> dict:
+    def end_epoch(self) -> dict:
+        """The radius memory's mean, std, min, max and quantiles ([0, 1] units), and GAIR's lambda."""
         mem = self.memory.float().cpu()
         q = torch.quantile(mem, torch.tensor(QUANTILES, dtype=mem.dtype))
-        row = {"radius_mean": float(mem.mean()) * 255, "radius_std": float(mem.std()) * 255,
-               "radius_min": float(mem.min()) * 255, "radius_max": float(mem.max()) * 255,
-               **{f"radius_q{int(p * 100):02d}": float(v) * 255 for p, v in zip(QUANTILES, q)}}
+        row = {"radius_mean": float(mem.mean()), "radius_std": float(mem.std()), "radius_min": float(mem.min()),
+               "radius_max": float(mem.max()), **{f"radius_q{int(p * 100):02d}": float(v) for p, v in zip(QUANTILES, q)}}
         if self.gair is not None:
-            row["gair_lambda"] = self.gair.lam(epoch, self.total_epochs)
-        if run_dir is not None and self.cfg.save_radii:
-            from ..engine.checkpoint import atomic_write_bytes
-
-            folder = Path(run_dir) / "radii"
-            folder.mkdir(exist_ok=True)
-            buf = io.BytesIO()
-            np.save(buf, mem.numpy().astype(np.float32), allow_pickle=False)
-            atomic_write_bytes(folder / f"epoch_{epoch + 1:04d}.npy", buf.getvalue())
+            row["gair_lambda"] = self.gair.lam(self.epoch, self.epochs)
         return row
+
+    def epoch_arrays(self) -> dict[str, torch.Tensor]:
+        return {"radii": self.memory.float().cpu()} if self.save_radii else {}
 
     def merge_ranks(self, info: Any) -> None:
         from ..distributed import merge_rows
@@ -374,6 +406,6 @@ class IAAT(Method):
     def load_state_dict(self, state: dict) -> None:
         memory = state["memory"]
         if memory.shape != self.memory.shape:
-            raise ConfigError(f"the checkpoint's epsilon memory has {memory.shape[0]} entries but the training set "
+            raise ConfigError(f"the saved epsilon memory has {memory.shape[0]} entries but the training set "
                               f"has {self.memory.shape[0]} samples.")
         self.memory.copy_(memory.to(self.memory.device))

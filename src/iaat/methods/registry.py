@@ -1,14 +1,10 @@
-"""Methods by name."""
+"""Methods by name (the config's ``method.name``)."""
 
 from __future__ import annotations
 
-import difflib
-from typing import Any
-
-import torch
-
 from ..errors import ConfigError
-from .base import AttackSettings, Method
+from ..schema import did_you_mean
+from .base import Method
 from .iaat import IAAT
 from .reweighted import FAT, GAIRAT, GAIRFAT
 from .standard import PGDAT, Clean
@@ -18,15 +14,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT, GAIR
 
 
 def method_class(name: str) -> type[Method]:
+    """The method class registered under ``name``; an unknown name is an error with a "did you mean" hint."""
     if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown method '{name}'.{hint} Known: {', '.join(sorted(METHODS))}.")
+        raise ConfigError(f"unknown method '{name}'.{did_you_mean(name, METHODS)} Known: {', '.join(sorted(METHODS))}.")
     return METHODS[name]
-
-
-def build_method(name: str, raw_params: dict, attack: AttackSettings, num_train: int, num_classes: int,
-                 device: torch.device) -> Method:
-    cls = method_class(name)
-    params: Any = cls.parse_params(raw_params)
-    return cls(params, attack, num_train, num_classes, device)

@@ -9,7 +9,7 @@ examples throughout (the official GAIR-FAT code pairs labels with reordered logi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .base import Method, StepOutput
 from .gair import GairParams, GairWeighting, weighted_ce
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FatParams:
     """Friendly AT: stop each sample tau steps after it is first misclassified."""
 
@@ -28,6 +28,7 @@ class FatParams:
 
 
 def _tau(p: FatParams, epoch: int) -> int:
+    """FAT's tau at 0-based ``epoch`` (``p``: anything with the :class:`FatParams` keys)."""
     tau = p.tau
     for start, value in sorted(p.tau_schedule):
         if epoch >= start:
@@ -40,74 +41,90 @@ def _check_fat(p: FatParams) -> None:
         raise ConfigError("method.tau must be >= 0 and method.tau_schedule a list of [epoch, tau] pairs.")
 
 
+@dataclass(eq=False, kw_only=True)
 class _Reweighted(Method):
     """Shared step: attack (optionally early-stopped), then a (optionally GAIR-weighted) loss."""
 
-    use_gair = False
-    use_fat = False
+    needs_epoch = True
+    use_gair: ClassVar[bool] = False
+    use_fat: ClassVar[bool] = False
 
-    def __init__(self, params: Any, attack, num_train: int, num_classes: int, device: torch.device) -> None:
-        super().__init__(params, attack, num_train, num_classes, device)
-        self.gair = GairWeighting(params) if self.use_gair else None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.gair = GairWeighting(self) if self.use_gair else None
+        if self.use_gair and self.lam_schedule == "linear" and self.epochs is None:
+            raise ConfigError("the linear lambda schedule runs over the whole training: pass epochs=N.")
+        if self.use_fat:
+            _check_fat(self)
 
-    @classmethod
-    def parse_params(cls, raw: dict) -> Any:
-        params = super().parse_params(raw)
-        if cls.use_gair:
-            GairWeighting.check(params)
-        if cls.use_fat:
-            _check_fat(params)
-        return params
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
-        tau: Optional[int] = _tau(self.params, self.epoch) if self.use_fat else None
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
+        tau: Optional[int] = _tau(self, self.epoch) if self.use_fat else None
         adv = self.attack_batch(model, x, y, final_check=False, early_stop_tau=tau)
         logits = model(adv.x_adv)
         stats = {"kappa": adv.kappa.sum()}
         weights = None
         if self.gair is not None and self.gair.active(self.epoch):
-            weights = self.gair.weights(adv.kappa, self.attack.steps, self.epoch, self.total_epochs)
+            weights = self.gair.weights(adv.kappa, self.steps, self.epoch, self.epochs)
             stats["gair_weight_sq"] = (weights * weights).sum()
         return StepOutput(weighted_ce(logits, y, weights), logits, stats)
 
-    def end_epoch(self, epoch: int, run_dir) -> dict:
+    def end_epoch(self) -> dict:
         row = {}
         if self.gair is not None:
-            row["gair_lambda"] = self.gair.lam(epoch, self.total_epochs)
+            row["gair_lambda"] = self.gair.lam(self.epoch, self.epochs)
         if self.use_fat:
-            row["fat_tau"] = _tau(self.params, epoch)
+            row["fat_tau"] = _tau(self, self.epoch)
         return row
 
 
-class GAIRAT(_Reweighted):
-    """Zhang et al. 2021: PGD-AT with each sample's loss weighted by its geometry (kappa)."""
+@dataclass(eq=False, kw_only=True)
+class GAIRAT(_Reweighted, GairParams):
+    """Zhang et al. 2021: PGD-AT with each sample's loss weighted by its geometry (kappa).
+
+    Args: the attack's (see :class:`~iaat.methods.base.Method`) and the GAIR keys of
+    :class:`~iaat.methods.gair.GairParams`: ``weight_fn``, ``lam``, ``lam_schedule``, ``lam_max``,
+    ``lam_milestones``, ``lam_drops``, ``burn_in_epochs``.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.GAIRAT(eps=8 / 255, lam=-1.0, burn_in_epochs=0)
+        >>> method.start_epoch(0)
+        >>> loss = method.loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "gairat"
     use_gair = True
 
-    @dataclass
-    class Params(GairParams):
-        pass
 
+@dataclass(eq=False, kw_only=True)
+class FAT(_Reweighted, FatParams):
+    """Zhang et al. 2020: friendly adversarial training with early-stopped PGD (keys ``tau``, ``tau_schedule``).
 
-class FAT(_Reweighted):
-    """Zhang et al. 2020: friendly adversarial training with early-stopped PGD."""
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.FAT(eps=8 / 255, tau=2)
+        >>> method.start_epoch(0)
+        >>> loss = method.loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "fat"
     use_fat = True
 
-    @dataclass
-    class Params(FatParams):
-        pass
 
+@dataclass(eq=False, kw_only=True)
+class GAIRFAT(_Reweighted, GairParams, FatParams):
+    """GAIR weights on friendly (early-stopped) adversarial examples: the keys of GAIRAT and FAT.
 
-class GAIRFAT(_Reweighted):
-    """GAIR weights on friendly (early-stopped) adversarial examples."""
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.GAIRFAT(eps=8 / 255, tau=2, lam=-1.0)
+        >>> method.start_epoch(0)
+        >>> loss = method.loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "gair_fat"
     use_gair = True
     use_fat = True
-
-    @dataclass
-    class Params(GairParams, FatParams):
-        pass

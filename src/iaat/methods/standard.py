@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,22 +13,37 @@ from .base import Method, StepOutput
 from .gair import weighted_ce
 
 
+@dataclass(eq=False, kw_only=True)
 class Clean(Method):
-    """Standard training on unperturbed images."""
+    """Standard training on unperturbed images (the attack settings are ignored).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> loss = iaat.Clean().loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "clean"
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         logits = model(x)
         return StepOutput(F.cross_entropy(logits, y), logits)
 
 
+@dataclass(eq=False, kw_only=True)
 class PGDAT(Method):
-    """Madry et al.: train on PGD(x, y, eps) with one fixed eps for every sample."""
+    """Madry et al.: train on PGD(x, y, eps) with one fixed eps for every sample.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> method = iaat.PGDAT(eps=8 / 255, step_size=2 / 255, steps=10)
+        >>> loss = method.loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "pgd_at"
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         adv = self.attack_batch(model, x, y, final_check=False)
         logits = model(adv.x_adv)
         return StepOutput(weighted_ce(logits, y), logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,62 +14,74 @@ from ..errors import ConfigError
 from .base import Method, StepOutput
 
 
+@dataclass(eq=False, kw_only=True)
 class TRADES(Method):
     """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL inside the eps ball.
 
     The inner maximisation is the shared PGD kernel with its ``kl`` loss, started from
-    0.001 * N(0, 1) noise as in the authors' code.
+    ``init_std`` * N(0, 1) noise as in the authors' code.
+
+    Args:
+        beta: weight of the robustness (KL) term; 6 in the TRADES paper.
+        init_std: std of the Gaussian start of the inner maximisation (0.001).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> loss = iaat.TRADES(eps=8 / 255, beta=6.0).loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     """
 
     name = "trades"
 
-    @dataclass
-    class Params:
-        beta: float = 6.0  #: weight of the robustness (KL) term; 6 in the TRADES paper
-        init_std: float = 0.001  #: std of the Gaussian start of the inner maximisation
+    beta: float = 6.0
+    init_std: float = 0.001
 
-    @classmethod
-    def parse_params(cls, raw: dict):
-        p = super().parse_params(raw)
-        if p.beta < 0 or p.init_std < 0:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0 or self.init_std < 0:
             raise ConfigError("method.beta and method.init_std must be >= 0.")
-        return p
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         with torch.no_grad(), attack_mode(model) as plain:
             clean_eval = plain(x)
-        adv = self.attack_batch(model, x, y, loss="kl", reference=clean_eval, init_std=self.params.init_std,
+        adv = self.attack_batch(model, x, y, loss="kl", reference=clean_eval, init_std=self.init_std,
                                 final_check=False)
         logits_clean = model(x)
         logits_adv = model(adv.x_adv)
         kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
                       log_target=True)
-        return StepOutput(F.cross_entropy(logits_clean, y) + self.params.beta * kl, logits_adv, {"kl": kl * len(y)})
+        return StepOutput(F.cross_entropy(logits_clean, y) + self.beta * kl, logits_adv, {"kl": kl * len(y)})
 
 
+@dataclass(eq=False, kw_only=True)
 class MixupAT(Method):
-    """Interpolated adversarial training: mixup on clean and on PGD examples, the two losses averaged."""
+    """Interpolated adversarial training: mixup on clean and on PGD examples, the two losses averaged.
+
+    Args:
+        alpha: the mixing coefficient is drawn from Beta(alpha, alpha) (1).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> loss = iaat.MixupAT(eps=8 / 255).loss(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    """
 
     name = "mixup_at"
 
-    @dataclass
-    class Params:
-        alpha: float = 1.0  #: Beta(alpha, alpha) mixing coefficient
+    alpha: float = 1.0
 
-    @classmethod
-    def parse_params(cls, raw: dict):
-        p = super().parse_params(raw)
-        if p.alpha <= 0:
-            raise ConfigError(f"method.alpha must be > 0, got {p.alpha}.")
-        return p
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha <= 0:
+            raise ConfigError(f"method.alpha must be > 0, got {self.alpha}.")
 
     def _mix_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        lam = float(torch.distributions.Beta(self.params.alpha, self.params.alpha).sample())
+        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         perm = torch.randperm(len(y), device=x.device)
         logits = model(lam * x + (1 - lam) * x[perm])
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm]), logits
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOutput:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         adv = self.attack_batch(model, x, y, final_check=False)
         loss_clean, _ = self._mix_loss(model, x, y)
         loss_adv, logits_adv = self._mix_loss(model, adv.x_adv, y)

@@ -21,7 +21,18 @@ class Normalize(nn.Module):
 
 
 class NormalizedModel(nn.Module):
-    """``net(normalize(x))``: the network sees normalised inputs, callers pass [0, 1] images."""
+    """``net(normalize(x))``: the network sees normalised inputs, callers pass [0, 1] images.
+
+    Wrap any classifier (your own, torchvision's, timm's) this way, and attacks, training methods and
+    :func:`iaat.evaluate` all work in [0, 1] pixel space, where radii like 8/255 mean what they say.
+
+    Example:
+        >>> import iaat, torch
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+        >>> model = iaat.NormalizedModel(net, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

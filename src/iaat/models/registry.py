@@ -59,7 +59,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,
                 std: Optional[Sequence[float]] = None, depth: Optional[int] = None,
                 width: Optional[int] = None) -> nn.Module:
-    """Build ``name`` for ``num_classes``; with ``mean``/``std`` the model normalises its [0, 1] input."""
+    """Build ``name`` for ``num_classes``; with ``mean``/``std`` the model normalises its [0, 1] input.
+
+    Names: ``small_cnn``, ``resnet18``, ``preact_resnet18``, ``wideresnet`` (``depth``, ``width``),
+    ``wrn-32-10``, ``wrn-34-10`` (32-px images); ``resnet50``, ``resnet101``, ``resnet152`` (ImageNet-sized).
+    Any other ``nn.Module`` can be trained and attacked too: wrap it in :class:`NormalizedModel`.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = iaat.build_model("resnet18", num_classes=10, mean=(0.4914, 0.4822, 0.4465),
+        ...                          std=(0.2470, 0.2435, 0.2616))
+        >>> model(torch.rand(2, 3, 32, 32)).shape  # inputs: images in [0, 1]
+        torch.Size([2, 10])
+    """
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}.")
     net = MODELS[name](num_classes, in_channels, depth, width)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,10 +10,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import Config, config_from_dict, load_yaml
+from ..config import Config, config_from_dict, load_yaml, method_params
 from ..engine import rundir
 from ..errors import CheckpointError
-from ..units import parse_size
 
 _RADII = re.compile(r"epoch_(\d+)\.npy$")
 
@@ -38,17 +36,15 @@ class RunRecord:
 
     @property
     def params(self) -> dict:
-        """The method's parameters with defaults filled in."""
-        from ..methods import method_class
-
-        return dataclasses.asdict(method_class(self.method).parse_params(self.cfg.method.params))
+        """The method's own parameters with defaults filled in, sizes in [0, 1] units."""
+        return method_params(self.cfg)
 
     @property
     def train_eps(self) -> float:
-        """The training radius in pixel units over 255 (IAAT: the final mean radius)."""
+        """The training radius in [0, 1] units (IAAT: the final mean radius)."""
         if self.method == "iaat" and self.metrics and "radius_mean" in self.metrics[-1]:
             return float(self.metrics[-1]["radius_mean"])
-        return self.cfg.eps * 255
+        return self.cfg.eps
 
     @property
     def adaptive(self) -> bool:
@@ -144,7 +140,3 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
             r.name = f"{r.path.parent.parent.name}/{r.name}" if r.path.parent.name == RUNS else str(r.path)
     return records
 
-
-def eps_pixels(value) -> float:
-    """A size from a config or plan in pixel units over 255."""
-    return parse_size(value, "eps") * 255

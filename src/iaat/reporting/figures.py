@@ -112,12 +112,13 @@ def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
         curve = (r.evaluation or {}).get("curves", {}).get("eps")
         if not curve:
             continue
-        xs = [p["eps_pixels"] for p in curve["points"]]
+        xs = [p["eps"] * 255 for p in curve["points"]]
         ys = [100 * p["accuracy"] for p in curve["points"]]
         style = style_of[id(r)]
         ax.plot(xs, ys, "-", marker=style["marker"], color=style["color"], markersize=5,
                 lw=2.2 if r.adaptive else 1.4, label=r.name)
-        curves.append({"run": r.name, "eps": xs, "accuracy": [y / 100 for y in ys], "attack": curve.get("attack")})
+        curves.append({"run": r.name, "eps": [p["eps"] for p in curve["points"]], "accuracy": [y / 100 for y in ys],
+                       "attack": curve.get("attack")})
     attack = curves[0]["attack"] if curves else "PGD"
     ax.set_xlabel("test radius ε (pixel units, /255)")
     ax.set_ylabel(f"accuracy under {attack} (%)")
@@ -141,13 +142,14 @@ def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
     rows = [m for m in record.metrics if "radius_mean" in m]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     epochs = [m["epoch"] for m in rows]
+    pixels = lambda key: [m[key] * 255 for m in rows]  # noqa: E731 -- metrics hold [0, 1] units
     if rows:
         if all("radius_q10" in m for m in rows):
-            left.fill_between(epochs, [m["radius_q10"] for m in rows], [m["radius_q90"] for m in rows],
-                              color="tab:red", alpha=0.12, label="10-90% of samples")
-            left.fill_between(epochs, [m["radius_q25"] for m in rows], [m["radius_q75"] for m in rows],
-                              color="tab:red", alpha=0.25, label="25-75%")
-        left.plot(epochs, [m["radius_mean"] for m in rows], "-o", color="tab:red", markersize=4, label="mean")
+            left.fill_between(epochs, pixels("radius_q10"), pixels("radius_q90"), color="tab:red", alpha=0.12,
+                              label="10-90% of samples")
+            left.fill_between(epochs, pixels("radius_q25"), pixels("radius_q75"), color="tab:red", alpha=0.25,
+                              label="25-75%")
+        left.plot(epochs, pixels("radius_mean"), "-o", color="tab:red", markersize=4, label="mean")
         warmup = record.params.get("warmup_epochs", 0)
         if warmup:
             left.axvspan(0.5, warmup + 0.5, color="0.85", alpha=0.5, label=f"warmup ({warmup} epochs)")
@@ -233,9 +235,9 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     import torch
 
     from ..attacks import pgd
-    from ..data import load_dataset
+    from ..data import load_dataset, to_unit
+    from ..engine.runs import load_run
     from ..engine.setup import resolve_device
-    from ..engine.trainer import load_run
 
     split = np.load(record.path / "data_split.npz")
     final = record.radii_at(max(record.radii))
@@ -253,7 +255,7 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     for which, rows in groups.items():
         idx = torch.as_tensor(train_idx[rows], dtype=torch.long)
         subset = splits.train.subset(idx)
-        x = subset.x.float().div(255).to(dev)
+        x = to_unit(subset.x, dev)
         y = subset.y.to(dev)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(0)
@@ -269,6 +271,6 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
         image_grid(x.cpu().numpy(), res.x_adv.detach().cpu().numpy(), captions, adv_captions, title,
                    stem.with_name(f"{stem.name}_{which}"))
         edge = final[rows[-1]]  # ties at the edge of the group: which of them are shown is training-set order
-        drawn[which] = {"train_positions": rows.tolist(), "radii": (final[rows] * 255).tolist(), "labels": labels,
+        drawn[which] = {"train_positions": rows.tolist(), "radii": final[rows].tolist(), "labels": labels,
                         "tied_at_edge": int((final == edge).sum())}
     return {"run": record.name, **drawn}

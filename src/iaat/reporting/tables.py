@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .collect import RunRecord, eps_pixels
+from .collect import RunRecord
 
 
 def _pct(value: Optional[float]) -> str:
@@ -30,7 +30,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _radius(r: RunRecord) -> str:
     if r.method == "clean":
         return "0 (clean)"
-    return f"{r.train_eps:.2f} (mean, adaptive)" if r.adaptive else f"{r.train_eps:g}"
+    return f"{r.train_eps * 255:.2f} (mean, adaptive)" if r.adaptive else f"{r.train_eps * 255:.4g}"
 
 
 def robustness_table(records: list[RunRecord]) -> str:
@@ -111,15 +111,15 @@ def sensitivity_table(records: list[RunRecord], attack: str) -> str:
         if r.adaptive and r.evaluation is not None:
             groups.setdefault(rest(r), []).append(r)
     best = max(groups.values(), key=len, default=[])
-    gammas = sorted({eps_pixels(r.params["gamma"]) for r in best})
+    gammas = sorted({r.params["gamma"] for r in best})
     betas = sorted({float(r.params["beta"]) for r in best})
     if len(gammas) * len(betas) < 2:
         return _missing("IAAT runs that differ only in γ and β", "sweep them with `iaat sweep ... --grid "
                         "method.gamma=1,1.9,4 --grid method.beta=0.1,0.5`")
-    cell = {(eps_pixels(r.params["gamma"]), float(r.params["beta"])): r for r in best}
+    cell = {(r.params["gamma"], float(r.params["beta"])): r for r in best}
     rows = []
     for g in gammas:
-        row = [f"γ = {g:.3g}/255"]
+        row = [f"γ = {g * 255:.3g}/255"]
         for b in betas:
             r = cell.get((g, b))
             row.append(f"{_pct(r.accuracy())} / {_pct(r.accuracy(attack))}" if r else "–")

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from .. import __version__
-from ..errors import ConfigError, DataError
-from .protocol import EvalPlan, markdown_report, run_evaluation
+from . import __version__
+from .errors import ConfigError, DataError
+from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 
 
 @dataclass
@@ -52,10 +52,10 @@ def check_same_data(ckpt: dict, splits, what: str) -> None:
 
 def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     """Run the requested evaluation; returns ``(result, json_path, markdown_path)``."""
-    from ..data import load_dataset, make_train_val
-    from ..engine.rundir import write_json
-    from ..engine.setup import resolve_device
-    from ..engine.trainer import load_run
+    from .data import load_dataset, make_train_val
+    from .engine.rundir import write_json
+    from .engine.runs import load_run
+    from .engine.setup import resolve_device
 
     device = resolve_device(req.device)
     # On CPU small batches stay in cache: PGD-10 on the small CNN ran 1.65x faster at 64 than at 256 (2-core EPYC).
@@ -119,7 +119,7 @@ def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size:
     """A callable giving the corruption sets: a CIFAR-10-C or ImageNet-C folder, or generated ones."""
     import warnings
 
-    from . import corruptions as C
+    from .evaluation import corruptions as C
 
     if spec == "generated":
         return lambda: C.generated_corruption_sets(data, n=n, seed=seed)

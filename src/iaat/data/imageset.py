@@ -1,0 +1,52 @@
+"""Images and labels held as tensors: one split (:class:`ImageSet`) and a data set's splits (:class:`DatasetSplits`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) and int64 labels (N,); x may be lazy (:class:`~iaat.data.folder.FolderImages`).
+
+    Evaluation also takes float images in [0, 1] (:func:`iaat.evaluate` on a user's tensors); training needs uint8.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not (self.x.dtype == torch.uint8 or self.x.is_floating_point()) or self.x.ndim != 4:
+            raise DataError(f"images must be uint8 (or float in [0, 1]) of shape (N, C, H, W), got {self.x.dtype} "
+                            f"{tuple(self.x.shape)}.")
+        if self.y.ndim != 1 or len(self.y) != len(self.x):
+            raise DataError(f"labels must have shape ({len(self.x)},), got {tuple(self.y.shape)}.")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        if not torch.is_tensor(self.x):  # lazy images (an image folder): select without decoding
+            return ImageSet(self.x.select(indices), self.y[indices])
+        return ImageSet(self.x[indices], self.y[indices])
+
+
+@dataclass
+class DatasetSplits:
+    """The official train and test splits of a data set plus what a model needs to know."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+    mean: tuple
+    std: tuple
+    source: str  #: human-readable provenance, e.g. the folder it was read from
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.train.x.shape[1:])

@@ -1,0 +1,56 @@
+"""A saved run read back: its config and its model, from a run folder or one checkpoint file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import Config, config_from_dict, load_yaml
+from ..errors import CheckpointError
+from ..models import build_model
+from . import rundir
+from .checkpoint import latest_valid, load_checkpoint
+from .setup import load_model_state
+
+
+def load_run_config(path: Path) -> Config:
+    """The config of a run folder (its config.yaml) or of a checkpoint file, without building the model."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / rundir.CONFIG).is_file():
+            raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
+        return config_from_dict(load_yaml(path / rundir.CONFIG))
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
+    return config_from_dict(load_checkpoint(path)["config"])
+
+
+def load_run(path: Path, device: Optional[torch.device] = None):
+    """Load the model of a run folder (its newest valid checkpoint) or of one checkpoint file.
+
+    Returns ``(model, cfg, checkpoint_path, checkpoint)``, the model in eval mode on ``device``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg_path = path / rundir.CONFIG
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
+        ckpt_path, ckpt = latest_valid(path / rundir.CHECKPOINTS)
+        if ckpt is None:
+            raise CheckpointError(f"no valid checkpoint in {path / rundir.CHECKPOINTS}.")
+        cfg = config_from_dict(load_yaml(cfg_path))
+    elif path.exists():
+        ckpt_path, ckpt = path, load_checkpoint(path)
+        cfg = config_from_dict(ckpt["config"])
+    else:
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
+    info = ckpt.get("data", {})
+    channels = (info.get("image_shape") or [3])[0]
+    # Normalisation constants are buffers in the state dict, so placeholders are overwritten on load.
+    model = build_model(cfg.model.name, info.get("num_classes", 10), channels, depth=cfg.model.depth,
+                        width=cfg.model.width)
+    load_model_state(model, ckpt["model"], str(ckpt_path), cfg.model.name, ckpt.get("model_name", "?"))
+    model.to(device or torch.device("cpu")).eval()
+    return model, cfg, ckpt_path, ckpt

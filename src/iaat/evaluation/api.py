@@ -1,0 +1,89 @@
+"""``evaluate``: the evaluation protocol on any model and tensors, its numbers as a plain dict."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..attacks import attack_mode
+from ..data import ImageSet, to_unit
+from ..errors import ConfigError
+from ..units import check_size
+from .attacks import AttackSpec
+from .presets import PROTOCOLS
+from .protocol import build_plan, run_evaluation
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+             attacks: Optional[Sequence[Union[str, AttackSpec]]] = None, eps: Union[float, Sequence[float]] = 8 / 255,
+             protocol: Optional[str] = None, norm: str = "linf", eps_sweep: Optional[Sequence[float]] = None,
+             steps_sweep: Optional[Sequence[int]] = None, checks: bool = True, batch_size: int = 256,
+             device: Optional[torch.device] = None, seed: int = 0, progress: bool = False) -> dict:
+    """Clean and robust accuracy of any model on images ``x`` in [0, 1] with labels ``y``.
+
+    Only images classified correctly when clean are attacked; a sample counts as robust only if
+    no iterate of any restart of any attack misclassified it. The sanity checks of ``iaat eval``
+    run too (``checks=False`` leaves them out) and say when the numbers should not be believed.
+
+    Args:
+        model: maps images in [0, 1] to logits (normalisation inside, e.g. :class:`iaat.NormalizedModel`).
+        x: images in [0, 1], float (B, C, H, W), or uint8 pixels.
+        y: labels (B,).
+        attacks: attack specs as ``iaat eval --attack`` writes them (``"pgd:steps=100,restarts=5"``, ``"cw"``,
+            ``"autoattack:version=quick"``) or :class:`~iaat.evaluation.AttackSpec` objects; default PGD-20
+            and CW-40. A size written inside a spec string is text, read as on the command line (8 or 8/255).
+        eps: the radius, or several (each attack without its own radius runs at each), [0, 1] units.
+        protocol: a named protocol (``quick``, ``paper``, ``full``) whose attacks come first.
+        norm: ``linf`` or ``l2``.
+        eps_sweep, steps_sweep: accuracy over these radii (PGD-10) / PGD step counts (one run gives all).
+        checks: run the sanity checks.
+        batch_size, device, seed, progress: how it runs (device: the model's).
+
+    Returns:
+        ``{"n", "clean", "eps", "norm", "attacks": {label: {"accuracy", ...}}, "worst_case", "curves",
+        "checks", "suspicious", "seconds", ...}``, every size in [0, 1] units.
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+        >>> res = iaat.evaluate(model, x, y, attacks=["pgd:steps=10"], eps=8 / 255, checks=False)
+        >>> sorted(res["attacks"])
+        ['PGD-10@8/255']
+        >>> res["attacks"]["PGD-10@8/255"]["accuracy"] <= res["clean"]
+        True
+    """
+    radii = [eps] if isinstance(eps, (int, float)) else list(eps)
+    radii = [check_size(e, "eps", norm=norm) for e in radii]
+    sweep = [check_size(e, "eps_sweep", norm=norm) for e in eps_sweep] if eps_sweep is not None else None
+    data = _image_set(x, y)
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), attack_mode(model) as plain:
+        num_classes = int(plain(to_unit(data.x[:1], device)).shape[-1])
+    if int(data.y.max()) >= num_classes:
+        raise ConfigError(f"labels go up to {int(data.y.max())} but the model has {num_classes} outputs.")
+    texts = [a for a in attacks if isinstance(a, str)] if attacks is not None else (
+        [] if protocol else list(PROTOCOLS["quick"]))
+    plan = build_plan(eps=radii, protocol=protocol, attacks=texts, norm=norm, eps_sweep=sweep, steps_sweep=steps_sweep,
+                      checks=checks)
+    for spec in (a for a in attacks or () if isinstance(a, AttackSpec)):
+        for e in ([spec.eps] if spec.eps is not None else radii):
+            if spec.at(e).label not in {s.label for s in plan.attacks}:
+                plan.attacks.append(spec.at(e))
+    fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
+    return run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint, batch_size=batch_size,
+                          device=device, seed=seed, progress=progress)
+
+
+def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
+    if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 4 and y.shape == (len(x),)):
+        raise ConfigError(f"evaluate takes images x of shape (N, C, H, W) and labels y of shape (N,), got "
+                          f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
+    if x.is_floating_point():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ConfigError(f"evaluate takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; if they are "
+                              f"normalised, put the normalisation inside the model (iaat.NormalizedModel).")
+    return ImageSet(x.detach().cpu(), y.detach().cpu().long())

@@ -1,0 +1,89 @@
+"""Type checks of dataclass fields against their hints: the config sections and the training methods share them.
+
+Kept apart from :mod:`iaat.config` so that the methods can check their own keyword arguments
+without importing the config layer (which imports the methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Iterable, Union
+
+from .errors import ConfigError
+from .units import PixelSize
+
+
+def did_you_mean(key: str, options: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest option, or an empty string."""
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check (and lightly coerce: integral floats to int, numbers to float) one value against a type hint."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        if hint == PixelSize or set(args) == {int, float, str}:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{where} must be a size like 8 or '8/255', got {value!r}.")
+            return value
+        inner = [a for a in args if a is not type(None)]
+        for hint in inner[:-1]:  # the first alternative that fits; the last one's error otherwise
+            try:
+                return check_type(value, hint, where)
+            except ConfigError:
+                pass
+        return check_type(value, inner[-1], where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads 5e-4 (no dot) as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}.")
+        return value
+    return value
+
+
+def check_keys(values: Iterable[str], names: Iterable[str], section: str) -> None:
+    """Every key must be one of ``names``; an unknown one is an error with a "did you mean" hint."""
+    names = list(names)
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown key '{section}.{key}'.{did_you_mean(key, names)} "
+                              f"Valid keys of '{section}': {', '.join(names)}.")
+
+
+def build_dataclass(cls: type, values: dict, section: str) -> Any:
+    """``cls(**values)`` after checking every key and value against the dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], section)
+    return cls(**{key: check_type(value, hints[key], f"{section}.{key}") for key, value in values.items()})

@@ -1,0 +1,199 @@
+"""The public Python API: what ``import iaat`` offers, its docstring examples, one unit, and no silent traps."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import iaat
+from helpers import run_cli, tiny_train_args
+from iaat.errors import ConfigError
+
+#: Modules whose docstring examples are part of the public API's documentation.
+DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
+              "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
+              "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.gair", "iaat.evaluation.api",
+              "iaat.evaluation.attacks"]
+
+
+@pytest.mark.parametrize("module", DOCUMENTED)
+def test_docstring_examples_run(module):
+    torch.manual_seed(0)
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    assert result.attempted > 0, f"{module} has no example"
+
+
+def test_every_public_name_resolves_and_has_an_example():
+    for name in iaat.__all__:
+        obj = getattr(iaat, name)
+        if callable(obj) and not isinstance(obj, type(iaat)):
+            assert ">>>" in (obj.__doc__ or "") or name == "AttackResult", name
+    assert "IAAT" in iaat.methods.__all__
+
+
+def _linear(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, classes))
+
+
+def _batch(n: int = 6, classes: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 4, 4, generator=g), torch.arange(n) % classes
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x, y: iaat.pgd(m, x, y, eps=8),
+    lambda m, x, y: iaat.pgd(m, x, y, eps=8 / 255, step_size=2),
+    lambda m, x, y: iaat.PGD(m, eps=8),
+    lambda m, x, y: iaat.PGDAT(eps=8),
+    lambda m, x, y: iaat.IAAT(num_train=6, gamma=1.9),
+    lambda m, x, y: iaat.AttackSpec(eps=8),
+    lambda m, x, y: iaat.evaluate(m, x, y, eps=8),
+])
+def test_a_size_in_pixel_units_is_an_error_that_names_the_fix(call):
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match=r"larger than 1.*/255") as info:
+        call(model, x, y)
+    assert isinstance(info.value, ValueError)  # what a Python caller catches
+
+
+def test_l2_sizes_may_exceed_one():
+    model, (x, y) = _linear(), _batch()
+    res = iaat.pgd(model, x, y, eps=2.0, norm="l2", steps=2)
+    assert torch.all((res.x_adv - x).flatten(1).norm(dim=1) <= 2.0 + 1e-5)
+
+
+def test_iaat_loss_needs_start_epoch_and_indices():
+    model, (x, y) = _linear(), _batch()
+    method = iaat.IAAT(num_train=6, eps=8 / 255, steps=2)
+    with pytest.raises(ConfigError, match="before start_epoch"):
+        method.loss(model, x, y, torch.arange(6))
+    method.start_epoch(0)
+    with pytest.raises(ConfigError, match="IndexedDataset"):
+        method.loss(model, x, y)
+    with pytest.raises(ConfigError, match="outside the training set of num_train=6"):
+        method.loss(model, x, y, torch.arange(6) + 1)
+    with pytest.raises(ConfigError, match="num_train"):
+        iaat.IAAT(eps=8 / 255)
+    assert method.loss(model, x, y, torch.arange(6)).ndim == 0
+
+
+def test_normalised_inputs_are_refused():
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match=r"images in \[0, 1\].*NormalizedModel"):
+        iaat.PGDAT().loss(model, (x - 0.5) / 0.25, y)
+    with pytest.raises(ConfigError, match=r"images in \[0, 1\]"):
+        iaat.evaluate(model, (x - 0.5) / 0.25, y)
+
+
+def test_iaat_memory_round_trips_through_state_dict():
+    model, (x, y) = _linear(), _batch()
+    a = iaat.IAAT(num_train=10, eps=8 / 255, steps=2, warmup_epochs=0, eps_init=4 / 255)
+    a.start_epoch(0)
+    a.loss(model, x, y, torch.tensor([9, 0, 3, 4, 5, 6]))
+    b = iaat.IAAT(num_train=10, eps=8 / 255, steps=2, warmup_epochs=0, eps_init=4 / 255)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.memory, b.memory) and not torch.all(a.memory == 4 / 255)
+    with pytest.raises(ConfigError, match="11 samples"):
+        iaat.IAAT(num_train=11).load_state_dict(a.state_dict())
+
+
+def test_iaat_warmup_follows_the_training_radius():
+    assert iaat.IAAT(num_train=4, eps=4 / 255).eps_warmup == pytest.approx(4 / 255)
+    explicit = iaat.IAAT(num_train=4, eps=4 / 255, eps_warmup=8 / 255)
+    assert explicit.eps_warmup == pytest.approx(8 / 255)
+    assert explicit.notes() and "8/255" in explicit.notes()[0] and "4/255" in explicit.notes()[0]
+    assert iaat.IAAT(num_train=4, eps=4 / 255).notes() == []
+
+
+@pytest.mark.slow
+def test_cli_iaat_warms_up_at_the_training_radius(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
+                                   "method.warmup_epochs=1"))
+    assert res.returncode == 0, res.stderr
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["radius_mean"] == pytest.approx(4 / 255) and row["train_radius"] == pytest.approx(4 / 255)
+    assert "eps_warmup" not in res.stdout  # nothing to point out
+
+    out = tmp_path / "explicit"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
+                                   "method.warmup_epochs=1", "--set", "method.eps_warmup=8"))
+    assert res.returncode == 0, res.stderr
+    assert "warmup epoch(s) train at eps_warmup 8/255, not at the training radius eps 4/255" in res.stdout
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["radius_mean"] == pytest.approx(8 / 255)
+
+
+def test_methods_from_configs_get_unit_sizes():
+    from iaat.config import build_method, config_from_dict
+
+    cfg = config_from_dict({"method": {"name": "iaat", "gamma": 1.9, "eps_max": "12/255"}, "attack": {"eps": 6}})
+    method = build_method(cfg, num_train=5)
+    assert method.gamma == pytest.approx(1.9 / 255) and method.eps_max == pytest.approx(12 / 255)
+    assert method.eps == pytest.approx(6 / 255) and method.eps_warmup == pytest.approx(6 / 255)
+
+
+def test_evaluate_returns_the_protocol_numbers_as_a_plain_dict():
+    torch.manual_seed(0)
+    model, (x, y) = _linear(), _batch(24)
+    res = iaat.evaluate(model, x, y, attacks=["pgd:steps=5", iaat.AttackSpec(steps=3, restarts=2)], eps=[8 / 255],
+                        eps_sweep=[0, 4 / 255, 8 / 255], steps_sweep=[1, 5])
+    assert set(res["attacks"]) == {"PGD-5@8/255", "PGD-3x2@8/255"}
+    assert res["worst_case"]["accuracy"] <= min(a["accuracy"] for a in res["attacks"].values())
+    assert [p["eps"] for p in res["curves"]["eps"]["points"]] == pytest.approx([0, 4 / 255, 8 / 255])
+    assert "checks" in res and isinstance(res["suspicious"], bool)
+    json.dumps(res)  # plain data
+    with pytest.raises(ConfigError, match="labels go up to 5 but the model has 3 outputs"):
+        iaat.evaluate(model, x, torch.arange(24) % 6)
+
+
+def test_the_package_has_no_import_cycles():
+    """Every import (also those inside functions) between the package's modules, as a graph without cycles."""
+    import ast
+    from pathlib import Path
+
+    root = Path(iaat.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ["iaat", *path.relative_to(root).with_suffix("").parts]
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        here = name.split(".") if is_package else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        # importing a.b.c runs the packages a.b first (unless the importer lives inside them)
+        graph[name] = {p for t in targets if t in modules for p in _with_parents(t, modules)
+                       if p != name and not name.startswith(p + ".")}
+
+    def cycle_from(start, node, seen):
+        for nxt in graph[node]:
+            if nxt == start:
+                return [node, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                rest = cycle_from(start, nxt, seen)
+                if rest:
+                    return [node, *rest]
+        return None
+
+    for name in sorted(graph):
+        assert cycle_from(name, name, set()) is None, " -> ".join(cycle_from(name, name, set()))
+
+
+def _with_parents(name: str, modules: dict) -> list:
+    parts = name.split(".")
+    return [p for p in (".".join(parts[:i]) for i in range(2, len(parts) + 1)) if p in modules]
