@@ -84,6 +84,13 @@ def run_main(*args: str) -> tuple[Optional[int], str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """:func:`run_main` shaped like :func:`run_cli`'s result, for CLI checks that need no process of their own
+    (an exception escaping main() gives return code None and its traceback in stderr)."""
+    code, out, err = run_main(*args)
+    return subprocess.CompletedProcess(["iaat", *args], code, out, err)
+
+
 def child_env() -> dict:
     """Environment for a CLI subprocess whose results must match this process bitwise (same thread count)."""
     import torch
