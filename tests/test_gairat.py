@@ -171,3 +171,30 @@ def test_iaat_with_gair_weights_weighs_its_losses():
 def test_bad_parameters(name, params, phrase):
     with pytest.raises(ConfigError, match=phrase):
         _method(name, **params)
+
+
+def test_wrn_preset_starts_weights_and_decays_the_lr_where_the_authors_code_does():
+    """configs/cifar10_wrn32_10_gairat.yaml against two lines of GAIRAT.py (zjfheart/Geometry-aware-Instance-
+    reweighted-Adversarial-Training): its piecewise lr_schedule, called with epoch + 1, and its start of the
+    weights, ``if (epoch + 1) >= args.begin_epoch`` with begin_epoch 60 (epochs 0-based)."""
+    from helpers import REPO
+    from iaat.config import build_method, load_yaml
+    from iaat.engine.schedule import lr_at
+
+    def authors_lr(t, epochs=120, lr_max=0.1):  # ported from GAIRAT.py, lr_schedule == "piecewise"
+        if t / epochs < 0.5:
+            return lr_max
+        elif t / epochs < 0.75:
+            return lr_max / 10.
+        elif t / epochs < (11 / 12):
+            return lr_max / 100.
+        else:
+            return lr_max / 200.
+
+    cfg = config_from_dict(load_yaml(REPO / "configs" / "cifar10_wrn32_10_gairat.yaml"))
+    for epoch in range(120):
+        for within in (0.0, 0.5):
+            assert lr_at(cfg.optim, epoch + within, 120) == pytest.approx(authors_lr(epoch + 1)), epoch
+    method = build_method(cfg, num_train=1)
+    assert [method.gair.active(e) for e in range(120)] == [(e + 1) >= 60 for e in range(120)]
+    assert not cfg.model.normalize  # their WRN has no input normalisation

@@ -196,7 +196,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.model.name}'.{did_you_mean(cfg.model.name, MODELS)} "
                           f"Known: {', '.join(sorted(MODELS))}.")
-    method_class(cfg.method.name)
+    method_class(cfg.method.name)  # an unknown name first; its keys are checked last
     if cfg.attack.norm not in ("linf", "l2"):
         raise ConfigError(f"attack.norm must be 'linf' or 'l2', got {cfg.attack.norm!r}.")
     cfg.eps, cfg.step_size  # noqa: B018 -- parse to validate units

@@ -29,8 +29,10 @@ def lr_at(optim: OptimConfig, progress: float, total_epochs: int, batch_size: Op
     """
     base = peak_lr(optim, batch_size)
     if optim.schedule == "step":
-        passed = bisect.bisect_right(sorted(optim.milestones), int(progress))
-        factor = math.prod(optim.decay[:passed]) if isinstance(optim.decay, list) else optim.decay ** passed
+        if isinstance(optim.decay, list):  # one factor per milestone, in the milestones' order
+            factor = math.prod(d for m, d in zip(optim.milestones, optim.decay) if m <= int(progress))
+        else:
+            factor = optim.decay ** bisect.bisect_right(sorted(optim.milestones), int(progress))
         lr = base * factor
     elif optim.schedule == "cosine":
         lr = base * 0.5 * (1 + math.cos(math.pi * min(progress / total_epochs, 1.0)))
