@@ -37,6 +37,8 @@ _EXPORTS = {
     "IndexedDataset": "data.indexed",
     # evaluation
     "evaluate": "evaluation.api", "AttackSpec": "evaluation.attacks",
+    # model files
+    "load_model": "model_files", "export_model": "model_files",
     # units
     "check_size": "units", "format_size": "units",
 }

@@ -1,4 +1,4 @@
-"""Command line: ``iaat train | eval | sweep | report | demo``.
+"""Command line: ``iaat train | eval | export | metrics | sweep | report | demo``.
 
 Sizes (eps, step sizes) are in pixel units over 255: ``8`` means 8/255; ``"8/255"`` and
 ``"0.031/1"`` (an explicit fraction of the [0, 1] range) are accepted too.
@@ -7,6 +7,7 @@ Sizes (eps, step sizes) are in pixel units over 255: ``8`` means 8/255; ``"8/255
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255'
 # Keys a resumed run may change; anything else must match the saved config.yaml.
 _RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
                       ("train", "deterministic"), ("train", "channels_last"), ("train", "compile"),
+                      ("train", "tensorboard"),
                       ("data", "data_dir"), ("data", "download")}
 
 
@@ -47,6 +49,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
     p.add_argument("--eps", help=f"training attack radius, {SIZE_HELP}  [attack.eps]")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast for attacks and training  [train.amp]")
+    p.add_argument("--init-from", metavar="FILE",
+                   help="start from these weights: a run folder, a checkpoint, or an exported .safetensors or "
+                        "TorchScript model of the same architecture (adversarial fine-tuning)  [train.init_from]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set attack.eps=8 --set optim.lr=0.05 "
@@ -69,6 +74,7 @@ def _raw_config(args: argparse.Namespace) -> dict:
     merge(raw, "train", "device", args.device)
     merge(raw, "train", "amp", args.amp)
     merge(raw, "attack", "eps", args.eps)
+    merge(raw, "train", "init_from", args.init_from)
     if args.no_progress:
         merge(raw, "train", "progress", False)
     for assignment in args.set:
@@ -87,6 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError("--resume takes the config from the run folder; drop --config "
                               "(use --epochs or --set train.epochs=N to extend a run).")
+        if args.init_from:
+            raise ConfigError("--init-from starts a new run from other weights; --resume continues this run from "
+                              "its own checkpoint. Drop one of them.")
         saved = load_yaml(out / CONFIG)
         raw = _raw_config(argparse.Namespace(**{**vars(args), "config": None}))
         merged = {s: dict(saved.get(s) or {}) for s in saved}
@@ -117,7 +126,7 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.protocol import build_plan, curve_x
-    from .eval_session import EvalRequest, evaluate_checkpoint
+    from .eval_session import EvalRequest, default_eps, evaluate_checkpoint
     from .units import format_size
 
     # Options first: a typo should not wait for the model and the data to load.
@@ -148,25 +157,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep_steps is not None and any(k < 1 for k in args.sweep_steps):
         raise ConfigError("--sweep-steps values must be >= 1.")
 
-    path = Path(args.path)
-    if eps is None:  # the run's own radius
-        from .engine.runs import load_run_config
-
-        eps = [load_run_config(path).eps]
-    plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
-                      corruptions=args.corruptions, eps_sweep=sweep_eps, steps_sweep=args.sweep_steps,
-                      checks=not args.no_checks)
-    req = EvalRequest(path=path, plan=plan, n=args.n, split=args.split, data_dir=args.data_dir,
-                      batch_size=args.batch_size, device=args.device, seed=args.seed,
-                      out=Path(args.out) if args.out else None, progress=not args.no_progress)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be positive, got {args.num_classes}.")
+    if args.weights and not args.model:
+        raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
+    req = EvalRequest(path=Path(args.path) if args.path else None, plan=None, n=args.n, split=args.split,
+                      data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                      out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
+                      weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
+                      num_classes=args.num_classes)
+    if eps is None:  # the model's own training radius
+        eps = [default_eps(req)]
+    req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
+                          corruptions=args.corruptions, eps_sweep=sweep_eps, steps_sweep=args.sweep_steps,
+                          checks=not args.no_checks)
     try:
         result, out, md = evaluate_checkpoint(req)
     except KeyboardInterrupt:
         print("iaat: interrupted; run the same command again to resume the evaluation where it stopped",
               file=sys.stderr)
         return 130
-    print(f"{result['method']} / {result['model']}, epoch {result['epoch']}, {result['n']} {args.split} images "
-          f"({result['data_source']})")
+    print(f"{result['model_source']}, {result['n']} {args.split} images ({result['data_source']})")
     print(f"  {'clean accuracy':<34}{result['clean']:.4f}")
     for label, entry in result["attacks"].items():
         print(f"  {label:<34}{entry['accuracy']:.4f}")
@@ -183,6 +194,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             warnings.warn(f"suspicious evaluation: {check['name']}: {check['detail']}", stacklevel=1)
     print(f"  eps {format_size(result['eps'])}; sanity checks: "
           + ("SUSPICIOUS (see warnings)" if result.get("suspicious") else "passed" if "checks" in result else "off"))
+    sec = result["seconds"]
+    print(f"  time: clean {sec['clean']:.1f} s, attacks {sum(sec['attacks'].values()):.1f} s, sanity checks "
+          f"{sec['checks']['total']:.1f} s ({100 * sec['checks_share']:.0f}% of the evaluation)")
     print(f"results written to {out} and {md}")
     return 0
 
@@ -253,6 +267,54 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model_files import export_model
+
+    weights = "ema" if args.ema else "raw" if args.raw else "auto"
+    out, meta = export_model(Path(args.run), Path(args.out), args.format, weights, overwrite=args.overwrite)
+    card = json.loads(meta.read_text())
+    acc = card.get("accuracy") or {}
+    print(f"{card['training']['method']} / {card['architecture']['name']} ({card['weights']} weights, epoch "
+          f"{card['training']['epochs']}) written to {out} ({args.format}), its description to {meta}")
+    if acc:
+        print(f"  latest accuracy: clean {acc['clean']:.4f}, robust {acc['robust']:.4f} ({', '.join(acc['attacks'])}; "
+              f"{acc['split']}, {acc['from']})")
+    print(f"  load it with iaat.load_model({str(out)!r}) or evaluate it with iaat eval {out}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import csv
+
+    from .engine.rundir import METRICS, read_metrics
+
+    run = Path(args.run)
+    rows = read_metrics(run)
+    if not rows:
+        raise ConfigError(f"{run} has no {METRICS} yet (not a run folder, or no epoch finished).")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if args.csv:
+        handle = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="")
+        try:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        finally:
+            if handle is not sys.stdout:
+                handle.close()
+        if args.csv != "-":
+            print(f"{len(rows)} epochs, {len(columns)} columns written to {args.csv}")
+        return 0
+    shown = [c for c in ("epoch", "lr", "train_loss", "train_acc", "radius_mean") if c in columns]
+    shown += [c for c in columns if c.startswith("val_")] + ["train_seconds"]
+    print("  ".join(f"{c:>14}" for c in shown))
+    for row in rows:
+        cells = [row.get(c) for c in shown]
+        print("  ".join(f"{'' if v is None else f'{v * 255:.3g}/255' if c == 'radius_mean' else f'{v:.4g}':>14}"
+                        for c, v in zip(shown, cells)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -292,14 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="robustness evaluation of a run or checkpoint: attacks, sweeps, corruptions, "
-                                    "sanity checks (resumable)",
+    p = sub.add_parser("eval", help="robustness evaluation of a run, checkpoint or any model file: attacks, sweeps, "
+                                    "corruptions, sanity checks (resumable)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Evaluate a trained model. Without --protocol or --attack: clean accuracy and one "
-                                   "PGD attack (--steps, --restarts, --step-size, --loss). Only images classified "
-                                   "correctly when clean are attacked; a sample counts as robust only if no attack "
-                                   "iterate (of any restart) misclassifies it. Writes JSON and a markdown table; "
-                                   "re-running an interrupted evaluation resumes it.",
+                       description="Evaluate a trained model: a run, a checkpoint, an exported .safetensors or\n"
+                                   "TorchScript file, or your own architecture (--model module:factory --weights FILE);\n"
+                                   "the model takes images in [0, 1]. Without --protocol or --attack: clean accuracy\n"
+                                   "and one PGD attack (--steps, --restarts, --step-size, --loss). Only images\n"
+                                   "classified correctly when clean are attacked; a sample counts as robust only if\n"
+                                   "no attack iterate (of any restart) misclassifies it. Writes JSON and a markdown\n"
+                                   "table; re-running an interrupted evaluation resumes it.",
                        epilog="protocols:\n" + "\n".join(f"  {k:<8}{v}" for k, v in PROTOCOL_HELP.items())
                        + "\n\nattack specs (--attack KIND[:key=value,...]; sizes in pixel units over 255):\n"
                        "  pgd         steps, restarts, step_size, loss=ce|margin, targeted=true, random_start, eps, norm\n"
@@ -309,7 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "  autoattack  version=standard|quick (APGD-CE + APGD-T); needs pip install pyautoattack\n"
                        "  transfer    PGD crafted on source=RUN (or --surrogate RUN), tested on this model\n"
                        "e.g. iaat eval runs/x --protocol paper --surrogate runs/x2 --corruptions generated --n 1000")
-    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (uses its newest valid checkpoint) or .pt")
+    p.add_argument("path", metavar="MODEL", nargs="?",
+                   help="run folder (its newest valid checkpoint), checkpoint, exported .safetensors (with its JSON) "
+                        "or TorchScript file; or leave it out and give --model")
+    p.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="your own architecture: an importable factory returning an nn.Module that takes [0, 1] "
+                        "images (called with num_classes= when it takes it), e.g. mypkg.nets:resnet18")
+    p.add_argument("--weights", metavar="FILE", help="with --model: its weights (.safetensors or a .pt state dict)")
+    p.add_argument("--dataset", help="the data set, where the model file does not say (cifar10, cifar100, digits, "
+                                     "imagefolder)")
+    p.add_argument("--num-classes", type=int, metavar="K",
+                   help="with --model: passed to the factory (default: the data set's number of classes)")
     p.add_argument("--protocol", choices=sorted(PROTOCOL_HELP), help="a named set of attacks (see below)")
     p.add_argument("--attack", action="append", default=[], metavar="SPEC",
                    help="an attack to run (repeatable), added to the protocol's, e.g. pgd:steps=100,restarts=5")
@@ -403,6 +477,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                       f"largest-radius images, {SIZE_HELP} (default 16)")
     p.add_argument("--device", default="auto", help="device of the attack behind the image grids")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's model as one file other tools load (safetensors or TorchScript)",
+                       description="Write a run's model, with its input normalisation inside (it takes images in "
+                                   "[0, 1]), to --out FILE, and a JSON beside it (FILE.json) that says what it is: "
+                                   "architecture and arguments, classes, input size, training method and radius, "
+                                   "latest accuracy, iaat version. Load it with iaat.load_model(FILE) (safetensors: "
+                                   "no pickle involved) or torch.jit.load (TorchScript), evaluate it with "
+                                   "iaat eval FILE.")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (its newest valid checkpoint) or checkpoint")
+    p.add_argument("--out", metavar="FILE", required=True, help="the model file to write, e.g. model.safetensors")
+    p.add_argument("--format", choices=["safetensors", "torchscript"], default="safetensors",
+                   help="safetensors (weights only, default) or torchscript (a traced module)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ema", action="store_true", help="the averaged weights (error if the run has none)")
+    which.add_argument("--raw", action="store_true",
+                       help="the raw weights (default: the averaged ones when the run keeps them, else the raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its JSON if they exist")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("metrics", help="a run's per-epoch metrics as a table, or as CSV for spreadsheets",
+                       description="Print the per-epoch metrics of a run (metrics.jsonl) as a table, or write every "
+                                   "column as CSV with --csv (sizes in [0, 1] units, as in metrics.jsonl).")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--csv", metavar="FILE", help="write all columns as CSV to FILE ('-': standard output)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("demo", help="a few-minute CPU demo on scikit-learn's bundled digits (no download)",
                        description="Train a small CNN on scikit-learn's 8x8 digits twice, with clean training and "

@@ -1,15 +1,17 @@
-"""``iaat eval``: load a run, choose the images, run the plan, write JSON and markdown."""
+"""``iaat eval``: load a model (a run, a checkpoint, an exported or TorchScript file, a user's own architecture),
+choose the images, run the plan, write JSON and markdown."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError
@@ -20,8 +22,8 @@ from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 class EvalRequest:
     """Everything ``iaat eval`` was asked, already parsed (sizes in [0, 1] units)."""
 
-    path: Path
-    plan: EvalPlan
+    path: Optional[Path]  #: run folder, checkpoint, exported .safetensors or TorchScript file (or None with model)
+    plan: Optional[EvalPlan]
     n: Optional[int] = None
     split: str = "test"
     data_dir: Optional[str] = None
@@ -30,89 +32,204 @@ class EvalRequest:
     seed: int = 0
     out: Optional[Path] = None
     progress: bool = True
+    model: Optional[str] = None  #: a user's architecture, ``module:factory``
+    weights: Optional[Path] = None  #: the weights of ``model``
+    dataset: Optional[str] = None  #: where the model file does not say
+    num_classes: Optional[int] = None  #: passed to ``model``'s factory (default: the data set's)
 
 
-def _checkpoint_digest(path: Path) -> str:
+@dataclass
+class ModelSource:
+    """A model to evaluate and what is known about it."""
+
+    model: nn.Module
+    what: str  #: for the report, e.g. "iaat / small_cnn, epoch 10" or "TorchScript model.pt"
+    digest: str  #: identifies the weights (part of the resumable state's fingerprint)
+    base: Path  #: the folder whose eval/ receives the results by default
+    stem: str  #: the output file name's prefix
+    dataset: Optional[str] = None
+    data_dir: Optional[str] = None
+    eps: Optional[float] = None  #: the training radius, the default evaluation radius
+    shape: Optional[tuple] = None  #: (classes, image shape) the model was made for, when known
+    cfg: Any = None  #: a run's config (held-out split, image folders' sizes)
+    info: dict = field(default_factory=dict)  #: epoch, model, method for the JSON
+
+
+def _file_digest(path: Path) -> str:
     sidecar = path.with_name(path.name + ".sha256")
     if sidecar.is_file():
         return sidecar.read_text().strip()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_same_data(ckpt: dict, splits, what: str) -> None:
-    """Refuse to evaluate a model on a data set with other classes or image shapes than it was trained on."""
+def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
+                weights: Optional[Path] = None, dataset: Optional[str] = None,
+                num_classes: Optional[int] = None) -> ModelSource:
+    """The model behind ``path`` (a run, a checkpoint, an exported or TorchScript file), or ``model``
+    (``module:factory``) with ``weights``, on ``device`` in eval mode."""
+    from .model_files import factory_model, file_format, read_model_file
+
+    if model is not None:
+        if path is not None:
+            raise ConfigError("give either a model file or run (PATH) or --model module:factory, not both.")
+        if dataset is None:
+            raise ConfigError(f"--model {model}: say which data set to evaluate on with --dataset.")
+        weights = Path(weights) if weights is not None else None
+        digest = hashlib.sha256(model.encode() + (weights.read_bytes() if weights and weights.is_file() else b""))
+        net = factory_model(model, weights, num_classes)
+        return ModelSource(net.to(device), model + (f" with {weights.name}" if weights else ""), digest.hexdigest(),
+                           weights.parent if weights else Path("."),
+                           weights.stem if weights else model.replace(":", "-"), dataset, info={"model": model})
+    if path is None:
+        raise ConfigError("iaat eval needs a run folder or model file, or --model module:factory --weights FILE.")
+    if weights is not None:
+        raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
+    kind = file_format(path)
+    if kind in ("run", "checkpoint"):
+        return _run_source(path, device)
+    net, meta = read_model_file(path, device)
+    training = meta.get("training") or {}
+    shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
+    return ModelSource(net, f"{'TorchScript' if kind == 'torchscript' else 'exported'} model {path.name}",
+                       hashlib.sha256(path.read_bytes()).hexdigest(), path.parent, path.stem, meta.get("dataset"),
+                       eps=training.get("eps"), shape=shape,
+                       info={"epoch": training.get("epochs"), "model": (meta.get("architecture") or {}).get("name"),
+                             "method": training.get("method")})
+
+
+def _run_source(path: Path, device: torch.device) -> ModelSource:
+    from .engine.runs import load_run
+
+    model, cfg, ckpt_path, ckpt = load_run(path, device)
     trained = ckpt.get("data") or {}
-    expected = (trained.get("num_classes"), trained.get("image_shape"))
+    shape = (trained["num_classes"], trained["image_shape"]) if trained.get("image_shape") else None
+    return ModelSource(model, f"{cfg.method.name} / {cfg.model.name}, epoch {ckpt.get('epoch')}",
+                       _file_digest(Path(ckpt_path)), path if path.is_dir() else path.parent, "eval",
+                       cfg.data.dataset, cfg.data.data_dir, cfg.eps, shape, cfg,
+                       {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
+                        "method": cfg.method.name})
+
+
+def default_eps(req: EvalRequest) -> float:
+    """The evaluation radius when ``--eps`` is not given: the model's training radius, where it is known."""
+    if req.path is not None and req.model is None:
+        from .model_files import file_format, read_model_file
+
+        if file_format(req.path) in ("run", "checkpoint"):
+            from .engine.runs import load_run_config
+
+            return load_run_config(req.path).eps
+        eps = ((read_model_file(req.path)[1].get("training")) or {}).get("eps")
+        if eps is not None:
+            return float(eps)
+    raise ConfigError("the model does not say which radius it was trained for: give the evaluation's --eps.")
+
+
+def check_same_data(shape: Optional[tuple], splits, what: str) -> None:
+    """Refuse to evaluate a model on a data set with other classes or image shapes than it was made for."""
     found = (splits.num_classes, list(splits.image_shape))
-    if None not in expected and tuple(expected) != found:
-        raise DataError(f"{what} holds a model for {expected[0]} classes of {expected[1]} images, but "
+    if shape is not None and (shape[0], list(shape[1])) != found:
+        raise DataError(f"{what} holds a model for {shape[0]} classes of {list(shape[1])} images, but "
                         f"{splits.name} ({splits.source}) has {found[0]} classes of {found[1]} images; "
                         f"evaluate it on the data set it was trained on.")
 
 
 def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     """Run the requested evaluation; returns ``(result, json_path, markdown_path)``."""
-    from .data import load_dataset, make_train_val
     from .engine.rundir import write_json
-    from .engine.runs import load_run
     from .engine.setup import resolve_device
 
     device = resolve_device(req.device)
     # On CPU small batches stay in cache: PGD-10 on the small CNN ran 1.65x faster at 64 than at 256 (2-core EPYC).
     batch_size = req.batch_size or (256 if device.type == "cuda" else 64)
-    model, cfg, ckpt_path, ckpt = load_run(req.path, device)
-    splits = load_dataset(cfg.data.dataset, req.data_dir or cfg.data.data_dir, cfg.data.download,
-                          image_size=cfg.data.image_size, resize=cfg.data.resize)
-    check_same_data(ckpt, splits, str(ckpt_path))
-    if req.split == "test":
-        data = splits.test
-    else:
-        _, val_idx = make_train_val(splits.train.y, cfg.data.val_size, cfg.data.train_subset, cfg.data.split_seed)
-        data = splits.train.subset(val_idx)
-    if req.n is not None:
-        data = data.subset(torch.arange(min(req.n, len(data))))
-
+    source, splits, data = _model_and_images(req, device)
     surrogates = {}
     for spec in req.plan.attacks:
         if spec.kind == "transfer" and spec.source not in surrogates:
-            sur, _, sur_path, sur_ckpt = load_run(Path(spec.source), device)
-            check_same_data(sur_ckpt, splits, f"the surrogate {sur_path}")
-            if Path(sur_path).resolve() == Path(ckpt_path).resolve():
-                raise ConfigError("the surrogate is the evaluated checkpoint itself; a transfer attack needs an "
-                                  "independently trained copy (another run).")
-            surrogates[spec.source] = sur
+            surrogates[spec.source] = _surrogate(Path(spec.source), source, splits, device)
 
     stages = [spec.label for spec in req.plan.stages()]
-    fingerprint = {"checkpoint": _checkpoint_digest(Path(ckpt_path)), "split": req.split, "n": len(data),
-                   "data_source": splits.source, "seed": req.seed, "batch_size": batch_size, "stages": stages,
-                   "corruptions": req.plan.corruptions, "eps_sweep": req.plan.eps_sweep,
-                   "steps_sweep": req.plan.steps_sweep}
-    out = req.out
-    if out is None:
-        tag = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
-        base = req.path if req.path.is_dir() else req.path.parent
-        out = base / "eval" / f"eval-{req.split}-n{len(data)}-{req.plan.protocol or 'custom'}-{tag}.json"
+    fingerprint = {"checkpoint": source.digest, "split": req.split, "n": len(data), "data_source": splits.source,
+                   "seed": req.seed, "batch_size": batch_size, "stages": stages, "corruptions": req.plan.corruptions,
+                   "eps_sweep": req.plan.eps_sweep, "steps_sweep": req.plan.steps_sweep}
+    out = req.out or _default_output(req, source, fingerprint, len(data))
     state_path = out.with_name(out.name + ".state.npz")
-
     corruption_sets = None
     if req.plan.corruptions:
         corruption_sets = _corruption_source(req.plan.corruptions, data, req.n, req.seed,
                                              image_size=splits.image_shape[-1])
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    res = run_evaluation(model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
+    res = run_evaluation(source.model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
                          state_path=state_path, batch_size=batch_size, device=device, seed=req.seed,
                          progress=req.progress, surrogates=surrogates, corruption_sets=corruption_sets)
     result = {"iaat_version": __version__, "torch_version": torch.__version__, "device": str(device),
-              "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
-              "method": cfg.method.name, "dataset": cfg.data.dataset, "data_source": splits.source,
-              "split": req.split, "seed": req.seed, "started": started, **res}
+              "model_source": source.what, "checkpoint": source.info.get("checkpoint", str(req.path or req.weights)),
+              "epoch": source.info.get("epoch"), "model": source.info.get("model"),
+              "method": source.info.get("method"), "dataset": req.dataset or source.dataset,
+              "data_source": splits.source, "split": req.split, "seed": req.seed, "started": started, **res}
     write_json(out, result)
     md = out.with_suffix(".md")
-    title = f"{cfg.method.name} / {cfg.model.name}, epoch {result['epoch']}, {req.split} split"
-    md.write_text(markdown_report(result, title))
+    md.write_text(markdown_report(result, f"{source.what}, {req.split} split"))
     state_path.unlink(missing_ok=True)
     return result, out, md
+
+
+def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSource, Any, Any]:
+    """The model, its data set's splits and the images to evaluate on (checked against each other)."""
+    from .data import load_dataset, make_train_val
+
+    if req.model is not None:  # the factory is told the data set's number of classes
+        from .model_files import resolve_factory
+
+        if req.dataset is None:
+            raise ConfigError(f"--model {req.model}: say which data set to evaluate on with --dataset.")
+        resolve_factory(req.model)  # a typo fails before the data loads
+        splits = load_dataset(req.dataset, req.data_dir, False)
+        source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes)
+    else:
+        source = open_source(req.path, device, weights=req.weights)
+        splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
+    check_same_data(source.shape, splits, source.what)
+    cfg = source.cfg
+    if req.split == "test":
+        data = splits.test
+    elif cfg is None:
+        raise ConfigError("--split val is the held-out part of a run's training split: it needs a run folder or "
+                          "checkpoint; use the test split for model files.")
+    else:
+        _, val_idx = make_train_val(splits.train.y, cfg.data.val_size, cfg.data.train_subset, cfg.data.split_seed)
+        data = splits.train.subset(val_idx)
+    if req.n is not None:
+        data = data.subset(torch.arange(min(req.n, len(data))))
+    return source, splits, data
+
+
+def _default_output(req: EvalRequest, source: ModelSource, fingerprint: dict, n: int) -> Path:
+    """``eval/`` of the run (or beside the model file), named after what was evaluated and a hash of it."""
+    tag = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
+    prefix = "eval" if source.stem == "eval" else f"{source.stem}-eval"
+    return source.base / "eval" / f"{prefix}-{req.split}-n{n}-{req.plan.protocol or 'custom'}-{tag}.json"
+
+
+def _load_splits(dataset: Optional[str], data_dir: Optional[str], source: ModelSource):
+    from .data import load_dataset
+
+    if dataset is None:
+        raise ConfigError(f"{source.what} does not say which data set it was trained on: give --dataset.")
+    cfg = source.cfg
+    return load_dataset(dataset, data_dir, cfg.data.download if cfg else False,
+                        image_size=cfg.data.image_size if cfg else None, resize=cfg.data.resize if cfg else None)
+
+
+def _surrogate(path: Path, source: ModelSource, splits, device: torch.device) -> nn.Module:
+    """The model a transfer attack is crafted on: a run or a model file, for the same data, not the model itself."""
+    sur = open_source(path, device)
+    check_same_data(sur.shape, splits, f"the surrogate {path}")
+    if sur.digest == source.digest:
+        raise ConfigError("the surrogate is the evaluated model itself; a transfer attack needs an "
+                          "independently trained copy (another run).")
+    return sur.model
 
 
 def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size: int):

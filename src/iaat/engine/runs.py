@@ -10,9 +10,9 @@ import torch
 from ..config import Config, config_from_dict, load_yaml
 from ..errors import CheckpointError
 from ..models import build_model
+from ..models.state import load_model_state
 from . import rundir
 from .checkpoint import latest_valid, load_checkpoint
-from .setup import load_model_state
 
 
 def load_run_config(path: Path) -> Config:

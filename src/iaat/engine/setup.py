@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import Config
 from ..data import DatasetSplits, ImageSet, load_dataset, make_train_val
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..models import build_model
 
 
@@ -111,23 +111,3 @@ def model_from_config(cfg: Config, splits: DatasetSplits) -> nn.Module:
     channels = splits.image_shape[0]
     mean, std = (splits.mean, splits.std) if m.normalize else (None, None)
     return build_model(m.name, splits.num_classes, channels, mean=mean, std=std, depth=m.depth, width=m.width)
-
-
-def load_model_state(model: nn.Module, state: dict, where: str, expected: str = "", found: str = "") -> None:
-    """Load weights, turning key/shape mismatches into one clear :class:`CheckpointError`."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        which = f" (checkpoint model '{found}', expected '{expected}')" if expected or found else ""
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        if shapes:
-            k = shapes[0]
-            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{where} holds weights of a different model{which}: {'; '.join(detail)}.")
-    model.load_state_dict(state)

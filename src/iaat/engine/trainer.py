@@ -37,14 +37,16 @@ from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupte
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
 from ..methods import Method
+from ..models.state import load_model_state
 from . import rundir
 from .checkpoint import (checkpoint_path, interrupt_path, prune, remove_checkpoint, resume_point,
                          save_checkpoint)
 from .rng import rng_state, seed_everything, set_rng_state
 
+from .board import Board, require_tensorboard
 from .schedule import lr_at
 from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, compile_model, deterministic_cuda,
-                    load_model_state, model_from_config, prepare_data, prepare_model, resolve_device)
+                    model_from_config, prepare_data, prepare_model, resolve_device)
 from .stopping import StopOnSignal
 
 
@@ -178,6 +180,7 @@ class _Session:
     start_epoch: int = 0
     start_step: int = 0  #: steps of start_epoch already done (a mid-epoch resume)
     partial: Optional[dict] = None  #: the interrupted epoch's sums
+    board: Optional[Board] = None  #: TensorBoard event files (train.tensorboard, rank 0)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -195,9 +198,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     s = _setup(cfg, run_dir, device, info, log)
     if resume:
         _restore(s)
-    elif info.is_main:
-        rundir.create_run_dir(run_dir, cfg)
-        rundir.write_split(run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
+    else:
+        if cfg.train.init_from:
+            _init_from(s, Path(cfg.train.init_from))
+        if info.is_main:
+            rundir.create_run_dir(run_dir, cfg)
+            rundir.write_split(run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
     distributed.barrier(info)
     if s.start_epoch >= cfg.train.epochs:
         log(f"{run_dir} already finished {s.start_epoch} epochs (asked for {cfg.train.epochs}); nothing to do.")
@@ -205,6 +211,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         return rows[-1] if rows else {}
     for note in s.method.notes():
         log(note)
+    if cfg.train.tensorboard and info.is_main:
+        s.board = Board(run_dir, purge_step=s.start_epoch + 1)
 
     last_row: dict = {}
     launcher = "torchrun ... -m iaat train" if info.enabled else "iaat train"
@@ -222,6 +230,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
                                           f"{checkpoint_path(s.ckpt_dir, epoch + 1)}; {stop.resume_hint}", stop.signum)
     if info.is_main:
         rundir.write_json(run_dir / rundir.SUMMARY, {"epochs": cfg.train.epochs, "last": last_row})
+    if s.board is not None:
+        s.board.close()
     distributed.barrier(info)
     return last_row
 
@@ -285,7 +295,10 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float) 
     # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
     state = _payload(s, epoch + 1, lr)
     if info.is_main:
-        rundir.write_epoch_arrays(s.run_dir, epoch + 1, s.method.epoch_arrays())
+        arrays = s.method.epoch_arrays()
+        rundir.write_epoch_arrays(s.run_dir, epoch + 1, arrays)
+        if s.board is not None:
+            s.board.epoch(epoch + 1, row, arrays)
         size = rundir.metrics_size(s.run_dir)
         rundir.append_metrics(s.run_dir, row)
         try:
@@ -304,6 +317,8 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
            log: Callable[[str], None]) -> _Session:
     """Data, model, method, optimiser and loader, in the order that fixes the random streams of a seed."""
     _check_distributed(cfg, info, device)
+    if cfg.train.tensorboard:
+        require_tensorboard()  # before anything is written
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     model, net, method = build_step(cfg, data, device, info)
@@ -348,6 +363,30 @@ def _restore(s: _Session) -> None:
         if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
             rundir.write_split(s.run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
         rundir.truncate_metrics(s.run_dir, s.start_epoch)
+
+
+def _init_from(s: _Session, path: Path) -> None:
+    """Start from other weights (train.init_from): a run, a checkpoint, an exported model of this architecture."""
+    from ..models.files import file_format, load_exported
+    from .runs import load_run
+
+    if file_format(path) in ("run", "checkpoint"):
+        source, cfg, _, _ = load_run(path)
+        meta = {"architecture": {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width}}
+    else:
+        source, meta = load_exported(path)
+    arch = meta.get("architecture") or {}
+    m = s.cfg.model
+    theirs, ours = (arch.get("name"), arch.get("depth"), arch.get("width")), (m.name, m.depth, m.width)
+    if arch and theirs != ours:
+        raise CheckpointError(f"train.init_from {path} holds a {_architecture(*theirs)} but this run trains a "
+                              f"{_architecture(*ours)}; set --model (and model.depth/width) to the same architecture.")
+    load_model_state(s.model, source.state_dict(), str(path), m.name, arch.get("name", "?"))
+    s.log(f"starting from the weights of {path}")
+
+
+def _architecture(name: str, depth: Optional[int], width: Optional[int]) -> str:
+    return name + (f" of depth {depth}" if depth else "") + (f" of width {width}" if width else "")
 
 
 def _payload(s: _Session, epoch_done: int, lr: float) -> dict:

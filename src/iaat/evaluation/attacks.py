@@ -64,6 +64,9 @@ class AttackSpec:
     overshoot: float = 0.02  #: DeepFool
     version: str = "standard"  #: AutoAttack: standard | quick (APGD-CE + APGD-T)
     source: Optional[str] = None  #: transfer: the surrogate run folder or checkpoint
+    #: stop attacking each sample at its first misclassified iterate (same verdicts, less work; one untargeted
+    #: run without momentum only); not part of the label, since the results do not change
+    stop_on_miss: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -179,9 +182,10 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         if spec.kind == "mifgsm":
             step = step if step is not None else eps / spec.steps
             momentum = spec.momentum
+        stop = spec.stop_on_miss and spec.restarts == 1 and target is None and not momentum
         res = pgd(model, x, y, eps, steps=spec.steps, step_size=step, norm=spec.norm, restarts=spec.restarts,
                   loss=spec.loss, target=target, random_start=spec.random_start, momentum=momentum,
-                  autocast_dtype=autocast_dtype)
+                  autocast_dtype=autocast_dtype, stop_on_miss=stop, final_check=not stop)
         return {"robust": res.robust, "first_miss": res.first_miss}
     if spec.kind == "deepfool":
         res = deepfool(model, x, y, norm=spec.norm, steps=spec.steps, candidates=spec.candidates,

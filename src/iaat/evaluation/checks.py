@@ -16,12 +16,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.pgd import attack_mode
+from ..errors import DataError
 from ..units import format_size
 
 #: Accuracy an attack at half the pixel range may leave before the evaluation is suspicious.
 LARGE_EPS_MAX_ACCURACY = 0.05
 #: Share of clean-correct images with an exactly zero input gradient that signals gradient masking.
 ZERO_GRADIENT_MAX_SHARE = 0.1
+
+
+#: A model whose accuracy rises by this much when its inputs are standardised expects normalised inputs.
+NORMALISED_INPUT_GAIN = 0.25
+
+
+def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     inputs: bool = True) -> None:
+    """Before any attack: the model must give one logit per class of the data and, with ``inputs``, must not
+    look as if it expected normalised inputs (much more accurate on standardised images than on [0, 1] ones).
+
+    Raises:
+        DataError: naming what was seen and the fix.
+    """
+    with attack_mode(model), torch.no_grad():
+        logits = model(x)
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise DataError(f"the model outputs shape {tuple(logits.shape)} for {len(x)} images, but the data has "
+                            f"{num_classes} classes: it needs one logit per class (check --dataset / --num-classes).")
+        if not inputs or len(x) < 32:
+            return
+        mean = x.mean(dim=(0, *range(2, x.ndim)), keepdim=True)
+        std = x.std(dim=(0, *range(2, x.ndim)), keepdim=True).clamp_min(1e-6)
+        raw = float((logits.argmax(1) == y).float().mean())
+        standardised = float((model((x - mean) / std).argmax(1) == y).float().mean())
+    if standardised >= raw + NORMALISED_INPUT_GAIN:
+        raise DataError(f"the model classifies {100 * raw:.0f}% of the first {len(x)} images correctly as [0, 1] "
+                        f"images but {100 * standardised:.0f}% once they are standardised: it expects normalised "
+                        f"inputs. Put the normalisation inside it (iaat.NormalizedModel(net, mean, std)), so that "
+                        f"attack radii are in pixel space; or skip this check with --no-checks.")
 
 
 def tolerance(n: int) -> float:

@@ -24,7 +24,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError
 from ..units import format_size
 from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
-from .checks import probe_model, run_checks
+from .checks import check_model_fits, probe_model, run_checks
 from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
 from .state import EvalState
 
@@ -75,10 +75,11 @@ class EvalPlan:
 def large_eps_attack(norm: str) -> AttackSpec:
     """An attack that should break nearly every image: PGD-20 from the clean image at half the pixel range.
 
-    No random start, so a model with zero input gradients (gradient masking) visibly survives it.
+    No random start, so a model with zero input gradients (gradient masking) visibly survives it. Each
+    image leaves the attack at its first misclassified iterate: most break within a few steps.
     """
     eps = 0.5 if norm == "linf" else 16.0
-    return AttackSpec(eps=eps, steps=20, norm=norm, random_start=False)
+    return AttackSpec(eps=eps, steps=20, norm=norm, random_start=False, stop_on_miss=True)
 
 
 def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks: Sequence[str] = (),
@@ -140,19 +141,14 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
     n = len(data)
     start = time.perf_counter()
     probe = None
+    first_x, first_y = to_unit(data.x[:batch_size], device), data.y[:batch_size].to(device)
+    check_model_fits(model, first_x, first_y, num_classes, inputs=plan.checks)
     if plan.checks:
-        probe = probe_model(model, to_unit(data.x[:batch_size], device), data.y[:batch_size].to(device))
+        probe = probe_model(model, first_x, first_y)
+    probe_seconds = time.perf_counter() - start
 
     with attack_mode(model):
-        if "clean_ok" not in state.arrays:
-            ok = []
-            for lo in range(0, n, batch_size):
-                x = to_unit(data.x[lo:lo + batch_size], device)
-                with torch.no_grad():
-                    ok.append((model(x).argmax(1) == data.y[lo:lo + batch_size].to(device)).cpu())
-            state.arrays["clean_ok"] = torch.cat(ok).numpy()
-            state.save()
-        clean_ok = state.arrays["clean_ok"]
+        clean_ok = _clean_pass(state, model, data, batch_size, device)
         attacked = np.flatnonzero(clean_ok)
         batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
         for spec in plan.stages():
@@ -175,12 +171,40 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         result["checks"] = run_checks(result, probe, large_eps=(check_spec, _stage_result(state, check_spec, n)))
         result["suspicious"] = any(not c["passed"] for c in result["checks"])
         result["suspicious_reasons"] = [c["detail"] for c in result["checks"] if not c["passed"]]
-    result["seconds"] = {"this_run": time.perf_counter() - start,
-                         "attacks": dict(state.meta["seconds"])}
+    result["seconds"] = _time_split(state, plan, probe_seconds, time.perf_counter() - start)
     result["resumed"] = state.resumed
     state.meta["finished"] = True
     state.save()
     return result
+
+
+def _clean_pass(state: EvalState, model: nn.Module, data: ImageSet, batch_size: int, device) -> np.ndarray:
+    """Which images the model classifies correctly when clean (saved: a resumed evaluation reads it back)."""
+    if "clean_ok" not in state.arrays:
+        t0, ok = time.perf_counter(), []
+        for lo in range(0, len(data), batch_size):
+            x = to_unit(data.x[lo:lo + batch_size], device)
+            with torch.no_grad():
+                ok.append((model(x).argmax(1) == data.y[lo:lo + batch_size].to(device)).cpu())
+        state.arrays["clean_ok"] = torch.cat(ok).numpy() if ok else np.zeros(0, dtype=bool)
+        state.meta["clean_seconds"] = time.perf_counter() - t0
+        state.save()
+    return state.arrays["clean_ok"]
+
+
+def _time_split(state: EvalState, plan: EvalPlan, probe_seconds: float, this_run: float) -> dict:
+    """Seconds of the clean pass, of each attack, of the sanity checks and their share of the whole evaluation
+    (over every session of a resumed one)."""
+    attacks = dict(state.meta["seconds"])
+    checks = {"model probes": probe_seconds}
+    if plan.checks:
+        label = large_eps_attack(plan.norm).label
+        checks[label] = attacks.pop(label, 0.0)
+    checks["total"] = sum(checks.values())
+    clean = state.meta.get("clean_seconds", 0.0)
+    whole = clean + sum(attacks.values()) + checks["total"]
+    return {"this_run": this_run, "clean": clean, "attacks": attacks, "checks": checks,
+            "checks_share": checks["total"] / whole if whole > 0 else 0.0}
 
 
 def _run_stage(state: EvalState, spec: AttackSpec, model: nn.Module, data: ImageSet, batches: list, n: int, *,

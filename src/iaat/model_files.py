@@ -1,0 +1,224 @@
+"""Models in and out: a trained model as one file other tools can use, and any model file back as a module.
+
+Two export formats, each a model that takes images in [0, 1] with its normalisation inside (what
+RobustBench and AutoAttack expect), and a small JSON beside it that says what the model is
+(architecture and its arguments, classes, input size, training method and radius, its latest
+accuracy, the iaat version):
+
+* ``safetensors``: the weights only, no code and no pickle; :func:`load_model` rebuilds the
+  architecture from the JSON (also stored in the file's own metadata, so the file alone suffices).
+* ``torchscript``: the traced module, loadable with ``torch.jit.load`` without iaat installed
+  (its JSON also travels inside the archive).
+
+:func:`load_model` also takes run folders and checkpoints, and :func:`factory_model` builds a user's
+own architecture (``module:factory``) and loads weights into it, so ``iaat eval`` can evaluate any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, ConfigError
+from .models.files import TORCHSCRIPT_META, file_format, json_path, load_exported, state_dict_file
+from .models.state import load_model_state
+
+FORMATS = ("safetensors", "torchscript")
+MODEL_FORMAT = "iaat-model"
+#: The checkpoint entry that holds averaged weights (``train.ema``), when a run keeps them.
+EMA_KEY = "ema_model"
+
+
+# --------------------------------------------------------------------------- export
+
+
+def model_card(path: Path, cfg: Any, ckpt: dict, model: nn.Module, weights: str) -> dict:
+    """The JSON that describes an exported run's model (sizes in [0, 1] units)."""
+    from .engine import rundir
+
+    data = ckpt.get("data") or {}
+    run_dir = path if path.is_dir() else None
+    training: dict = {"method": cfg.method.name, "epochs": ckpt.get("epoch"), "norm": cfg.attack.norm, "eps": cfg.eps}
+    rows = rundir.read_metrics(run_dir) if run_dir else []
+    if rows and "radius_mean" in rows[-1]:
+        training["radius_mean"] = rows[-1]["radius_mean"]
+    normalize = getattr(model, "normalize", None)
+    return {
+        "format": MODEL_FORMAT, "version": 1, "iaat_version": __version__,
+        "architecture": {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width},
+        "num_classes": data.get("num_classes"), "input_shape": data.get("image_shape"), "input_range": [0, 1],
+        "normalization_inside": None if normalize is None else {
+            "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()},
+        "dataset": cfg.data.dataset, "training": training, "weights": weights,
+        "accuracy": _latest_accuracy(run_dir, rows),
+        "units": "sizes (eps, radii) in [0, 1] image units",
+    }
+
+
+def _latest_accuracy(run_dir: Optional[Path], rows: list) -> Optional[dict]:
+    """The run's newest test evaluation (iaat eval), else its newest held-out numbers from metrics.jsonl."""
+    evals = sorted(run_dir.glob("eval/*.json"), key=lambda p: p.stat().st_mtime) if run_dir else []
+    for path in reversed(evals):
+        try:
+            ev = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(ev, dict) and "clean" in ev and ev.get("attacks"):
+            worst = ev.get("worst_case") or {}
+            return {"clean": ev["clean"], "robust": worst.get("accuracy"), "attacks": worst.get("over"),
+                    "split": ev.get("split"), "n": ev.get("n"), "from": str(path.relative_to(run_dir))}
+    for row in reversed(rows):
+        robust = [k for k in row if k.startswith("val_pgd")]
+        if "val_clean_acc" in row and robust:
+            steps = robust[0][len("val_pgd"):-len("_acc")]
+            return {"clean": row["val_clean_acc"], "robust": row[robust[0]], "attacks": [f"PGD-{steps}"],
+                    "split": "held-out part of the training split", "from": f"metrics.jsonl, epoch {row['epoch']}"}
+    return None
+
+
+def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safetensors", weights: str = "auto",
+                 overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a run's model (normalisation inside, [0, 1] inputs) to ``out`` and its description beside it.
+
+    Args:
+        run: a run folder (its newest valid checkpoint) or a checkpoint file.
+        out: the model file to write; its description goes to ``out`` + ``.json`` beside it.
+        fmt: ``safetensors`` or ``torchscript``.
+        weights: ``auto`` (the averaged weights when the run keeps them, else the raw ones), ``raw`` or ``ema``.
+        overwrite: replace existing files.
+
+    Returns:
+        ``(model file, JSON file)``.
+
+    Example (``run``: a run folder, ``folder``: a folder to write to):
+        >>> import iaat, torch
+        >>> model_file, description = iaat.export_model(run, folder / "model.safetensors")
+        >>> model_file.name, description.name
+        ('model.safetensors', 'model.safetensors.json')
+        >>> iaat.load_model(model_file)(torch.rand(2, 3, 32, 32)).shape  # [0, 1] images in, logits out
+        torch.Size([2, 10])
+    """
+    from .engine.checkpoint import atomic_write_bytes
+    from .engine.runs import load_run
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if weights not in ("auto", "raw", "ema"):
+        raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
+    out, meta_path = Path(out), json_path(out)
+    for path in (out, meta_path):
+        if path.exists() and not overwrite:
+            raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
+    model, cfg, ckpt_path, ckpt = load_run(Path(run))
+    if weights == "ema" and EMA_KEY not in ckpt:
+        raise CheckpointError(f"{ckpt_path} holds no averaged weights (the run trained without train.ema); "
+                              f"export its raw weights with --raw.")
+    if weights != "raw" and EMA_KEY in ckpt:
+        model.load_state_dict(ckpt[EMA_KEY])
+        weights = "ema"
+    else:
+        weights = "raw"
+    card = model_card(Path(run), cfg, ckpt, model, weights)
+    card["source"] = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch")}
+    text = json.dumps(card, indent=2)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        payload = save(tensors, metadata={"iaat": text})
+    else:
+        payload = _torchscript_bytes(model, card["input_shape"], text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, payload)
+    card["file"] = {"name": out.name, "format": fmt, "sha256": hashlib.sha256(payload).hexdigest()}
+    atomic_write_bytes(meta_path, (json.dumps(card, indent=2) + "\n").encode())
+    return out, meta_path
+
+
+def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
+    model = model.cpu().eval()
+    example = torch.rand(2, *input_shape)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_META: text})
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_model_file(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> tuple[nn.Module, dict]:
+    """A model file as ``(module in eval mode, its description)``; the description is ``{}`` when the file has none.
+
+    Reads a ``.safetensors`` file exported by iaat (with its JSON beside it or inside it; no pickle is
+    involved), a TorchScript file (``torch.jit.load``), an iaat checkpoint or a run folder.
+    """
+    from .engine.runs import load_run
+
+    path = Path(path)
+    if file_format(path) in ("run", "checkpoint"):
+        model, cfg, ckpt_path, ckpt = load_run(path)
+        meta = model_card(path, cfg, ckpt, model, "raw")
+    else:
+        model, meta = load_exported(path)
+    return model.to(device or "cpu").eval(), meta
+
+
+def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Any model file iaat writes, as a module in eval mode that takes images in [0, 1].
+
+    ``path``: an exported ``.safetensors`` file (rebuilt from its JSON without any pickle), a
+    TorchScript file, an iaat checkpoint or a run folder (its newest valid checkpoint).
+
+    Example (``run``: a run folder, ``folder``: a folder to write to):
+        >>> import iaat, torch
+        >>> script, _ = iaat.export_model(run, folder / "model.pt", "torchscript")
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> torch.equal(iaat.load_model(script)(x), iaat.load_model(run)(x))  # the same logits
+        True
+    """
+    return read_model_file(path, device)[0]
+
+
+def resolve_factory(spec: str) -> Any:
+    """The callable named by ``module:factory`` (the module imported from the current folder or the path)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--model {spec!r}: write module:factory, e.g. mypkg.nets:resnet18.")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current folder, as for `python -m`
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise ConfigError(f"--model {spec}: cannot import {module_name} ({e}).") from None
+    except AttributeError:
+        raise ConfigError(f"--model {spec}: {module_name} has no {attr}.") from None
+    if not callable(factory):
+        raise ConfigError(f"--model {spec}: {attr} is not callable.")
+    return factory
+
+
+def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None
+                  ) -> nn.Module:
+    """A user's own architecture: ``module:factory`` (importable, e.g. ``mypkg.nets:wide_resnet``) called with
+    ``num_classes`` when it takes that argument, then ``weights`` loaded into it (a ``.safetensors`` file, or a
+    ``.pt`` state dict read with ``weights_only=True``)."""
+    factory = resolve_factory(spec)
+    takes_classes = "num_classes" in inspect.signature(factory).parameters
+    model = factory(num_classes=num_classes) if takes_classes and num_classes is not None else factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    if weights is not None:
+        load_model_state(model, state_dict_file(weights), str(weights), spec, "")
+    return model.eval()

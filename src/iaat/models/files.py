@@ -1,0 +1,123 @@
+"""Model files other tools write and read: an exported ``.safetensors`` file (weights, and a JSON that names the
+architecture) or a TorchScript archive, recognised by their bytes and read back as modules."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .registry import build_model
+from .state import load_model_state
+
+#: The entry of a TorchScript archive that holds the model's description.
+TORCHSCRIPT_META = "iaat.json"
+
+
+def json_path(path: Union[str, Path]) -> Path:
+    """Where the description of an exported model file lies: beside it, ``model.safetensors.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def file_format(path: Union[str, Path]) -> str:
+    """``run`` (a folder), ``safetensors``, ``torchscript`` or ``checkpoint`` (a PyTorch ``.pt``, or any other file:
+    loading it as a checkpoint says what is wrong with it), from the bytes.
+
+    Raises:
+        CheckpointError: for a missing file or a damaged ``.safetensors`` file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "run"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file); exported "
+                              f".safetensors and TorchScript model files work too.")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in names):
+            return "torchscript"
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a damaged safetensors file (its header does not parse).")
+    return "checkpoint"  # loading it says whether it is damaged or something else
+
+
+def load_exported(path: Union[str, Path]) -> tuple[nn.Module, dict]:
+    """An exported ``.safetensors`` (rebuilt from its JSON, no pickle) or TorchScript file as ``(module, description)``
+    on the CPU in eval mode; the description is ``{}`` for a TorchScript file without one."""
+    path = Path(path)
+    if file_format(path) == "safetensors":
+        return _load_safetensors(path)
+    if file_format(path) != "torchscript":
+        raise CheckpointError(f"{path} is neither a .safetensors nor a TorchScript file.")
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(e).splitlines()[0][:200]}).") from None
+    return model.eval(), (json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META] else {})
+
+
+def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        meta_text = safetensors_metadata(data).get("iaat")
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path} is a damaged safetensors file ({e}).") from None
+    beside = json_path(path)
+    if beside.is_file():
+        meta = json.loads(beside.read_text())
+    elif meta_text:
+        meta = json.loads(meta_text)
+    else:
+        raise CheckpointError(f"{path} holds weights without saying which model they belong to: no {beside.name} "
+                              f"beside it and no iaat metadata inside. Evaluate it with --model module:factory "
+                              f"--weights {path}.")
+    arch, shape = meta.get("architecture") or {}, meta.get("input_shape") or [3]
+    model = build_model(arch.get("name", "?"), int(meta["num_classes"]), int(shape[0]), depth=arch.get("depth"),
+                        width=arch.get("width"))
+    load_model_state(model, tensors, str(path), arch.get("name", ""), arch.get("name", ""))
+    return model.eval(), meta
+
+
+def safetensors_metadata(data: bytes) -> dict:
+    """The string metadata in a safetensors file's header."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__") or {}
+
+
+def state_dict_file(path: Union[str, Path]) -> dict:
+    """Weights from a ``.safetensors`` file or a ``.pt`` state dict (``weights_only=True``: no code runs); a training
+    checkpoint's ``model`` or ``state_dict`` entry is taken."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path}: no such file.")
+    if file_format(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with foreign objects, damaged zip: one clear line
+        raise CheckpointError(f"--weights {path}: not a state dict torch can load safely "
+                              f"({str(e).splitlines()[0][:200]}).") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"--weights {path}: not a state dict (a mapping of names to tensors).")
+    return obj

@@ -1,0 +1,251 @@
+"""Models in and out: export, load_model, evaluating any model, starting from weights, TensorBoard, metrics as CSV."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import json
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import iaat
+from helpers import run_cli, run_in_process, tiny_train_args
+from iaat.errors import ConfigError, DataError
+
+#: A user's own architecture in an importable module: the same network as the tiny runs' (width-8 small CNN).
+FACTORY = '''
+import iaat
+
+def small(num_classes=10):
+    return iaat.build_model("small_cnn", num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=8)
+'''
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """The tiny run exported in both formats: ``{format: (model file, JSON)}``."""
+    folder = tmp_path_factory.mktemp("exported")
+    files = {}
+    for fmt, name in (("safetensors", "model.safetensors"), ("torchscript", "model.pt")):
+        res = run_cli("export", str(tiny_run), "--format", fmt, "--out", str(folder / name))
+        assert res.returncode == 0, res.stderr
+        files[fmt] = (folder / name, folder / f"{name}.json")
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+def test_export_round_trips_to_identical_logits(exported, tiny_run, fmt):
+    path, meta_path = exported[fmt]
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    assert torch.equal(iaat.load_model(path)(x), iaat.load_model(tiny_run)(x))
+    meta = json.loads(meta_path.read_text())
+    assert meta["architecture"] == {"name": "small_cnn", "depth": None, "width": 8}
+    assert (meta["num_classes"], meta["input_shape"], meta["input_range"]) == (10, [3, 32, 32], [0, 1])
+    assert meta["training"]["method"] == "pgd_at" and meta["training"]["eps"] == pytest.approx(8 / 255)
+    assert meta["iaat_version"] == iaat.__version__ and meta["file"]["format"] == fmt
+    assert 0 <= meta["accuracy"]["robust"] <= meta["accuracy"]["clean"] <= 1  # the run's newest held-out numbers
+
+
+def test_safetensors_load_involves_no_pickle(exported, monkeypatch):
+    path, _ = exported["safetensors"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was read")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    model = iaat.load_model(path)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_safetensors_file_alone_carries_its_description(exported, tmp_path):
+    path, _ = exported["safetensors"]
+    alone = tmp_path / "copy.safetensors"
+    alone.write_bytes(path.read_bytes())  # no JSON beside it: the file's own metadata says what it is
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(iaat.load_model(alone)(x), iaat.load_model(path)(x))
+
+
+def test_export_refuses_to_overwrite_and_to_invent_averaged_weights(exported, tiny_run, tmp_path):
+    path, _ = exported["safetensors"]
+    before = path.read_bytes()
+    res = run_in_process("export", str(tiny_run), "--out", str(path))
+    assert res.returncode == 2 and "exists; choose another --out or pass --overwrite" in res.stderr
+    assert path.read_bytes() == before
+    res = run_in_process("export", str(tiny_run), "--out", str(tmp_path / "ema.safetensors"), "--ema")
+    assert res.returncode == 2 and "holds no averaged weights" in res.stderr
+    assert not (tmp_path / "ema.safetensors").exists()
+
+
+def test_model_file_examples_run(tiny_run, tmp_path):
+    import iaat.model_files as module
+
+    result = doctest.testmod(module, extraglobs={"run": tiny_run, "folder": tmp_path})
+    assert result.failed == 0 and result.attempted >= 6
+
+
+@pytest.mark.slow
+def test_any_model_gets_the_numbers_of_its_run(tiny_run, tiny_cifar, exported, tmp_path):
+    """iaat eval on the run, its safetensors and TorchScript exports, and the user's own architecture with the
+    exported weights: the same model, so the same numbers."""
+    (tmp_path / "mynets.py").write_text(FACTORY)
+    common = ["--n", "64", "--no-progress", "--data-dir", str(tiny_cifar), "--attack", "pgd:steps=5",
+              "--sweep-eps", "0", "4", "8"]
+    sources = {"run": [str(tiny_run)], "safetensors": [str(exported["safetensors"][0])],
+               "torchscript": [str(exported["torchscript"][0])],
+               "factory": ["--model", "mynets:small", "--weights", str(exported["safetensors"][0]), "--dataset",
+                           "cifar10", "--eps", "8"]}
+    results = {}
+    for name, args in sources.items():
+        out = tmp_path / f"{name}.json"
+        res = run_cli("eval", *args, *common, "--out", str(out), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        results[name] = json.loads(out.read_text())
+    numbers = {name: (r["clean"], {k: a["accuracy"] for k, a in r["attacks"].items()}, r["curves"]["eps"]["points"])
+               for name, r in results.items()}
+    assert all(v == numbers["run"] for v in numbers.values()), numbers
+    assert all(not r["suspicious"] for r in results.values())
+    assert results["torchscript"]["model_source"] == "TorchScript model model.pt"
+
+
+def test_eval_of_a_model_file_says_what_it_needs(exported, tiny_cifar, tmp_path):
+    (tmp_path / "mynets.py").write_text(FACTORY)
+    script = str(exported["torchscript"][0])
+    cases = [
+        (["--model", "mynets:small", "--eps", "8"], "say which data set to evaluate on with --dataset"),
+        (["--model", "mynets:missing", "--dataset", "cifar10", "--eps", "8"], "mynets has no missing"),
+        (["--model", "mynets:small", "--dataset", "cifar10"], "give the evaluation's --eps"),
+        ([script, "--weights", script], "--weights goes with --model"),
+        ([script, "--split", "val", "--eps", "8"], "--split val is the held-out part of a run's training split"),
+        (["--model", "mynets:small", "--dataset", "cifar10", "--num-classes", "7", "--eps", "8"],
+         "the data has 10 classes: it needs one logit per class"),
+    ]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the factory's module is imported from the current folder
+    try:
+        for args, phrase in cases:
+            res = run_in_process("eval", *args, "--data-dir", str(tiny_cifar), "--n", "40", "--no-progress",
+                                 "--out", str(tmp_path / "x.json"))
+            assert res.returncode == 2 and phrase in res.stderr, (args, res.stderr)
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "x.json").exists()
+
+
+class _ExpectsStandardisedInputs(nn.Module):
+    """Two classes, told apart by the sign of the mean of a *standardised* image: on [0, 1] inputs it always says 1."""
+
+    def forward(self, x):
+        z = x.flatten(1).mean(1)
+        return torch.stack([-z, z], 1)
+
+
+def test_evaluate_refuses_a_model_that_expects_normalised_inputs():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (0.5 + (2 * y - 1).view(-1, 1, 1, 1) * 0.1 + 0.05 * torch.randn(64, 1, 4, 4, generator=g)).clamp(0, 1)
+    with pytest.raises(DataError, match=r"50% of the first 64 images .* but 100% once they are standardised"):
+        iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255)
+    res = iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255, checks=False)
+    assert res["clean"] == pytest.approx(0.5)  # --no-checks / checks=False: evaluated as asked
+
+
+def test_sanity_attack_stops_at_the_first_miss_with_the_same_verdicts():
+    from iaat.evaluation.attacks import run_attack
+    from iaat.evaluation.protocol import large_eps_attack
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    x, y = torch.rand(32, 3, 4, 4), torch.arange(32) % 3
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))
+    spec = large_eps_attack("linf")
+    fast = run_attack(spec, model, x, y, num_classes=3)
+    rows_fast, calls[:] = sum(calls), []
+    full = run_attack(type(spec)(**{**spec.__dict__, "stop_on_miss": False}), model, x, y, num_classes=3)
+    assert torch.equal(fast["robust"], full["robust"]) and torch.equal(fast["first_miss"], full["first_miss"])
+    assert rows_fast < sum(calls)  # fewer images went through the model
+
+
+def test_eval_json_splits_the_time_between_attacks_and_checks(exported, tiny_cifar, tmp_path):
+    out = tmp_path / "e.json"
+    res = run_in_process("eval", str(exported["safetensors"][0]), "--data-dir", str(tiny_cifar), "--n", "64",
+                         "--no-progress", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    seconds = json.loads(out.read_text())["seconds"]
+    assert set(seconds["checks"]) == {"model probes", "PGD-20-nostart@127.5/255", "total"}
+    assert set(seconds["attacks"]) == {"PGD-10@8/255"} and 0 < seconds["checks_share"] < 1
+    assert "sanity checks" in res.stdout and "% of the evaluation" in res.stdout
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_the_given_weights(tiny_run, tiny_cifar, exported, tmp_path):
+    out = tmp_path / "tuned"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--init-from", str(exported["torchscript"][0]), "--set",
+                                   "optim.lr=1e-9", "--set", "optim.weight_decay=0"))
+    assert res.returncode == 0, res.stderr
+    assert "starting from the weights of" in res.stdout
+    start = torch.load(tiny_run / "checkpoints" / "epoch_0001.pt", weights_only=True)["model"]
+    tuned = torch.load(out / "checkpoints" / "epoch_0001.pt", weights_only=True)["model"]
+    weights = [k for k in start if k.endswith("weight")]
+    assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in weights)  # lr 1e-9: still the given weights
+    assert "init_from" in (out / "config.yaml").read_text()
+
+    other = tmp_path / "wider"
+    res = run_in_process(*tiny_train_args(tiny_cifar, other, 1, "--init-from", str(exported["safetensors"][0]),
+                                          "--set", "model.width=16"))
+    assert res.returncode == 2 and "holds a small_cnn of width 8 but this run trains a small_cnn of width 16" \
+        in res.stderr
+    assert not other.exists()  # nothing written
+    res = run_in_process("train", "--out", str(out), "--resume", "--init-from", str(exported["torchscript"][0]))
+    assert res.returncode == 2 and "--init-from starts a new run" in res.stderr
+
+
+@pytest.mark.slow
+def test_tensorboard_event_files_hold_the_metrics_and_the_radius_histograms(tiny_cifar, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    res = run_cli(*tiny_train_args(tiny_cifar, out, 2, "--method", "iaat", "--set", "method.warmup_epochs=1",
+                                   "--set", "train.tensorboard=true"))
+    assert res.returncode == 0, res.stderr
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/acc", "lr", "radius/mean", "val/clean_acc"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("radius/mean")] == [1, 2]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["train_loss"] for r in rows])
+    histograms = events.Histograms("radii")
+    assert [h.step for h in histograms] == [1, 2] and histograms[0].histogram_value.num == 400  # one per sample
+    assert histograms[0].histogram_value.max == pytest.approx(8 / 255, rel=1e-5)  # warmup: every radius 8/255
+
+
+def test_tensorboard_missing_is_a_clear_error(tiny_cifar, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
+    res = run_in_process(*tiny_train_args(tiny_cifar, tmp_path / "r", 1, "--set", "train.tensorboard=true"))
+    assert res.returncode == 2 and "pip install 'iaat[tensorboard]'" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_metrics_as_csv_and_as_a_table(tiny_run, tmp_path):
+    res = run_in_process("metrics", str(tiny_run), "--csv", str(tmp_path / "m.csv"))
+    assert res.returncode == 0, res.stderr
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    saved = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(saved) and float(rows[0]["train_loss"]) == pytest.approx(saved[0]["train_loss"])
+    assert set(saved[0]) <= set(rows[0])
+    table = run_in_process("metrics", str(tiny_run))
+    assert table.returncode == 0 and "train_loss" in table.stdout and "val_clean_acc" in table.stdout
+    with pytest.raises(ConfigError, match="no metrics.jsonl"):
+        from iaat.cli import cmd_metrics
+
+        cmd_metrics(type("Args", (), {"run": str(tmp_path), "csv": None})())
