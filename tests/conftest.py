@@ -9,6 +9,9 @@ import torch
 from helpers import SHARED_DATA, run_cli, tiny_train_args, write_cifar10_folder
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The CLI picks 1 thread on a busy machine unless OMP_NUM_THREADS says otherwise: tests that run it in this
+# process (and every child through helpers.child_env) keep one thread count, so bitwise comparisons hold.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 #: Fixtures that train (or evaluate at length) end to end: a test that uses one is marked ``slow``, so that
 #: ``make test-fast`` (``pytest -m "not slow"``) leaves it out; ``make test`` runs everything.

@@ -85,6 +85,7 @@ class Case:
     preexec: Optional[Callable[[], None]] = None
     skip: Optional[Callable[[], Optional[str]]] = None  #: a reason to skip on this machine, or None
     as_user: Optional[int] = None  #: effective uid for the call (where the test runs as root)
+    absent: tuple = ()  #: phrases the message must not hold
 
 
 CASES: dict[str, Case] = {}
@@ -126,6 +127,26 @@ def unknown_section(c: Ctx) -> list[str]:
 @case("unknown key 'optim.lrr'", "Did you mean 'lr'")
 def unknown_key(c: Ctx) -> list[str]:
     return c.new_run("--set", "optim.lrr=0.1")
+
+
+@case("c.yaml, line 3:", "unknown key 'train.batch_szie'", "Did you mean 'batch_size'")
+def config_typo_names_file_and_line(c: Ctx) -> list[str]:
+    return c.new_run("--config", str(c.file("c.yaml", "train:\n  epochs: 1\n  batch_szie: 8\n")))
+
+
+@case("method.lam is a key of GAIR weighting", "method.weights=gair")
+def gair_key_without_gair_weights(c: Ctx) -> list[str]:
+    return c.new_run("--method", "iaat", "--set", "method.lam=0")
+
+
+@case("--threads must be >= 1, got 0")
+def zero_threads(c: Ctx) -> list[str]:
+    return ["demo", "--threads", "0", "--out", str(c.tmp / "demo")]
+
+
+@case("train.threads must be >= 1, got 0")
+def zero_threads_in_the_config(c: Ctx) -> list[str]:
+    return c.new_run("--set", "train.threads=0")
 
 
 @case("config file not found")
@@ -314,6 +335,40 @@ def eval_of_a_missing_path(c: Ctx) -> list[str]:
     return ["eval", str(c.tmp / "no_such_run"), "--no-progress"]
 
 
+@case("c.yaml is not a checkpoint", "a text file", "a config file?", absent=("weights_only", "could run code"))
+def eval_of_a_yaml_file(c: Ctx) -> list[str]:
+    return ["eval", str(c.file("c.yaml", "train:\n  epochs: 1\n")), "--no-progress"]
+
+
+@case("is not a checkpoint", "unrecognised binary data", absent=("weights_only", "could run code"))
+def eval_of_random_bytes(c: Ctx) -> list[str]:
+    path = c.tmp / "noise.pt"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return ["eval", str(path), "--no-progress"]
+
+
+@case("is not a checkpoint", "cut short or damaged", absent=("weights_only", "could run code"))
+def eval_of_a_truncated_checkpoint(c: Ctx) -> list[str]:
+    path = c.tmp / "copy.pt"  # a copy without its sha256 sidecar, cut short
+    path.write_bytes((c.base_run / "checkpoints" / "epoch_0001.pt").read_bytes()[:4000])
+    return ["eval", str(path), "--no-progress"]
+
+
+@case("refusing to load", "objects other than tensors", "Save a state_dict", absent=("weights_only",))
+def eval_of_a_pickled_model(c: Ctx) -> list[str]:
+    path = c.tmp / "whole_model.pt"
+    torch.save(build_model("small_cnn", 10, 3, width=8), path)
+    return ["eval", str(path), "--no-progress"]
+
+
+@case("is a sweep folder", "evaluate one of its runs", "iaat eval", "runs/iaat")
+def eval_of_a_sweep_folder(c: Ctx) -> list[str]:
+    sweep = c.tmp / "sw"
+    (sweep / "runs" / "iaat").mkdir(parents=True)
+    (sweep / "sweep.yaml").write_text("runs: [iaat]\n")
+    return ["eval", str(sweep), "--no-progress"]
+
+
 @case("--n must be positive, got 0")
 def eval_of_zero_images(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--n", "0", "--no-progress"]
@@ -396,6 +451,8 @@ def test_bad_input_gives_a_clear_error_and_changes_nothing(name, tiny_cifar, bas
         assert "iaat: error:" in err, err
         for phrase in spec.phrases:
             assert phrase in err, (phrase, err)
+        for phrase in spec.absent:
+            assert phrase not in err, (phrase, err)
         assert _snapshot_all(roots) == before
     finally:
         for root in ctx.extra_roots:

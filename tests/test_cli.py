@@ -30,6 +30,10 @@ def test_train_writes_run_folder(tiny_run):
     assert (tiny_run / "checkpoints" / "epoch_0001.pt").is_file()
     ckpt = torch.load(tiny_run / "checkpoints" / "epoch_0001.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "scaler", "method", "rng", "config"} <= set(ckpt)
+    import yaml
+
+    threads = yaml.safe_load((tiny_run / "config.yaml").read_text())["train"]["threads"]
+    assert isinstance(threads, int) and threads >= 1  # the count it ran with, so a resume computes the same
 
 
 def test_eval_writes_json(tiny_run, tmp_path):
@@ -178,6 +182,45 @@ def test_malicious_checkpoint_is_not_executed(tmp_path):
     torch.save({"format": "iaat-checkpoint", "model": Payload()}, bad)
     _expect_error(run_in_process("eval", str(bad)), "refusing to load")
     assert not marker.exists()
+
+
+def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
+    from iaat.engine import setup
+
+    threads = [4]
+    monkeypatch.setattr(setup.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(setup.torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    said: list = []
+    monkeypatch.setattr(setup.os, "getloadavg", lambda: (6.5, 5.0, 4.0))
+    assert setup.choose_threads(None, True, said.append) == 1
+    assert threads == [4, 1] and "busy (load 6.5 on 4 cores)" in said[0] and "--threads" in said[0]
+    threads[:] = [4]
+    said.clear()
+    monkeypatch.setattr(setup.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert setup.choose_threads(None, True, said.append) == 4 and threads == [4] and not said  # quiet: all cores
+    assert setup.choose_threads(3, True, said.append) == 3  # asked for: always
+    threads[:] = [4]
+    monkeypatch.setattr(setup.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert setup.choose_threads(None, True, said.append) == 4 and not said  # the user's OMP_NUM_THREADS wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert setup.choose_threads(None, False, said.append) is None and threads == [4]  # not on a CPU: untouched
+
+
+def test_print_config_shows_every_key_and_round_trips(tmp_path):
+    res = run_in_process("train", "--method", "iaat", "--eps", "4", "--set", "method.gamma=2", "--threads", "1",
+                         "--print-config")
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    for line in ("  name: iaat", "  eps: '4'", "  gamma: 2  #", "  warmup_epochs: 5  #", "  lr: 0.1  # peak",
+                 "  threads: 1  #", "  lam: -1.0  #"):
+        assert line in text, line
+    assert "[a size: pixel units over 255]" in text and not (tmp_path / "out").exists()
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(text)
+    again = run_in_process("train", "--config", str(saved), "--print-config")
+    assert again.returncode == 0 and again.stdout == text  # what it prints is a config that means the same
 
 
 def test_help_states_units():

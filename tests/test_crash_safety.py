@@ -214,6 +214,47 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
     assert_bitwise_equal(reference, run)
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_the_held_out_evaluation_stops_there_and_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path,
+                                                                                   monkeypatch):
+    """A signal during the end-of-epoch evaluation ends it after the current batch: the epoch is saved
+    without its held-out numbers, and the resumed run trains exactly as the uninterrupted one."""
+    from iaat.engine import trainer
+
+    original = trainer.accuracy
+    calls = {"n": 0, "batches": 0}
+
+    def accuracy_with_ctrl_c(*args, stop=None, **kwargs):
+        calls["n"], calls["batches"] = calls["n"] + 1, 0
+
+        def stop_after_one_batch():
+            calls["batches"] += 1
+            if calls["n"] == 2 and calls["batches"] == 2:  # epoch 2, after its first batch
+                os.kill(os.getpid(), signal.SIGINT)
+            return stop()
+        return original(*args, stop=stop_after_one_batch, **kwargs)
+
+    monkeypatch.setattr(trainer, "accuracy", accuracy_with_ctrl_c)
+    run = tmp_path / "val"
+    code, out, err = run_main(*fresh_args(tiny_cifar, run))
+    assert code == 130, err
+    assert "held-out evaluation of epoch 2 was skipped (SIGINT)" in out + err
+    assert "interrupted (SIGINT) after epoch 2" in err and "Traceback" not in err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and "val_clean_acc" in rows[0] and "val_clean_acc" not in rows[1]
+
+    monkeypatch.setattr(trainer, "accuracy", original)
+    code, _, err = run_main(*resume_args(run))
+    assert code == 0, err
+    a, b = final(reference), final(run)
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+    assert torch.equal(a["method"]["memory"], b["method"]["memory"])
+    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_clean_acc"] for r in rows if "val_clean_acc" in r] == \
+        [r["val_clean_acc"] for i, r in enumerate(ref_rows) if i != 1]
+
+
 def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):
     from iaat.methods.iaat import IAAT
 

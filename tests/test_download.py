@@ -38,7 +38,7 @@ def test_download_with_wrong_md5_is_refused(local_archive, tmp_path, monkeypatch
     monkeypatch.setitem(cifar._SPECS, "cifar10", dict(local_archive, archive_md5="0" * 32))
     with pytest.raises(DataError, match="wrong md5"):
         load_dataset("cifar10", str(tmp_path / "data"), download=True)
-    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+    assert not (tmp_path / "data").exists()  # the folder this download created is gone with it
 
 
 def test_offline_download_failure_says_where_it_looked(tmp_path, monkeypatch):
@@ -47,3 +47,15 @@ def test_offline_download_failure_says_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="downloading failed") as err:
         load_dataset("cifar10", str(tmp_path / "data"), download=True)
     assert str(tmp_path / "data") in str(err.value) and "--data-dir" in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_failed_download_removes_only_what_it_created(tmp_path, monkeypatch):
+    """Folders that existed before stay, with what they hold; new empty ones are removed."""
+    spec = dict(cifar._SPECS["cifar10"], url=(tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setitem(cifar._SPECS, "cifar10", spec)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep\n")
+    with pytest.raises(DataError):
+        load_dataset("cifar10", str(tmp_path / "mine" / "new" / "data"), download=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -231,6 +232,35 @@ def test_checks_flag_a_randomised_model(at_digits):
     net, test, k = at_digits
     res = _evaluate(_Noisy(net), test.subset(torch.arange(64)), ["pgd:steps=2"], num_classes=k)
     assert {c["name"]: c["passed"] for c in res["checks"]}["deterministic"] is False
+
+
+def test_at_chance_is_clean_accuracy_within_noise_of_guessing():
+    from iaat.evaluation.checks import at_chance
+
+    assert at_chance(0.10, 1000, 10) and at_chance(0.115, 1000, 10) and at_chance(0.05, 1000, 10)
+    assert not at_chance(0.14, 1000, 10)  # 4.2 standard errors above 10%
+    assert at_chance(0.14, 100, 10)  # but within three on 100 images
+    assert not at_chance(0.10, 1000, None) and not at_chance(0.5, 0, 10)  # unknown: no verdict
+
+
+@pytest.mark.slow
+def test_a_model_at_chance_is_flagged_in_eval_and_report(tiny_run, tmp_path):
+    """The tiny run (one epoch on random images) guesses: eval fails its chance check, report warns."""
+    pytest.importorskip("matplotlib", reason="iaat report needs matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    res = run_cli("eval", str(run), "--n", "64", "--attack", "pgd:steps=2", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    (result_file,) = (run / "eval").glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert result["num_classes"] == 10 and result["clean"] <= 0.2
+    chance = next(c for c in result["checks"] if c["name"] == "better than chance")
+    assert not chance["passed"] and "meaningless" in chance["detail"] and result["suspicious"]
+    assert "FAILED: better than chance" in result_file.with_suffix(".md").read_text()
+    res = run_cli("report", str(run))  # --out defaults to RUN/report for one folder
+    assert res.returncode == 0, res.stderr
+    assert "run is at chance level" in res.stdout + res.stderr and (run / "report" / "report.md").is_file()
+    assert "Traceback" not in res.stderr and "No artists" not in res.stderr
 
 
 # --------------------------------------------------------------------------- resume

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -269,7 +270,10 @@ IAAT_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.wid
 def test_memory_is_saved_per_epoch_and_resumed_exactly(tiny_cifar, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = ["train", "--data-dir", str(tiny_cifar), *IAAT_ARGS]
-    assert run_cli(*base, "--out", str(straight), "--epochs", "3").returncode == 0
+    res = run_cli(*base, "--out", str(straight), "--epochs", "3")
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^epoch 1 \| .*radius_mean 8/255", res.stdout, flags=re.M)  # IAAT's number on its line
+    assert res.stdout.startswith("training iaat (warmup_epochs=1") and "--print-config" in res.stdout
     assert run_cli(*base, "--out", str(resumed), "--epochs", "2").returncode == 0
     res = run_cli("train", "--out", str(resumed), "--resume", "--epochs", "3", "--no-progress")
     assert res.returncode == 0, res.stderr

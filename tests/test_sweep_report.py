@@ -62,6 +62,21 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
 
 
+def test_wilson_intervals_and_distinct_trajectories():
+    import numpy as np
+
+    from iaat.reporting.figures import pick_trajectories, wilson
+
+    assert wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson(0.0, 50)[0] == 0.0 and 0.0 < wilson(0.0, 50)[1] < 0.1 and wilson(1.0, 50)[1] == 1.0
+    # samples 0 and 1 share one trajectory, 2 and 4 another: three distinct lines, by final radius
+    stack = np.array([[8, 8, 8, 8, 8], [8, 8, 9, 7, 9], [8, 8, 10, 6, 10]], dtype=float)  # epochs x samples
+    picked, shared = pick_trajectories(stack, k=8)
+    assert picked.tolist() == [3, 0, 2] and shared.tolist() == [1, 2, 2]
+    picked, _ = pick_trajectories(stack, k=2)
+    assert picked.tolist() == [3, 2]  # the extremes when fewer are asked for
+
+
 def epoch_lines(log: Path) -> list[int]:
     return [int(m) for m in re.findall(r"^epoch (\d+) \|", log.read_text(), flags=re.M)]
 
@@ -71,6 +86,8 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys):
     spec = write_spec(tmp_path)
     out = tmp_path / "sweep"
     assert main(["sweep", str(spec), "--out", str(out), "--jobs", "2"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    command = hint.split(" with: ")[1].split()  # the closing hint's command, run as printed
     plan = yaml.safe_load((out / "sweep.yaml").read_text())
     assert len(plan["runs"]) == 9
     for name in plan["runs"]:
@@ -81,10 +98,14 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys):
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("already trained and evaluated") == 9
 
-    report = tmp_path / "report"
-    assert main(["report", str(out), "--out", str(report)]) == 0
+    assert command == ["iaat", "report", str(out)]
+    assert main(command[1:]) == 0
+    report = out / "report"  # the default for a sweep folder
     summary = json.loads((report / "report.json").read_text())
     assert len(summary["figures"]["fig3_tradeoff"]) == 9  # one point per run
+    for point in summary["figures"]["fig3_tradeoff"]:  # with its 95% interval on both axes, from n
+        assert point["n"] == 100 and point["robust_interval"][0] <= point["robust"] <= point["robust_interval"][1]
+        assert point["clean_interval"][1] - point["clean_interval"][0] > 0.05
     assert {c["run"] for c in summary["figures"]["fig4_accuracy_over_eps"]} == set(plan["runs"]) - {"iaat_gamma4"}
     adaptive = ["iaat", "iaat_no_warmup", "iaat_line_search", "iaat_gamma4"]
     stems = ["fig3_tradeoff", "fig4_accuracy_over_eps"]
@@ -193,6 +214,16 @@ def test_sweep_cli_without_file_builds_the_default_plan(tmp_path, capsys):
     assert names == ["pgd_at_eps2", "pgd_at_eps4", "pgd_at_eps6", "pgd_at_eps8", "iaat", "iaat_no_warmup", "gairat",
                      "clean", "iaat_beta0p5"]
     assert not (tmp_path / "s").exists()
+    # --set RUN:section.key=value sets one run; without a run name, every run.
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run",
+                 "--set", "iaat:method.warmup_epochs=1", "--set", "optim.lr=0.02"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "warmup_epochs=1" in lines["iaat"]
+    assert "warmup_epochs=0" in lines["iaat_no_warmup"]  # its own setting stays
+    assert not any("warmup_epochs" in lines[name] for name in ("gairat", "pgd_at_eps8"))
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run",
+                 "--set", "nope:method.gamma=2"]) == 2
+    assert "'nope' is not a named run of this sweep" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path / "s")]) == 2
     assert "needs a sweep file" in capsys.readouterr().err
 

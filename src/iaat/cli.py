@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,14 +22,17 @@ SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255'
 # Keys a resumed run may change; anything else must match the saved config.yaml.
 _RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
                       ("train", "deterministic"), ("train", "channels_last"), ("train", "compile"),
-                      ("train", "tensorboard"),
+                      ("train", "tensorboard"), ("train", "threads"),
                       ("data", "data_dir"), ("data", "download")}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML preset (see configs/); flags and --set override it")
-    p.add_argument("--out", metavar="RUN_DIR", required=True,
+    p.add_argument("--out", metavar="RUN_DIR",
                    help="run folder to create (must not exist or be empty unless --resume)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key with its value (the default unless set by --config, flags or "
+                        "--set), its meaning and unit, as YAML that --config reads back; then exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint (exactly, on CPU)")
     p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | mixup_at  "
@@ -49,6 +53,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
     p.add_argument("--eps", help=f"training attack radius, {SIZE_HELP}  [attack.eps]")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast for attacks and training  [train.amp]")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: all cores, or 1 when the machine is busy at the start; written to the "
+                        "run's config so that a resumed run computes exactly as before)  [train.threads]")
     p.add_argument("--init-from", metavar="FILE",
                    help="start from these weights: a run folder, a checkpoint, or an exported .safetensors or "
                         "TorchScript model of the same architecture (adversarial fine-tuning)  [train.init_from]")
@@ -75,6 +82,7 @@ def _raw_config(args: argparse.Namespace) -> dict:
     merge(raw, "train", "amp", args.amp)
     merge(raw, "attack", "eps", args.eps)
     merge(raw, "train", "init_from", args.init_from)
+    merge(raw, "train", "threads", args.threads)
     if args.no_progress:
         merge(raw, "train", "progress", False)
     for assignment in args.set:
@@ -83,9 +91,16 @@ def _raw_config(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import config_from_dict, load_yaml
+    from .config import config_from_dict, describe, load_yaml, locate
     from .engine import train
     from .engine.rundir import CONFIG, check_resumable
+
+    if args.print_config:
+        print(describe(config_from_dict(_raw_config(args))), end="")
+        return 0
+    if not args.out:
+        raise ConfigError("iaat train needs --out RUN_DIR, the run folder to create (or to continue with --resume).")
+    from .engine.setup import choose_threads, resolve_device
 
     out = Path(args.out)
     if args.resume:
@@ -111,7 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                     raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
                                       f"asked {new!r}); start a new run with another --out instead.")
     else:
-        cfg = config_from_dict(_raw_config(args))
+        try:
+            cfg = config_from_dict(_raw_config(args))
+        except ConfigError as e:  # a mistake in the file: say where
+            raise (locate(e, args.config) if args.config else e) from None
+    on_cpu = resolve_device(cfg.train.device).type == "cpu" and not _rank_prefix() and "WORLD_SIZE" not in os.environ
+    cfg.train.threads = choose_threads(cfg.train.threads, on_cpu)
     train(cfg, out, resume=args.resume)
     if not _rank_prefix():
         print(f"run saved in {out}")
@@ -157,6 +177,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep_steps is not None and any(k < 1 for k in args.sweep_steps):
         raise ConfigError("--sweep-steps values must be >= 1.")
 
+    from .engine.setup import choose_threads, resolve_device
+
+    choose_threads(args.threads, resolve_device(args.device).type == "cpu")
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be positive, got {args.num_classes}.")
     if args.weights and not args.model:
@@ -215,11 +238,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError("iaat sweep needs a sweep file (see configs/sweeps/) or --config BASE.yaml.")
         spec, base_dir = {"base": str(Path(args.config).resolve())}, Path(".")
     overrides: dict = {}
+    per_run: dict = {}  # --set RUN:section.key=value: one named run only
     for assignment in args.set:
+        run, sep, rest = assignment.partition(":")
+        if not sep or "=" in run or "." in run:
+            run, rest = None, assignment
         holder: dict = {}
-        apply_override(holder, assignment)
+        apply_override(holder, rest)
         for section, values in holder.items():
-            overrides.update({f"{section}.{k}": v for k, v in values.items()})
+            (per_run.setdefault(run, {}) if run else overrides).update(
+                {f"{section}.{k}": v for k, v in values.items()})
     for key, value in (("data.data_dir", args.data_dir), ("train.epochs", args.epochs),
                        ("data.train_subset", args.train_subset), ("train.device", args.device)):
         if value is not None:
@@ -227,9 +255,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec["set"] = {**(spec.get("set") or {}), **overrides}
     if args.frontier_eps is not None:
         spec["frontier_eps"] = args.frontier_eps
-    if args.with_runs:
+    if args.with_runs or per_run:
         runs = dict(spec.get("runs") or {name: {} for name in DEFAULT_RUNS})
-        runs.update({name: runs.get(name, {}) for name in args.with_runs})
+        runs.update({name: runs.get(name, {}) for name in args.with_runs or ()})
+        for name, values in per_run.items():
+            if name not in runs:
+                raise ConfigError(f"--set {name}:...: '{name}' is not a named run of this sweep (named runs: "
+                                  f"{', '.join(runs)}); --set without a run name sets every run.")
+            runs[name] = {**(runs[name] or {}), **values}
         spec["runs"] = runs
     if args.grid:
         params = {}
@@ -261,7 +294,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .reporting import make_report
 
-    out = make_report([Path(p) for p in args.runs], Path(args.out), data_dir=args.data_dir,
+    paths = [Path(p) for p in args.runs]
+    if args.out is None and len(paths) > 1:
+        raise ConfigError("--out is needed for a report of several folders (one folder's report goes into "
+                          "FOLDER/report by default).")
+    out = make_report(paths, Path(args.out) if args.out else paths[0] / "report", data_dir=args.data_dir,
                       image_eps=args.image_eps, device=args.device)
     print(f"report written to {out}")
     return 0
@@ -317,7 +354,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .engine.setup import choose_threads
 
+    choose_threads(args.threads, True)
     run_demo(out=Path(args.out) if args.out else None, epochs=args.epochs, eps=args.eps, seed=args.seed)
     return 0
 
@@ -415,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per attack batch (default 256 on a GPU, 64 on a CPU; part of the resume identity: "
                         "it decides which images share a batch and its seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: all cores, or 1 when the machine is busy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--out", metavar="FILE",
                    help="JSON file to write, markdown beside it (default RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
@@ -445,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs of every run  [train.epochs]")
     p.add_argument("--train-subset", type=int, metavar="N", help="class-balanced training subset  [data.train_subset]")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config field of every run (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[RUN:]SECTION.KEY=VALUE",
+                   help="override a config field of every run, or of one named run with RUN: (e.g. "
+                        "--set iaat:method.warmup_epochs=1; repeatable)")
     p.add_argument("--frontier-eps", nargs="*", metavar="EPS",
                    help=f"PGD-AT radii of the fixed-eps frontier, {SIZE_HELP} (default 2 4 6 8; none: no frontier)")
     from .sweep import OPTIONAL_RUNS
@@ -471,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Reads only files of the runs (config, metrics, radii, evaluations, checkpoints); "
                                    "needs matplotlib (pip install 'iaat[report]').")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run folders and/or sweep folders")
-    p.add_argument("--out", metavar="DIR", required=True, help="report folder (created; files in it are replaced)")
+    p.add_argument("--out", metavar="DIR", help="report folder (created; files in it are replaced); default: "
+                                                 "FOLDER/report for one run or sweep folder")
     p.add_argument("--data-dir", metavar="DIR", help="data folder for the image grids (default: the run's)")
     p.add_argument("--image-eps", default="16", help=f"radius of the perturbed images shown beside the smallest/"
                                                       f"largest-radius images, {SIZE_HELP} (default 16)")
@@ -510,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
     p.add_argument("--eps", default="64", help=f"attack radius for training and testing, {SIZE_HELP} (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores, or 1 when the "
+                                                            "machine is busy)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -545,8 +590,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _rank_prefix() -> str:
     """``[rank N] `` for the non-zero ranks of a torchrun job, so that their copies of a message are told apart."""
-    import os
-
     rank = os.environ.get("RANK", "0")
     return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
 

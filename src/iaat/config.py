@@ -70,10 +70,10 @@ class AttackConfig:
 class OptimConfig:
     """SGD with momentum and a learning-rate schedule."""
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    lr: float = 0.1  #: peak learning rate of SGD
+    momentum: float = 0.9  #: SGD momentum
+    weight_decay: float = 5e-4  #: L2 weight decay of SGD
+    nesterov: bool = False  #: Nesterov momentum
     schedule: str = "step"  #: step | cosine | constant
     milestones: list = field(default_factory=lambda: [100, 150])  #: epochs where step decay happens
     #: step-decay factor at every milestone, or one factor per milestone (the GAIRAT code's x0.1, x0.1, x0.5)
@@ -89,10 +89,14 @@ class OptimConfig:
 class TrainConfig:
     """Loop, device and bookkeeping."""
 
-    epochs: int = 200
-    batch_size: int = 128
-    seed: int = 0
+    epochs: int = 200  #: training epochs
+    batch_size: int = 128  #: images per step (under torchrun: all processes together)
+    seed: int = 0  #: seed of the initialisation, the data order, the augmentation and the attacks
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
+    #: CPU threads of PyTorch: by default all cores (or OMP_NUM_THREADS), or 1 when the machine is busy when the run
+    #: starts (1-minute load average >= cores: more threads only wait for each other then); the count is written to
+    #: the run's config, so that a resumed run computes exactly as before
+    threads: Optional[int] = None
     amp: str = "off"  #: off | bf16 | fp16 (autocast for attacks and training)
     #: same (as amp) | off | bf16 | fp16: the attacks' autocast on its own, e.g. fp16 attacks beside an fp32 or bf16
     #: training step (the IAAT paper's ImageNet setting); fp16 attacks need no gradient scaler (see iaat.attacks.pgd)
@@ -225,6 +229,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}.")
     if cfg.train.attack_amp not in ("same", "off", "bf16", "fp16"):
         raise ConfigError(f"train.attack_amp must be same, off, bf16 or fp16, got {cfg.train.attack_amp!r}.")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}.")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}.")
     if cfg.train.eval_every < 1 or cfg.train.log_interval < 1:
@@ -306,6 +312,36 @@ def load_yaml(path: Union[str, Path]) -> dict:
     return raw
 
 
+def key_lines(path: Union[str, Path]) -> dict:
+    """Line numbers (1-based) of a YAML config's keys: ``{(section, None): n, (section, key): n}``."""
+    try:
+        root = yaml.compose(Path(path).read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return {}
+    lines: dict = {}
+    if isinstance(root, yaml.MappingNode):
+        for sec_node, body in root.value:
+            lines[(str(sec_node.value), None)] = sec_node.start_mark.line + 1
+            if isinstance(body, yaml.MappingNode):
+                for key_node, _ in body.value:
+                    lines[(str(sec_node.value), str(key_node.value))] = key_node.start_mark.line + 1
+    return lines
+
+
+def locate(error: ConfigError, path: Union[str, Path]) -> ConfigError:
+    """``error`` prefixed with ``FILE, line N:`` when the key it names was written in the config file ``path``."""
+    import re
+
+    lines = key_lines(path)
+    for section, key in re.findall(r"\b(" + "|".join(SECTIONS) + r"|[a-z_]+)\.([a-z_]+)\b", str(error)):
+        if (section, key) in lines:
+            return ConfigError(f"{path}, line {lines[(section, key)]}: {error}")
+    for section in re.findall(r"config section '([^']+)'", str(error)):
+        if (section, None) in lines:
+            return ConfigError(f"{path}, line {lines[(section, None)]}: {error}")
+    return error
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``section.key=value`` override in place (value parsed as YAML)."""
     if "=" not in assignment:
@@ -343,3 +379,42 @@ def _section(raw: dict, section: str) -> dict:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe(cfg: Config) -> str:
+    """The effective config as YAML, every key with its value (the default unless set) and a comment that says
+    what it means; sizes in pixel units over 255, so the text can be passed back with ``--config``."""
+    from .methods import method_class
+    from .methods.base import own_fields
+    from .schema import field_docs
+
+    lines = ["# iaat train: every config key, its value here (the default unless set) and what it means.",
+             "# Sizes are in pixel units over 255 (8 means 8/255) or 'a/b'. Save this and pass it back with --config.",
+             ""]
+    raw = cfg.to_dict()
+    cls = method_class(cfg.method.name)
+    method = {"name": cfg.method.name}
+    for f in own_fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.metadata.get("size") and isinstance(default, float):
+            default = float(f"{default * 255:.6g}")  # the config form of a [0, 1] default
+        method[f.name] = cfg.method.params.get(f.name, default)
+    raw["method"] = method
+    sizes = {f.name for f in own_fields(cls) if f.metadata.get("size")}
+    docs = {name: field_docs(kind) for name, kind in _SECTION_TYPES.items()}
+    docs["method"] = {"name": "the training method: " + ", ".join(sorted(_method_names())), **field_docs(cls)}
+    for section in SECTIONS:
+        lines.append(f"{section}:")
+        for key, value in raw[section].items():
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+            doc = docs[section].get(key, "")
+            if section == "method" and key in sizes:
+                doc += " [a size: pixel units over 255]"
+            lines.append(f"  {text}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _method_names() -> list:
+    from .methods import METHODS
+
+    return list(METHODS)

@@ -84,6 +84,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
         raise ConfigError("iaat eval needs a run folder or model file, or --model module:factory --weights FILE.")
     if weights is not None:
         raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
+    _refuse_sweep_folder(path)
     kind = file_format(path)
     if kind in ("run", "checkpoint"):
         return _run_source(path, device)
@@ -95,6 +96,18 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
                        eps=training.get("eps"), shape=shape,
                        info={"epoch": training.get("epochs"), "model": (meta.get("architecture") or {}).get("name"),
                              "method": training.get("method")})
+
+
+def _refuse_sweep_folder(path: Path) -> None:
+    """A sweep folder holds many runs: say which to evaluate instead of failing to find a config."""
+    from .sweep import PLAN, RUNS
+
+    if path.is_dir() and (path / PLAN).is_file():
+        runs = sorted(p.name for p in (path / RUNS).iterdir() if p.is_dir()) if (path / RUNS).is_dir() else []
+        example = f"{path / RUNS / runs[0]}" if runs else f"{path / RUNS}/NAME"
+        raise ConfigError(f"{path} is a sweep folder: evaluate one of its runs, e.g. iaat eval {example} (runs: "
+                          f"{', '.join(runs) or 'none trained yet'}); iaat sweep evaluates them all, and "
+                          f"iaat report {path} collects the results.")
 
 
 def _run_source(path: Path, device: torch.device) -> ModelSource:
@@ -115,6 +128,7 @@ def default_eps(req: EvalRequest) -> float:
     if req.path is not None and req.model is None:
         from .model_files import file_format, read_model_file
 
+        _refuse_sweep_folder(req.path)
         if file_format(req.path) in ("run", "checkpoint"):
             from .engine.runs import load_run_config
 

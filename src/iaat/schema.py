@@ -87,3 +87,56 @@ def build_dataclass(cls: type, values: dict, section: str) -> Any:
     hints = typing.get_type_hints(cls)
     check_keys(values, [f.name for f in dataclasses.fields(cls)], section)
     return cls(**{key: check_type(value, hints[key], f"{section}.{key}") for key, value in values.items()})
+
+
+def field_docs(cls: type) -> dict:
+    """What each field of a dataclass means, from its ``#:`` comments (inline or on the lines above) and from
+    the ``Args:`` section of the docstrings of ``cls`` and its bases."""
+    import inspect
+    import re
+
+    docs: dict = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        pending: list = []
+        for line in lines:
+            comment = re.match(r"\s*#:\s*(.*)$", line)
+            field = re.match(r"\s{4}(\w+)\s*:\s*[^=#]+(?:=[^#]*)?(?:#:\s*(.*))?$", line)
+            if comment:
+                pending.append(comment.group(1))
+            elif field:
+                text = field.group(2) or " ".join(pending)
+                if text:
+                    docs[field.group(1)] = text
+                pending = []
+            else:
+                pending = []
+        docs.update(_docstring_args(klass.__doc__ or ""))
+    return {k: v.replace("``", "") for k, v in docs.items()}
+
+
+def _docstring_args(doc: str) -> dict:
+    """``name: text`` entries of a Google-style ``Args:`` section (``a, b: text`` documents both)."""
+    import re
+
+    out: dict = {}
+    lines = doc.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("Args")), None)
+    if start is None:
+        return out
+    names: list = []
+    for line in lines[start + 1:]:
+        entry = re.match(r"\s{8}([\w, ]+?)(?: \(.*?\))?: (.*)$", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split(",")]
+            for n in names:
+                out[n] = entry.group(2)
+        elif line.startswith(" " * 12) and names:
+            for n in names:
+                out[n] += " " + line.strip()
+        elif not line.strip() or not line.startswith(" " * 8):
+            break
+    return out

@@ -60,7 +60,8 @@ BUILTIN_RUNS: dict[str, dict] = {
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)
 # Keys a finished or interrupted run may differ in from the plan (where the data is, which device).
-_FREE_KEYS = {("data", "data_dir"), ("data", "download"), ("train", "device"), ("train", "progress")}
+_FREE_KEYS = {("data", "data_dir"), ("data", "download"), ("train", "device"), ("train", "progress"),
+              ("train", "threads")}
 
 
 @dataclass
@@ -485,5 +486,6 @@ def _run_locked(runner: SweepRunner, plan: SweepPlan, out: Path, jobs: int, only
     if failed:
         _err(f"iaat: error: {len(failed)} run(s) failed: " + ", ".join(f"{r.name} (log {r.log})" for r in failed))
         return 1
-    log(f"sweep finished: {len(results)} runs trained and evaluated; make the report with: iaat report {out}")
+    log(f"sweep finished: {len(results)} runs trained and evaluated; make the report (into {out / 'report'}) with: "
+        f"iaat report {out}")
     return 0

@@ -72,8 +72,22 @@ def find_folder(name: str, data_dir: Optional[str]) -> tuple[Optional[Path], lis
 
 
 def _download(name: str, root: Path) -> Path:
-    spec = _SPECS[name]
+    """Download and unpack the official archive into ``root``; on failure the folders it created are removed."""
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(name, root)
+    except BaseException:
+        for folder in created:  # innermost first; only what this call made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch(name: str, root: Path) -> Path:
+    spec = _SPECS[name]
     print(f"downloading {spec['url']} to {root} ...", flush=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
         try:

@@ -104,19 +104,37 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"checkpoint {path} is damaged: its sha256 does not match {sidecar.name} "
                                   f"(truncated or modified file).")
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes zip archives (since PyTorch 1.6)
+        raise CheckpointError(f"{path} is not a checkpoint: {what_it_is(data)}.")
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
-                              f"which could run code when unpickled ({str(e).splitlines()[0][:200]}).") from None
+    except pickle.UnpicklingError:  # torch's own hint here is to switch the safety off: not repeated
+        raise CheckpointError(f"refusing to load {path}: it is a PyTorch file holding objects other than tensors "
+                              f"and plain data (a pickled model or optimizer object, or something else), which "
+                              f"could run code when unpickled. Save a state_dict instead.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint "
-                              f"({str(e).splitlines()[0][:200]}).") from None
+        raise CheckpointError(f"checkpoint {path} is damaged ({str(e).splitlines()[0][:200]}).") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iaat checkpoint (no '{FORMAT}' marker).")
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer iaat (format {obj['version']} > {VERSION}).")
     return obj
+
+
+def what_it_is(data: bytes) -> str:
+    """What a file that is no PyTorch zip archive looks like, in a few words."""
+    if data.startswith(b"PK\x03\x04"):
+        return "a zip archive cut short or damaged (a truncated checkpoint?)"
+    if data[:1] == b"\x80":
+        return "a pickle (PyTorch's legacy format or another program's), which iaat does not unpickle"
+    if not data:
+        return "an empty file"
+    try:
+        text = data[:2000].decode("utf-8")
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"a text file (it begins with {first[:40]!r}; a config file?)"
 
 
 def _numbered_epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:

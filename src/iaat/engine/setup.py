@@ -27,6 +27,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], None] = print) -> Optional[int]:
+    """Set PyTorch's CPU threads: ``requested``; else (on a CPU, without OMP_NUM_THREADS) one thread when the
+    machine is busy (1-minute load average >= cores), where threads that wait for each other cost far more than
+    they give. Returns the thread count in use on a CPU (None elsewhere)."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--threads must be >= 1, got {requested}.")
+    if requested is not None:
+        torch.set_num_threads(requested)
+    elif on_cpu and not os.environ.get("OMP_NUM_THREADS"):
+        cores = torch.get_num_threads()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if cores > 1 and load >= cores:
+            torch.set_num_threads(1)
+            log(f"iaat: the machine is busy (load {load:.1f} on {cores} cores): using 1 CPU thread, faster on a "
+                f"busy machine; choose with --threads N")
+    return torch.get_num_threads() if on_cpu else None
+
+
 def autocast_dtype(amp: str) -> Optional[torch.dtype]:
     """``off`` | ``bf16`` | ``fp16`` → the autocast dtype (``None`` for full precision)."""
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]

@@ -53,5 +53,6 @@ class StopOnSignal:
                                       f"step; the last checkpoint is intact; {self.resume_hint}", signum)
         self.signum = signum
         # os.write, not print: a handler may run in the middle of a print to the same stream.
-        os.write(2, f"iaat: {name} received; stopping after the current step (send it again to stop at "
+        os.write(2, f"iaat: {name} received; stopping after the current step or evaluation batch, with the state "
+                    f"saved (send it again to stop at "
                     f"once)\n".encode())

@@ -37,6 +37,7 @@ from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupte
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
 from ..methods import Method
+from ..units import format_size
 from ..models.state import load_model_state
 from . import rundir
 from .checkpoint import (checkpoint_path, interrupt_path, prune, remove_checkpoint, resume_point,
@@ -209,6 +210,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         log(f"{run_dir} already finished {s.start_epoch} epochs (asked for {cfg.train.epochs}); nothing to do.")
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
+    log(_summary(s))
     for note in s.method.notes():
         log(note)
     if cfg.train.tensorboard and info.is_main:
@@ -224,7 +226,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
             resumed = first and s.partial
             sums = _EpochSums.from_state(s.partial, device) if resumed else _EpochSums.zeros(device)
             lr = _train_epoch(s, epoch, first, sums, stop, t0)
-            last_row = _end_epoch(s, epoch, sums, lr, t0)
+            last_row = _end_epoch(s, epoch, sums, lr, t0, stop)
             if distributed.any_rank(stop.signum is not None, info, device) and epoch + 1 < cfg.train.epochs:
                 raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
                                           f"{checkpoint_path(s.ckpt_dir, epoch + 1)}; {stop.resume_hint}", stop.signum)
@@ -258,7 +260,7 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
         sums.add(out, y, step)
         if distributed.any_rank(stop.signum is not None, s.info, s.device):
             _save_interrupt(s, epoch, step, sums, lr, stop, bar, t0)
-        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps:
+        if (step + 1) % min(cfg.train.log_interval, max(1, steps // 10)) == 0 or step + 1 == steps:
             _check_finite(s, sums, epoch, bar)
             bar.set_postfix(loss=f"{sums.loss_sum.item() / sums.n_seen:.3f}",
                             acc=f"{sums.correct.item() / sums.n_seen:.3f}", lr=f"{lr:.4g}")
@@ -274,7 +276,7 @@ def _rank_share(s: _Session, loss: torch.Tensor, batch: int, step: int) -> torch
     return loss * (s.info.world_size * batch / s.global_sizes[step])
 
 
-def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float) -> dict:
+def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, stop: StopOnSignal) -> dict:
     """Merge the ranks, evaluate, then write the metrics row, the method's arrays and the epoch checkpoint."""
     cfg, info = s.cfg, s.info
     train_seconds = sums.seconds + time.perf_counter() - t0
@@ -286,7 +288,11 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float) 
            **{f"train_{k}": (v.item() if torch.is_tensor(v) else v) / n for k, v in sums.stats.items()},
            **s.method.end_epoch()}
     if ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs) and len(s.data.val) > 0:
-        row["val_clean_acc"], row[f"val_pgd{cfg.train.eval_steps}_acc"] = _validate(s)
+        held_out = _validate(s, epoch, stop)
+        if held_out is None:
+            s.log(f"iaat: the held-out evaluation of epoch {epoch + 1} was skipped ({stop.name})")
+        else:
+            row["val_clean_acc"], row[f"val_pgd{cfg.train.eval_steps}_acc"] = held_out
     row["train_seconds"] = train_seconds
     row["images_per_second"] = sums.n_seen / train_seconds if train_seconds > 0 else None
     row["seconds"] = time.perf_counter() - t0
@@ -309,7 +315,7 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float) 
         remove_checkpoint(interrupt_path(s.ckpt_dir))  # now older than the newest epoch checkpoint
         prune(s.ckpt_dir, cfg.train.keep_checkpoints)
     distributed.barrier(info)
-    s.log(_format_row(row))
+    s.log(_format_row(row, s.method.log_keys))
     return row
 
 
@@ -383,6 +389,21 @@ def _init_from(s: _Session, path: Path) -> None:
                               f"{_architecture(*ours)}; set --model (and model.depth/width) to the same architecture.")
     load_model_state(s.model, source.state_dict(), str(path), m.name, arch.get("name", "?"))
     s.log(f"starting from the weights of {path}")
+
+
+def _summary(s: _Session) -> str:
+    """One line that says what this run trains, on what, and how (before the first epoch)."""
+    cfg = s.cfg
+    method = cfg.method.name + (f" ({', '.join(f'{k}={v}' for k, v in cfg.method.params.items())})"
+                                if cfg.method.params else "")
+    attack = (f"PGD-{cfg.attack.steps} {cfg.attack.norm} eps {format_size(cfg.eps)} step "
+              f"{format_size(cfg.step_size)}") if cfg.method.name != "clean" else "no attack"
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n != 1 else ''}" if s.device.type == "cpu" else ""
+    return (f"training {method} | {cfg.model.name} on {cfg.data.dataset}: {len(s.data.train):,} images, "
+            f"{len(s.data.val):,} held out | {attack}\n  {cfg.train.epochs} epochs of {len(s.loader)} steps, batch "
+            f"{cfg.train.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule} | {s.device}{threads} | {s.run_dir} "
+            f"(every setting: iaat train ... --print-config)")
 
 
 def _architecture(name: str, depth: Optional[int], width: Optional[int]) -> str:
@@ -499,16 +520,34 @@ def _restore_rng(ckpt: dict, cfg: Config, info: distributed.DistInfo, epoch: int
         seed_everything(_rank_seed(cfg.train.seed, info.rank, epoch))
 
 
-def _validate(s: _Session) -> tuple[float, float]:
-    """Held-out clean and PGD accuracy; under torchrun each rank evaluates every world_size-th image."""
+def _validate(s: _Session, epoch: int, stop: StopOnSignal) -> Optional[tuple[float, float]]:
+    """Held-out clean and PGD accuracy; under torchrun each rank evaluates every world_size-th image.
+
+    A signal ends it after the current batch (``None``: skipped) in a single process; under torchrun the
+    ranks finish it (they must meet at its collective). Its attacks draw from a random stream of their own,
+    so the training's stream is the same whether it ran to the end, stopped early or was skipped.
+    """
+    devices = [s.device.index if s.device.index is not None else torch.cuda.current_device()] \
+        if s.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_rank_seed(s.cfg.train.seed + 1, s.info.rank, epoch))
+        return _held_out_accuracy(s, stop)
+
+
+def _held_out_accuracy(s: _Session, stop: StopOnSignal) -> Optional[tuple[float, float]]:
     cfg, info, val, device = s.cfg, s.info, s.data.val, s.device
     spec = AttackSpec(cfg.eps, cfg.train.eval_steps, 1, cfg.step_size, cfg.attack.norm)
     part = val.subset(torch.arange(info.rank, len(val), info.world_size)) if info.enabled else val
     counts = torch.zeros(2, dtype=torch.float64, device=device)
+    # small batches on a CPU: faster there (they stay in cache) and a Ctrl-C waits for one batch only
+    batch_size = max(256, cfg.train.batch_size) if device.type == "cuda" else 64
     if len(part) > 0:
-        res = accuracy(s.model, part, [spec], batch_size=max(256, cfg.train.batch_size), device=device,
+        res = accuracy(s.model, part, [spec], batch_size=batch_size, device=device,
                        progress=cfg.train.progress and info.is_main, desc="val",
-                       autocast_dtype=autocast_dtype(cfg.train.amp))
+                       autocast_dtype=autocast_dtype(cfg.train.amp),
+                       stop=None if info.enabled else (lambda: stop.signum is not None))
+        if res is None:
+            return None
         counts += torch.tensor([res["clean"], res["attacks"][spec.label]["accuracy"]], dtype=torch.float64,
                                device=device) * len(part)
     distributed.all_reduce_(counts, info)
@@ -516,10 +555,15 @@ def _validate(s: _Session) -> tuple[float, float]:
     return clean, robust
 
 
-def _format_row(row: dict) -> str:
+def _format_row(row: dict, method_keys: tuple = ()) -> str:
+    """The console line of an epoch: losses, the method's key numbers (sizes over 255), held-out accuracy."""
     parts = [f"epoch {row['epoch']}"]
     for key in ("train_loss", "train_acc"):
         parts.append(f"{key} {row[key]:.4f}")
+    for key in method_keys:
+        if isinstance(row.get(key), (int, float)):
+            value = row[key]
+            parts.append(f"{key} {format_size(value)}" if "radius" in key else f"{key} {value:.4g}")
     for key, value in row.items():
         if key.startswith("val_") and isinstance(value, float):
             parts.append(f"{key} {value:.4f}")

@@ -90,12 +90,25 @@ def _check(name: str, passed: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
+def at_chance(clean: float, n: int, num_classes: Optional[int]) -> bool:
+    """Clean accuracy no better than guessing: within three standard errors of 1/classes (or below it)."""
+    if not num_classes or n <= 0:
+        return False
+    chance = 1.0 / num_classes
+    return clean <= chance + 3 * (chance * (1 - chance) / n) ** 0.5
+
+
 def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> list[dict]:
     """All checks over an evaluation result; each ``{"name", "passed", "detail"}``."""
     n, clean = result["n"], result["clean"]
     tol = tolerance(n)
     attacks = result["attacks"]
+    classes = result.get("num_classes")
     checks = [
+        _check("better than chance", not at_chance(clean, n, classes),
+               f"clean accuracy {100 * clean:.1f}% on {n} images" + (f", chance {100 / classes:.1f}%" if classes else "")
+               + (" (an untrained or broken model: every robustness number is meaningless)"
+                  if at_chance(clean, n, classes) else "")),
         _check("deterministic", probe["max_logit_change"] <= 1e-5,
                f"two forward passes of the same batch differ by {probe['max_logit_change']:.3g} in the logits"
                + ("" if probe["max_logit_change"] <= 1e-5 else " (randomised model: use EOT attacks)")),

@@ -155,8 +155,8 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
             _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
                        surrogate=(surrogates or {}).get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
 
-    result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "eps": plan.eps, "norm": plan.norm,
-              "protocol": plan.protocol, "attacks": {}}
+    result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "num_classes": num_classes, "eps": plan.eps,
+              "norm": plan.norm, "protocol": plan.protocol, "attacks": {}}
     for spec in plan.attacks:
         result["attacks"][spec.label] = _stage_result(state, spec, n)
     main = [s for s in plan.attacks if s.eps == plan.eps]

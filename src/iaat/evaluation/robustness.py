@@ -7,7 +7,7 @@ robust only if it is correct when clean and no attack iterate misclassifies it.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +20,12 @@ from .attacks import AttackSpec, run_attack, spec_summary
 
 def accuracy(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (), *, batch_size: int = 256,
              device: Optional[torch.device] = None, progress: bool = False, desc: str = "eval",
-             autocast_dtype: Optional[torch.dtype] = None, num_classes: Optional[int] = None) -> dict:
+             autocast_dtype: Optional[torch.dtype] = None, num_classes: Optional[int] = None,
+             stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
     """Accuracy of ``model`` on clean ``data`` and under each attack (specs with their eps set).
+
+    ``stop`` is asked before every batch; when it says so the evaluation ends early and returns ``None``
+    (the trainer's Ctrl-C during its end-of-epoch evaluation).
 
     Returns:
         ``{"n": N, "clean": acc, "attacks": {label: {"accuracy": acc, **spec}}, "seconds": s}``.
@@ -33,6 +37,8 @@ def accuracy(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (
     start = time.perf_counter()
     with attack_mode(model):
         for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
+            if stop is not None and stop():
+                return None
             x = to_unit(data.x[lo:lo + batch_size], device)
             y = data.y[lo:lo + batch_size].to(device)
             with torch.no_grad():

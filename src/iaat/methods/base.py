@@ -81,6 +81,7 @@ class Method:
     name: ClassVar[str] = ""
     needs_index: ClassVar[bool] = False  #: keeps per-sample state: ``loss`` needs each sample's index
     needs_epoch: ClassVar[bool] = False  #: depends on the epoch: ``start_epoch`` must come first
+    log_keys: ClassVar[tuple] = ()  #: metrics worth the console line of every epoch (e.g. IAAT's mean radius)
 
     eps: float = size(8 / 255)
     step_size: float = size(2 / 255)
@@ -208,5 +209,8 @@ BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Method))
 
 
 def own_fields(cls: type) -> list:
-    """The dataclass fields a method adds to the base's: its own config keys."""
-    return [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]
+    """The dataclass fields a method adds to the base's: its own config keys, those it declares itself first
+    (then those of its mixins, e.g. IAAT's GAIR keys)."""
+    fields = [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]
+    declared = set(cls.__dict__.get("__annotations__", {}))
+    return [f for f in fields if f.name in declared] + [f for f in fields if f.name not in declared]

@@ -76,6 +76,7 @@ config trains with batch 256, reflect padding and a WRN variant without affine B
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -92,6 +93,10 @@ from .gair import GairParams, GairWeighting, weighted_ce
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
@@ -151,6 +156,7 @@ class IAAT(Method, GairParams):
     name = "iaat"
     needs_index = True
     needs_epoch = True
+    log_keys = ("radius_mean", "gair_lambda")
 
     weights: str = "none"
     gamma: float = size(1.9 / 255)
@@ -207,6 +213,11 @@ class IAAT(Method, GairParams):
             raise ConfigError(f"method.step_rule must be proportional or fixed, got {self.step_rule!r}.")
         if self.weights not in ("none", "gair"):
             raise ConfigError(f"method.weights must be none or gair, got {self.weights!r}.")
+        if self.weights == "none":
+            changed = [f.name for f in dataclasses.fields(GairParams) if getattr(self, f.name) != _default(f)]
+            if changed:
+                raise ConfigError(f"method.{changed[0]} is a key of GAIR weighting, which IAAT uses only with "
+                                  f"method.weights=gair; set that too, or drop {', '.join(changed)}.")
         if self.weights == "gair" and self.lam_schedule == "linear" and self.epochs is None:
             raise ConfigError("the linear lambda schedule runs over the whole training: pass epochs=N.")
         if not 0 < self.beta <= 1:

@@ -46,6 +46,7 @@ class _Reweighted(Method):
     """Shared step: attack (optionally early-stopped), then a (optionally GAIR-weighted) loss."""
 
     needs_epoch = True
+    log_keys = ("train_kappa", "gair_lambda", "fat_tau")
     use_gair: ClassVar[bool] = False
     use_fat: ClassVar[bool] = False
 

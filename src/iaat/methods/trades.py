@@ -32,6 +32,7 @@ class TRADES(Method):
     """
 
     name = "trades"
+    log_keys = ("train_kl",)
 
     beta: float = 6.0
     init_std: float = 0.001

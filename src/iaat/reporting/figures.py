@@ -70,35 +70,89 @@ def _frontier(records: list[RunRecord]) -> list[RunRecord]:
     return sorted([r for r in records if r.method == "pgd_at" and r.evaluation], key=lambda r: r.cfg.eps)
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy ``p`` measured on ``n`` images."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+#: The narrowest span (percentage points) of an accuracy axis: a zoom onto noise hides more than it shows.
+MIN_AXIS_SPAN = 10.0
+
+
 def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) -> list[dict]:
-    """Fig. 3: clean accuracy over robust accuracy, the fixed-eps frontier joined by a line."""
+    """Fig. 3: clean accuracy over robust accuracy with 95 % intervals (binomial, from the images evaluated),
+    the fixed-eps frontier joined by a line, labels kept apart, and axes no narrower than MIN_AXIS_SPAN."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     style_of = styles(records)
     front = _frontier(records)
     if len(front) > 1:
-        ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "-",
-                color="tab:blue", alpha=0.5, lw=1.5, zorder=1, label="fixed-eps PGD-AT frontier")
+        ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "--",
+                color="tab:blue", alpha=0.8, lw=1.5, zorder=4, label="fixed-eps PGD-AT frontier")
     points = []
     for r in records:
         if r.evaluation is None or r.accuracy(attack) is None:
             continue
-        x, y = 100 * r.accuracy(attack), 100 * r.accuracy()
+        n = int(r.evaluation.get("n") or 0)
+        x, y = r.accuracy(attack), r.accuracy()
+        (x_lo, x_hi), (y_lo, y_hi) = wilson(x, n), wilson(y, n)
         style = style_of[id(r)]
-        size = 14 if style["marker"] == "*" else 8
-        ax.plot([x], [y], linestyle="none", markersize=size, markeredgecolor="black", markeredgewidth=0.5,
-                label=r.name, zorder=3, **style)
-        if r.group != "grid":  # grid points are told apart by the legend; their labels would overlap
-            # above for every other point, below for the rest: neighbours' labels rarely collide
-            offset = (6, 4) if len(points) % 2 == 0 else (6, -11)
-            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=offset, fontsize=7, color="0.25")
-        points.append({"run": r.name, "robust": x / 100, "clean": y / 100})
+        ax.errorbar([100 * x], [100 * y], xerr=[[100 * (x - x_lo)], [100 * (x_hi - x)]],
+                    yerr=[[100 * (y - y_lo)], [100 * (y_hi - y)]], fmt="none", ecolor=style["color"], alpha=0.45,
+                    lw=1, capsize=2, zorder=2)
+        ax.plot([100 * x], [100 * y], linestyle="none", markersize=14 if style["marker"] == "*" else 8,
+                markeredgecolor="black", markeredgewidth=0.5, label=r.name, zorder=3, **style)
+        points.append({"run": r.name, "robust": x, "clean": y, "n": n, "robust_interval": [x_lo, x_hi],
+                       "clean_interval": [y_lo, y_hi], "labelled": r.group != "grid"})
+    _keep_span(ax, [100 * v for p in points for v in p["robust_interval"]],
+               [100 * v for p in points for v in p["clean_interval"]])
+    _place_labels(ax, [(100 * p["robust"], 100 * p["clean"], p["run"]) for p in points if p["labelled"]])
     ax.set_xlabel(f"robust accuracy (%), {caption}")
     ax.set_ylabel("clean accuracy (%)")
-    ax.set_title("Accuracy / robustness tradeoff")
+    ax.set_title("Accuracy / robustness tradeoff (bars: 95 % intervals)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save(fig, stem)
-    return points
+    return [{k: v for k, v in p.items() if k != "labelled"} for p in points]
+
+
+def _keep_span(ax: Any, xs: list, ys: list) -> None:
+    """Axis limits around the values, each at least MIN_AXIS_SPAN wide and inside [0, 100]."""
+    for values, setter in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        pad = max((MIN_AXIS_SPAN - (hi - lo)) / 2, 0.0) + 0.08 * max(hi - lo, MIN_AXIS_SPAN)
+        lo, hi = max(0.0, lo - pad), min(100.0, hi + pad)
+        setter(lo, hi)
+
+
+def _place_labels(ax: Any, points: list) -> None:
+    """Each point's label at the first of a few offsets where it overlaps no label placed before it and no
+    point (in display coordinates); points that coincide get their labels stacked."""
+    fig = ax.figure
+    fig.canvas.draw()  # the final axis limits, so display coordinates hold
+    to_px = ax.transData.transform
+    markers = [to_px((x, y)) for x, y, _ in points]
+    taken: list = []
+    offsets = [(7, 4), (7, -12), (-7, 4), (-7, -12), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 28), (-7, 28),
+               (7, -36), (-7, -36)]
+    scale = fig.dpi / 72  # display pixels per point
+    for (x, y, name), (px, py) in zip(points, markers):
+        width, height = (3.9 * len(name) + 2) * scale, 9 * scale  # a 7-point font
+        for dx, dy in offsets:
+            left = px + dx * scale if dx > 0 else px + dx * scale - width
+            box = (left, py + dy * scale, left + width, py + dy * scale + height)
+            clear = all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in taken)
+            hits_point = any(box[0] - 3 < mx < box[2] + 3 and box[1] - 3 < my < box[3] + 3 for mx, my in markers)
+            if clear and not hits_point:
+                break
+        taken.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color="0.25",
+                    ha="left" if dx > 0 else "right", zorder=5)
 
 
 def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
@@ -124,16 +178,25 @@ def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
     ax.set_ylabel(f"accuracy under {attack} (%)")
     ax.set_title("Robust accuracy over the test radius")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if curves:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.text(0.5, 0.5, "no evaluation has an eps sweep\n(iaat eval RUN --sweep-eps 0 2 4 8)",
+                transform=ax.transAxes, ha="center", va="center", color="0.4")
     save(fig, stem)
     return curves
 
 
-def pick_trajectories(final: np.ndarray, k: int = 8) -> np.ndarray:
-    """``k`` samples spread over the final radii (its quantiles), so both ends of the range are seen."""
-    order = np.argsort(final, kind="stable")
-    positions = np.linspace(0, len(order) - 1, k).round().astype(int)
-    return order[np.unique(positions)]
+def pick_trajectories(stack: np.ndarray, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``k`` samples with *different* trajectories (rows of ``stack``: epochs × samples), spread over the
+    final radii; many samples share one trajectory (e.g. all that were misclassified from the start), which would
+    draw one line over another. Returns ``(sample indices, how many samples share each one's trajectory)``."""
+    _, first, counts = np.unique(stack.T, axis=0, return_index=True, return_counts=True)
+    distinct = first[np.argsort(stack[-1, first], kind="stable")]  # one sample per trajectory, by final radius
+    share = dict(zip(first.tolist(), counts.tolist()))
+    positions = np.unique(np.linspace(0, len(distinct) - 1, min(k, len(distinct))).round().astype(int))
+    chosen = distinct[positions]
+    return chosen, np.array([share[i] for i in chosen.tolist()])
 
 
 def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
@@ -152,7 +215,8 @@ def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
         left.plot(epochs, pixels("radius_mean"), "-o", color="tab:red", markersize=4, label="mean")
         warmup = record.params.get("warmup_epochs", 0)
         if warmup:
-            left.axvspan(0.5, warmup + 0.5, color="0.85", alpha=0.5, label=f"warmup ({warmup} epochs)")
+            left.axvspan(0.5, warmup + 0.5, color="0.85", alpha=0.5,
+                         label=f"warmup ({warmup} epoch{'s' if warmup != 1 else ''})")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (left, right):
@@ -165,14 +229,15 @@ def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
     if record.radii:
         ep = sorted(record.radii)
         stack = np.stack([record.radii_at(e) for e in ep]) * 255  # (epochs, samples)
-        chosen = pick_trajectories(stack[-1], k).tolist()
+        picked, shared = pick_trajectories(stack, k)
+        chosen = picked.tolist()
         cmap = plt.cm.viridis
-        for j, i in enumerate(chosen):
+        for j, (i, count) in enumerate(zip(chosen, shared.tolist())):
             right.plot(ep, stack[:, i], "-", color=cmap(j / max(1, len(chosen) - 1)), lw=1.5, marker=".",
-                       label=f"sample {i}: {stack[-1, i]:.1f}/255")
+                       label=f"sample {i}: {stack[-1, i]:.1f}/255" + (f" (same as {count - 1} others)" if count > 1 else ""))
         right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="final radius")
     right.set_xlabel("epoch")
-    right.set_title(f"{len(chosen)} samples (spread over the final radii)")
+    right.set_title(f"{len(chosen)} distinct trajectories (spread over the final radii)")
     save(fig, stem)
     return {"run": record.name, "epochs": epochs, "trajectories": chosen}
 

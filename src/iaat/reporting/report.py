@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import CheckpointError, ConfigError
+from ..evaluation.checks import at_chance
 from ..units import format_size, parse_size
 from . import figures, tables
 from .collect import RunRecord, collect_runs
+
+#: Classes of the data sets whose evaluations predate the evaluation JSON's num_classes.
+_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
 FIGURE_NOTES = {
     "fig3_tradeoff": "Fig. 3 — clean accuracy against robust accuracy; the fixed-eps PGD-AT runs trace the "
@@ -43,6 +47,9 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
     for r in records:
         if r.evaluation is None:
             log(f"iaat: warning: {r.name} has no test evaluation yet; it is left out of the figures and tables")
+        elif at_chance(r.evaluation.get("clean", 0.0), int(r.evaluation.get("n") or 0), _classes(r)):
+            log(f"iaat: warning: {r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on "
+                f"{_classes(r)} classes): its robustness numbers mean nothing")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -131,3 +138,8 @@ def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: st
     lines += ["## Figures", ""] + fig_md + ["## Tables", ""] + table_md
     lines += ["", "Made by `iaat report` from the saved run folders: " + ", ".join(f"`{r.path}`" for r in records)]
     return "\n".join(lines) + "\n"
+
+
+def _classes(record: RunRecord) -> Optional[int]:
+    """The number of classes the run's evaluation scored (from its JSON, else from the data set's name)."""
+    return (record.evaluation or {}).get("num_classes") or _KNOWN_CLASSES.get(record.cfg.data.dataset)
