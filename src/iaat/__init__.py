@@ -31,7 +31,8 @@ _EXPORTS = {
     "pgd": "attacks", "PGD": "attacks", "AttackResult": "attacks",
     # training methods
     "Method": "methods", "Clean": "methods", "PGDAT": "methods", "IAAT": "methods", "GAIRAT": "methods",
-    "FAT": "methods", "GAIRFAT": "methods", "TRADES": "methods", "MixupAT": "methods", "METHODS": "methods",
+    "FAT": "methods", "GAIRFAT": "methods", "TRADES": "methods", "MixupAT": "methods", "MART": "methods",
+    "METHODS": "methods",
     "gair_weights": "methods.gair",
     # data
     "IndexedDataset": "data.indexed",

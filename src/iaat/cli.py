@@ -35,8 +35,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "--set), its meaning and unit, as YAML that --config reads back; then exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint (exactly, on CPU)")
-    p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | mixup_at  "
-                                     "[method.name]; set its keys with --set method.KEY=VALUE")
+    p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | "
+                                    "mixup_at | mart  [method.name]; set its keys with --set method.KEY=VALUE")
     p.add_argument("--model", help="architecture: small_cnn | resnet18 | preact_resnet18 | wideresnet | "
                                    "wrn-32-10 | wrn-34-10 (CIFAR-sized); resnet50 | resnet101 | resnet152 "
                                    "(ImageNet-sized)  [model.name]")
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a set of runs on the same data, model and schedule, then evaluate them all "
                                    "with the same attacks. Default runs: PGD-AT at each --frontier-eps, iaat, "
-                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, iaat_line_search with "
+                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, mart, iaat_line_search with "
                                    "--with). Each run trains in its own process into OUT/runs/NAME (log in "
                                    "OUT/logs/NAME.log). Re-running the same command skips finished runs and "
                                    "resumes interrupted ones from their checkpoints; nothing is trained twice.",

@@ -46,7 +46,7 @@ LOGS = "logs"
 DEFAULT_FRONTIER = (2, 4, 6, 8)
 #: The runs ``iaat sweep`` adds beside the frontier, and the optional ones ``--with`` adds.
 DEFAULT_RUNS = ("iaat", "iaat_no_warmup", "gairat")
-OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "iaat_line_search")
+OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search")
 #: Overrides of the built-in run names (applied on top of the base config).
 BUILTIN_RUNS: dict[str, dict] = {
     "iaat": {"method.name": "iaat"},
@@ -56,6 +56,7 @@ BUILTIN_RUNS: dict[str, dict] = {
     "clean": {"method.name": "clean"},
     "trades": {"method.name": "trades"},
     "mixup_at": {"method.name": "mixup_at"},
+    "mart": {"method.name": "mart"},
 }
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)

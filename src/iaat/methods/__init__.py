@@ -2,10 +2,11 @@
 
 from .base import Method, StepOutput
 from .iaat import IAAT
+from .mart import MART, mart_loss
 from .registry import METHODS, method_class
 from .reweighted import FAT, GAIRAT, GAIRFAT
 from .standard import PGDAT, Clean
 from .trades import TRADES, MixupAT
 
 __all__ = ["Method", "StepOutput", "METHODS", "method_class", "Clean", "PGDAT", "IAAT", "GAIRAT", "FAT", "GAIRFAT",
-           "TRADES", "MixupAT"]
+           "TRADES", "MixupAT", "MART", "mart_loss"]

@@ -6,11 +6,12 @@ from ..errors import ConfigError
 from ..schema import did_you_mean
 from .base import Method
 from .iaat import IAAT
+from .mart import MART
 from .reweighted import FAT, GAIRAT, GAIRFAT
 from .standard import PGDAT, Clean
 from .trades import TRADES, MixupAT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT, GAIRAT, FAT, GAIRFAT, TRADES, MixupAT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Clean, PGDAT, IAAT, GAIRAT, FAT, GAIRFAT, TRADES, MixupAT, MART)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -46,7 +46,8 @@ def save(fig: Any, stem: Path) -> list[Path]:
 
 _ADAPTIVE_COLORS = ("tab:red", "tab:orange", "tab:pink", "gold", "tab:cyan", "tab:olive", "magenta", "sienna")
 _OTHERS = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": ("tab:olive", "v"),
-           "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "clean": ("tab:gray", "X")}
+           "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "mart": ("teal", "h"),
+           "clean": ("tab:gray", "X")}
 
 
 def styles(records: list[RunRecord]) -> dict:
