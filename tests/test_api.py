@@ -17,8 +17,8 @@ from iaat.errors import ConfigError
 #: Modules whose docstring examples are part of the public API's documentation.
 DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
               "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
-              "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.gair", "iaat.evaluation.api",
-              "iaat.evaluation.attacks"]
+              "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.mart", "iaat.methods.gair",
+              "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema"]
 
 
 @pytest.mark.parametrize("module", DOCUMENTED)

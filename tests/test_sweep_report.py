@@ -224,6 +224,12 @@ def test_sweep_cli_without_file_builds_the_default_plan(tmp_path, capsys):
     assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run",
                  "--set", "nope:method.gamma=2"]) == 2
     assert "'nope' is not a named run of this sweep" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run", "--with", "mart",
+                 "iaat_ema", "pgd_at_ema"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert {"mart", "iaat_ema", "pgd_at_ema"} <= set(lines) and " mart eps=" in lines["mart"]
+    plan = build_plan({"base": BASE, "runs": {"iaat_ema": {}}})
+    assert plan.runs["iaat_ema"]["train"]["ema"] == 0.999 and plan.runs["iaat_ema"]["method"]["name"] == "iaat"
     assert main(["sweep", "--out", str(tmp_path / "s")]) == 2
     assert "needs a sweep file" in capsys.readouterr().err
 

@@ -188,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, seed=args.seed,
                       out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
-                      num_classes=args.num_classes)
+                      num_classes=args.num_classes, raw=args.raw)
     if eps is None:  # the model's own training radius
         eps = [default_eps(req)]
     req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "imagefolder)")
     p.add_argument("--num-classes", type=int, metavar="K",
                    help="with --model: passed to the factory (default: the data set's number of classes)")
+    p.add_argument("--raw", action="store_true",
+                   help="a run that keeps averaged weights (train.ema) is evaluated with them by default; --raw "
+                        "evaluates its trained weights instead")
     p.add_argument("--protocol", choices=sorted(PROTOCOL_HELP), help="a named set of attacks (see below)")
     p.add_argument("--attack", action="append", default=[], metavar="SPEC",
                    help="an attack to run (repeatable), added to the protocol's, e.g. pgd:steps=100,restarts=5")
@@ -467,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a set of runs on the same data, model and schedule, then evaluate them all "
                                    "with the same attacks. Default runs: PGD-AT at each --frontier-eps, iaat, "
-                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, mart, iaat_line_search with "
-                                   "--with). Each run trains in its own process into OUT/runs/NAME (log in "
+                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, mart, iaat_line_search, "
+                                   "pgd_at_ema, iaat_ema with --with). Each run trains in its own process into "
+                                   "OUT/runs/NAME (log in "
                                    "OUT/logs/NAME.log). Re-running the same command skips finished runs and "
                                    "resumes interrupted ones from their checkpoints; nothing is trained twice.",
                        epilog="examples:\n"

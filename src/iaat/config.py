@@ -97,6 +97,11 @@ class TrainConfig:
     #: starts (1-minute load average >= cores: more threads only wait for each other then); the count is written to
     #: the run's config, so that a resumed run computes exactly as before
     threads: Optional[int] = None
+    #: decay of an exponential moving average of the weights (e.g. 0.999; none: off), updated after every step with
+    #: the decay warmed up as min(decay, (1 + t) / (10 + t)); BatchNorm buffers are copied, not averaged. Saved in
+    #: every checkpoint, evaluated beside the raw weights each epoch (ema_val_* in metrics.jsonl), used by iaat eval
+    #: and iaat export unless --raw
+    ema: Optional[float] = None
     amp: str = "off"  #: off | bf16 | fp16 (autocast for attacks and training)
     #: same (as amp) | off | bf16 | fp16: the attacks' autocast on its own, e.g. fp16 attacks beside an fp32 or bf16
     #: training step (the IAAT paper's ImageNet setting); fp16 attacks need no gradient scaler (see iaat.attacks.pgd)
@@ -229,6 +234,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}.")
     if cfg.train.attack_amp not in ("same", "off", "bf16", "fp16"):
         raise ConfigError(f"train.attack_amp must be same, off, bf16 or fp16, got {cfg.train.attack_amp!r}.")
+    if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema is the decay of the weight average, in (0, 1) (e.g. 0.999), got {cfg.train.ema}.")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}.")
     if cfg.train.keep_checkpoints < 1:

@@ -36,6 +36,7 @@ class EvalRequest:
     weights: Optional[Path] = None  #: the weights of ``model``
     dataset: Optional[str] = None  #: where the model file does not say
     num_classes: Optional[int] = None  #: passed to ``model``'s factory (default: the data set's)
+    raw: bool = False  #: a run's trained weights even where it keeps averaged ones (train.ema)
 
 
 @dataclass
@@ -64,9 +65,10 @@ def _file_digest(path: Path) -> str:
 
 def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
                 weights: Optional[Path] = None, dataset: Optional[str] = None,
-                num_classes: Optional[int] = None) -> ModelSource:
+                num_classes: Optional[int] = None, raw: bool = False) -> ModelSource:
     """The model behind ``path`` (a run, a checkpoint, an exported or TorchScript file), or ``model``
-    (``module:factory``) with ``weights``, on ``device`` in eval mode."""
+    (``module:factory``) with ``weights``, on ``device`` in eval mode. A run's averaged weights
+    (``train.ema``) are used where it keeps them, unless ``raw``."""
     from .model_files import factory_model, file_format, read_model_file
 
     if model is not None:
@@ -87,7 +89,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
     _refuse_sweep_folder(path)
     kind = file_format(path)
     if kind in ("run", "checkpoint"):
-        return _run_source(path, device)
+        return _run_source(path, device, raw)
     net, meta = read_model_file(path, device)
     training = meta.get("training") or {}
     shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
@@ -110,17 +112,20 @@ def _refuse_sweep_folder(path: Path) -> None:
                           f"iaat report {path} collects the results.")
 
 
-def _run_source(path: Path, device: torch.device) -> ModelSource:
+def _run_source(path: Path, device: torch.device, raw: bool = False) -> ModelSource:
+    from .ema import EMA_KEY
     from .engine.runs import load_run
 
-    model, cfg, ckpt_path, ckpt = load_run(path, device)
+    model, cfg, ckpt_path, ckpt = load_run(path, device, weights="raw" if raw else "auto")
+    averaged = not raw and EMA_KEY in ckpt
     trained = ckpt.get("data") or {}
     shape = (trained["num_classes"], trained["image_shape"]) if trained.get("image_shape") else None
-    return ModelSource(model, f"{cfg.method.name} / {cfg.model.name}, epoch {ckpt.get('epoch')}",
-                       _file_digest(Path(ckpt_path)), path if path.is_dir() else path.parent, "eval",
-                       cfg.data.dataset, cfg.data.data_dir, cfg.eps, shape, cfg,
-                       {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
-                        "method": cfg.method.name})
+    return ModelSource(model, f"{cfg.method.name} / {cfg.model.name}, epoch {ckpt.get('epoch')}"
+                       + (", averaged weights (EMA)" if averaged else ""),
+                       _file_digest(Path(ckpt_path)) + (":ema" if averaged else ""),
+                       path if path.is_dir() else path.parent, "eval", cfg.data.dataset, cfg.data.data_dir, cfg.eps,
+                       shape, cfg, {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
+                                    "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
 
 
 def default_eps(req: EvalRequest) -> float:
@@ -180,7 +185,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     result = {"iaat_version": __version__, "torch_version": torch.__version__, "device": str(device),
               "model_source": source.what, "checkpoint": source.info.get("checkpoint", str(req.path or req.weights)),
               "epoch": source.info.get("epoch"), "model": source.info.get("model"),
-              "method": source.info.get("method"), "dataset": req.dataset or source.dataset,
+              "method": source.info.get("method"), "weights": source.info.get("weights"),
+              "dataset": req.dataset or source.dataset,
               "data_source": splits.source, "split": req.split, "seed": req.seed, "started": started, **res}
     write_json(out, result)
     md = out.with_suffix(".md")
@@ -202,7 +208,7 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
         splits = load_dataset(req.dataset, req.data_dir, False)
         source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes)
     else:
-        source = open_source(req.path, device, weights=req.weights)
+        source = open_source(req.path, device, weights=req.weights, raw=req.raw)
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
     check_same_data(source.shape, splits, source.what)
     cfg = source.cfg

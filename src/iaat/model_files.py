@@ -29,14 +29,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, ConfigError
+from .ema import EMA_KEY
+from .errors import ConfigError
 from .models.files import TORCHSCRIPT_META, file_format, json_path, load_exported, state_dict_file
 from .models.state import load_model_state
 
 FORMATS = ("safetensors", "torchscript")
 MODEL_FORMAT = "iaat-model"
-#: The checkpoint entry that holds averaged weights (``train.ema``), when a run keeps them.
-EMA_KEY = "ema_model"
 
 
 # --------------------------------------------------------------------------- export
@@ -119,15 +118,8 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
     for path in (out, meta_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
-    model, cfg, ckpt_path, ckpt = load_run(Path(run))
-    if weights == "ema" and EMA_KEY not in ckpt:
-        raise CheckpointError(f"{ckpt_path} holds no averaged weights (the run trained without train.ema); "
-                              f"export its raw weights with --raw.")
-    if weights != "raw" and EMA_KEY in ckpt:
-        model.load_state_dict(ckpt[EMA_KEY])
-        weights = "ema"
-    else:
-        weights = "raw"
+    model, cfg, ckpt_path, ckpt = load_run(Path(run), weights=weights)
+    weights = "ema" if weights != "raw" and EMA_KEY in ckpt else "raw"
     card = model_card(Path(run), cfg, ckpt, model, weights)
     card["source"] = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch")}
     text = json.dumps(card, indent=2)

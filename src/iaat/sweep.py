@@ -46,7 +46,7 @@ LOGS = "logs"
 DEFAULT_FRONTIER = (2, 4, 6, 8)
 #: The runs ``iaat sweep`` adds beside the frontier, and the optional ones ``--with`` adds.
 DEFAULT_RUNS = ("iaat", "iaat_no_warmup", "gairat")
-OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search")
+OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search", "pgd_at_ema", "iaat_ema")
 #: Overrides of the built-in run names (applied on top of the base config).
 BUILTIN_RUNS: dict[str, dict] = {
     "iaat": {"method.name": "iaat"},
@@ -57,6 +57,10 @@ BUILTIN_RUNS: dict[str, dict] = {
     "trades": {"method.name": "trades"},
     "mixup_at": {"method.name": "mixup_at"},
     "mart": {"method.name": "mart"},
+    # weight averaging: the raw weights of these equal those of pgd_at at the base eps and of iaat (same seed; the
+    # average draws no random numbers), so the pairs compare the average with the trained weights
+    "pgd_at_ema": {"method.name": "pgd_at", "train.ema": 0.999},
+    "iaat_ema": {"method.name": "iaat", "train.ema": 0.999},
 }
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)

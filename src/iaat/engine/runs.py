@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from ..config import Config, config_from_dict, load_yaml
-from ..errors import CheckpointError
+from ..ema import EMA_KEY
+from ..errors import CheckpointError, ConfigError
 from ..models import build_model
 from ..models.state import load_model_state
 from . import rundir
@@ -27,11 +28,16 @@ def load_run_config(path: Path) -> Config:
     return config_from_dict(load_checkpoint(path)["config"])
 
 
-def load_run(path: Path, device: Optional[torch.device] = None):
+def load_run(path: Path, device: Optional[torch.device] = None, weights: str = "raw"):
     """Load the model of a run folder (its newest valid checkpoint) or of one checkpoint file.
 
-    Returns ``(model, cfg, checkpoint_path, checkpoint)``, the model in eval mode on ``device``.
+    ``weights``: ``raw`` (the trained weights), ``ema`` (the averaged ones of ``train.ema``; an error
+    when the run has none) or ``auto`` (the averaged ones when the run keeps them). Returns
+    ``(model, cfg, checkpoint_path, checkpoint)``, the model in eval mode on ``device``; the weights
+    loaded are the averaged ones when ``weights != "raw" and EMA_KEY in checkpoint``.
     """
+    if weights not in ("auto", "raw", "ema"):
+        raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
     path = Path(path)
     if path.is_dir():
         cfg_path = path / rundir.CONFIG
@@ -51,6 +57,10 @@ def load_run(path: Path, device: Optional[torch.device] = None):
     # Normalisation constants are buffers in the state dict, so placeholders are overwritten on load.
     model = build_model(cfg.model.name, info.get("num_classes", 10), channels, depth=cfg.model.depth,
                         width=cfg.model.width)
-    load_model_state(model, ckpt["model"], str(ckpt_path), cfg.model.name, ckpt.get("model_name", "?"))
+    if weights == "ema" and EMA_KEY not in ckpt:
+        raise CheckpointError(f"{ckpt_path} holds no averaged weights (the run trained without train.ema); use "
+                              f"its raw weights (--raw).")
+    state = ckpt[EMA_KEY] if weights != "raw" and EMA_KEY in ckpt else ckpt["model"]
+    load_model_state(model, state, str(ckpt_path), cfg.model.name, ckpt.get("model_name", "?"))
     model.to(device or torch.device("cpu")).eval()
     return model, cfg, ckpt_path, ckpt

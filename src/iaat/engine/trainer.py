@@ -34,6 +34,7 @@ from ..config import Config, build_method
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted
+from ..ema import EMA
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
 from ..methods import Method
@@ -182,6 +183,7 @@ class _Session:
     start_step: int = 0  #: steps of start_epoch already done (a mid-epoch resume)
     partial: Optional[dict] = None  #: the interrupted epoch's sums
     board: Optional[Board] = None  #: TensorBoard event files (train.tensorboard, rank 0)
+    ema: Optional[EMA] = None  #: averaged weights (train.ema)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -256,6 +258,8 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
         scaler.scale(_rank_share(s, out.loss, len(y), step)).backward()
         scaler.step(optimizer)
         scaler.update()
+        if s.ema is not None:
+            s.ema.update(s.model)
         s.global_step += 1
         sums.add(out, y, step)
         if distributed.any_rank(stop.signum is not None, s.info, s.device):
@@ -282,17 +286,21 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
     train_seconds = sums.seconds + time.perf_counter() - t0
     s.method.merge_ranks(info)  # every rank holds the full per-sample state from here on
     distributed.broadcast_buffers(s.model, info)  # rank 0's BatchNorm statistics are the model's
+    if s.ema is not None:
+        distributed.broadcast_buffers(s.ema.module, info)
     sums.reduce(info)
     n = max(sums.n_seen, 1)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / n, "train_acc": sums.correct.item() / n,
            **{f"train_{k}": (v.item() if torch.is_tensor(v) else v) / n for k, v in sums.stats.items()},
            **s.method.end_epoch()}
     if ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs) and len(s.data.val) > 0:
-        held_out = _validate(s, epoch, stop)
-        if held_out is None:
-            s.log(f"iaat: the held-out evaluation of epoch {epoch + 1} was skipped ({stop.name})")
-        else:
-            row["val_clean_acc"], row[f"val_pgd{cfg.train.eval_steps}_acc"] = held_out
+        for prefix, model in (("", s.model), ("ema_", s.ema.module if s.ema is not None else None)):
+            held_out = _validate(s, epoch, stop, model) if model is not None else None
+            if held_out is not None:
+                row[f"{prefix}val_clean_acc"], row[f"{prefix}val_pgd{cfg.train.eval_steps}_acc"] = held_out
+            elif model is not None:
+                s.log(f"iaat: the held-out evaluation of epoch {epoch + 1} was skipped ({stop.name})")
+                break
     row["train_seconds"] = train_seconds
     row["images_per_second"] = sums.n_seen / train_seconds if train_seconds > 0 else None
     row["seconds"] = time.perf_counter() - t0
@@ -337,7 +345,7 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
     if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
         seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
     return _Session(cfg, run_dir, device, info, log, data, model, net, method, optimizer, scaler, loader,
-                    loader.global_batch_sizes())
+                    loader.global_batch_sizes(), ema=EMA(model, cfg.train.ema) if cfg.train.ema else None)
 
 
 def _restore(s: _Session) -> None:
@@ -350,6 +358,8 @@ def _restore(s: _Session) -> None:
         s.optimizer.load_state_dict(ckpt["optimizer"])
         s.scaler.load_state_dict(ckpt["scaler"])
         s.method.load_state_dict(ckpt["method"])
+        if s.ema is not None:
+            s.ema.load_state_dict(ckpt, str(path))
         s.start_epoch, s.global_step = ckpt["epoch"], ckpt["global_step"]
         s.start_step, s.partial = int(ckpt.get("step", 0)), ckpt.get("partial")
         _restore_rng(ckpt, cfg, info, s.start_epoch, s.log)
@@ -388,6 +398,8 @@ def _init_from(s: _Session, path: Path) -> None:
         raise CheckpointError(f"train.init_from {path} holds a {_architecture(*theirs)} but this run trains a "
                               f"{_architecture(*ours)}; set --model (and model.depth/width) to the same architecture.")
     load_model_state(s.model, source.state_dict(), str(path), m.name, arch.get("name", "?"))
+    if s.ema is not None:  # the average starts from the weights it starts from
+        s.ema = EMA(s.model, s.cfg.train.ema)
     s.log(f"starting from the weights of {path}")
 
 
@@ -402,7 +414,8 @@ def _summary(s: _Session) -> str:
     threads = f", {n} thread{'s' if n != 1 else ''}" if s.device.type == "cpu" else ""
     return (f"training {method} | {cfg.model.name} on {cfg.data.dataset}: {len(s.data.train):,} images, "
             f"{len(s.data.val):,} held out | {attack}\n  {cfg.train.epochs} epochs of {len(s.loader)} steps, batch "
-            f"{cfg.train.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule} | {s.device}{threads} | {s.run_dir} "
+            f"{cfg.train.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
+            f"{f', weight average (EMA) {cfg.train.ema:g}' if cfg.train.ema else ''} | {s.device}{threads} | {s.run_dir} "
             f"(every setting: iaat train ... --print-config)")
 
 
@@ -426,6 +439,7 @@ def _payload(s: _Session, epoch_done: int, lr: float) -> dict:
         "scheduler": {"schedule": cfg.optim.schedule, "lr": lr},  # the LR is a pure function of progress
         "scaler": s.scaler.state_dict(),
         "method": s.method.state_dict(),
+        **(s.ema.state_dict() if s.ema is not None else {}),
         "rng": rng,
         **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
         "config": cfg.to_dict(),
@@ -520,8 +534,9 @@ def _restore_rng(ckpt: dict, cfg: Config, info: distributed.DistInfo, epoch: int
         seed_everything(_rank_seed(cfg.train.seed, info.rank, epoch))
 
 
-def _validate(s: _Session, epoch: int, stop: StopOnSignal) -> Optional[tuple[float, float]]:
-    """Held-out clean and PGD accuracy; under torchrun each rank evaluates every world_size-th image.
+def _validate(s: _Session, epoch: int, stop: StopOnSignal, model: torch.nn.Module) -> Optional[tuple[float, float]]:
+    """Held-out clean and PGD accuracy of ``model`` (the run's, or its averaged copy); under torchrun each rank
+    evaluates every world_size-th image.
 
     A signal ends it after the current batch (``None``: skipped) in a single process; under torchrun the
     ranks finish it (they must meet at its collective). Its attacks draw from a random stream of their own,
@@ -531,10 +546,10 @@ def _validate(s: _Session, epoch: int, stop: StopOnSignal) -> Optional[tuple[flo
         if s.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_rank_seed(s.cfg.train.seed + 1, s.info.rank, epoch))
-        return _held_out_accuracy(s, stop)
+        return _held_out_accuracy(s, stop, model)
 
 
-def _held_out_accuracy(s: _Session, stop: StopOnSignal) -> Optional[tuple[float, float]]:
+def _held_out_accuracy(s: _Session, stop: StopOnSignal, model: torch.nn.Module) -> Optional[tuple[float, float]]:
     cfg, info, val, device = s.cfg, s.info, s.data.val, s.device
     spec = AttackSpec(cfg.eps, cfg.train.eval_steps, 1, cfg.step_size, cfg.attack.norm)
     part = val.subset(torch.arange(info.rank, len(val), info.world_size)) if info.enabled else val
@@ -542,7 +557,7 @@ def _held_out_accuracy(s: _Session, stop: StopOnSignal) -> Optional[tuple[float,
     # small batches on a CPU: faster there (they stay in cache) and a Ctrl-C waits for one batch only
     batch_size = max(256, cfg.train.batch_size) if device.type == "cuda" else 64
     if len(part) > 0:
-        res = accuracy(s.model, part, [spec], batch_size=batch_size, device=device,
+        res = accuracy(model, part, [spec], batch_size=batch_size, device=device,
                        progress=cfg.train.progress and info.is_main, desc="val",
                        autocast_dtype=autocast_dtype(cfg.train.amp),
                        stop=None if info.enabled else (lambda: stop.signum is not None))
@@ -565,7 +580,7 @@ def _format_row(row: dict, method_keys: tuple = ()) -> str:
             value = row[key]
             parts.append(f"{key} {format_size(value)}" if "radius" in key else f"{key} {value:.4g}")
     for key, value in row.items():
-        if key.startswith("val_") and isinstance(value, float):
+        if key.startswith(("val_", "ema_val_")) and isinstance(value, float):
             parts.append(f"{key} {value:.4f}")
     if row.get("images_per_second"):
         parts.append(f"{row['images_per_second']:.0f} img/s")
