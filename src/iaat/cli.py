@@ -53,9 +53,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N  [train.device]")
     p.add_argument("--eps", help=f"training attack radius, {SIZE_HELP}  [attack.eps]")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast for attacks and training  [train.amp]")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads (default: all cores, or 1 when the machine is busy at the start; written to the "
-                        "run's config so that a resumed run computes exactly as before)  [train.threads]")
+    _add_threads(p, "; written to the run's config so that a resumed run computes exactly as before)  "
+                    "[train.threads]")
     p.add_argument("--init-from", metavar="FILE",
                    help="start from these weights: a run folder, a checkpoint, or an exported .safetensors or "
                         "TorchScript model of the same architecture (adversarial fine-tuning)  [train.init_from]")
@@ -63,6 +62,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set attack.eps=8 --set optim.lr=0.05 "
                         "--set method.warmup_epochs=5 (repeatable; value parsed as YAML)")
+
+
+def _add_threads(p: argparse.ArgumentParser, more: str = ")") -> None:
+    """``--threads N`` (see :func:`iaat.engine.setup.choose_threads`); ``more`` ends its help text."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: all cores, or 1 when the machine is busy at the start" + more)
 
 
 def _raw_config(args: argparse.Namespace) -> dict:
@@ -457,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per attack batch (default 256 on a GPU, 64 on a CPU; part of the resume identity: "
                         "it decides which images share a batch and its seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads (default: all cores, or 1 when the machine is busy)")
+    _add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--out", metavar="FILE",
                    help="JSON file to write, markdown beside it (default RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
@@ -557,8 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
     p.add_argument("--eps", default="64", help=f"attack radius for training and testing, {SIZE_HELP} (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores, or 1 when the "
-                                                            "machine is busy)")
+    _add_threads(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

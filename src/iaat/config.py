@@ -391,9 +391,9 @@ def dump_yaml(cfg: Config) -> str:
 def describe(cfg: Config) -> str:
     """The effective config as YAML, every key with its value (the default unless set) and a comment that says
     what it means; sizes in pixel units over 255, so the text can be passed back with ``--config``."""
-    from .methods import method_class
+    from .methods import METHODS, method_class
     from .methods.base import own_fields
-    from .schema import field_docs
+    from .schema import field_default, field_docs
 
     lines = ["# iaat train: every config key, its value here (the default unless set) and what it means.",
              "# Sizes are in pixel units over 255 (8 means 8/255) or 'a/b'. Save this and pass it back with --config.",
@@ -402,14 +402,14 @@ def describe(cfg: Config) -> str:
     cls = method_class(cfg.method.name)
     method = {"name": cfg.method.name}
     for f in own_fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if f.metadata.get("size") and isinstance(default, float):
             default = float(f"{default * 255:.6g}")  # the config form of a [0, 1] default
         method[f.name] = cfg.method.params.get(f.name, default)
     raw["method"] = method
     sizes = {f.name for f in own_fields(cls) if f.metadata.get("size")}
     docs = {name: field_docs(kind) for name, kind in _SECTION_TYPES.items()}
-    docs["method"] = {"name": "the training method: " + ", ".join(sorted(_method_names())), **field_docs(cls)}
+    docs["method"] = {"name": "the training method: " + ", ".join(sorted(METHODS)), **field_docs(cls)}
     for section in SECTIONS:
         lines.append(f"{section}:")
         for key, value in raw[section].items():
@@ -419,9 +419,3 @@ def describe(cfg: Config) -> str:
                 doc += " [a size: pixel units over 255]"
             lines.append(f"  {text}" + (f"  # {doc}" if doc else ""))
     return "\n".join(lines) + "\n"
-
-
-def _method_names() -> list:
-    from .methods import METHODS
-
-    return list(METHODS)

@@ -89,6 +89,11 @@ def build_dataclass(cls: type, values: dict, section: str) -> Any:
     return cls(**{key: check_type(value, hints[key], f"{section}.{key}") for key, value in values.items()})
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (calling its ``default_factory`` where it has one)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def field_docs(cls: type) -> dict:
     """What each field of a dataclass means, from its ``#:`` comments (inline or on the lines above) and from
     the ``Args:`` section of the docstrings of ``cls`` and its bases."""

@@ -87,16 +87,13 @@ from torch import nn
 from ..attacks import attack_mode
 from ..attacks.pgd import project
 from ..errors import ConfigError
+from ..schema import field_default
 from ..units import format_size
 from .base import Method, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
@@ -214,7 +211,7 @@ class IAAT(Method, GairParams):
         if self.weights not in ("none", "gair"):
             raise ConfigError(f"method.weights must be none or gair, got {self.weights!r}.")
         if self.weights == "none":
-            changed = [f.name for f in dataclasses.fields(GairParams) if getattr(self, f.name) != _default(f)]
+            changed = [f.name for f in dataclasses.fields(GairParams) if getattr(self, f.name) != field_default(f)]
             if changed:
                 raise ConfigError(f"method.{changed[0]} is a key of GAIR weighting, which IAAT uses only with "
                                   f"method.weights=gair; set that too, or drop {', '.join(changed)}.")

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Method, StepOutput
+from .base import StepOutput
+from .trades import KLRegularised
 
 
 def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -41,6 +41,12 @@ def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
         >>> round(float(mart_loss(clean, adv, torch.tensor([0]), beta=6.0)), 4)
         2.4112
     """
+    return _mart_terms(logits_clean, logits_adv, y, beta)[0]
+
+
+def _mart_terms(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MART's loss and each sample's KL(p || p')."""
     p_adv = F.softmax(logits_adv, dim=1)
     p_clean = F.softmax(logits_clean, dim=1)
     # the most likely wrong class of each adversarial example
@@ -49,11 +55,11 @@ def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     # log_softmax, not log(softmax): finite gradients where a saturated softmax rounds a probability to 0
     kl = (p_clean * (F.log_softmax(logits_clean, dim=1) - torch.log(p_adv + 1e-12))).sum(dim=1)
     unsure = 1.0000001 - p_clean.gather(1, y[:, None]).squeeze(1)
-    return boosted + beta * (kl * unsure).mean()
+    return boosted + beta * (kl * unsure).mean(), kl
 
 
 @dataclass(eq=False, kw_only=True)
-class MART(Method):
+class MART(KLRegularised):
     """Misclassification-aware adversarial training: boosted cross-entropy on PGD examples plus a KL term
     weighted by each sample's clean misclassification.
 
@@ -70,20 +76,9 @@ class MART(Method):
     name = "mart"
     log_keys = ("train_kl",)
 
-    beta: float = 6.0
-    init_std: float = 0.001
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta < 0 or self.init_std < 0:
-            raise ConfigError("method.beta and method.init_std must be >= 0.")
-
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         adv = self.attack_batch(model, x, y, init_std=self.init_std, final_check=False)
         logits_clean = model(x)
         logits_adv = model(adv.x_adv)
-        loss = mart_loss(logits_clean, logits_adv, y, self.beta)
-        with torch.no_grad():
-            p_clean = F.softmax(logits_clean, dim=1)
-            kl = (p_clean * (F.log_softmax(logits_clean, dim=1) - F.log_softmax(logits_adv, dim=1))).sum()
-        return StepOutput(loss, logits_adv, {"kl": kl})
+        loss, kl = _mart_terms(logits_clean, logits_adv, y, self.beta)
+        return StepOutput(loss, logits_adv, {"kl": kl.detach().sum()})

@@ -15,7 +15,20 @@ from .base import Method, StepOutput
 
 
 @dataclass(eq=False, kw_only=True)
-class TRADES(Method):
+class KLRegularised(Method):
+    """The keys of methods with a KL robustness term and a Gaussian-start attack (TRADES, MART)."""
+
+    beta: float = 6.0
+    init_std: float = 0.001
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0 or self.init_std < 0:
+            raise ConfigError("method.beta and method.init_std must be >= 0.")
+
+
+@dataclass(eq=False, kw_only=True)
+class TRADES(KLRegularised):
     """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL inside the eps ball.
 
     The inner maximisation is the shared PGD kernel with its ``kl`` loss, started from
@@ -33,14 +46,6 @@ class TRADES(Method):
 
     name = "trades"
     log_keys = ("train_kl",)
-
-    beta: float = 6.0
-    init_std: float = 0.001
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta < 0 or self.init_std < 0:
-            raise ConfigError("method.beta and method.init_std must be >= 0.")
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
         with torch.no_grad(), attack_mode(model) as plain:
