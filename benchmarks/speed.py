@@ -11,11 +11,18 @@ and as a time ratio to ``pgd_at`` from the same run, with peak GPU memory on CUD
 
 iaat's methods run as the trainer sets them up (``build_step``), with the fast-path switches
 given here (``--amp``, ``--attack-amp``, ``--channels-last``, ``--compile``: the ``train.*`` keys of
-the same names); the reference always runs in fp32 in the default layout.
+the same names); the reference always runs in fp32 in the default layout. ``--fast-paths`` adds
+``pgd_at`` once per listed setting (``fp32``, ``bf16``, ``fp16``, each optionally ``+cl`` for
+channels_last and ``+compile``), so that the fast path's parts are compared in one process.
+
+The floating-point work of one step of each method is counted, not guessed
+(``torch.utils.flop_counter.FlopCounterMode`` over one eager step: convolutions and matrix
+products of attack and training step), and on CUDA set against the bf16 matrix-product rate
+measured at the start (an 8192^3 bf16 product) as ``fraction_of_bf16_peak``.
 
     python benchmarks/speed.py --data-dir DIR --amp bf16 --channels-last        # CPU: small CNN
     python benchmarks/speed.py --data-dir DIR --model resnet18 --device cuda --batch-size 512 \
-        --amp bf16 --channels-last --compile
+        --amp bf16 --channels-last --fast-paths fp32 bf16 bf16+cl+compile
 
 Results go to benchmarks/results/speed-<device>-<model>.json with the command, device, torch
 version and data set.
@@ -112,6 +119,37 @@ class ReferenceRunner:
         self.opt.step()
 
 
+def fast_path(name: str) -> dict:
+    """``bf16+cl+compile`` → the ``train.*`` keys ``{"amp": "bf16", "channels_last": True, "compile": True}``."""
+    precision, *parts = name.split("+")
+    if precision not in ("fp32", "bf16", "fp16") or not set(parts) <= {"cl", "compile"}:
+        raise ValueError(f"fast path {name!r}: write fp32, bf16 or fp16, optionally followed by +cl and/or +compile")
+    return {"amp": "off" if precision == "fp32" else precision, "channels_last": "cl" in parts,
+            "compile": "compile" in parts}
+
+
+def step_flops(runner, device) -> int:
+    """Floating-point operations of one whole step of ``runner`` (attack and training step), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        timed(runner, device)
+    return int(counter.get_total_flops())
+
+
+def bf16_peak_flops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an ``n``^3 bf16 matrix product on random data (3 warm-ups, mean of ``reps``): the ceiling used."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
 def timed(runner, device) -> float:
     """Seconds of one whole step (fetching the batch included), synchronised on CUDA."""
     if device.type == "cuda":
@@ -131,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
     p.add_argument("--data-label", help="how to name the data in the results (default: from the files)")
     p.add_argument("--model", default="small_cnn")
+    p.add_argument("--width", type=int, help="the model's width setting (default: its own; small_cnn, wrn-*)")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                    help="method specs, e.g. pgd_at iaat iaat:selection=online (ratios are to pgd_at)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -147,6 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="iaat's models in channels_last  [train.channels_last]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile iaat's models and PGD update  [train.compile]; compile time is not timed")
+    p.add_argument("--fast-paths", nargs="+", default=[], metavar="PATH",
+                   help="also time pgd_at under each of these settings, e.g. fp32 bf16 bf16+cl bf16+cl+compile "
+                   "(cl: channels_last)")
+    p.add_argument("--no-flops", action="store_true", help="skip counting each step's FLOPs (one more step each)")
     p.add_argument("--run-data", action="store_true", help=RUN_DATA_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default benchmarks/results/speed-<device>-<model>.json)")
@@ -155,20 +198,34 @@ def main(argv=None) -> int:
         p.error("--methods must include pgd_at (the ratios are to it)")
     train = {"amp": args.amp, "attack_amp": args.attack_amp, "channels_last": args.channels_last,
              "compile": args.compile}
+    try:
+        paths = {name: fast_path(name) for name in args.fast_paths}
+    except ValueError as e:
+        p.error(str(e))
 
     device = resolve_device(args.device)
     data, splits, data_name, radii = bench_inputs(args, args.images, p)
-    init, model = None, args.model
+    init, model = None, ({"name": args.model, "width": args.width} if args.width else args.model)
     if args.init_from:  # the run's weights and model settings (width, depth)
         init, _, model = init_weights(args.init_from, [args.model], p, "--model")
     runners = [ReferenceRunner(model, data, splits, device, args.batch_size, init)]
     runners += [Runner(model, spec, data, splits, device, args.batch_size, init, train, radii) for spec in args.methods]
+    for name, settings in paths.items():
+        runners.append(Runner(model, "pgd_at", data, splits, device, args.batch_size, init, settings, radii))
+        runners[-1].spec = f"pgd_at [{name}]"
+        runners[-1].compiled = settings["compile"]
     clean_acc = clean_accuracy(runners[1].model, data, device) if init is not None else None
+    peak_flops = bf16_peak_flops(device) if device.type == "cuda" else None
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}
+    flops = {}
     for r in runners:
-        for _ in range(args.warmup if not args.compile else max(args.warmup, 3)):  # compiling (shapes, modes)
+        compiled = getattr(r, "compiled", args.compile and not isinstance(r, ReferenceRunner))
+        for _ in range(args.warmup if not compiled else max(args.warmup, 3)):  # compiling (shapes, modes)
             timed(r, device)
+        if not args.no_flops and not compiled:  # counting inside a compiled graph is not supported
+            flops[r.spec] = step_flops(r, device)
+        print(f"ready: {r.spec}", flush=True)
     for _ in range(args.rounds):
         for r in runners:
             if device.type == "cuda":
@@ -184,8 +241,15 @@ def main(argv=None) -> int:
                "timed_steps": len(times[id(r)]), "time_ratio_to_pgd_at": median / base}
         if device.type == "cuda":
             row["peak_memory_gib"] = peaks[id(r)] / 2**30
+        count = flops.get(r.spec, flops.get(r.spec.split(" [")[0]))  # a compiled pgd_at: the eager count
+        if count:
+            row["flops_per_step"] = count
+            row["achieved_tflops"] = count / median / 1e12
+            if peak_flops:
+                row["fraction_of_bf16_peak"] = count / median / peak_flops
         rows.append(row)
-        print(f"{r.spec:<40} {row['images_per_second']:8.1f} images/s  {row['time_ratio_to_pgd_at']:.2f}x pgd_at",
+        peak = f"  {row['fraction_of_bf16_peak']:.1%} of bf16 peak" if "fraction_of_bf16_peak" in row else ""
+        print(f"{r.spec:<40} {row['images_per_second']:8.1f} images/s  {row['time_ratio_to_pgd_at']:.2f}x pgd_at{peak}",
               flush=True)
     ref = rows[0]["median_seconds_per_step"]
     result = {
@@ -198,6 +262,10 @@ def main(argv=None) -> int:
                                                                    else "timed right after its warmup, radii at 8/255)"),
         **({"clean_accuracy_on_timed_images": clean_acc} if clean_acc is not None else {}),
         "iaat_train_settings": train,
+        "fast_paths": {f"pgd_at [{name}]": settings for name, settings in paths.items()},
+        "flops": "torch.utils.flop_counter.FlopCounterMode over one eager step per method (a compiled path: the "
+                 "eager count of the same method)" if flops else "not counted",
+        **({"bf16_peak_tflops_measured": peak_flops / 1e12} if peak_flops else {}),
         "reference_settings": "fp32, default memory layout, eager, DataLoader with per-sample augmentation",
         "pgd_at_speedup_over_reference": ref / base,
         "peak_memory": "torch.cuda.max_memory_allocated per method" if device.type == "cuda"

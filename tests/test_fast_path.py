@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 5
 
 
-def _config(data_dir, **train) -> "Config":  # noqa: F821
+def step_config(data_dir, **train) -> "Config":  # noqa: F821
     return config_from_dict({
         "data": {"dataset": "cifar10", "data_dir": str(data_dir), "val_size": 0, "download": False},
         "model": {"name": "small_cnn", "width": 8},
@@ -38,35 +38,39 @@ def _config(data_dir, **train) -> "Config":  # noqa: F821
 @pytest.fixture(scope="module")
 def batch(tiny_cifar):
     """One training batch from the fast loader (no augmentation), its sample indices, and the data."""
-    cfg = _config(tiny_cifar)
+    cfg = step_config(tiny_cifar)
     data = prepare_data(cfg)
     x, y, idx = next(iter(DeviceLoader(data.train, 64, CPU, shuffle=True, augment=False, seed=3).epoch(0)))
     return data, x, y, idx
 
 
-def _initial_weights(cfg, data) -> dict:
+def _initial_weights(cfg, data, device: torch.device = CPU) -> dict:
     torch.manual_seed(0)
-    model, _, _ = build_step(cfg, data, CPU)
+    model, _, _ = build_step(cfg, data, device)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def fast_step(cfg, data, x, y, idx, weights) -> tuple[float, list[torch.Tensor]]:
-    """The trainer's step from ``weights``: its loss and the parameter gradients."""
-    model, net, method = build_step(cfg, data, CPU)
+def fast_step(cfg, data, x, y, idx, weights, device: torch.device = CPU) -> tuple[float, list[torch.Tensor]]:
+    """The trainer's step from ``weights``: its loss and the parameter gradients (fp16: through the trainer's
+    gradient scaler, unscaled as the optimiser step sees them)."""
+    model, net, method = build_step(cfg, data, device)
     model.load_state_dict(weights)
     model.train()
-    with autocast_context(CPU, cfg.train.amp)():
+    x, y, idx = x.to(device), y.to(device), idx.to(device)
+    with autocast_context(device, cfg.train.amp)():
         out = method.compute(net, x, y, idx)
-    out.loss.backward()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler.scale(out.loss).backward()
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
     return out.loss.item(), [p.grad.detach().clone().contiguous() for p in model.parameters()]
 
 
-def plain_step(cfg, data, idx, weights) -> tuple[float, list[torch.Tensor]]:
+def plain_step(cfg, data, idx, weights, device: torch.device = CPU) -> tuple[float, list[torch.Tensor]]:
     """The textbook PGD-AT step on the same samples."""
-    model, _, _ = build_step(_config(cfg.data.data_dir), data, CPU)  # fp32, default layout, not compiled
+    model, _, _ = build_step(step_config(cfg.data.data_dir), data, device)  # fp32, default layout, not compiled
     model.load_state_dict(weights)
-    x = data.train.x[idx].float() / 255
-    y = data.train.y[idx]
+    x = data.train.x[idx].float().to(device) / 255
+    y = data.train.y[idx].to(device)
     model.eval()
     delta = torch.zeros_like(x)
     for _ in range(STEPS):
@@ -81,7 +85,7 @@ def plain_step(cfg, data, idx, weights) -> tuple[float, list[torch.Tensor]]:
     return loss.item(), [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _max_relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def max_relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(((u - v).norm() / v.norm().clamp_min(1e-12)).item() for u, v in zip(a, b))
 
 
@@ -93,15 +97,15 @@ def test_loader_batch_is_the_plain_conversion_of_its_samples(batch):
 
 def test_fast_path_off_equals_plain_loop(batch, tiny_cifar):
     data, x, y, idx = batch
-    cfg = _config(tiny_cifar)
+    cfg = step_config(tiny_cifar)
     weights = _initial_weights(cfg, data)
     fast_loss, fast_grads = fast_step(cfg, data, x, y, idx, weights)
     plain_loss, plain_grads = plain_step(cfg, data, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-7)
-    assert _max_relative_gap(fast_grads, plain_grads) < 1e-5
+    assert max_relative_gap(fast_grads, plain_grads) < 1e-5
 
 
-def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Cosine similarity of two whole gradients (all parameters flattened into one vector)."""
     return F.cosine_similarity(torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b]), 0).item()
 
@@ -118,18 +122,18 @@ def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 ], ids=["channels_last", "bf16", "bf16+channels_last", "bf16-attack-only"])
 def test_fast_path_on_stays_within_tolerance(batch, tiny_cifar, train, loss_tol, min_cosine):
     data, x, y, idx = batch
-    weights = _initial_weights(_config(tiny_cifar), data)
-    plain_loss, plain_grads = plain_step(_config(tiny_cifar), data, idx, weights)
-    fast_loss, fast_grads = fast_step(_config(tiny_cifar, **train), data, x, y, idx, weights)
+    weights = _initial_weights(step_config(tiny_cifar), data)
+    plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights)
+    fast_loss, fast_grads = fast_step(step_config(tiny_cifar, **train), data, x, y, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=loss_tol)
     if "amp" in train or "attack_amp" in train:  # bf16 did run: it cannot be bitwise equal
         assert fast_loss != plain_loss
-    assert _cosine(fast_grads, plain_grads) > min_cosine
+    assert cosine(fast_grads, plain_grads) > min_cosine
 
 
 def test_channels_last_changes_the_model_layout_only(batch, tiny_cifar):
     data, *_ = batch
-    model, net, method = build_step(_config(tiny_cifar, channels_last=True), data, CPU)
+    model, net, method = build_step(step_config(tiny_cifar, channels_last=True), data, CPU)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
@@ -138,13 +142,13 @@ def test_channels_last_changes_the_model_layout_only(batch, tiny_cifar):
 
 def test_attack_precision_is_its_own(batch, tiny_cifar):
     data, *_ = batch
-    assert build_step(_config(tiny_cifar, amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
-    assert build_step(_config(tiny_cifar, amp="bf16", attack_amp="off"), data, CPU)[2].attack_dtype is None
-    assert build_step(_config(tiny_cifar, attack_amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
+    assert build_step(step_config(tiny_cifar, amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
+    assert build_step(step_config(tiny_cifar, amp="bf16", attack_amp="off"), data, CPU)[2].attack_dtype is None
+    assert build_step(step_config(tiny_cifar, attack_amp="bf16"), data, CPU)[2].attack_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="attack_amp=fp16 is for GPUs"):
-        build_step(_config(tiny_cifar, attack_amp="fp16"), data, CPU)
+        build_step(step_config(tiny_cifar, attack_amp="fp16"), data, CPU)
     with pytest.raises(ConfigError, match="train.attack_amp must be"):
-        _config(tiny_cifar, attack_amp="fp8")
+        step_config(tiny_cifar, attack_amp="fp8")
 
 
 @pytest.mark.slow
@@ -155,14 +159,14 @@ def test_compiled_step_matches_plain_loop(batch, tiny_cifar):
         torch.compile(lambda t: t * 2)(torch.ones(2))
     except Exception as e:  # noqa: BLE001 -- any failure of the toolchain
         pytest.skip(f"torch.compile does not work on this machine: {type(e).__name__}: {str(e)[:200]}")
-    weights = _initial_weights(_config(tiny_cifar), data)
-    plain_loss, plain_grads = plain_step(_config(tiny_cifar), data, idx, weights)
-    cfg = _config(tiny_cifar, compile=True)
+    weights = _initial_weights(step_config(tiny_cifar), data)
+    plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights)
+    cfg = step_config(tiny_cifar, compile=True)
     model, net, _ = build_step(cfg, data, CPU)
     assert net is not model and isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
     fast_loss, fast_grads = fast_step(cfg, data, x, y, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-4)
-    assert _cosine(fast_grads, plain_grads) > 0.999
+    assert cosine(fast_grads, plain_grads) > 0.999
 
 
 def test_resume_may_switch_layout_but_not_precision(tiny_cifar, tmp_path):

@@ -1,0 +1,492 @@
+"""Every owed GPU figure from one command on a bare GPU machine, within a time budget.
+
+    bash benchmarks/gpu_check.sh OUT_DIR [--budget 540] [--data FILE.npz]   # on a GPU machine
+    bash benchmarks/gpu_check.sh OUT_DIR --smoke                            # CPU dry run, under a minute
+
+Stages, in priority order; each writes its files to OUT_DIR as soon as it ends (and ``summary.md``
+is rewritten), so a stage cut short by the budget loses nothing done before it:
+
+1. ``env``: the GPU, driver, torch and CUDA (``1-env.json``) and the CUDA-only tests
+   (``pytest -m cuda``: fast path on CUDA, compile recompiles over IAAT epochs, deterministic runs,
+   torchrun with NCCL, the PGD loop without host syncs), log in ``1-cuda-tests.log``;
+2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
+   bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
+   GAIRAT, TRADES) and WRN-34-10 at batch 128, images/s, peak memory and the fraction of the
+   measured bf16 peak (``2-speed-resnet18.json``, ``2-speed-wrn-34-10.json``);
+3. ``paper``: ResNet-18 on all 50,000 training images, PGD-AT at 8/255 against IAAT on the same short
+   schedule, sized to the time left from the throughput just measured; each evaluated on the first
+   1,000 test images with PGD-20 and, when ``pyautoattack`` imports, AutoAttack's APGD-CE + APGD-T
+   (``3-paper-scale.json``).
+
+At most 8 files: those, ``summary.md`` and ``log.txt``. The data set is built from the JPEG-75
+CIFAR-10 archive (``--data``, default ``.gpu/cifar10_jpeg75.npz``; ``benchmarks/gpu_pack.sh``
+fills ``.gpu/``) into ``--work`` (not OUT_DIR). Nothing is installed or downloaded: the package runs
+from ``src/`` (the shell wrapper sets PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("env", "speed", "paper")
+LABEL = "CIFAR-10 (JPEG-75 copy)"
+TRAIN_IMAGES = 50_000
+
+
+class Kit:
+    """The budget, the output folder and the log shared by the stages."""
+
+    def __init__(self, out: Path, work: Path, budget: float, smoke: bool) -> None:
+        self.out, self.work, self.smoke = out, work, smoke
+        self.deadline = time.monotonic() + budget
+        self.sections: dict[str, str] = {}
+        self.log_file = open(out / "log.txt", "a", buffering=1)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        self.log_file.write(text + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        (self.out / name).write_text(json.dumps(data, indent=2) + "\n")
+        self.log(f"wrote {self.out / name}")
+
+    def section(self, stage: str, markdown: str) -> None:
+        """Set a stage's part of ``summary.md`` and rewrite the file (stages in their order)."""
+        self.sections[stage] = markdown
+        head = (f"# GPU check{' (smoke run on CPU)' if self.smoke else ''}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+                f"Command: `bash benchmarks/gpu_check.sh {' '.join(sys.argv[1:])}`\n")
+        body = "\n".join(self.sections[s] for s in (*STAGES, "plan") if s in self.sections)
+        (self.out / "summary.md").write_text(head + "\n" + body)
+
+    def run(self, cmd: list[str], cap: float, log_name: str | None = None) -> tuple[int | None, float, str]:
+        """Run ``cmd`` (its output to the log) for at most ``cap`` seconds or what is left of the budget;
+        ``(exit code or None when cut, seconds, output)``."""
+        limit = max(1.0, min(cap, self.left()))
+        self.log(f"$ {' '.join(cmd)}   [at most {limit:.0f} s]")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env=child_env(), start_new_session=True)
+        lines: list[str] = []
+        try:
+            _pump(proc, lines, self, t0 + limit)
+            code = proc.wait(timeout=max(0.1, t0 + limit - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+            self.log(f"... cut after {limit:.0f} s (budget)")
+        text = "".join(lines)
+        if log_name:
+            (self.out / log_name).write_text(text)
+        return code, time.monotonic() - t0, text
+
+
+def _pump(proc: subprocess.Popen, lines: list[str], kit: Kit, until: float) -> None:
+    """Copy ``proc``'s output into ``lines`` and the log until it ends or ``until`` passes."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < until:
+        if not sel.select(timeout=min(1.0, max(0.01, until - time.monotonic()))):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        kit.log_file.write(line)
+        print(line, end="", flush=True)
+    if time.monotonic() >= until and proc.poll() is None:
+        raise subprocess.TimeoutExpired(proc.args, 0)
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO / "src"), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+def build_cifar10(npz: Path, root: Path) -> Path:
+    """Decode the JPEG-75 archive (``train_jpeg``/``train_offsets``/``train_labels``, same for ``test``) into a
+    ``cifar-10-batches-py`` folder under ``root`` (the official layout and pickle fields); returns ``root``."""
+    from PIL import Image
+
+    folder = root / "cifar-10-batches-py"
+    if (folder / "test_batch").is_file():
+        return root
+    folder.mkdir(parents=True, exist_ok=True)
+    z = np.load(npz)
+
+    def decode(split: str) -> tuple[np.ndarray, list[int]]:
+        blob, offsets = z[f"{split}_jpeg"], z[f"{split}_offsets"]
+        images = np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB"))
+                           for a, b in zip(offsets[:-1], offsets[1:])])
+        return images.transpose(0, 3, 1, 2).reshape(len(images), -1), [int(v) for v in z[f"{split}_labels"]]
+
+    x, y = decode("train")
+    per = len(y) // 5
+    for k in range(5):
+        _dump(folder / f"data_batch_{k + 1}", x[k * per:(k + 1) * per], y[k * per:(k + 1) * per])
+    _dump(folder / "test_batch", *decode("test"))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f, protocol=2)
+    return root
+
+
+def _dump(path: Path, x: np.ndarray, y: list[int]) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.ascontiguousarray(x), "labels": y}, f, protocol=2)
+
+
+def write_tiny_npz(path: Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> Path:
+    """An archive in the JPEG-75 format with ``n_train``/``n_test`` random images (smoke runs and tests)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        blobs = []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=75)
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        arrays[f"{split}_jpeg"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        arrays[f"{split}_labels"] = rng.integers(0, 10, n).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+# --- stage 1: environment and CUDA-only tests --------------------------------------------------------------------
+
+def environment() -> dict:
+    import torch
+
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "cpu_count": os.cpu_count(),
+           "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=props.total_memory / 2**30,
+                   multiprocessors=props.multi_processor_count, gpu_count=torch.cuda.device_count())
+    try:
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        env["nvidia_smi"] = f"not available: {e}"
+    return env
+
+
+def junit_results(path: Path) -> list[dict]:
+    """Per test: name, outcome, seconds, recorded properties (from pytest's --junitxml file)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        row = {"test": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0))}
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if props:
+            row["properties"] = props
+        detail = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        if detail is not None:
+            row["message"] = (detail.get("message") or "")[:500]
+        rows.append(row)
+    return rows
+
+
+def stage_env(kit: Kit) -> None:
+    env = environment()
+    kit.write_json("1-env.json", env)
+    junit = kit.work / "cuda-tests.xml"
+    junit.unlink(missing_ok=True)
+    code, seconds, _ = kit.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA",
+                                "-p", "no:cacheprovider", f"--junitxml={junit}"],
+                               cap=60 if kit.smoke else 180, log_name="1-cuda-tests.log")
+    env["cuda_tests"] = {"exit_code": code, "seconds": round(seconds, 1), "tests": junit_results(junit)}
+    kit.write_json("1-env.json", env)
+    counts: dict[str, int] = {}
+    for t in env["cuda_tests"]["tests"]:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    lines = ["## 1. Environment and CUDA-only tests\n",
+             f"{env.get('gpu', 'no GPU')} ({env.get('nvidia_smi', '')}), torch {env['torch']}, CUDA {env['cuda']}, "
+             f"Python {env['python']}.\n",
+             f"`pytest -m cuda`: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no results'} "
+             f"in {seconds:.0f} s (exit {code}).\n"]
+    lines += [f"- {t['test']}: {t['outcome']}" + (f" {t['properties']}" if "properties" in t else "")
+              + (f" ({t['message'][:200]})" if t["outcome"] != "passed" and "message" in t else "")
+              for t in env["cuda_tests"]["tests"]]
+    kit.section("env", "\n".join(lines) + "\n")
+
+
+# --- stage 2: speed ----------------------------------------------------------------------------------------------
+
+def speed_plans(kit: Kit, data_dir: Path) -> list[tuple[str, list[str], float]]:
+    """``(model, speed.py arguments, cap in seconds)`` per model, in order."""
+    if kit.smoke:
+        return [("small_cnn", ["--model", "small_cnn", "--width", "8", "--batch-size", "32", "--images", "64",
+                               "--methods", "pgd_at", "iaat", "gairat", "--fast-paths", "fp32", "--rounds", "1",
+                               "--steps", "1", "--device", "cpu"], 60)]
+    common = ["--device", "cuda", "--amp", "bf16", "--channels-last", "--rounds", "2", "--steps", "3", "--warmup", "2"]
+    # Compiling ResNet-18 for the attack and the training step takes a while: its own process, last, so that a
+    # compile cut short by the budget costs nothing else (pgd_at bf16+channels_last is timed beside it again).
+    return [("resnet18", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common, "--methods",
+                          "pgd_at", "iaat", "iaat:alg2_schedule=conditional", "iaat:selection=online", "gairat",
+                          "trades", "--fast-paths", "fp32", "bf16"], 120),
+            ("wrn-34-10", ["--model", "wrn-34-10", "--batch-size", "128", "--images", "1024", *common, "--methods",
+                           "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 100),
+            ("resnet18-compile", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common,
+                                  "--methods", "pgd_at", "--fast-paths", "bf16+cl+compile"], 100)]
+
+
+def stage_speed(kit: Kit, data_dir: Path) -> dict:
+    results, lines = {}, ["## 2. Training speed (benchmarks/speed.py)\n"]
+    for model, args, cap in speed_plans(kit, data_dir):
+        out = kit.out / f"2-speed-{model}.json"
+        code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", "--data-dir", str(data_dir),
+                                       "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL,
+                                       "--out", str(out), *args], cap)
+        if code == 0 and out.is_file():
+            results[model] = json.loads(out.read_text())
+            lines.append(speed_table(model, results[model]))
+        else:
+            lines.append(f"### {model}: {'cut by the budget' if code is None else f'failed (exit {code})'} after "
+                         f"{seconds:.0f} s; its printed lines:\n\n```\n{text[-3000:]}\n```\n")
+        kit.section("speed", "\n".join(lines))
+    return results
+
+
+def speed_table(model: str, result: dict) -> str:
+    peak = result.get("bf16_peak_tflops_measured")
+    rows = [f"### {model}, batch {result['batch_size']} ({result['device_name']}; bf16 peak measured "
+            f"{peak:.0f} TFLOP/s)\n" if peak else f"### {model}, batch {result['batch_size']}\n",
+            "| method | images/s | vs pgd_at | TFLOP/s | of bf16 peak | peak memory GiB |", "|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        rows.append(f"| {r['method']} | {r['images_per_second']:.0f} | {r['time_ratio_to_pgd_at']:.2f}x | "
+                    f"{_num(r, 'achieved_tflops', '.1f')} | {_num(r, 'fraction_of_bf16_peak', '.1%')} | "
+                    f"{_num(r, 'peak_memory_gib', '.1f')} |")
+    return "\n".join(rows) + f"\n\n`{result['command']}`\n"
+
+
+def _num(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "–"
+
+
+# --- stage 3: paper-scale comparison -------------------------------------------------------------------------------
+
+#: The short schedule's settings beside each method's paper preset (Wong et al.'s fast-AT batch and peak rate).
+PAPER_SETTINGS = ["--batch-size", "512", "--set", "optim.lr=0.2", "--set", "optim.schedule=cosine",
+                  "--set", "optim.warmup_epochs=1", "--set", "data.val_size=0", "--amp", "bf16",
+                  "--set", "train.channels_last=true", "--no-progress"]
+IAAT_COST = 2.5  # an Alg. 2 epoch over a PGD-AT epoch at most, before any is measured at this scale
+
+
+def paper_epochs(seconds: float, pgd_images_per_s: float, fixed: float) -> tuple[int, float]:
+    """Epochs E of the shared schedule that fit in ``seconds``: PGD-AT E epochs, IAAT 1 warmup epoch then E-1 at
+    up to IAAT_COST times the cost, plus ``fixed`` seconds of start-up and evaluation; ``(E, PGD-AT epoch s)``."""
+    epoch = 1.15 * TRAIN_IMAGES / pgd_images_per_s  # the loader's shuffling, per-epoch logging, checkpoints
+    epochs = int((seconds - fixed + (IAAT_COST - 1) * epoch) // ((1 + IAAT_COST) * epoch))
+    return epochs, epoch
+
+
+def _paper_plan(kit: Kit, data_dir: Path, speed: dict, lines: list[str]) -> tuple | None:
+    """``(epochs, IAAT warmup epochs, shared train arguments, [(name, own arguments)], test images)``, or ``None``
+    when too little time is left for two epochs each."""
+    if kit.smoke:
+        base = ["--config", "configs/cifar10_small_cnn_cpu.yaml", "--set", "model.width=8"]
+        return (1, 0, ["--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "200", "--no-progress",
+                       "--set", "data.val_size=0", "--set", "attack.steps=2"],
+                [("pgd_at", [*base, "--method", "pgd_at"]),
+                 ("iaat", [*base, "--method", "iaat", "--set", "method.warmup_epochs=0"])], 50)
+    row = next((r for r in speed.get("resnet18", {}).get("results", []) if r["method"] == "pgd_at"), None)
+    ips = row["images_per_second"] if row else 3000.0  # a cautious guess when the speed stage did not finish
+    epochs, epoch_s = paper_epochs(kit.left() - 20, ips, fixed=90)
+    lines.append(f"PGD-AT measured at {ips:.0f} images/s (batch 512, bf16, channels_last) → about {epoch_s:.0f} s "
+                 f"per epoch of 50,000 images; {kit.left():.0f} s left → {epochs} epochs each.\n")
+    if epochs < 2:
+        return None
+    warmup = max(1, epochs // 5)
+    return (epochs, warmup, ["--data-dir", str(data_dir), "--device", "cuda", *PAPER_SETTINGS],
+            [("pgd_at", ["--config", "configs/cifar10_resnet18_pgd_at.yaml"]),
+             ("iaat", ["--config", "configs/cifar10_resnet18_iaat.yaml", "--set", f"method.warmup_epochs={warmup}"])],
+            1000)
+
+
+def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
+    lines = ["## 3. Paper-scale comparison: " + ("small CNN on random images (smoke)" if kit.smoke
+                                                   else "ResNet-18 on CIFAR-10, PGD-AT against IAAT") + "\n"]
+    plan = _paper_plan(kit, data_dir, speed, lines)
+    if plan is None:
+        kit.section("paper", "\n".join(lines + ["Not run: too little time left for two epochs each.\n"]))
+        return None
+    epochs, warmup, shared, methods, n_eval = plan
+    attacks = ["--attack", "pgd:steps=20"] + (["--attack", "autoattack:version=quick"] if _has_autoattack() else [])
+    result = {"data": f"{LABEL}, all training images" if not kit.smoke else "random JPEG images (smoke)",
+              "epochs": epochs, "iaat_warmup_epochs": warmup, "settings": " ".join(shared),
+              "evaluation": f"first {n_eval} test images, {', '.join(attacks[1::2])} at 8/255", "runs": {}}
+    for name, args in methods:
+        run = kit.work / f"paper-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        code, seconds, _ = kit.run([sys.executable, "-m", "iaat", "train", *args, *shared, "--epochs", str(epochs),
+                                    "--out", str(run)], cap=kit.left() - 30)
+        entry = {"exit_code": code, "train_seconds": round(seconds, 1), "epochs": _epoch_rows(run)}
+        if code == 0:
+            ev = kit.work / f"paper-{name}-eval.json"
+            code, eval_s, _ = kit.run([sys.executable, "-m", "iaat", "eval", str(run), "--n", str(n_eval), "--eps", "8",
+                                       *attacks, "--no-checks", "--no-progress", "--out", str(ev)], cap=kit.left() - 5)
+            entry.update(eval_exit_code=code, eval_seconds=round(eval_s, 1))
+            if code == 0:
+                entry["eval"] = _eval_summary(json.loads(ev.read_text()))
+        result["runs"][name] = entry
+        result["iaat_epoch_ratio"] = iaat_epoch_ratio(result)
+        kit.write_json("3-paper-scale.json", result)
+        lines.append(_paper_line(name, entry))
+        kit.section("paper", "\n".join(lines) + "\n")
+    return result
+
+
+def _has_autoattack() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyautoattack") is not None
+
+
+def _epoch_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = ("epoch", "seconds", "train_loss", "train_acc", "train_clean_acc", "radius_mean", "lr")
+    return [{k: r[k] for k in keep if k in r} for r in rows]
+
+
+def _eval_summary(ev: dict) -> dict:
+    return {"clean": ev["clean"], **{label: a["accuracy"] for label, a in ev["attacks"].items()},
+            **({"worst_case": ev["worst_case"]["accuracy"]} if "worst_case" in ev else {})}
+
+
+def _paper_line(name: str, entry: dict) -> str:
+    times = [r["seconds"] for r in entry["epochs"] if "seconds" in r]
+    text = f"- `{name}`: {len(times)} epochs in {entry['train_seconds']:.0f} s"
+    if times:
+        text += f" (last epoch {times[-1]:.1f} s)"
+    if "eval" in entry:
+        text += "; " + ", ".join(f"{k} {v:.3f}" for k, v in entry["eval"].items())
+    elif entry["exit_code"] != 0:
+        text += f"; training {'cut by the budget' if entry['exit_code'] is None else 'failed'}"
+    return text
+
+
+# --- the reproduction plan ------------------------------------------------------------------------------------------
+
+#: The IAAT paper's CIFAR-10 schedules (Table 10): model, epochs, and which measured speed stands for it.
+PAPER_SCHEDULES = [("ResNet-18", 200, "resnet18"), ("WRN-32-10 (timed as WRN-34-10)", 110, "wrn-34-10")]
+
+
+def plan_section(speed: dict, paper: dict | None) -> str:
+    """Expected wall time of the paper's full runs from the throughput measured here, for 1 and 8 GPUs."""
+    lines = ["## Reproduction plan (from the throughput above)\n",
+             "Per run of the paper's schedule on all 50,000 training images, bf16 + channels_last; IAAT at the "
+             "cost ratio measured " + ("in stage 3 (epoch times after its warmup)" if paper else "in stage 2") +
+             "; several GPUs under torchrun assume linear scaling (gradient all-reduce is small beside 11 passes "
+             "per step), an estimate, not a measurement.\n",
+             "| model | epochs | method | images/s (1 GPU) | hours, 1 GPU | hours, 8 GPUs |", "|---|---|---|---|---|---|"]
+    for label, epochs, key in PAPER_SCHEDULES:
+        rows = {r["method"]: r for r in speed.get(key, {}).get("results", [])}
+        if "pgd_at" not in rows:
+            continue
+        ips = rows["pgd_at"]["images_per_second"]
+        ratio = (paper or {}).get("iaat_epoch_ratio") if key == "resnet18" else None
+        ratio = ratio or rows.get("iaat", {}).get("time_ratio_to_pgd_at")
+        for method, cost in (("pgd_at", 1.0), ("iaat", ratio)):
+            if cost:
+                hours = epochs * TRAIN_IMAGES * cost / ips / 3600
+                lines.append(f"| {label} | {epochs} | {method} | {ips / cost:.0f} | {hours:.1f} | {hours / 8:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def iaat_epoch_ratio(result: dict) -> float | None:
+    """IAAT's mean epoch time after its warmup over PGD-AT's mean epoch time (stage 3's runs)."""
+    runs = result.get("runs", {})
+    pgd = [r["seconds"] for r in runs.get("pgd_at", {}).get("epochs", [])[1:] if "seconds" in r]
+    iaat = [r["seconds"] for r in runs.get("iaat", {}).get("epochs", [])[result.get("iaat_warmup_epochs", 1):]
+            if "seconds" in r]
+    return (sum(iaat) / len(iaat)) / (sum(pgd) / len(pgd)) if pgd and iaat else None
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for the results (created; at most 8 files)")
+    p.add_argument("--budget", type=float, default=540, help="seconds for everything, set-up included (default 540)")
+    p.add_argument("--smoke", action="store_true", help="a CPU dry run of every stage on tiny data and models")
+    p.add_argument("--data", type=Path, default=REPO / ".gpu" / "cifar10_jpeg75.npz",
+                   help="the JPEG-75 CIFAR-10 archive (default .gpu/cifar10_jpeg75.npz; --smoke: generated)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/iaat-gpu-check"), help="scratch folder (data, runs)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default all)")
+    args = p.parse_args(argv)
+    if args.budget <= 0:
+        p.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible to torch here; on a CPU machine run it with --smoke (a dry run).",
+              file=sys.stderr)
+        return 2
+    if not args.smoke and not args.data.is_file():
+        print(f"gpu_check: {args.data} is missing: copy the JPEG-75 CIFAR-10 archive there (benchmarks/gpu_pack.sh) "
+              "or pass --data FILE.npz.", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    kit = Kit(args.out, args.work, args.budget, args.smoke)
+    npz = write_tiny_npz(args.work / "tiny.npz") if args.smoke else args.data
+    t0 = time.monotonic()
+    data_dir = build_cifar10(npz, args.work / ("cifar-tiny" if args.smoke else "cifar10"))
+    kit.log(f"data: {data_dir} ({time.monotonic() - t0:.1f} s); {kit.left():.0f} s of budget left")
+    speed: dict = {}
+    paper = None
+    for stage in args.stages:
+        t0 = time.monotonic()
+        try:
+            if stage == "env":
+                stage_env(kit)
+            elif stage == "speed":
+                speed = stage_speed(kit, data_dir)
+            else:
+                paper = stage_paper(kit, data_dir, speed)
+        except Exception as e:  # noqa: BLE001 -- a broken stage must not cost the later ones
+            kit.log(f"stage {stage} failed: {type(e).__name__}: {e}")
+            kit.section(stage, kit.sections.get(stage, f"## {stage}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
+        kit.log(f"stage {stage}: {time.monotonic() - t0:.0f} s; {kit.left():.0f} s of budget left")
+    if speed:
+        kit.section("plan", plan_section(speed, paper))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

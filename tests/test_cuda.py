@@ -1,0 +1,146 @@
+"""What only a GPU can check: the fast path on CUDA, compile over IAAT's varying batches, deterministic runs,
+torchrun with NCCL, and a PGD loop without host synchronisation.
+
+Marked ``cuda`` and skipped without a GPU; ``benchmarks/gpu_check.sh`` runs them first thing on a GPU machine
+(``pytest -m cuda``). Tolerances are those of the CPU fast-path tests (tests/test_fast_path.py) unless said.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, child_env, run_main, tiny_train_args
+from iaat.config import config_from_dict
+from iaat.data import DeviceLoader
+from iaat.engine.setup import prepare_data
+from iaat.engine.trainer import build_step
+from test_fast_path import cosine, fast_step, max_relative_gap, plain_step, step_config
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
+GPU = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_cifar):
+    cfg = step_config(tiny_cifar)
+    data = prepare_data(cfg)
+    x, y, idx = next(iter(DeviceLoader(data.train, 64, torch.device("cpu"), shuffle=True, augment=False,
+                                       seed=3).epoch(0)))
+    return data, x, y, idx
+
+
+def _weights(cfg, data) -> dict:
+    torch.manual_seed(0)
+    model, _, _ = build_step(cfg, data, GPU)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# fp32 on CUDA: cuDNN picks its own algorithms (and may use TF32 for convolutions, PyTorch's default there), so the
+# bounds allow TF32 rounding (a 10-bit mantissa), not a wrong step.
+@pytest.mark.parametrize("train, loss_tol, min_cosine", [
+    ({}, 1e-3, 0.999),
+    ({"channels_last": True}, 1e-3, 0.999),
+    ({"amp": "bf16"}, 1e-2, 0.9),
+    ({"amp": "bf16", "channels_last": True}, 1e-2, 0.9),
+    ({"amp": "fp16"}, 1e-2, 0.95),
+    ({"attack_amp": "fp16"}, 1e-2, 0.95),
+    ({"compile": True}, 1e-3, 0.999),
+    ({"amp": "bf16", "channels_last": True, "compile": True}, 1e-2, 0.9),
+], ids=["fp32", "channels_last", "bf16", "bf16+channels_last", "fp16+scaler", "fp16-attack-only", "compile",
+        "bf16+channels_last+compile"])
+def test_fast_path_on_cuda_matches_the_plain_step(batch, tiny_cifar, train, loss_tol, min_cosine):
+    data, x, y, idx = batch
+    weights = _weights(step_config(tiny_cifar), data)
+    plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights, GPU)
+    fast_loss, fast_grads = fast_step(step_config(tiny_cifar, **train), data, x, y, idx, weights, GPU)
+    assert fast_loss == pytest.approx(plain_loss, rel=loss_tol)
+    assert cosine(fast_grads, plain_grads) > min_cosine
+    assert all(torch.isfinite(g).all() for g in fast_grads)
+    if not train:
+        assert max_relative_gap(fast_grads, plain_grads) < 1e-2
+
+
+def test_compile_recompiles_a_bounded_number_of_times_over_an_iaat_epoch(tiny_cifar, record_property):
+    """IAAT's selection attacks see batches of every size (only the samples still standing are attacked): with
+    dynamic shapes the compiled model must not recompile per size."""
+    from torch._dynamo.utils import counters
+
+    cfg = config_from_dict({
+        "data": {"dataset": "cifar10", "data_dir": str(tiny_cifar), "val_size": 0, "download": False},
+        "model": {"name": "small_cnn", "width": 8},
+        "method": {"name": "iaat", "warmup_epochs": 1},
+        "attack": {"eps": 8, "step_size": 2, "steps": 5},
+        "train": {"batch_size": 64, "compile": True, "amp": "bf16"}})
+    data = prepare_data(cfg)
+    torch.manual_seed(0)
+    model, net, method = build_step(cfg, data, GPU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch._dynamo.reset()
+    counters.clear()
+    sizes = set()
+    for epoch in range(3):  # warmup, then two epochs of Alg. 2
+        method.start_epoch(epoch)
+        for x, y, idx in DeviceLoader(data.train, 64, GPU, seed=epoch).epoch(epoch):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = method.compute(net, x, y, idx)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            sizes.add(len(y))
+        method.end_epoch()
+    graphs = int(counters["stats"]["unique_graphs"])
+    record_property("compiled_graphs_over_3_iaat_epochs", graphs)
+    assert 0 < graphs <= 24, f"{graphs} graphs compiled over 3 epochs"
+
+
+def test_deterministic_training_is_bitwise_repeatable(tiny_cifar, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
+                                                 "--set", "method.warmup_epochs=1",
+                                                 "--set", "train.deterministic=true"))
+        assert code == 0, err
+        runs.append(torch.load(out / "checkpoints" / "epoch_0002.pt", map_location="cpu", weights_only=False))
+    for key, value in runs[0]["model"].items():
+        assert torch.equal(value, runs[1]["model"][key]), key
+    assert torch.equal(torch.as_tensor(runs[0]["method"]["memory"]), torch.as_tensor(runs[1]["method"]["memory"]))
+
+
+def test_torchrun_with_nccl_on_one_gpu(tiny_cifar, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "iaat",
+           *tiny_train_args(tiny_cifar, out, 1, "--device", "cuda")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "checkpoints" / "epoch_0001.pt").is_file()
+    assert torch.distributed.is_nccl_available()
+
+
+def test_pgd_step_loop_never_waits_for_the_host(batch):
+    """The attack loop queues its steps without a host synchronisation (``stop_on_miss`` aside, which counts)."""
+    from iaat.attacks.pgd import _as_radius, _Run, _advance_fn, _one_run
+
+    data, x, y, _ = batch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).to(GPU)
+    model.eval()
+    x, y = x.to(GPU), y.to(GPU)
+    eps = _as_radius(8 / 255, len(y), x)
+    run = _Run(10, "linf", True, "ce", None, None, 0.0, 1.0, lambda: torch.autocast("cuda", enabled=False),
+               _advance_fn(False), False)
+    _one_run(model, x, y, eps, eps / 4, None, None, run)  # warm up: allocations and kernel selection
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x_adv, kappa, first_miss = _one_run(model, x, y, eps, eps / 4, None, None, run)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
+    assert kappa.shape == first_miss.shape == y.shape

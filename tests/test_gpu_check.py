@@ -1,0 +1,88 @@
+"""The GPU kit (benchmarks/gpu_check.sh) does not rot between GPU loans: its CPU smoke mode runs every stage, it
+refuses clearly without a GPU, and its data builder and schedule sizing are right."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+KIT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def test_data_builder_writes_the_archive_images_as_a_cifar_folder(tmp_path):
+    from PIL import Image
+
+    from iaat.data import load_dataset
+
+    npz = gpu_check.write_tiny_npz(tmp_path / "tiny.npz", n_train=20, n_test=7)
+    root = gpu_check.build_cifar10(npz, tmp_path / "cifar")
+    with pytest.warns(UserWarning, match="differ"):  # not the official files
+        splits = load_dataset("cifar10", str(root), download=False)
+    z = np.load(npz)
+    assert len(splits.train) == 20 and len(splits.test) == 7
+    third = Image.open(io.BytesIO(z["train_jpeg"][z["train_offsets"][2]:z["train_offsets"][3]].tobytes()))
+    assert torch.equal(splits.train.x[2], torch.from_numpy(np.array(third.convert("RGB"))).permute(2, 0, 1))
+    assert splits.test.y.tolist() == z["test_labels"].tolist()
+
+
+def test_paper_schedule_fits_the_time_left():
+    for ips in (2000, 7500, 20000):
+        epochs, epoch_s = gpu_check.paper_epochs(300, ips, fixed=90)
+        cost = epochs * epoch_s + epoch_s + (epochs - 1) * gpu_check.IAAT_COST * epoch_s + 90
+        assert cost <= 300 < cost + (1 + gpu_check.IAAT_COST) * epoch_s  # the most epochs that fit
+    assert gpu_check.paper_epochs(100, 2000, fixed=90)[0] < 2  # then the stage says it did not run
+
+
+def test_fast_path_names_of_the_speed_benchmark():
+    import speed
+
+    assert speed.fast_path("fp32") == {"amp": "off", "channels_last": False, "compile": False}
+    assert speed.fast_path("bf16+cl+compile") == {"amp": "bf16", "channels_last": True, "compile": True}
+    for bad in ("fp8", "bf16+nhwc", "cl"):
+        with pytest.raises(ValueError, match="write fp32, bf16 or fp16"):
+            speed.fast_path(bad)
+
+
+def test_refuses_without_a_gpu_unless_smoke(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = subprocess.run(["bash", str(KIT), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "no CUDA GPU" in res.stderr and "--smoke" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smoke_mode_runs_every_stage_within_budget(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(KIT), str(out), "--smoke", "--budget", "120", "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["1-cuda-tests.log", "1-env.json", "2-speed-small_cnn.json", "3-paper-scale.json", "log.txt",
+                     "summary.md"]  # at most 8 come back from a GPU machine
+    env = json.loads((out / "1-env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["cuda_tests"]["exit_code"] == 0
+    assert env["cuda_tests"]["tests"] and all(t["outcome"] == "skipped" for t in env["cuda_tests"]["tests"])
+    rows = {r["method"]: r for r in json.loads((out / "2-speed-small_cnn.json").read_text())["results"]}
+    assert {"pgd_at", "iaat", "gairat", "pgd_at [fp32]", "reference (plain PyTorch PGD-AT loop)"} <= set(rows)
+    assert rows["pgd_at"]["flops_per_step"] == rows["pgd_at [fp32]"]["flops_per_step"] > 0
+    paper = json.loads((out / "3-paper-scale.json").read_text())
+    for name in ("pgd_at", "iaat"):
+        run = paper["runs"][name]
+        assert run["exit_code"] == 0 and len(run["epochs"]) == 1
+        assert 0 <= run["eval"]["clean"] <= 1 and "PGD-20@8/255" in run["eval"]
+    summary = (out / "summary.md").read_text()
+    for heading in ("## 1. Environment", "## 2. Training speed", "## 3. Paper-scale", "## Reproduction plan"):
+        assert heading in summary
