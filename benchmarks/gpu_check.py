@@ -114,8 +114,7 @@ def _pump(proc: subprocess.Popen, lines: list[str], kit: Kit, until: float) -> N
         if not line:
             break
         lines.append(line)
-        kit.log_file.write(line)
-        print(line, end="", flush=True)
+        kit.log(line.rstrip("\n"))
     if time.monotonic() >= until and proc.poll() is None:
         raise subprocess.TimeoutExpired(proc.args, 0)
 

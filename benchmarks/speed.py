@@ -87,6 +87,7 @@ class ReferenceRunner:
     """The plain PGD-AT loop, stepped like :class:`throughput.Runner`."""
 
     spec = "reference (plain PyTorch PGD-AT loop)"
+    compiled = False
 
     def __init__(self, model: str | dict, data: ImageSet, splits, device, batch_size: int,
                  init: dict | None = None) -> None:
@@ -213,17 +214,15 @@ def main(argv=None) -> int:
     for name, settings in paths.items():
         runners.append(Runner(model, "pgd_at", data, splits, device, args.batch_size, init, settings, radii))
         runners[-1].spec = f"pgd_at [{name}]"
-        runners[-1].compiled = settings["compile"]
     clean_acc = clean_accuracy(runners[1].model, data, device) if init is not None else None
     peak_flops = bf16_peak_flops(device) if device.type == "cuda" else None
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}
     flops = {}
     for r in runners:
-        compiled = getattr(r, "compiled", args.compile and not isinstance(r, ReferenceRunner))
-        for _ in range(args.warmup if not compiled else max(args.warmup, 3)):  # compiling (shapes, modes)
+        for _ in range(args.warmup if not r.compiled else max(args.warmup, 3)):  # compiling (shapes, modes)
             timed(r, device)
-        if not args.no_flops and not compiled:  # counting inside a compiled graph is not supported
+        if not args.no_flops and not r.compiled:  # counting inside a compiled graph is not supported
             flops[r.spec] = step_flops(r, device)
         print(f"ready: {r.spec}", flush=True)
     for _ in range(args.rounds):

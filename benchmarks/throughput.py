@@ -197,6 +197,7 @@ class Runner:
                                 "attack": {"eps": 8, "step_size": 2, "steps": 10}, "train": dict(train or {})})
         torch.manual_seed(0)
         self.spec, self.device = spec, device
+        self.compiled = cfg.train.compile  # the first steps compile
         self.model, self.net, self.method = build_step(cfg, SimpleNamespace(splits=splits, train=data), device)
         if init is not None:
             self.model.load_state_dict(init)

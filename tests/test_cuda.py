@@ -18,26 +18,13 @@ from iaat.config import config_from_dict
 from iaat.data import DeviceLoader
 from iaat.engine.setup import prepare_data
 from iaat.engine.trainer import build_step
-from test_fast_path import cosine, fast_step, max_relative_gap, plain_step, step_config
+import test_fast_path
+from test_fast_path import cosine, fast_step, initial_weights, max_relative_gap, plain_step, step_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
 GPU = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_cifar):
-    cfg = step_config(tiny_cifar)
-    data = prepare_data(cfg)
-    x, y, idx = next(iter(DeviceLoader(data.train, 64, torch.device("cpu"), shuffle=True, augment=False,
-                                       seed=3).epoch(0)))
-    return data, x, y, idx
-
-
-def _weights(cfg, data) -> dict:
-    torch.manual_seed(0)
-    model, _, _ = build_step(cfg, data, GPU)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+batch = test_fast_path.batch  # the fast-path tests' batch fixture, reused
 
 
 # fp32 on CUDA: cuDNN picks its own algorithms (and may use TF32 for convolutions, PyTorch's default there), so the
@@ -55,7 +42,7 @@ def _weights(cfg, data) -> dict:
         "bf16+channels_last+compile"])
 def test_fast_path_on_cuda_matches_the_plain_step(batch, tiny_cifar, train, loss_tol, min_cosine):
     data, x, y, idx = batch
-    weights = _weights(step_config(tiny_cifar), data)
+    weights = initial_weights(step_config(tiny_cifar), data, GPU)
     plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights, GPU)
     fast_loss, fast_grads = fast_step(step_config(tiny_cifar, **train), data, x, y, idx, weights, GPU)
     assert fast_loss == pytest.approx(plain_loss, rel=loss_tol)

@@ -44,7 +44,7 @@ def batch(tiny_cifar):
     return data, x, y, idx
 
 
-def _initial_weights(cfg, data, device: torch.device = CPU) -> dict:
+def initial_weights(cfg, data, device: torch.device = CPU) -> dict:
     torch.manual_seed(0)
     model, _, _ = build_step(cfg, data, device)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -98,7 +98,7 @@ def test_loader_batch_is_the_plain_conversion_of_its_samples(batch):
 def test_fast_path_off_equals_plain_loop(batch, tiny_cifar):
     data, x, y, idx = batch
     cfg = step_config(tiny_cifar)
-    weights = _initial_weights(cfg, data)
+    weights = initial_weights(cfg, data)
     fast_loss, fast_grads = fast_step(cfg, data, x, y, idx, weights)
     plain_loss, plain_grads = plain_step(cfg, data, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-7)
@@ -122,7 +122,7 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 ], ids=["channels_last", "bf16", "bf16+channels_last", "bf16-attack-only"])
 def test_fast_path_on_stays_within_tolerance(batch, tiny_cifar, train, loss_tol, min_cosine):
     data, x, y, idx = batch
-    weights = _initial_weights(step_config(tiny_cifar), data)
+    weights = initial_weights(step_config(tiny_cifar), data)
     plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights)
     fast_loss, fast_grads = fast_step(step_config(tiny_cifar, **train), data, x, y, idx, weights)
     assert fast_loss == pytest.approx(plain_loss, rel=loss_tol)
@@ -159,7 +159,7 @@ def test_compiled_step_matches_plain_loop(batch, tiny_cifar):
         torch.compile(lambda t: t * 2)(torch.ones(2))
     except Exception as e:  # noqa: BLE001 -- any failure of the toolchain
         pytest.skip(f"torch.compile does not work on this machine: {type(e).__name__}: {str(e)[:200]}")
-    weights = _initial_weights(step_config(tiny_cifar), data)
+    weights = initial_weights(step_config(tiny_cifar), data)
     plain_loss, plain_grads = plain_step(step_config(tiny_cifar), data, idx, weights)
     cfg = step_config(tiny_cifar, compile=True)
     model, net, _ = build_step(cfg, data, CPU)
