@@ -1,7 +1,8 @@
 """Training-step throughput (images/s) of iaat's methods, measured side by side.
 
-Times the real training step (``method.compute`` — the PGD attacks and, for IAAT, the radius
-selection — then backward and an SGD step) on real CIFAR-10 batches (``--data-dir``) or on
+Times the real training step (the trainer's ``forward_backward`` — the PGD attacks and, for IAAT, the
+radius selection, the loss and backward, AWP's extra pass with ``train.awp`` — then an SGD step and the
+EMA update with ``train.ema``) on real CIFAR-10 batches (``--data-dir``) or on
 random uint8 images (the speed does not depend on pixel values). Methods are timed in
 interleaved rounds so that drift of the machine hits them alike, and each is reported in
 images/s (from the median step time) and as a ratio to ``pgd_at`` measured in the same run. IAAT is timed after its
@@ -10,6 +11,8 @@ warmup, i.e. with its selection attacks active.
     python benchmarks/throughput.py --data-dir DIR --models small_cnn resnet18
     python benchmarks/throughput.py --data-dir DIR --models small_cnn \
         --methods pgd_at iaat iaat:selection_check=final_iterate iaat:selection=online clean
+    python benchmarks/throughput.py --data-dir DIR --models small_cnn \
+        --methods pgd_at pgd_at:train.awp=auto pgd_at:train.ema=0.999 mart   # parts: train.KEY=VALUE
 
 Results go to benchmarks/results/ as JSON with the command, device, torch version and data.
 """
@@ -35,7 +38,8 @@ import yaml
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader, ImageSet, load_dataset, to_unit
 from iaat.engine.setup import autocast_context, model_from_config, resolve_device
-from iaat.engine.trainer import build_step
+from iaat.ema import EMA
+from iaat.engine.trainer import build_awp, build_step, forward_backward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -193,8 +197,10 @@ class Runner:
     def __init__(self, model: str | dict, spec: str, data: ImageSet, splits, device, batch_size: int,
                  init: dict | None = None, train: dict | None = None, radii: torch.Tensor | None = None) -> None:
         name, params = parse_method(spec)
+        parts = {k.removeprefix("train."): params.pop(k) for k in list(params) if k.startswith("train.")}
         cfg = config_from_dict({"model": model_section(model), "method": {"name": name, **params},
-                                "attack": {"eps": 8, "step_size": 2, "steps": 10}, "train": dict(train or {})})
+                                "attack": {"eps": 8, "step_size": 2, "steps": 10},
+                                "train": {**(train or {}), **parts}})
         torch.manual_seed(0)
         self.spec, self.device = spec, device
         self.compiled = cfg.train.compile  # the first steps compile
@@ -211,6 +217,9 @@ class Runner:
             else:
                 self.method.memory.fill_(self.method.eps_warmup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        # the parts around the method (spec keys train.awp=..., train.ema=...), as the trainer sets them up
+        self.awp = build_awp(cfg, self.model)
+        self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema else None
         self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
         self.batches = self._cycle()
         self.times: list[float] = []
@@ -227,11 +236,11 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with self.autocast():
-            out = self.method.compute(self.net, x, y, idx)
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        forward_backward(self.method, self.net, x, y, idx, self.autocast, self.awp, lambda loss: loss.backward())
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if timed:

@@ -179,7 +179,7 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
     """Ctrl-C at exact steps (the signal is raised from inside the loss), twice, with handlers restored each time."""
     from iaat.methods.iaat import IAAT
 
-    original_loss = IAAT.compute  # what the trainer calls per step
+    original_loss = IAAT.objective  # what the trainer calls per step
     calls = {"n": 0, "at": 0}
 
     def loss_with_ctrl_c(self, *args, **kwargs):
@@ -188,7 +188,7 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
             os.kill(os.getpid(), signal.SIGINT)
         return original_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(IAAT, "compute", loss_with_ctrl_c)
+    monkeypatch.setattr(IAAT, "objective", loss_with_ctrl_c)
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     run = tmp_path / "int"
 
@@ -258,7 +258,7 @@ def test_ctrl_c_in_the_held_out_evaluation_stops_there_and_resume_is_bitwise_equ
 def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):
     from iaat.methods.iaat import IAAT
 
-    original_loss = IAAT.compute  # what the trainer calls per step
+    original_loss = IAAT.objective  # what the trainer calls per step
     calls = {"n": 0}
 
     def loss_with_two_signals(self, *args, **kwargs):
@@ -271,7 +271,7 @@ def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)  # impatient: the second one must not wait for the step
         return original_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(IAAT, "compute", loss_with_two_signals)
+    monkeypatch.setattr(IAAT, "objective", loss_with_two_signals)
     before = signal.getsignal(signal.SIGTERM)
     run = tmp_path / "twice"
     code, _, err = run_main(*fresh_args(tiny_cifar, run))

@@ -85,20 +85,20 @@ def test_both_copies_are_evaluated_and_saved(ema_run):
 @pytest.mark.slow
 def test_resume_keeps_the_average_bitwise(ema_run, tiny_cifar, tmp_path, monkeypatch):
     """Ctrl-C in the middle of epoch 2 (interrupt.pt holds the average), then resume: the same average."""
-    original, calls = iaat.IAAT.compute, {"n": 0}
+    original, calls = iaat.IAAT.objective, {"n": 0}
 
-    def compute_with_ctrl_c(self, *args, **kwargs):
+    def objective_with_ctrl_c(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 8 + 3:  # epoch 2, step 3 (8 steps an epoch)
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(iaat.IAAT, "compute", compute_with_ctrl_c)
+    monkeypatch.setattr(iaat.IAAT, "objective", objective_with_ctrl_c)
     run = tmp_path / "resumed"
     code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 2, *EMA_ARGS))
     assert code == 130 and "at epoch 2 step 3 of 8" in err, err
     assert EMA_KEY in load_checkpoint(run / "checkpoints" / "interrupt.pt")
-    monkeypatch.setattr(iaat.IAAT, "compute", original)
+    monkeypatch.setattr(iaat.IAAT, "objective", original)
     code, _, err = run_main("train", "--out", str(run), "--resume", "--no-progress")
     assert code == 0, err
     a = load_checkpoint(ema_run / "checkpoints" / "epoch_0002.pt")

@@ -33,7 +33,7 @@ _EXPORTS = {
     "Method": "methods", "Clean": "methods", "PGDAT": "methods", "IAAT": "methods", "GAIRAT": "methods",
     "FAT": "methods", "GAIRFAT": "methods", "TRADES": "methods", "MixupAT": "methods", "MART": "methods",
     "METHODS": "methods",
-    "gair_weights": "methods.gair", "EMA": "ema",
+    "gair_weights": "methods.gair", "EMA": "ema", "AWP": "awp",
     # data
     "IndexedDataset": "data.indexed",
     # evaluation

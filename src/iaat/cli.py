@@ -262,7 +262,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec["frontier_eps"] = args.frontier_eps
     if args.with_runs or per_run:
         runs = dict(spec.get("runs") or {name: {} for name in DEFAULT_RUNS})
-        runs.update({name: runs.get(name, {}) for name in args.with_runs or ()})
+        from .sweep import RUN_GROUPS
+
+        wanted = [run for name in args.with_runs or () for run in RUN_GROUPS.get(name, (name,))]
+        runs.update({name: runs.get(name, {}) for name in wanted})
         for name, values in per_run.items():
             if name not in runs:
                 raise ConfigError(f"--set {name}:...: '{name}' is not a named run of this sweep (named runs: "
@@ -290,7 +293,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for name, raw in plan.runs.items():
             method = raw["method"]
             params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
-            print(f"{name:<28}{plan.groups[name]:<10}{method['name']} eps={raw['attack']['eps']} {params}")
+            parts = "".join(f" train.{k}={raw['train'][k]}" for k in ("ema", "awp") if raw["train"].get(k) is not None)
+            print(f"{name:<28}{plan.groups[name]:<10}{method['name']} eps={raw['attack']['eps']} {params}{parts}")
         print(f"evaluation: iaat eval RUN {' '.join(plan.eval.args())}")
         return 0
     return run_sweep(plan, Path(args.out), jobs=args.jobs, only=args.only)
@@ -499,10 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set iaat:method.warmup_epochs=1; repeatable)")
     p.add_argument("--frontier-eps", nargs="*", metavar="EPS",
                    help=f"PGD-AT radii of the fixed-eps frontier, {SIZE_HELP} (default 2 4 6 8; none: no frontier)")
-    from .sweep import OPTIONAL_RUNS
+    from .sweep import OPTIONAL_RUNS, RUN_GROUPS
 
-    p.add_argument("--with", dest="with_runs", nargs="+", choices=OPTIONAL_RUNS,
-                   help="add these baselines/ablations to the runs")
+    p.add_argument("--with", dest="with_runs", nargs="+", choices=(*OPTIONAL_RUNS, *RUN_GROUPS),
+                   help="add these baselines/ablations to the runs; "
+                        + "; ".join(f"{g}: {' '.join(runs)}" for g, runs in RUN_GROUPS.items())
+                        + " (a run with train.ema is evaluated twice: its average, and NAME:raw its raw weights)")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="grid over a parameter of the --grid-of run (repeatable: every combination is a run)")
     p.add_argument("--grid-of", default="iaat", metavar="RUN", help="the run the grid varies (default iaat)")

@@ -102,6 +102,13 @@ class TrainConfig:
     #: every checkpoint, evaluated beside the raw weights each epoch (ema_val_* in metrics.jsonl), used by iaat eval
     #: and iaat export unless --raw
     ema: Optional[float] = None
+    #: adversarial weight perturbation (AWP, Wu et al. 2020) around the method's own loss: its gamma, the
+    #: perturbation's size relative to each layer's weight norm (e.g. 0.01), or auto for the authors' defaults
+    #: (0.01 from the first epoch for AT-style losses; 0.005 after 9 plain epochs for trades, mart and IAAT with
+    #: train_loss=trades); none: off. Costs about one more forward and backward pass per step
+    awp: Union[float, str, None] = None
+    #: plain epochs before AWP starts (none: the authors' default that train.awp=auto uses)
+    awp_warmup: Optional[int] = None
     amp: str = "off"  #: off | bf16 | fp16 (autocast for attacks and training)
     #: same (as amp) | off | bf16 | fp16: the attacks' autocast on its own, e.g. fp16 attacks beside an fp32 or bf16
     #: training step (the IAAT paper's ImageNet setting); fp16 attacks need no gradient scaler (see iaat.attacks.pgd)
@@ -236,6 +243,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.attack_amp must be same, off, bf16 or fp16, got {cfg.train.attack_amp!r}.")
     if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema is the decay of the weight average, in (0, 1) (e.g. 0.999), got {cfg.train.ema}.")
+    _check_awp(cfg)
     if cfg.train.threads is not None and cfg.train.threads < 1:
         raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}.")
     if cfg.train.keep_checkpoints < 1:
@@ -282,6 +290,26 @@ def method_kwargs(cfg: Config) -> dict:
         kwargs[key] = value
     return {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.attack.steps, "norm": cfg.attack.norm,
             "random_start": cfg.attack.random_start, "epochs": cfg.train.epochs, **kwargs}
+
+
+def _check_awp(cfg: Config) -> None:
+    awp = cfg.train.awp
+    if awp is None:
+        if cfg.train.awp_warmup is not None:
+            raise ConfigError("train.awp_warmup applies with train.awp only (set train.awp=auto or a gamma like 0.01).")
+        return
+    if isinstance(awp, str) and awp != "auto":
+        raise ConfigError(f"train.awp must be auto (the authors' gamma and warm-up) or a gamma like 0.01, got {awp!r}.")
+    if not isinstance(awp, str) and not 0.0 < awp < 1.0:
+        raise ConfigError(f"train.awp (the AWP gamma) must be in (0, 1), e.g. 0.01 (AT-style) or 0.005 (TRADES-style), "
+                          f"got {awp}.")
+    if cfg.train.awp_warmup is not None and cfg.train.awp_warmup < 0:
+        raise ConfigError(f"train.awp_warmup must be >= 0, got {cfg.train.awp_warmup}.")
+    if cfg.method.name == "clean":
+        from .methods import METHODS
+
+        raise ConfigError("train.awp perturbs the weights against an adversarial loss, which method clean does not "
+                          f"have; it works with {', '.join(m for m in METHODS if m != 'clean')}.")
 
 
 def build_method(cfg: Config, num_train: int, *, attack_dtype: Optional[Any] = None, compiled: bool = False):

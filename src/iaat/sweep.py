@@ -41,12 +41,18 @@ from .config import SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
 
 PLAN = "sweep.yaml"
+#: Ends the file name of the evaluation of the raw weights of a run with train.ema (``sweep-<key>-raw.json``).
+RAW_SUFFIX = "-raw"
 RUNS = "runs"
 LOGS = "logs"
 DEFAULT_FRONTIER = (2, 4, 6, 8)
 #: The runs ``iaat sweep`` adds beside the frontier, and the optional ones ``--with`` adds.
 DEFAULT_RUNS = ("iaat", "iaat_no_warmup", "gairat")
-OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search", "pgd_at_ema", "iaat_ema")
+OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search", "pgd_at_ema", "iaat_ema", "pgd_at_awp",
+                 "iaat_awp", "pgd_at_awp_ema", "iaat_awp_ema", "gairat_awp", "trades_awp", "iaat_trades")
+#: Names ``--with`` also takes for several runs at once.
+RUN_GROUPS = {"ema": ("pgd_at_ema", "iaat_ema"), "awp": ("pgd_at_awp", "iaat_awp"),
+              "awp_ema": ("pgd_at_awp_ema", "iaat_awp_ema")}
 #: Overrides of the built-in run names (applied on top of the base config).
 BUILTIN_RUNS: dict[str, dict] = {
     "iaat": {"method.name": "iaat"},
@@ -57,10 +63,19 @@ BUILTIN_RUNS: dict[str, dict] = {
     "trades": {"method.name": "trades"},
     "mixup_at": {"method.name": "mixup_at"},
     "mart": {"method.name": "mart"},
-    # weight averaging: the raw weights of these equal those of pgd_at at the base eps and of iaat (same seed; the
-    # average draws no random numbers), so the pairs compare the average with the trained weights
+    # weight averaging: a run with train.ema is evaluated twice, its average and its raw weights (NAME:raw in the
+    # report); the raw weights equal those of the run without it (same seed: the average draws no random numbers)
     "pgd_at_ema": {"method.name": "pgd_at", "train.ema": 0.999},
     "iaat_ema": {"method.name": "iaat", "train.ema": 0.999},
+    # adversarial weight perturbation with the authors' gamma and warm-up for the method (train.awp: auto)
+    "pgd_at_awp": {"method.name": "pgd_at", "train.awp": "auto"},
+    "iaat_awp": {"method.name": "iaat", "train.awp": "auto"},
+    "pgd_at_awp_ema": {"method.name": "pgd_at", "train.awp": "auto", "train.ema": 0.999},
+    "iaat_awp_ema": {"method.name": "iaat", "train.awp": "auto", "train.ema": 0.999},
+    "gairat_awp": {"method.name": "gairat", "train.awp": "auto"},
+    "trades_awp": {"method.name": "trades", "train.awp": "auto"},
+    # TRADES' attack and loss at IAAT's per-sample radii
+    "iaat_trades": {"method.name": "iaat", "method.train_loss": "trades", "method.loss_split": False},
 }
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)
@@ -312,8 +327,9 @@ class SweepRunner:
         self.stopping = False
         self.signals = 0
 
-    def eval_path(self, name: str) -> Path:
-        return self.out / RUNS / name / "eval" / f"sweep-{self.plan.eval.key()}.json"
+    def eval_path(self, name: str, raw: bool = False) -> Path:
+        """Where the evaluation of run ``name`` goes (``raw``: of the raw weights of a run with train.ema)."""
+        return self.out / RUNS / name / "eval" / f"sweep-{self.plan.eval.key()}{RAW_SUFFIX if raw else ''}.json"
 
     def check(self) -> None:
         """Refuse to reuse a folder whose runs were trained with another config (before anything starts)."""
@@ -404,12 +420,17 @@ class SweepRunner:
                 status.seconds = time.time() - start
                 return status
             status.trained = "done" if status.trained == "started" else status.trained
-        out = self.eval_path(name)
-        if out.is_file():
-            status.evaluated = "skipped"
-        elif not self.stopping:
-            self.log(f"[{name}] evaluating ({' '.join(self.plan.eval.args())})")
-            args = ["eval", str(run_dir), "--out", str(out), "--no-progress", *self.plan.eval.args()]
+        # a run with train.ema is evaluated twice: its averaged weights (what iaat eval uses) and its raw ones
+        for raw in (False, True) if cfg.train.ema else (False,):
+            out = self.eval_path(name, raw)
+            if out.is_file():
+                status.evaluated = status.evaluated or "skipped"
+                continue
+            if self.stopping:
+                break
+            self.log(f"[{name}] evaluating{' the raw weights' if raw else ''} ({' '.join(self.plan.eval.args())})")
+            args = ["eval", str(run_dir), "--out", str(out), "--no-progress", *self.plan.eval.args(),
+                    *(["--raw"] if raw else [])]
             if cfg.data.data_dir:
                 args += ["--data-dir", str(cfg.data.data_dir)]
             if cfg.train.device != "auto":
@@ -418,6 +439,8 @@ class SweepRunner:
             status.evaluated = "done" if code == 0 else ("interrupted" if self.stopping else "failed")
             if status.evaluated == "failed":
                 _err(_tail(status.log))
+            if code != 0:
+                break
         status.seconds = time.time() - start
         return status
 

@@ -34,6 +34,7 @@ from ..config import Config, build_method
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted
+from ..awp import AWP, awp_settings
 from ..ema import EMA
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
@@ -184,6 +185,7 @@ class _Session:
     partial: Optional[dict] = None  #: the interrupted epoch's sums
     board: Optional[Board] = None  #: TensorBoard event files (train.tensorboard, rank 0)
     ema: Optional[EMA] = None  #: averaged weights (train.ema)
+    awp: Optional[AWP] = None  #: adversarial weight perturbation (train.awp)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -252,10 +254,9 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
     lr = lr_at(cfg.optim, epoch, cfg.train.epochs, cfg.train.batch_size)
     for step, (x, y, idx) in enumerate(s.loader.epoch(epoch, first_step), start=first_step):
         lr = s.set_lr(epoch + step / steps)
-        with amp():
-            out = method.compute(s.net, x, y, idx)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(_rank_share(s, out.loss, len(y), step)).backward()
+        out = forward_backward(method, s.net, x, y, idx, amp, s.awp if s.awp and s.awp.active(epoch) else None,
+                               lambda loss: scaler.scale(_rank_share(s, loss, len(y), step)).backward())
         scaler.step(optimizer)
         scaler.update()
         if s.ema is not None:
@@ -271,6 +272,31 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
         bar.update(1)
     bar.close()
     return lr
+
+
+def forward_backward(method: Method, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                     amp: Callable, awp: Optional[AWP], backward: Callable[[torch.Tensor], None]) -> Any:
+    """One step up to the optimiser: the method's attack and loss under ``amp()``, then ``backward(loss)``; with
+    ``awp``, the forward and backward run at the perturbed weights, which are back in place when this returns."""
+    restore = None
+    try:
+        with amp():
+            objective = method.objective(net, x, y, idx)
+            if awp is not None:
+                restore = awp.perturb(objective, _unwrapped_ddp(net))
+            out = objective(net)
+        backward(out.loss)
+    finally:
+        if restore is not None:  # back to w before the optimiser step (and before any checkpoint)
+            restore()
+    return out
+
+
+def _unwrapped_ddp(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` without its DistributedDataParallel wrapper: AWP's ascent pass is no training step to all-reduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
 def _rank_share(s: _Session, loss: torch.Tensor, batch: int, step: int) -> torch.Tensor:
@@ -345,7 +371,17 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
     if info.rank > 0:  # different random starts on every rank (rank 0 keeps the 1-process stream)
         seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
     return _Session(cfg, run_dir, device, info, log, data, model, net, method, optimizer, scaler, loader,
-                    loader.global_batch_sizes(), ema=EMA(model, cfg.train.ema) if cfg.train.ema else None)
+                    loader.global_batch_sizes(), ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
+                    awp=build_awp(cfg, model))
+
+
+def build_awp(cfg: Config, model: torch.nn.Module) -> Optional[AWP]:
+    """The run's adversarial weight perturbation of ``model`` (train.awp, train.awp_warmup), or None."""
+    if cfg.train.awp is None:
+        return None
+    gamma, warmup = awp_settings(cfg.train.awp, cfg.train.awp_warmup, cfg.method.name,
+                                 cfg.method.params.get("train_loss", "ce"))
+    return AWP(model, gamma, warmup)
 
 
 def _restore(s: _Session) -> None:
@@ -415,8 +451,16 @@ def _summary(s: _Session) -> str:
     return (f"training {method} | {cfg.model.name} on {cfg.data.dataset}: {len(s.data.train):,} images, "
             f"{len(s.data.val):,} held out | {attack}\n  {cfg.train.epochs} epochs of {len(s.loader)} steps, batch "
             f"{cfg.train.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
-            f"{f', weight average (EMA) {cfg.train.ema:g}' if cfg.train.ema else ''} | {s.device}{threads} | {s.run_dir} "
+            f"{f', weight average (EMA) {cfg.train.ema:g}' if cfg.train.ema else ''}{_awp_summary(s.awp)} | "
+            f"{s.device}{threads} | {s.run_dir} "
             f"(every setting: iaat train ... --print-config)")
+
+
+def _awp_summary(awp: Optional[AWP]) -> str:
+    if awp is None:
+        return ""
+    start = f" from epoch {awp.warmup_epochs + 1}" if awp.warmup_epochs else ""
+    return f", weight perturbation (AWP) gamma {awp.gamma:g}{start}"
 
 
 def _architecture(name: str, depth: Optional[int], width: Optional[int]) -> str:

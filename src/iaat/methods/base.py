@@ -9,6 +9,12 @@ own loop does::
     loss = method.loss(model, x, y, index)        # x in [0, 1]; index: positions in the training set
     stats = method.end_epoch()                    # host-side numbers for logging
 
+A method works in two phases: :meth:`Method.prepare` attacks the batch (and updates per-sample state),
+and returns the batch's *objective*, the training loss as a function of the weights at those fixed
+training examples. ``method.compute`` evaluates it once on the model; a part that needs the loss at
+other weights, such as adversarial weight perturbation (:class:`iaat.AWP`), evaluates it again there
+without a second attack.
+
 Per-sample state (IAAT's radius memory) lives on the method and goes through
 :meth:`Method.state_dict` / :meth:`Method.load_state_dict`, so it can be saved in any format.
 Configs write sizes in pixel units over 255; :func:`iaat.config.build_method` converts them
@@ -20,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -55,9 +61,13 @@ class StepOutput:
     stats: dict = field(default_factory=dict)
 
 
+#: A batch's training loss as a function of the weights: ``objective(model) -> StepOutput`` (see ``Method.prepare``).
+Objective = Callable[[nn.Module], StepOutput]
+
+
 @dataclass(eq=False, kw_only=True)
 class Method:
-    """Base class of a training method (subclasses implement :meth:`forward`).
+    """Base class of a training method (subclasses implement :meth:`prepare`).
 
     Args:
         eps: radius of the training attack, [0, 1] units (8/255).
@@ -124,12 +134,29 @@ class Method:
     def compute(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 index: Optional[torch.Tensor] = None) -> StepOutput:
         """The batch's loss together with the logits it came from and per-sample statistics (sums)."""
-        self._check_call(x, y, index)
-        return self.forward(model, x, y, index)
+        return self.objective(model, x, y, index)(model)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                index: Optional[torch.Tensor]) -> StepOutput:
-        """The method itself (subclasses); called by :meth:`compute` after the inputs were checked."""
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  index: Optional[torch.Tensor] = None) -> Objective:
+        """Attack the batch once; return its training loss as a function of the weights (an :data:`Objective`).
+
+        Example:
+            >>> import iaat, torch
+            >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+            >>> objective = iaat.PGDAT(eps=8 / 255, steps=3).objective(model, torch.rand(4, 3, 8, 8),
+            ...                                                        torch.tensor([0, 1, 2, 3]))
+            >>> out = objective(model)  # the loss at the current weights; call again at others (AWP)
+            >>> out.loss.backward()
+        """
+        self._check_call(x, y, index)
+        return self.prepare(model, x, y, index)
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: Optional[torch.Tensor]) -> Objective:
+        """The method itself (subclasses): attack ``x`` with ``model``, update per-sample state, and return the
+        loss at those training examples as a function of the weights. Called after the inputs were checked.
+        The objective may be called more than once (AWP calls it at perturbed weights first); each call
+        returns a fresh :class:`StepOutput`, and what it writes to per-sample state the last call decides."""
         raise NotImplementedError
 
     def end_epoch(self) -> dict:

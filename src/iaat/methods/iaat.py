@@ -39,6 +39,9 @@ This is the one place where a radius is chosen. Selection modes:
   +γ if not, −γ if it did. No extra attacks at all.
 * ``weights: gair`` composes IAAT's radii with GAIRAT's loss weights (the GAIR keys of
   :class:`~iaat.methods.gair.GairParams`), kappa taken from the attack that made the example.
+* ``train_loss: trades`` trains TRADES at IAAT's radii: the radii are selected as above (cross-entropy
+  attacks: does the sample stay correct?), the training example is TRADES' KL attack at each
+  sample's radius, and the loss is TRADES' CE(f(x), y) + trades_beta·KL(f(x) ‖ f(x')).
 * ``line_search`` (Table 7): attack at every radius of a grid Δ, 2Δ, ... up to
   ``line_search_max`` in one batched call, choose the largest radius below the first one
   that breaks the sample, then smooth as above.
@@ -89,8 +92,12 @@ from ..attacks.pgd import project
 from ..errors import ConfigError
 from ..schema import field_default
 from ..units import format_size
-from .base import Method, StepOutput, size
+from .base import Method, Objective, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
+from .trades import trades_examples, trades_objective
+
+#: std of the Gaussian start of the TRADES attack with ``train_loss: trades`` (the TRADES authors' 0.001)
+TRADES_INIT_STD = 0.001
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -137,6 +144,10 @@ class IAAT(Method, GairParams):
         line_search_step, line_search_max: grid of ``line_search`` (default gamma; 16/255).
         save_radii: the trainer writes every sample's radius to ``RUN/radii/epoch_NNNN.npy`` (True).
         weights: ``none`` | ``gair``: also weight each loss by GAIRAT's kappa weights (the GAIR keys).
+        train_loss: ``ce`` (the paper) | ``trades``: TRADES' attack (KL from a Gaussian start) and loss
+            CE(f(x), y) + trades_beta * KL(f(x) || f(x')), each sample at its own radius; needs
+            ``loss_split: false`` (TRADES has its own clean term) and ``weights: none``.
+        trades_beta: TRADES' weight of the KL term with ``train_loss: trades`` (6).
 
     Example:
         >>> import iaat, torch
@@ -156,6 +167,8 @@ class IAAT(Method, GairParams):
     log_keys = ("radius_mean", "gair_lambda")
 
     weights: str = "none"
+    train_loss: str = "ce"
+    trades_beta: float = 6.0
     gamma: float = size(1.9 / 255)
     beta: float = 0.1
     warmup_epochs: int = 5
@@ -210,6 +223,19 @@ class IAAT(Method, GairParams):
             raise ConfigError(f"method.step_rule must be proportional or fixed, got {self.step_rule!r}.")
         if self.weights not in ("none", "gair"):
             raise ConfigError(f"method.weights must be none or gair, got {self.weights!r}.")
+        if self.train_loss not in ("ce", "trades"):
+            raise ConfigError(f"method.train_loss must be ce or trades, got {self.train_loss!r}.")
+        if self.train_loss == "trades":
+            clash = [key for key, bad in (("loss_split: false", self.loss_split), ("weights: none", self.weights != "none"),
+                                          ("train_attack: separate", self.train_attack != "separate")) if bad]
+            if clash:
+                raise ConfigError(f"method.train_loss=trades (TRADES at IAAT's radii) needs {', '.join(clash)}: TRADES has "
+                                  f"its own clean term and its own attack. Supported with it: any selection, "
+                                  f"trades_beta, the radius keys.")
+        elif self.trades_beta != 6.0:
+            raise ConfigError("method.trades_beta applies to method.train_loss=trades only.")
+        if self.trades_beta < 0:
+            raise ConfigError(f"method.trades_beta must be >= 0, got {self.trades_beta}.")
         if self.weights == "none":
             changed = [f.name for f in dataclasses.fields(GairParams) if getattr(self, f.name) != field_default(f)]
             if changed:
@@ -322,7 +348,7 @@ class IAAT(Method, GairParams):
         return survived.to(x.dtype) * self.grid_step
 
     # -- the method --------------------------------------------------------------------------------------
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         if self.memory.device != x.device:
             self.to(x.device)
         idx = self._checked_index(index)
@@ -348,7 +374,19 @@ class IAAT(Method, GairParams):
             eps = self.smooth(mem, self.select_line_search(model, x, y))
         else:  # online: train at the memory; the update follows from the training forward below
             eps = mem
+        stats["radius"] = eps.sum()  # the radius trained at
+        self.memory[idx] = eps
+        self.touched[idx] = True
 
+        if self.train_loss == "trades":  # TRADES' attack and loss, each sample at its own radius
+            x_adv = trades_examples(self, model, x, y, TRADES_INIT_STD, eps=eps, step_size=self._step_sizes(eps, steps))
+            trades = trades_objective(x_adv, x, y, self.trades_beta)
+
+            def with_stats(net: nn.Module) -> StepOutput:
+                out = trades(net)
+                out.stats.update(stats)
+                return out
+            return self._online_update(with_stats, mem, idx, y)
         if not self.in_warmup and self.selection == "alg2" and self.train_attack == "reuse":
             source = torch.where(hold_high.view(-1, 1, 1, 1), x_high, x_cur)
             x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.norm)
@@ -361,22 +399,32 @@ class IAAT(Method, GairParams):
             x_adv, kappa = adv.x_adv, adv.kappa
 
         x_train = torch.where(clean_ok.view(-1, 1, 1, 1), x_adv, x) if self.loss_split else x_adv
-        logits = model(x_train)
         weights = None
         if self.gair is not None and self.gair.active(self.epoch):
             weights = self.gair.weights(kappa, kappa_steps, self.epoch, self.epochs)
             stats["gair_weight_sq"] = (weights * weights).sum()
-        loss = weighted_ce(logits, y, weights)
-        stats["radius"] = eps.sum()  # the radius trained at
 
-        if not self.in_warmup and self.selection == "online":
-            held = logits.detach().argmax(1) == y
-            eps = self.smooth(mem, torch.where(held, self.clip(mem + self.gamma), self.clip(mem - self.gamma)))
-            stats["up"] = held.sum()
-            stats["down"] = (~held).sum()
-        self.memory[idx] = eps
-        self.touched[idx] = True
-        return StepOutput(loss, logits, stats)
+        def objective(net: nn.Module) -> StepOutput:
+            logits = net(x_train)
+            return StepOutput(weighted_ce(logits, y, weights), logits, dict(stats))
+        return self._online_update(objective, mem, idx, y)
+
+    def _online_update(self, objective: Objective, mem: torch.Tensor, idx: torch.Tensor, y: torch.Tensor
+                       ) -> Objective:
+        """With ``selection: online``, the objective also moves each radius by whether its sample held in the
+        training forward pass (+γ held, −γ fooled); the other selections have written the memory already."""
+        if self.in_warmup or self.selection != "online":
+            return objective
+
+        def updating(net: nn.Module) -> StepOutput:
+            out = objective(net)
+            held = out.logits.detach().argmax(1) == y
+            self.memory[idx] = self.smooth(mem, torch.where(held, self.clip(mem + self.gamma),
+                                                            self.clip(mem - self.gamma)))
+            out.stats["up"] = held.sum()
+            out.stats["down"] = (~held).sum()
+            return out
+        return updating
 
     def _checked_index(self, index: torch.Tensor) -> torch.Tensor:
         """The batch's memory rows; out-of-range positions are a clear error, not an indexing crash in torch."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepOutput
+from .base import Objective, StepOutput
 from .trades import KLRegularised
 
 
@@ -76,9 +76,12 @@ class MART(KLRegularised):
     name = "mart"
     log_keys = ("train_kl",)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
-        adv = self.attack_batch(model, x, y, init_std=self.init_std, final_check=False)
-        logits_clean = model(x)
-        logits_adv = model(adv.x_adv)
-        loss, kl = _mart_terms(logits_clean, logits_adv, y, self.beta)
-        return StepOutput(loss, logits_adv, {"kl": kl.detach().sum()})
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
+        x_adv = self.attack_batch(model, x, y, init_std=self.init_std, final_check=False).x_adv
+
+        def objective(net: nn.Module) -> StepOutput:
+            logits_clean = net(x)
+            logits_adv = net(x_adv)
+            loss, kl = _mart_terms(logits_clean, logits_adv, y, self.beta)
+            return StepOutput(loss, logits_adv, {"kl": kl.detach().sum()})
+        return objective

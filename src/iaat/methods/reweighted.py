@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, StepOutput
+from .base import Method, Objective, StepOutput
 from .gair import GairParams, GairWeighting, weighted_ce
 
 
@@ -58,16 +58,19 @@ class _Reweighted(Method):
         if self.use_fat:
             _check_fat(self)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         tau: Optional[int] = _tau(self, self.epoch) if self.use_fat else None
         adv = self.attack_batch(model, x, y, final_check=False, early_stop_tau=tau)
-        logits = model(adv.x_adv)
         stats = {"kappa": adv.kappa.sum()}
         weights = None
         if self.gair is not None and self.gair.active(self.epoch):
             weights = self.gair.weights(adv.kappa, self.steps, self.epoch, self.epochs)
             stats["gair_weight_sq"] = (weights * weights).sum()
-        return StepOutput(weighted_ce(logits, y, weights), logits, stats)
+
+        def objective(net: nn.Module) -> StepOutput:
+            logits = net(adv.x_adv)
+            return StepOutput(weighted_ce(logits, y, weights), logits, dict(stats))
+        return objective
 
     def end_epoch(self) -> dict:
         row = {}

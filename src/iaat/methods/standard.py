@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, StepOutput
+from .base import Method, Objective, StepOutput
 from .gair import weighted_ce
 
 
@@ -25,9 +25,11 @@ class Clean(Method):
 
     name = "clean"
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
-        logits = model(x)
-        return StepOutput(F.cross_entropy(logits, y), logits)
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
+        def objective(net: nn.Module) -> StepOutput:
+            logits = net(x)
+            return StepOutput(F.cross_entropy(logits, y), logits)
+        return objective
 
 
 @dataclass(eq=False, kw_only=True)
@@ -43,7 +45,10 @@ class PGDAT(Method):
 
     name = "pgd_at"
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
-        adv = self.attack_batch(model, x, y, final_check=False)
-        logits = model(adv.x_adv)
-        return StepOutput(weighted_ce(logits, y), logits)
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
+        x_adv = self.attack_batch(model, x, y, final_check=False).x_adv
+
+        def objective(net: nn.Module) -> StepOutput:
+            logits = net(x_adv)
+            return StepOutput(weighted_ce(logits, y), logits)
+        return objective

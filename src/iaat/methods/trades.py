@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..attacks import attack_mode
 from ..errors import ConfigError
-from .base import Method, StepOutput
+from .base import Method, Objective, StepOutput
 
 
 @dataclass(eq=False, kw_only=True)
@@ -47,16 +47,29 @@ class TRADES(KLRegularised):
     name = "trades"
     log_keys = ("train_kl",)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
-        with torch.no_grad(), attack_mode(model) as plain:
-            clean_eval = plain(x)
-        adv = self.attack_batch(model, x, y, loss="kl", reference=clean_eval, init_std=self.init_std,
-                                final_check=False)
-        logits_clean = model(x)
-        logits_adv = model(adv.x_adv)
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
+        return trades_objective(trades_examples(self, model, x, y, self.init_std), x, y, self.beta)
+
+
+def trades_examples(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor, init_std: float,
+                    **kwargs: Any) -> torch.Tensor:
+    """TRADES' inner maximisation with ``method``'s attack: the KL to the clean prediction from an ``init_std``
+    Gaussian start (``kwargs`` override the attack's settings, e.g. IAAT's per-sample ``eps`` and ``step_size``)."""
+    with torch.no_grad(), attack_mode(model) as plain:
+        clean_eval = plain(x)
+    return method.attack_batch(model, x, y, loss="kl", reference=clean_eval, init_std=init_std, final_check=False,
+                               **kwargs).x_adv
+
+
+def trades_objective(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, beta: float) -> Objective:
+    """TRADES' loss at fixed examples, CE(f(x), y) + beta * KL(f(x) || f(x_adv)), as a function of the model."""
+    def objective(net: nn.Module) -> StepOutput:
+        logits_clean = net(x)
+        logits_adv = net(x_adv)
         kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
                       log_target=True)
-        return StepOutput(F.cross_entropy(logits_clean, y) + self.beta * kl, logits_adv, {"kl": kl * len(y)})
+        return StepOutput(F.cross_entropy(logits_clean, y) + beta * kl, logits_adv, {"kl": kl * len(y)})
+    return objective
 
 
 @dataclass(eq=False, kw_only=True)
@@ -87,8 +100,11 @@ class MixupAT(Method):
         logits = model(lam * x + (1 - lam) * x[perm])
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm]), logits
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> StepOutput:
-        adv = self.attack_batch(model, x, y, final_check=False)
-        loss_clean, _ = self._mix_loss(model, x, y)
-        loss_adv, logits_adv = self._mix_loss(model, adv.x_adv, y)
-        return StepOutput(0.5 * (loss_clean + loss_adv), logits_adv)
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
+        x_adv = self.attack_batch(model, x, y, final_check=False).x_adv
+
+        def objective(net: nn.Module) -> StepOutput:
+            loss_clean, _ = self._mix_loss(net, x, y)
+            loss_adv, logits_adv = self._mix_loss(net, x_adv, y)
+            return StepOutput(0.5 * (loss_clean + loss_adv), logits_adv)
+        return objective

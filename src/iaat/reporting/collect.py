@@ -29,6 +29,8 @@ class RunRecord:
     evaluation_path: Optional[Path]
     radii: dict = field(default_factory=dict)  #: epoch -> path of that epoch's radii (.npy, [0, 1] units)
     group: str = "run"  #: frontier | run | grid (from the sweep plan) or run
+    #: the weights evaluated: trained (no train.ema), ema (the average, what iaat eval uses) or raw (of an EMA run)
+    weights: str = "trained"
 
     @property
     def method(self) -> str:
@@ -49,6 +51,12 @@ class RunRecord:
     @property
     def adaptive(self) -> bool:
         return self.method == "iaat"
+
+    @property
+    def parts(self) -> str:
+        """The state-of-practice parts behind this point: ``""``, ``"AWP"``, ``"EMA"``, ``"AWP + EMA"``."""
+        return " + ".join(p for p, on in (("AWP", self.cfg.train.awp is not None), ("EMA", self.weights == "ema"))
+                          if on)
 
     @property
     def train_seconds(self) -> float:
@@ -108,12 +116,20 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
                 radii[int(m.group(1))] = f
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
-                     evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group)
+                     evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group,
+                     weights="ema" if cfg.train.ema else "trained")
+
+
+def _raw_copy(record: RunRecord, eval_path: Path) -> RunRecord:
+    """The point of an EMA run's raw weights (``NAME:raw``): its own evaluation, no radius figures of its own."""
+    return RunRecord(name=f"{record.name}:raw", path=record.path, cfg=record.cfg, metrics=record.metrics,
+                     evaluation=json.loads(eval_path.read_text()), evaluation_path=eval_path, group=record.group,
+                     weights="raw")
 
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
     """Run records of run folders and of every run of sweep folders, in the order given (sweeps: plan order)."""
-    from ..sweep import PLAN, RUNS, EvalSpec
+    from ..sweep import PLAN, RAW_SUFFIX, RUNS, EvalSpec
 
     records: list[RunRecord] = []
     seen: set = set()
@@ -131,6 +147,9 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
                     seen.add(run_dir.resolve())
                     records.append(_load_run(run_dir, name, groups.get(name, "run"),
                                              run_dir / "eval" / f"sweep-{key}.json"))
+                    raw = run_dir / "eval" / f"sweep-{key}{RAW_SUFFIX}.json"
+                    if records[-1].weights == "ema" and raw.is_file():
+                        records.append(_raw_copy(records[-1], raw))
         elif path.resolve() not in seen:
             seen.add(path.resolve())
             records.append(_load_run(path, path.name))

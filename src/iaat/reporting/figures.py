@@ -68,7 +68,10 @@ def styles(records: list[RunRecord]) -> dict:
 
 
 def _frontier(records: list[RunRecord]) -> list[RunRecord]:
-    return sorted([r for r in records if r.method == "pgd_at" and r.evaluation], key=lambda r: r.cfg.eps)
+    """The fixed-eps PGD-AT runs: a sweep's frontier, else every plain PGD-AT run (no AWP, not an average)."""
+    pgd = [r for r in records if r.method == "pgd_at" and r.evaluation]
+    marked = [r for r in pgd if r.group == "frontier"]
+    return sorted(marked or [r for r in pgd if not r.parts], key=lambda r: r.cfg.eps)
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

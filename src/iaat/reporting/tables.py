@@ -1,4 +1,5 @@
-"""Markdown tables in the shape of the IAAT paper's Tables 1, 5, 7, 8 and 9, from run records."""
+"""Markdown tables in the shape of the IAAT paper's Tables 1, 5, 7, 8 and 9 (and of the state-of-practice parts),
+from run records."""
 
 from __future__ import annotations
 
@@ -56,11 +57,29 @@ def _compare(records: list[RunRecord]) -> str:
 
 def _reference(records: list[RunRecord]) -> list[RunRecord]:
     """The PGD-AT run at the evaluation's radius (the paper's baseline), when there is one."""
-    for r in records:
+    for r in sorted(records, key=lambda r: bool(r.parts)):  # the plain run before its AWP / EMA variants
         ev = r.evaluation or {}
         if r.method == "pgd_at" and ev and abs(r.cfg.eps - ev.get("eps", -1)) < 1e-9:
             return [r]
     return []
+
+
+def parts_table(records: list[RunRecord]) -> str:
+    """EMA, AWP and MART beside plain PGD-AT: clean, every attack, the worst case, and the training time per epoch
+    relative to PGD-AT's (a run with train.ema is two points: the average, and ``NAME:raw`` its raw weights)."""
+    shown = [r for r in records if r.parts or r.weights == "raw" or r.method == "mart"]
+    if not shown:
+        return _missing("run with train.ema, train.awp or method mart", "add them with iaat sweep --with ema awp mart")
+    ref = [r for r in _reference(records) if r.cfg.train.awp is None]  # cost relative to plain PGD-AT only
+    per_epoch = {id(r): r.train_seconds / max(len(r.metrics), 1) for r in ref + shown}
+    labels = attack_labels(ref + shown)
+    rows = []
+    for r in ref + [r for r in shown if r not in ref]:
+        cost = f"{per_epoch[id(r)] / per_epoch[id(ref[0])]:.2f}x" if ref and per_epoch[id(ref[0])] else "–"
+        parts = r.parts + (" (raw weights)" if r.weights == "raw" else "")
+        rows.append([r.name, r.method, parts.strip() or "–", _pct(r.accuracy())]
+                    + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), cost])
+    return _table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows)
 
 
 def _missing(what: str, how: str) -> str:
