@@ -18,7 +18,7 @@ from iaat.errors import ConfigError
 DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
               "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
               "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.mart", "iaat.methods.gair",
-              "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema"]
+              "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp"]
 
 
 @pytest.mark.parametrize("module", DOCUMENTED)

@@ -246,3 +246,44 @@ def test_an_interrupted_awp_run_resumes_bitwise(awp_run, tiny_cifar, tmp_path, m
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, c["model"][key]), key
     assert torch.equal(a["method"]["memory"], c["method"]["memory"])
+
+
+def authors_at_lr(t: float, epochs: int = 200, lr_max: float = 0.1) -> float:
+    """AT_AWP/train_cifar10.py's piecewise schedule at (fractional) epoch t (csdongxian/AWP)."""
+    if t / epochs < 0.5:
+        return lr_max
+    elif t / epochs < 0.75:
+        return lr_max / 10.
+    return lr_max / 100.
+
+
+def authors_trades_lr(epoch: int, lr: float = 0.1) -> float:
+    """trades_AWP/train_trades_cifar.py's adjust_learning_rate at the 1-based epoch (csdongxian/AWP)."""
+    if epoch >= 100:
+        lr = 0.1 * 0.1
+    if epoch >= 150:
+        lr = 0.1 * 0.01
+    return lr
+
+
+@pytest.mark.parametrize("name, model, method, normalize", [
+    ("cifar10_preact_resnet18_pgd_at_awp", "preact_resnet18", "pgd_at", True),
+    ("cifar10_wrn34_10_pgd_at_awp", "wrn-34-10", "pgd_at", True),
+    ("cifar10_wrn34_10_trades_awp", "wrn-34-10", "trades", False)])
+def test_presets_run_as_the_authors_code(name, model, method, normalize):
+    from iaat.config import config_from_dict, load_yaml
+    from iaat.engine.schedule import lr_at
+
+    cfg = config_from_dict(load_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml"))
+    assert (cfg.model.name, cfg.method.name, cfg.model.normalize) == (model, method, normalize)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.weight_decay) == (200, 128, 5e-4)
+    gamma, warmup = awp_settings(cfg.train.awp, cfg.train.awp_warmup, cfg.method.name)
+    if method == "trades":
+        assert (gamma, warmup) == (0.005, 9)  # theirs: from their 1-based epoch 10
+        assert cfg.method.params["beta"] == 6.0
+        for epoch in range(200):
+            assert lr_at(cfg.optim, epoch, 200) == pytest.approx(authors_trades_lr(epoch + 1)), epoch
+    else:
+        assert (gamma, warmup) == (0.01, 0)
+        for epoch in range(200):  # theirs at the epoch's first step
+            assert lr_at(cfg.optim, epoch, 200) == pytest.approx(authors_at_lr(epoch + 1 / 390)), epoch

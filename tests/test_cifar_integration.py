@@ -29,3 +29,24 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
     assert result["clean"] > 0.12
     robust = next(iter(result["attacks"].values()))["accuracy"]
     assert robust <= result["clean"]
+
+
+def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(real_cifar, tmp_path):
+    out = tmp_path / "R"
+    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+                  str(real_cifar.parent), "--epochs", "2", "--train-subset", "1000", "--out", str(out),
+                  "--device", "cpu", "--no-progress", "--method", "iaat", "--set", "method.warmup_epochs=1",
+                  "--set", "train.ema=0.999", "--set", "train.awp=auto")
+    assert res.returncode == 0, res.stderr
+    assert "weight average (EMA) 0.999, weight perturbation (AWP) gamma 0.01 |" in res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"val_clean_acc", "ema_val_clean_acc", "radius_mean"} <= set(rows[-1])
+    results = {}
+    for weights in ("ema", "raw"):
+        path = tmp_path / f"{weights}.json"
+        res = run_cli("eval", str(out), "--n", "200", "--no-progress", "--out", str(path),
+                      *(["--raw"] if weights == "raw" else []))
+        assert res.returncode == 0, res.stderr
+        results[weights] = json.loads(path.read_text())
+        assert results[weights]["weights"] == weights and results[weights]["n"] == 200
+    assert results["ema"]["clean"] != results["raw"]["clean"] or results["ema"]["attacks"] != results["raw"]["attacks"]

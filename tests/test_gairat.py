@@ -198,3 +198,71 @@ def test_wrn_preset_starts_weights_and_decays_the_lr_where_the_authors_code_does
     method = build_method(cfg, num_train=1)
     assert [method.gair.active(e) for e in range(120)] == [(e + 1) >= 60 for e in range(120)]
     assert not cfg.model.normalize  # their WRN has no input normalisation
+
+
+def authors_adjust_lambda(epoch, Lambda, Lambda_max, Lambda_schedule, epochs):
+    """GAIRAT.py's adjust_Lambda (zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training), ported with
+    its args as arguments; called there with the 1-based epoch."""
+    Lam = float(Lambda)
+    if epochs >= 110:
+        Lambda = Lambda_max
+        if Lambda_schedule == 'linear':
+            if epoch >= 60:
+                Lambda = Lambda_max - (epoch / epochs) * (Lambda_max - Lam)
+        elif Lambda_schedule == 'piecewise':
+            if epoch >= 60:
+                Lambda = Lam
+            elif epoch >= 90:
+                Lambda = Lam - 1.0
+            elif epoch >= 110:
+                Lambda = Lam - 1.5
+        elif Lambda_schedule == 'fixed':
+            if epoch >= 60:
+                Lambda = Lam
+    else:
+        Lambda = Lambda_max
+        if Lambda_schedule == 'linear':
+            if epoch >= 30:
+                Lambda = Lambda_max - (epoch / epochs) * (Lambda_max - Lam)
+        elif Lambda_schedule == 'piecewise':
+            if epoch >= 30:
+                Lambda = Lam
+            elif epoch >= 60:
+                Lambda = Lam - 2.0
+        elif Lambda_schedule == 'fixed':
+            if epoch >= 30:
+                Lambda = Lam
+    return Lambda
+
+
+def authors_gair(num_steps, Kappa, Lambda, func):
+    """GAIR.py's GAIR (same repository), ported: the normalised weights of one batch."""
+    Kappa = Kappa.float()
+    if func == "Tanh":
+        reweight = ((Lambda + (int(num_steps / 2) - Kappa) * 5 / (int(num_steps / 2))).tanh() + 1) / 2
+        normalized_reweight = reweight * len(reweight) / reweight.sum()
+    return normalized_reweight
+
+
+@pytest.mark.parametrize("epochs, schedule, lam_max, begin", [
+    (120, "fixed", math.inf, 60), (120, "linear", 1.5, 60), (120, "piecewise", math.inf, 40),
+    (100, "fixed", math.inf, 1), (100, "linear", 0.0, 30), (100, "piecewise", 2.0, 80)])
+def test_compat_authors_weights_equal_gairat_py_every_epoch(epochs, schedule, lam_max, begin):
+    kappa = torch.tensor([0, 2, 5, 7, 10, 10])
+    for name in ("gairat", "gair_fat"):
+        method = _method(name, steps=10, epochs=epochs, compat="authors", begin_epoch=begin, lam=-1.0,
+                         lam_schedule=schedule, lam_max=lam_max)
+        for epoch in range(epochs):  # theirs: train(epoch, ...) with Lambda = adjust_Lambda(epoch + 1)
+            lam = authors_adjust_lambda(epoch + 1, "-1.0", lam_max, schedule, epochs)
+            theirs = authors_gair(10, kappa, lam, "Tanh") if (epoch + 1) >= begin else torch.ones(6)
+            ours = (method.gair.weights(kappa, 10, epoch, epochs) if method.gair.active(epoch) else torch.ones(6))
+            assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (name, epoch)
+
+
+@pytest.mark.parametrize("params, phrase", [
+    ({"compat": "authors", "burn_in_epochs": 3}, "begin_epoch"),
+    ({"begin_epoch": 60}, "used with method.compat=authors"),
+    ({"compat": "theirs"}, "method.compat must be none or authors")])
+def test_compat_errors_name_the_fix(params, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        _method("gairat", epochs=10, **params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -307,3 +308,123 @@ def test_conditional_schedule_chooses_like_batched():
     broke = int((radii < 8 * U + 1.9 * U).sum())
     assert 0 < broke < len(y)
     assert model.calls.count(broke) == 11  # the second selection attack ran on the broken samples only
+
+
+# --- a port of the authors' code: yogeshbalaji/Instance_Adaptive_Adversarial_Training, attacks/pgd_adaptive.py
+# (PGDAttackerAdaptive.attack) and trainers/trainer_adaptive.py (TrainerAdaptive.epsilon_select and the training
+# step), with their `self`/`args` as arguments and `.cuda()` dropped -------------------------------------------------
+def authors_attack(x, y, net, attack_steps, attack_lr_arr, attack_eps_arr, random_init=True, clamp=(0, 1)):
+    x_adv = x.clone()
+    attack_lr_arr = attack_lr_arr.view(attack_lr_arr.size(0), 1, 1, 1)
+    attack_eps_arr = attack_eps_arr.view(attack_eps_arr.size(0), 1, 1, 1)
+    if random_init:
+        x_adv = x_adv + (torch.rand(x.size(), dtype=x.dtype, device=x.device) - 0.5) * 2 * attack_eps_arr
+    for _ in range(attack_steps):
+        x_adv.requires_grad = True
+        net.zero_grad()
+        logits = net(x_adv)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        grad = x_adv.grad.detach()
+        grad = grad.sign()
+        x_adv = x_adv + attack_lr_arr * grad
+        diff = x_adv - x
+        diff = torch.max(diff, -attack_eps_arr)
+        diff = torch.min(diff, attack_eps_arr)
+        x_adv = diff + x
+        x_adv = x_adv.detach()
+        x_adv = torch.clamp(x_adv, *clamp)
+    return x_adv
+
+
+def authors_epsilon_select(model, epoch, memory, args, input, target, indices):
+    with torch.no_grad():
+        logits = model(input)
+        _, pred = torch.max(logits, dim=1)
+        correct_preds_clean = (pred == target).float()
+    if epoch < args["warmup"]:
+        epsilon = torch.zeros(input.size(0)).fill_(args["attack_eps"])
+        epsilon = epsilon * correct_preds_clean
+    else:
+        epsilon_prev = memory[indices]
+        epsilon_low = epsilon_prev - args["gamma"]
+        epsilon_cur = epsilon_prev
+        epsilon_high = epsilon_prev + args["gamma"]
+        attack_lr_cur = torch.clamp(epsilon_cur / (0.5 * args["attack_steps"]), min=args["attack_lr"])
+        attack_lr_high = torch.clamp(epsilon_high / (0.5 * args["attack_steps"]), min=args["attack_lr"])
+        input_cur = authors_attack(input, target, model, args["attack_steps"], attack_lr_cur, epsilon_cur)
+        input_high = authors_attack(input, target, model, args["attack_steps"], attack_lr_high, epsilon_high)
+        with torch.no_grad():
+            _, logits_cur = torch.max(model(input_cur), dim=1)
+            _, logits_high = torch.max(model(input_high), dim=1)
+            pred_cur = (logits_cur == target).float()
+            pred_high = (logits_high == target).float()
+            epsilon = pred_high * epsilon_high + (1 - pred_high) * pred_cur * epsilon_cur + \
+                (1 - pred_high) * (1 - pred_cur) * epsilon_low
+            epsilon = epsilon * correct_preds_clean
+            epsilon = torch.clamp(epsilon, min=0)
+            epsilon = epsilon * args["beta"] + epsilon_prev * (1 - args["beta"])
+    memory[indices] = epsilon
+    return epsilon
+
+
+def authors_step(model, epoch, memory, args, input, target, indices):
+    epsilon_arr = authors_epsilon_select(model, epoch, memory, args, input, target, indices)
+    attack_lr_arr = torch.clamp(epsilon_arr / (0.5 * args["attack_steps"]), min=args["attack_lr"])
+    input = authors_attack(input, target, model, args["attack_steps"], attack_lr_arr, epsilon_arr)
+    model.zero_grad()
+    logits = model(input)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    return input, loss
+# --- end of the port -------------------------------------------------------------------------------------------------
+
+
+def test_compat_authors_equals_the_authors_trainer_step_for_step():
+    """Two epochs (warmup, then Alg. 2) on a BatchNorm model: radii, training inputs, loss, gradients and BatchNorm
+    statistics equal the port's, both sides drawing their random starts from the same seed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(24, 4))
+    theirs, ours = net, copy.deepcopy(net)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(12, 3, 8, 8, generator=g), torch.randint(0, 4, (12,), generator=g)
+    idx = torch.arange(3, 15)
+    args = {"warmup": 1, "attack_eps": 8 / 255, "gamma": 2 / 255, "beta": 0.5, "attack_steps": 5, "attack_lr": 2 / 255}
+    memory = torch.zeros(20)
+    method = config_method("iaat", 20, {"eps": 8, "step_size": 2, "steps": 5}, compat="authors", gamma=2, beta=0.5,
+                           warmup_epochs=1)
+    theirs.train(), ours.train()
+    for epoch in range(2):
+        torch.manual_seed(10 + epoch)
+        x_theirs, loss_theirs = authors_step(theirs, epoch, memory, args, x, y, idx)
+        torch.manual_seed(10 + epoch)
+        method.start_epoch(epoch)
+        seen = []
+        hook = ours[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+        for p in ours.parameters():
+            p.grad = None
+        out = method.compute(ours, x, y, idx)
+        out.loss.backward()
+        hook.remove()
+        assert torch.allclose(method.memory, memory, rtol=0, atol=1e-6), epoch
+        assert torch.allclose(seen[-1], x_theirs, rtol=0, atol=1e-6), epoch  # the training input
+        assert out.loss.item() == pytest.approx(loss_theirs.item(), abs=1e-6)
+        for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-6), (epoch, name)
+        for a, b in zip(theirs.buffers(), ours.buffers()):
+            assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-6), epoch
+        with torch.no_grad():  # the same SGD step on both, so that epoch 2 starts from equal weights
+            for p, q in zip(theirs.parameters(), ours.parameters()):
+                p -= 0.5 * p.grad
+                q -= 0.5 * q.grad
+    assert (memory[idx] > 0).any() and (memory[idx] == 0).any()  # both kinds of samples were there
+
+
+@pytest.mark.parametrize("params, phrase", [
+    ({"compat": "authors", "selection": "online"}, "method.selection does not apply with method.compat=authors"),
+    ({"compat": "authors", "loss_split": False}, "method.loss_split does not apply"),
+    ({"compat": "authors", "weights": "gair"}, "method.weights does not apply")])
+def test_compat_authors_refuses_keys_it_does_not_use(params, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        make_iaat(8, **params)

@@ -246,3 +246,40 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
     assert "1 run(s) failed: broken" in text
     assert (out / "runs" / "clean" / "summary.json").is_file()
     assert list((out / "runs" / "clean" / "eval").glob("sweep-*.json"))
+
+
+def test_with_groups_expand_to_their_runs(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run", "--frontier-eps",
+                 "--with", "ema", "awp", "iaat_trades"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert {"pgd_at_ema", "iaat_ema", "pgd_at_awp", "iaat_awp", "iaat_trades"} <= set(lines)
+    assert lines["iaat_awp"].endswith("train.awp=auto") and "train.ema=0.999" in lines["iaat_ema"]
+    assert "train_loss=trades" in lines["iaat_trades"]
+
+
+@pytest.mark.slow
+def test_an_ema_run_is_two_points_and_awp_runs_join_the_parts_table(tmp_path):
+    spec = write_spec(tmp_path, frontier_eps=[32], grid=None, runs={"pgd_at_ema": {}, "pgd_at_awp": {}},
+                      eval={**EVAL, "sweep_eps": []})
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--epochs", "1"]) == 0
+    evals = sorted(p.name for p in (out / "runs" / "pgd_at_ema" / "eval").glob("sweep-*.json"))
+    raw_name = next(e for e in evals if e.endswith("-raw.json"))
+    assert len(evals) == 2 and raw_name.replace("-raw", "") in evals
+    average, raw = (json.loads((out / "runs" / "pgd_at_ema" / "eval" / e).read_text())
+                    for e in (raw_name.replace("-raw", ""), raw_name))
+    assert (average["weights"], raw["weights"]) == ("ema", "raw")
+    # the raw weights are those of the frontier run at the same radius and step (same seed, same training)
+    frontier = json.loads(next((out / "runs" / "pgd_at_eps32" / "eval").glob("sweep-*.json")).read_text())
+    accuracies = lambda ev: {k: v["accuracy"] for k, v in ev["attacks"].items()}  # noqa: E731
+    assert raw["clean"] == frontier["clean"] and accuracies(raw) == accuracies(frontier)
+    assert main(["report", str(out)]) == 0
+    table = (out / "report" / "table_parts.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("|")][2:]  # below the header and separator
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines}
+    assert set(rows) == {"pgd_at_eps32", "pgd_at_ema", "pgd_at_ema:raw", "pgd_at_awp"}
+    assert "| EMA |" in rows["pgd_at_ema"] and "(raw weights)" in rows["pgd_at_ema:raw"] and "| AWP |" in rows[
+        "pgd_at_awp"]
+    assert rows["pgd_at_eps32"].endswith("| 1.00x |")

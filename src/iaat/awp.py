@@ -16,11 +16,12 @@ of the model; here the model's buffers are saved and restored around that pass).
 TRADES-style losses (TRADES-AWP: their 1-based ``epoch >= 10``); :func:`default_awp` picks by method.
 
 One deliberate difference: theirs removes the perturbation after the optimiser step, so SGD's weight
-decay and momentum see ``w + v``; here it is removed before the step, so the step is the one the
-optimiser would take at ``w`` with the perturbed gradient (the difference is ``lr * weight_decay * v``).
-The ascent's own loss is the method's loss, so AWP wraps every method: ``-CE`` on the adversarial
-examples for PGD-AT (their AT-AWP), TRADES' ``-(CE + beta * KL)`` for TRADES (their TRADES-AWP), the
-weighted loss of GAIRAT and of IAAT at each sample's radius.
+decay (and through it the momentum) sees ``w + v``; here it is removed before the step, so the step is
+the one the optimiser would take at ``w`` with the perturbed gradient (a difference of
+``lr * weight_decay * v`` per step). Under torchrun each process takes the ascent step on its own share
+of the batch (no all-reduce for it). The ascent's loss is the method's own, so AWP wraps every method:
+``-CE`` on the adversarial examples for PGD-AT (their AT-AWP), TRADES' ``-(CE + beta * KL)`` for TRADES
+(their TRADES-AWP), the weighted loss of GAIRAT and IAAT's loss at each sample's radius.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ class AWP:
         if warmup_epochs < 0:
             raise ConfigError(f"the AWP warm-up must be >= 0 epochs, got {warmup_epochs}.")
         self.model, self.gamma, self.warmup_epochs = model, float(gamma), int(warmup_epochs)
-        self.names = [name for name, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
-        if not self.names:
+        perturbed = [(name, p) for name, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+        if not perturbed:
             raise ConfigError("AWP perturbs weight matrices and convolution kernels; this model has none to train.")
-        self.params = [p for name, p in model.named_parameters() if name in set(self.names)]
+        self.names = [name for name, _ in perturbed]
+        self.params = [p for _, p in perturbed]
 
     def active(self, epoch: int) -> bool:
         """Whether AWP applies at 0-based ``epoch`` (after ``warmup_epochs`` plain ones)."""

@@ -187,6 +187,7 @@ class _Run:
     steps: int
     norm: str
     random_start: bool
+    clamp_start: bool
     loss: str
     early_stop_tau: Optional[int]
     init_std: Optional[float]
@@ -207,7 +208,8 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
     """
     batch, steps = x.shape[0], s.steps
     delta = _random_start(x, eps, s.norm, s.init_std) if s.random_start else torch.zeros_like(x)
-    delta = project(delta, x, eps, s.norm)
+    if s.clamp_start:
+        delta = project(delta, x, eps, s.norm)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
     velocity = torch.zeros_like(x) if s.momentum else None
@@ -258,7 +260,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
-        momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False) -> AttackResult:
+        momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False,
+        clamp_start: bool = True) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -290,6 +293,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
             falls with every sample that breaks). ``correct`` then means that no iterate, the final one
             included, was misclassified; ``kappa`` counts the iterates before the first miss; ``logits``
             and ``loss`` are ``None``. One run of an untargeted attack without FAT's early stop.
+        clamp_start: project the random start onto the ball and into [0, 1] before the first gradient
+            (default); ``False`` takes the first gradient at the unclamped start, as the IAAT authors'
+            attack does (their clamp follows each step), for IAAT's ``compat: authors`` only.
 
     Returns:
         An :class:`AttackResult`.
@@ -315,8 +321,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     else:  # full precision, also when called inside the training step's autocast region
         autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
     objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
-    run = _Run(steps, norm, random_start, loss, early_stop_tau, init_std, momentum, objective_scale, autocast,
-               _advance_fn(compiled), stop_on_miss)
+    run = _Run(steps, norm, random_start, clamp_start, loss, early_stop_tau, init_std, momentum, objective_scale,
+               autocast, _advance_fn(compiled), stop_on_miss)
     final_check = final_check or restarts > 1
 
     best: Optional[AttackResult] = None

@@ -1,7 +1,8 @@
 """The method-agnostic training loop.
 
 Per step (:func:`_train_epoch`, one screen): loader → (x, y, idx) on the device →
-``method.compute`` (which calls the PGD kernel) → backward → optimiser step. Per epoch
+:func:`forward_backward` (``method.objective``, which calls the PGD kernel; with ``train.awp`` the
+weights perturbed; the loss; backward; the weights restored) → optimiser step → EMA update. Per epoch
 (:func:`_end_epoch`): held-out evaluation (clean + PGD-k), one JSON line in ``metrics.jsonl``, the
 method's per-sample arrays, an atomic checkpoint with the full state (model, optimiser, schedule,
 AMP scaler, method state, every RNG state, epoch). On the CPU a resumed run ends bitwise equal to
@@ -19,6 +20,7 @@ writes files, and the ranks agree after every step on whether to stop.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -255,8 +257,9 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
     for step, (x, y, idx) in enumerate(s.loader.epoch(epoch, first_step), start=first_step):
         lr = s.set_lr(epoch + step / steps)
         optimizer.zero_grad(set_to_none=True)
+        backward = functools.partial(_backward, s, scaler, len(y), step)
         out = forward_backward(method, s.net, x, y, idx, amp, s.awp if s.awp and s.awp.active(epoch) else None,
-                               lambda loss: scaler.scale(_rank_share(s, loss, len(y), step)).backward())
+                               backward)
         scaler.step(optimizer)
         scaler.update()
         if s.ema is not None:
@@ -297,6 +300,10 @@ def _unwrapped_ddp(net: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return net.module if isinstance(net, DistributedDataParallel) else net
+
+
+def _backward(s: _Session, scaler: torch.amp.GradScaler, batch: int, step: int, loss: torch.Tensor) -> None:
+    scaler.scale(_rank_share(s, loss, batch, step)).backward()
 
 
 def _rank_share(s: _Session, loss: torch.Tensor, batch: int, step: int) -> torch.Tensor:

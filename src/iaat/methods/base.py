@@ -233,6 +233,18 @@ def _shape(t: Any) -> str:
 
 
 BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Method))
+COMPAT_MODES = ("none", "authors")
+
+
+@dataclass(kw_only=True)
+class CompatParams:
+    """The key of methods that document deliberate differences from their authors' code (IAAT, GAIRAT)."""
+
+    compat: str = "none"  #: none | authors: compute exactly as the authors' code, differences included
+
+    def check_compat(self) -> None:
+        if self.compat not in COMPAT_MODES:
+            raise ConfigError(f"method.compat must be none or authors, got {self.compat!r}.")
 
 
 def own_fields(cls: type) -> list:

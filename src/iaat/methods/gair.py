@@ -19,6 +19,10 @@ the iterates x_0..x_{K-1} and the eval-mode attack with a clamped random start a
    branch always wins), so it equals ``fixed``; here each drop applies from its milestone.
 4. ``fixed``: theirs applies lambda from a hard-coded epoch 60 (uniform weights before, whatever
    ``begin_epoch`` says); here from ``burn_in_epochs`` on.
+
+``compat: authors`` (GAIRAT, GAIR-FAT) computes as their code instead, all four included: weights from
+``(epoch + 1) >= begin_epoch`` (their key, default 60) and lambda from their ``adjust_Lambda`` (a port of
+it in ``tests/test_gairat.py`` checks every epoch).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class GairParams:
     lam_milestones: list = field(default_factory=list)  #: piecewise: 0-based epochs where lambda drops
     lam_drops: list = field(default_factory=list)  #: piecewise: lambda = lam - drop after each milestone
     burn_in_epochs: int = 0  #: plain (uniformly weighted) epochs before the weights start
+    #: compat=authors only: the authors' begin_epoch, weights from their 1-based epoch begin_epoch on (default 60)
+    begin_epoch: Optional[int] = None
 
 
 def weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -87,14 +93,32 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
 
 
 class GairWeighting:
-    """The lambda schedule and the weights of one run; ``p`` is anything with the :class:`GairParams` keys."""
+    """The lambda schedule and the weights of one run; ``p`` is anything with the :class:`GairParams` keys.
 
-    def __init__(self, p: GairParams) -> None:
-        self.check(p)
-        self.p = p
+    ``authors=True`` (a method's ``compat: authors``) computes as GAIRAT.py does instead, where this module's
+    docstring lists the differences: weights from ``(epoch + 1) >= begin_epoch``, and lambda from their
+    ``adjust_Lambda(epoch + 1)`` (``lam_max`` until their hard-coded epoch 60, or 30 for runs under 110 epochs;
+    then ``lam``, or for ``linear`` ``lam_max - (e / epochs) (lam_max - lam)`` at their 1-based epoch e).
+    """
+
+    def __init__(self, p: GairParams, authors: bool = False) -> None:
+        self.check(p, authors)
+        self.p, self.authors = p, authors
+        self.begin_epoch = (60 if p.begin_epoch is None else p.begin_epoch) if authors else None
 
     @staticmethod
-    def check(p: GairParams) -> None:
+    def check(p: GairParams, authors: bool = False) -> None:
+        if authors:
+            if p.burn_in_epochs or p.lam_milestones or p.lam_drops:
+                raise ConfigError("with method.compat=authors the GAIR weights start at the authors' method.begin_epoch "
+                                  "(their 1-based epoch) and their piecewise lambda is hard-coded: drop "
+                                  "method.burn_in_epochs, method.lam_milestones and method.lam_drops.")
+            if p.begin_epoch is not None and p.begin_epoch < 0:
+                raise ConfigError(f"method.begin_epoch must be >= 0, got {p.begin_epoch}.")
+        elif p.begin_epoch is not None:
+            raise ConfigError("method.begin_epoch is the authors' 1-based start of the GAIR weights, used with "
+                              "method.compat=authors; here method.burn_in_epochs counts the plain epochs (their "
+                              "begin_epoch - 1).")
         if p.weight_fn not in WEIGHT_FUNCTIONS:
             raise ConfigError(f"method.weight_fn must be one of {', '.join(WEIGHT_FUNCTIONS)}, got {p.weight_fn!r}.")
         if p.lam_schedule not in LAMBDA_SCHEDULES:
@@ -111,11 +135,15 @@ class GairWeighting:
             raise ConfigError(f"method.burn_in_epochs must be >= 0, got {p.burn_in_epochs}.")
 
     def active(self, epoch: int) -> bool:
+        if self.authors:
+            return epoch + 1 >= self.begin_epoch
         return epoch >= self.p.burn_in_epochs
 
     def lam(self, epoch: int, total_epochs: Optional[int] = None) -> float:
         """Lambda at 0-based ``epoch`` (+inf, i.e. uniform, during the burn-in)."""
         p = self.p
+        if self.authors:
+            return self._authors_lam(epoch + 1, total_epochs)
         if not self.active(epoch):
             return math.inf
         if p.lam_schedule == "fixed":
@@ -129,6 +157,17 @@ class GairWeighting:
         span = max(total_epochs - p.burn_in_epochs, 1)
         frac = min((epoch - p.burn_in_epochs + 1) / span, 1.0)
         return p.lam_max + frac * (p.lam - p.lam_max)
+
+    def _authors_lam(self, e: int, total_epochs: Optional[int]) -> float:
+        """GAIRAT.py's ``adjust_Lambda`` at their 1-based epoch ``e`` (their later piecewise drops are unreachable)."""
+        p = self.p
+        if total_epochs is None:
+            raise ValueError("the authors' lambda schedule needs the total number of epochs")
+        if e < (60 if total_epochs >= 110 else 30):
+            return p.lam_max
+        if p.lam_schedule == "linear":
+            return p.lam_max - (e / total_epochs) * (p.lam_max - p.lam)
+        return p.lam
 
     def weights(self, kappa: torch.Tensor, steps: int, epoch: int, total_epochs: Optional[int]) -> torch.Tensor:
         return gair_weights(kappa, steps, self.lam(epoch, total_epochs), self.p.weight_fn)

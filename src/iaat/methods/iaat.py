@@ -73,6 +73,12 @@ trainers/trainer_adaptive.py, attacks/pgd_adaptive.py), each deliberate:
 6. Bounds: theirs clamp radii below at 0 only; here radii stay in [``eps_min``, ``eps_max``] (by default
    at most 1 under L-inf, where a larger radius means nothing): the same in practice.
 
+``compat: authors`` computes as their code instead, all six differences included (every forward in
+train mode, the warmup's and the selection's radius 0 for samples misclassified when clean, both selection
+attacks on every sample with only their final iterates checked, the training attack at the new radius for
+every sample and the loss on all of them, the unclamped random start, radii clamped below at 0 only); a
+port of their ``epsilon_select``, attack and training step checks it step for step in ``tests/test_iaat.py``.
+
 The presets follow the paper's Table 10 where the authors' repository differs from it (their
 config trains with batch 256, reflect padding and a WRN variant without affine BatchNorm).
 """
@@ -92,10 +98,12 @@ from ..attacks.pgd import project
 from ..errors import ConfigError
 from ..schema import field_default
 from ..units import format_size
-from .base import Method, Objective, StepOutput, size
+from .base import BASE_FIELDS, CompatParams, Method, Objective, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
 from .trades import trades_examples, trades_objective
 
+#: IAAT's keys that ``compat: authors`` uses (every other one must keep its default there)
+AUTHORS_KEYS = frozenset({"gamma", "beta", "warmup_epochs", "save_radii", "compat"})
 #: std of the Gaussian start of the TRADES attack with ``train_loss: trades`` (the TRADES authors' 0.001)
 TRADES_INIT_STD = 0.001
 
@@ -120,7 +128,7 @@ def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
 
 
 @dataclass(eq=False, kw_only=True)
-class IAAT(Method, GairParams):
+class IAAT(Method, GairParams, CompatParams):
     """Instance-adaptive adversarial training with an epsilon memory over the training set.
 
     Args (besides the attack's, see :class:`~iaat.methods.base.Method`; sizes in [0, 1] units):
@@ -148,6 +156,8 @@ class IAAT(Method, GairParams):
             CE(f(x), y) + trades_beta * KL(f(x) || f(x')), each sample at its own radius; needs
             ``loss_split: false`` (TRADES has its own clean term) and ``weights: none``.
         trades_beta: TRADES' weight of the KL term with ``train_loss: trades`` (6).
+        compat: ``none`` | ``authors``: compute as the authors' trainer_adaptive.py, each difference listed
+            in the module docstring included (keys: gamma, beta, warmup_epochs, save_radii).
 
     Example:
         >>> import iaat, torch
@@ -223,6 +233,14 @@ class IAAT(Method, GairParams):
             raise ConfigError(f"method.step_rule must be proportional or fixed, got {self.step_rule!r}.")
         if self.weights not in ("none", "gair"):
             raise ConfigError(f"method.weights must be none or gair, got {self.weights!r}.")
+        self.check_compat()
+        if self.compat == "authors":
+            changed = [f.name for f in dataclasses.fields(self) if f.name not in BASE_FIELDS | AUTHORS_KEYS
+                       and getattr(self, f.name) != field_default(f)]
+            if changed:
+                raise ConfigError(f"method.{changed[0]} does not apply with method.compat=authors, which computes as "
+                                  f"the authors' code (keys there: {', '.join(sorted(AUTHORS_KEYS - {'compat'}))}); "
+                                  f"drop {', '.join(changed)}.")
         if self.train_loss not in ("ce", "trades"):
             raise ConfigError(f"method.train_loss must be ce or trades, got {self.train_loss!r}.")
         if self.train_loss == "trades":
@@ -352,6 +370,8 @@ class IAAT(Method, GairParams):
         if self.memory.device != x.device:
             self.to(x.device)
         idx = self._checked_index(index)
+        if self.compat == "authors":
+            return self._prepare_authors(model, x, y, idx)
         steps = self.steps
         stats: dict = {}
         if self.loss_split:
@@ -408,6 +428,43 @@ class IAAT(Method, GairParams):
             logits = net(x_train)
             return StepOutput(weighted_ce(logits, y, weights), logits, dict(stats))
         return self._online_update(objective, mem, idx, y)
+
+    def _prepare_authors(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Objective:
+        """``compat: authors``: trainer_adaptive.py's ``epsilon_select`` and training attack, step for step: every
+        forward in train mode (BatchNorm's batch statistics; the running ones absorb each), radius 0 for samples
+        misclassified when clean, both selection attacks on every sample and only their final iterates checked,
+        the training attack at the new radius for every sample, the loss on all of them."""
+        with torch.no_grad(), attack_mode(model, eval_mode=False) as plain:
+            clean_ok = (plain(x).argmax(1) == y).to(self.memory.dtype)
+        prev = self.memory[idx]
+        stats: dict = {"clean_acc": clean_ok.sum()}
+        if self.in_warmup:
+            eps = torch.full_like(prev, self.eps_warmup) * clean_ok
+        else:
+            low, high = prev - self.gamma, prev + self.gamma
+            x_cur, x_high = self._authors_attack(model, x, y, prev), self._authors_attack(model, x, y, high)
+            with torch.no_grad(), attack_mode(model, eval_mode=False) as plain:
+                hold_cur = (plain(x_cur).argmax(1) == y).to(prev.dtype)
+                hold_high = (plain(x_high).argmax(1) == y).to(prev.dtype)
+            choice = hold_high * high + (1 - hold_high) * hold_cur * prev + (1 - hold_high) * (1 - hold_cur) * low
+            eps = (choice * clean_ok).clamp(min=0) * self.beta + prev * (1 - self.beta)
+            stats.update(up=hold_high.sum(), same=((1 - hold_high) * hold_cur).sum(),
+                         down=((1 - hold_high) * (1 - hold_cur)).sum())
+        self.memory[idx] = eps
+        self.touched[idx] = True
+        stats["radius"] = eps.sum()
+        x_adv = self._authors_attack(model, x, y, eps)
+
+        def objective(net: nn.Module) -> StepOutput:
+            logits = net(x_adv)
+            return StepOutput(weighted_ce(logits, y), logits, dict(stats))
+        return objective
+
+    def _authors_attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """PGDAttackerAdaptive.attack: train mode, a uniform start not clamped before the first gradient, the
+        step max(step_size, 2 eps / K), no check of its own."""
+        return self._attack(model, x, y, eps.to(x.dtype), self.steps, eval_mode=False, clamp_start=False,
+                            final_check=False).x_adv
 
     def _online_update(self, objective: Objective, mem: torch.Tensor, idx: torch.Tensor, y: torch.Tensor
                        ) -> Objective:

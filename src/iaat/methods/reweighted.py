@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, Objective, StepOutput
+from .base import CompatParams, Method, Objective, StepOutput
 from .gair import GairParams, GairWeighting, weighted_ce
 
 
@@ -52,9 +52,15 @@ class _Reweighted(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.gair = GairWeighting(self) if self.use_gair else None
-        if self.use_gair and self.lam_schedule == "linear" and self.epochs is None:
-            raise ConfigError("the linear lambda schedule runs over the whole training: pass epochs=N.")
+        authors = getattr(self, "compat", "none") == "authors"
+        if self.use_gair:
+            self.check_compat()
+            self.gair = GairWeighting(self, authors=authors)
+            if (self.lam_schedule == "linear" or authors) and self.epochs is None:
+                raise ConfigError(f"the {'authors' if authors else 'linear'} lambda schedule runs over the whole "
+                                  f"training: pass epochs=N.")
+        else:
+            self.gair = None
         if self.use_fat:
             _check_fat(self)
 
@@ -82,12 +88,13 @@ class _Reweighted(Method):
 
 
 @dataclass(eq=False, kw_only=True)
-class GAIRAT(_Reweighted, GairParams):
+class GAIRAT(_Reweighted, GairParams, CompatParams):
     """Zhang et al. 2021: PGD-AT with each sample's loss weighted by its geometry (kappa).
 
     Args: the attack's (see :class:`~iaat.methods.base.Method`) and the GAIR keys of
     :class:`~iaat.methods.gair.GairParams`: ``weight_fn``, ``lam``, ``lam_schedule``, ``lam_max``,
-    ``lam_milestones``, ``lam_drops``, ``burn_in_epochs``.
+    ``lam_milestones``, ``lam_drops``, ``burn_in_epochs``; ``compat="authors"`` computes as GAIRAT.py (weights
+    from their 1-based ``begin_epoch``, default 60, and their ``adjust_Lambda``; see :mod:`iaat.methods.gair`).
 
     Example:
         >>> import iaat, torch
@@ -118,7 +125,7 @@ class FAT(_Reweighted, FatParams):
 
 
 @dataclass(eq=False, kw_only=True)
-class GAIRFAT(_Reweighted, GairParams, FatParams):
+class GAIRFAT(_Reweighted, GairParams, FatParams, CompatParams):
     """GAIR weights on friendly (early-stopped) adversarial examples: the keys of GAIRAT and FAT.
 
     Example:

@@ -62,7 +62,17 @@ def trades_examples(method: Method, model: nn.Module, x: torch.Tensor, y: torch.
 
 
 def trades_objective(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, beta: float) -> Objective:
-    """TRADES' loss at fixed examples, CE(f(x), y) + beta * KL(f(x) || f(x_adv)), as a function of the model."""
+    """TRADES' loss at fixed examples, CE(f(x), y) + beta * KL(f(x) || f(x_adv)), as a function of the model.
+
+    Example:
+        >>> import torch
+        >>> from iaat.methods.trades import trades_objective
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> x = torch.rand(4, 3, 8, 8)
+        >>> objective = trades_objective(x, x, torch.tensor([0, 1, 2, 3]), beta=6.0)
+        >>> float(objective(model).stats["kl"])  # x_adv = x: no KL term
+        0.0
+    """
     def objective(net: nn.Module) -> StepOutput:
         logits_clean = net(x)
         logits_adv = net(x_adv)
