@@ -400,8 +400,8 @@ def test_compat_authors_equals_the_authors_trainer_step_for_step():
         x_theirs, loss_theirs = authors_step(theirs, epoch, memory, args, x, y, idx)
         torch.manual_seed(10 + epoch)
         method.start_epoch(epoch)
-        seen = []
-        hook = ours[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+        seen: list = []
+        hook = ours[0].register_forward_hook(lambda m, inp, out, seen=seen: seen.append(inp[0].detach()))
         for p in ours.parameters():
             p.grad = None
         out = method.compute(ours, x, y, idx)
