@@ -127,3 +127,24 @@ def write_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, v
                 ext = "png" if i % 4 == 3 else "JPEG"
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.{ext}")
     return root
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(method_cls: type, step: int):
+    """Inside the block, the ``step``-th (1-based) call of ``method_cls.objective`` (one per training step) sends
+    SIGINT to this process first: a Ctrl-C in the middle of that step."""
+    import signal
+
+    original, calls = method_cls.objective, {"n": 0}
+
+    def objective_with_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    method_cls.objective = objective_with_ctrl_c
+    try:
+        yield
+    finally:
+        method_cls.objective = original

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import iaat
-from helpers import run_main, tiny_train_args
+from helpers import ctrl_c_at_step, run_main, tiny_train_args
 from iaat.awp import AWP, awp_settings
 from iaat.engine.checkpoint import load_checkpoint
 from iaat.errors import ConfigError
@@ -224,21 +222,12 @@ def test_awp_changes_training_only_after_its_warmup(awp_run, tiny_cifar, tmp_pat
 
 
 @pytest.mark.slow
-def test_an_interrupted_awp_run_resumes_bitwise(awp_run, tiny_cifar, tmp_path, monkeypatch):
+def test_an_interrupted_awp_run_resumes_bitwise(awp_run, tiny_cifar, tmp_path):
     """Ctrl-C in the middle of epoch 2 (with AWP on), then resume: the same weights and radii as without a stop."""
-    original, calls = iaat.IAAT.objective, {"n": 0}
-
-    def objective_with_ctrl_c(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8 + 3:  # epoch 2, step 3 (8 steps an epoch), AWP on: the step ends, then the stop
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(iaat.IAAT, "objective", objective_with_ctrl_c)
     run = tmp_path / "resumed"
-    code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 2, *AWP_ARGS))
+    with ctrl_c_at_step(iaat.IAAT, 8 + 3):  # epoch 2, step 3 (8 steps an epoch), AWP on: the step ends, then the stop
+        code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 2, *AWP_ARGS))
     assert code == 130 and "at epoch 2 step 3 of 8" in err, err
-    monkeypatch.setattr(iaat.IAAT, "objective", original)
     code, _, err = run_main("train", "--out", str(run), "--resume", "--no-progress")
     assert code == 0, err
     a = load_checkpoint(awp_run / "checkpoints" / "epoch_0002.pt")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from torch import nn
 
 import iaat
-from helpers import run_main, tiny_train_args
+from helpers import ctrl_c_at_step, run_main, tiny_train_args
 from iaat.ema import EMA_KEY, EMA_UPDATES_KEY
 from iaat.engine.checkpoint import load_checkpoint, save_checkpoint
 from iaat.errors import CheckpointError, ConfigError
@@ -83,22 +81,13 @@ def test_both_copies_are_evaluated_and_saved(ema_run):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_average_bitwise(ema_run, tiny_cifar, tmp_path, monkeypatch):
+def test_resume_keeps_the_average_bitwise(ema_run, tiny_cifar, tmp_path):
     """Ctrl-C in the middle of epoch 2 (interrupt.pt holds the average), then resume: the same average."""
-    original, calls = iaat.IAAT.objective, {"n": 0}
-
-    def objective_with_ctrl_c(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8 + 3:  # epoch 2, step 3 (8 steps an epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(iaat.IAAT, "objective", objective_with_ctrl_c)
     run = tmp_path / "resumed"
-    code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 2, *EMA_ARGS))
+    with ctrl_c_at_step(iaat.IAAT, 8 + 3):  # epoch 2, step 3 (8 steps an epoch)
+        code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 2, *EMA_ARGS))
     assert code == 130 and "at epoch 2 step 3 of 8" in err, err
     assert EMA_KEY in load_checkpoint(run / "checkpoints" / "interrupt.pt")
-    monkeypatch.setattr(iaat.IAAT, "objective", original)
     code, _, err = run_main("train", "--out", str(run), "--resume", "--no-progress")
     assert code == 0, err
     a = load_checkpoint(ema_run / "checkpoints" / "epoch_0002.pt")
