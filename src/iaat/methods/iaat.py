@@ -104,8 +104,8 @@ from .trades import trades_examples, trades_objective
 
 #: IAAT's keys that ``compat: authors`` uses (every other one must keep its default there)
 AUTHORS_KEYS = frozenset({"gamma", "beta", "warmup_epochs", "save_radii", "compat"})
-#: std of the Gaussian start of the TRADES attack with ``train_loss: trades`` (the TRADES authors' 0.001)
-TRADES_INIT_STD = 0.001
+#: ``train_loss: trades``: the std of the attack's Gaussian start and the default beta (the TRADES authors')
+TRADES_INIT_STD, TRADES_BETA = 0.001, 6.0
 
 SELECTIONS = ("alg2", "online", "line_search")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -178,7 +178,7 @@ class IAAT(Method, GairParams, CompatParams):
 
     weights: str = "none"
     train_loss: str = "ce"
-    trades_beta: float = 6.0
+    trades_beta: float = TRADES_BETA
     gamma: float = size(1.9 / 255)
     beta: float = 0.1
     warmup_epochs: int = 5
@@ -250,7 +250,7 @@ class IAAT(Method, GairParams, CompatParams):
                 raise ConfigError(f"method.train_loss=trades (TRADES at IAAT's radii) needs {', '.join(clash)}: TRADES has "
                                   f"its own clean term and its own attack. Supported with it: any selection, "
                                   f"trades_beta, the radius keys.")
-        elif self.trades_beta != 6.0:
+        elif self.trades_beta != TRADES_BETA:
             raise ConfigError("method.trades_beta applies to method.train_loss=trades only.")
         if self.trades_beta < 0:
             raise ConfigError(f"method.trades_beta must be >= 0, got {self.trades_beta}.")
@@ -398,15 +398,8 @@ class IAAT(Method, GairParams, CompatParams):
         self.memory[idx] = eps
         self.touched[idx] = True
 
-        if self.train_loss == "trades":  # TRADES' attack and loss, each sample at its own radius
-            x_adv = trades_examples(self, model, x, y, TRADES_INIT_STD, eps=eps, step_size=self._step_sizes(eps, steps))
-            trades = trades_objective(x_adv, x, y, self.trades_beta)
-
-            def with_stats(net: nn.Module) -> StepOutput:
-                out = trades(net)
-                out.stats.update(stats)
-                return out
-            return self._online_update(with_stats, mem, idx, y)
+        if self.train_loss == "trades":
+            return self._online_update(self._trades_objective(model, x, y, eps, stats), mem, idx, y)
         if not self.in_warmup and self.selection == "alg2" and self.train_attack == "reuse":
             source = torch.where(hold_high.view(-1, 1, 1, 1), x_high, x_cur)
             x_adv = x + project(source - x, x, eps.view(-1, 1, 1, 1), self.norm)
@@ -428,6 +421,18 @@ class IAAT(Method, GairParams, CompatParams):
             logits = net(x_train)
             return StepOutput(weighted_ce(logits, y, weights), logits, dict(stats))
         return self._online_update(objective, mem, idx, y)
+
+    def _trades_objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                          stats: dict) -> Objective:
+        """``train_loss: trades``: TRADES' attack and loss, each sample at its own radius ``eps``."""
+        x_adv = trades_examples(self, model, x, y, TRADES_INIT_STD, eps=eps, step_size=self._step_sizes(eps, self.steps))
+        trades = trades_objective(x_adv, x, y, self.trades_beta)
+
+        def objective(net: nn.Module) -> StepOutput:
+            out = trades(net)
+            out.stats.update(stats)
+            return out
+        return objective
 
     def _prepare_authors(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Objective:
         """``compat: authors``: trainer_adaptive.py's ``epsilon_select`` and training attack, step for step: every
