@@ -32,15 +32,16 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import distributed
+from ..awp import AWP, awp_settings
 from ..config import Config, build_method
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted
-from ..awp import AWP, awp_settings
 from ..ema import EMA
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
 from ..methods import Method
+from ..methods.base import StepOutput
 from ..units import format_size
 from ..models.state import load_model_state
 from . import rundir
@@ -278,7 +279,7 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
 
 
 def forward_backward(method: Method, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                     amp: Callable, awp: Optional[AWP], backward: Callable[[torch.Tensor], None]) -> Any:
+                     amp: Callable, awp: Optional[AWP], backward: Callable[[torch.Tensor], None]) -> StepOutput:
     """One step up to the optimiser: the method's attack and loss under ``amp()``, then ``backward(loss)``; with
     ``awp``, the forward and backward run at the perturbed weights, which are back in place when this returns."""
     restore = None

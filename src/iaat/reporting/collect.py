@@ -117,7 +117,7 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
                      evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group,
-                     weights="ema" if cfg.train.ema else "trained")
+                     weights=(evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained")
 
 
 def _raw_copy(record: RunRecord, eval_path: Path) -> RunRecord:
