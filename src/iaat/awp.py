@@ -40,7 +40,8 @@ EPS = 1e-20
 #: The authors' defaults: (gamma, plain epochs before AWP starts) for AT-style and TRADES-style losses.
 AT_DEFAULTS = (0.01, 0)
 TRADES_DEFAULTS = (0.005, 9)
-#: Methods whose loss is TRADES-like (a KL term to the clean prediction): they get TRADES-AWP's defaults.
+#: Methods whose loss is TRADES-like (a KL term to the clean prediction): they get TRADES-AWP's defaults (MART
+#: by that likeness: the authors' code has no MART script).
 TRADES_STYLE = ("trades", "mart")
 
 
