@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import child_env, run_main
+from helpers import child_env, ctrl_c_at_step, run_main
 from iaat.engine.checkpoint import interrupt_path, resume_point, save_checkpoint
 from iaat.errors import CheckpointError
 from test_cli import snapshot
@@ -175,39 +175,28 @@ def test_sigterm_mid_epoch_saves_state_and_resume_is_bitwise_equal(tiny_cifar, r
 
 
 @pytest.mark.slow
-def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path, monkeypatch):
+def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path):
     """Ctrl-C at exact steps (the signal is raised from inside the loss), twice, with handlers restored each time."""
     from iaat.methods.iaat import IAAT
 
-    original_loss = IAAT.objective  # what the trainer calls per step
-    calls = {"n": 0, "at": 0}
-
-    def loss_with_ctrl_c(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["at"]:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_loss(self, *args, **kwargs)
-
-    monkeypatch.setattr(IAAT, "objective", loss_with_ctrl_c)
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     run = tmp_path / "int"
 
-    calls["at"] = STEPS_PER_EPOCH + 3  # epoch 2, step 3
-    code, _, err = run_main(*fresh_args(tiny_cifar, run))
+    with ctrl_c_at_step(IAAT, STEPS_PER_EPOCH + 3):  # epoch 2, step 3
+        code, _, err = run_main(*fresh_args(tiny_cifar, run))
     assert code == 130, err
     assert "interrupted (SIGINT) at epoch 2 step 3 of 8" in err and "Traceback" not in err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert torch.load(interrupt_path(run / "checkpoints"), weights_only=True)["step"] == 3
 
-    calls["n"], calls["at"] = 0, (STEPS_PER_EPOCH - 3) + 5  # the rest of epoch 2, then epoch 3 step 5
-    code, out, err = run_main(*resume_args(run))
+    with ctrl_c_at_step(IAAT, (STEPS_PER_EPOCH - 3) + 5):  # the rest of epoch 2, then epoch 3 step 5
+        code, out, err = run_main(*resume_args(run))
     assert code == 130, err
     assert "from interrupt.pt (epoch 2 step 3)" in out
     assert "interrupted (SIGINT) at epoch 3 step 5 of 8" in err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert (run / "checkpoints" / "epoch_0002.pt").exists()
 
-    calls["at"] = 0
     code, out, err = run_main(*resume_args(run))
     assert code == 0, err
     assert "from interrupt.pt (epoch 3 step 5)" in out

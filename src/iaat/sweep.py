@@ -316,6 +316,12 @@ def _same_config(saved: dict, planned: dict) -> Optional[str]:
     return None
 
 
+def eval_path(run_dir: Path, key: str, raw: bool = False) -> Path:
+    """Where a sweep puts the evaluation of ``run_dir`` with the evaluation ``key`` (``raw``: of the raw weights of
+    a run with train.ema)."""
+    return run_dir / "eval" / f"sweep-{key}{RAW_SUFFIX if raw else ''}.json"
+
+
 class SweepRunner:
     """Runs a plan's trainings and evaluations as child processes; resumable and interruptible."""
 
@@ -328,8 +334,7 @@ class SweepRunner:
         self.signals = 0
 
     def eval_path(self, name: str, raw: bool = False) -> Path:
-        """Where the evaluation of run ``name`` goes (``raw``: of the raw weights of a run with train.ema)."""
-        return self.out / RUNS / name / "eval" / f"sweep-{self.plan.eval.key()}{RAW_SUFFIX if raw else ''}.json"
+        return eval_path(self.out / RUNS / name, self.plan.eval.key(), raw)
 
     def check(self) -> None:
         """Refuse to reuse a folder whose runs were trained with another config (before anything starts)."""

@@ -286,21 +286,14 @@ def forward_backward(method: Method, net: torch.nn.Module, x: torch.Tensor, y: t
     try:
         with amp():
             objective = method.objective(net, x, y, idx)
-            if awp is not None:
-                restore = awp.perturb(objective, _unwrapped_ddp(net))
+            if awp is not None:  # the ascent pass is no training step: no DDP all-reduce for it
+                restore = awp.perturb(objective, distributed.unwrap(net))
             out = objective(net)
         backward(out.loss)
     finally:
         if restore is not None:  # back to w before the optimiser step (and before any checkpoint)
             restore()
     return out
-
-
-def _unwrapped_ddp(net: torch.nn.Module) -> torch.nn.Module:
-    """``net`` without its DistributedDataParallel wrapper: AWP's ascent pass is no training step to all-reduce."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
 def _backward(s: _Session, scaler: torch.amp.GradScaler, batch: int, step: int, loss: torch.Tensor) -> None:

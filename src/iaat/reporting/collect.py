@@ -129,7 +129,7 @@ def _raw_copy(record: RunRecord, eval_path: Path) -> RunRecord:
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
     """Run records of run folders and of every run of sweep folders, in the order given (sweeps: plan order)."""
-    from ..sweep import PLAN, RAW_SUFFIX, RUNS, EvalSpec
+    from ..sweep import PLAN, RUNS, EvalSpec, eval_path
 
     records: list[RunRecord] = []
     seen: set = set()
@@ -145,9 +145,8 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
                     continue  # not started yet
                 if run_dir.resolve() not in seen:
                     seen.add(run_dir.resolve())
-                    records.append(_load_run(run_dir, name, groups.get(name, "run"),
-                                             run_dir / "eval" / f"sweep-{key}.json"))
-                    raw = run_dir / "eval" / f"sweep-{key}{RAW_SUFFIX}.json"
+                    records.append(_load_run(run_dir, name, groups.get(name, "run"), eval_path(run_dir, key)))
+                    raw = eval_path(run_dir, key, raw=True)
                     if records[-1].weights == "ema" and raw.is_file():
                         records.append(_raw_copy(records[-1], raw))
         elif path.resolve() not in seen:
