@@ -18,6 +18,7 @@ from iaat.errors import ConfigError
 DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
               "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
               "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.mart", "iaat.methods.gair",
+              "iaat.methods.mma", "iaat.methods.cat", "iaat.methods.mail", "iaat.methods.per_sample",
               "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp"]
 
 

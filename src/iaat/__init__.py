@@ -32,7 +32,7 @@ _EXPORTS = {
     # training methods
     "Method": "methods", "Clean": "methods", "PGDAT": "methods", "IAAT": "methods", "GAIRAT": "methods",
     "FAT": "methods", "GAIRFAT": "methods", "TRADES": "methods", "MixupAT": "methods", "MART": "methods",
-    "METHODS": "methods",
+    "MMA": "methods", "CAT": "methods", "MAIL": "methods", "METHODS": "methods",
     "gair_weights": "methods.gair", "EMA": "ema", "AWP": "awp",
     # data
     "IndexedDataset": "data.indexed",

@@ -100,9 +100,11 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = Fal
     return label_logit - others if targeted else others - label_logit
 
 
-def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: str,
+def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: "str | Callable",
                reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample objective the attack maximises."""
+    if callable(loss):  # a method's own objective (MMA's soft margin, CAT's smoothed labels), untargeted
+        return loss(logits.float(), y)
     if loss == "kl":  # TRADES: KL(p_reference || p(x + delta))
         ref = F.log_softmax(reference.float(), dim=1)
         return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=1))).sum(1)
@@ -188,7 +190,7 @@ class _Run:
     norm: str
     random_start: bool
     clamp_start: bool
-    loss: str
+    loss: "str | Callable"
     early_stop_tau: Optional[int]
     init_std: Optional[float]
     momentum: float
@@ -257,7 +259,7 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
         step_size: Optional[Radius] = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        target: Optional[torch.Tensor] = None, loss: str = "ce", early_stop_tau: Optional[int] = None,
+        target: Optional[torch.Tensor] = None, loss: "str | Callable" = "ce", early_stop_tau: Optional[int] = None,
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
         momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False,
@@ -276,8 +278,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         random_start: start uniformly inside the ball (else at x).
         restarts: independent runs; each sample keeps its successful run, else its highest objective.
         target: labels to move towards (targeted attack); ``None`` for untargeted.
-        loss: ``"ce"`` (cross-entropy), ``"margin"`` (Carlini-Wagner) or ``"kl"`` (TRADES: KL divergence
-            from the softmax of ``reference`` logits, usually the clean logits).
+        loss: ``"ce"`` (cross-entropy), ``"margin"`` (Carlini-Wagner), ``"kl"`` (TRADES: KL divergence
+            from the softmax of ``reference`` logits, usually the clean logits), or a function
+            ``loss(logits, y) -> (B,)`` of a method's own per-sample objective (untargeted; logits in fp32).
         early_stop_tau: friendly AT (FAT): stop a sample ``tau`` steps after its first misclassification.
         final_check: classify the final iterate (needed for ``correct``; forced with restarts > 1).
         eval_mode: attack the model in eval mode (default; BatchNorm statistics stay untouched).
@@ -369,8 +372,10 @@ def _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop
             check_size(value, name, norm=norm)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
-    if loss not in ("ce", "margin", "kl"):
-        raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
+    if not callable(loss) and loss not in ("ce", "margin", "kl"):
+        raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin', 'kl' or a function.")
+    if callable(loss) and target is not None:
+        raise ConfigError("an attack loss given as a function is untargeted: pass target=None")
     if loss == "kl" and reference is None:
         raise ConfigError("the 'kl' loss needs reference logits")
     if stop_on_miss and (restarts > 1 or target is not None or early_stop_tau is not None):

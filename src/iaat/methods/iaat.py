@@ -100,6 +100,7 @@ from ..schema import field_default
 from ..units import format_size
 from .base import BASE_FIELDS, CompatParams, Method, Objective, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
+from .per_sample import checked_rows, summary
 from .trades import trades_examples, trades_objective
 
 #: IAAT's keys that ``compat: authors`` uses (every other one must keep its default there)
@@ -108,7 +109,6 @@ AUTHORS_KEYS = frozenset({"gamma", "beta", "warmup_epochs", "save_radii", "compa
 TRADES_INIT_STD, TRADES_BETA = 0.001, 6.0
 
 SELECTIONS = ("alg2", "online", "line_search")
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
@@ -489,22 +489,13 @@ class IAAT(Method, GairParams, CompatParams):
         return updating
 
     def _checked_index(self, index: torch.Tensor) -> torch.Tensor:
-        """The batch's memory rows; out-of-range positions are a clear error, not an indexing crash in torch."""
-        if index.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(f"index must hold integer positions in the training set, got {index.dtype}.")
-        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one host sync
-        if lo < 0 or hi >= self.num_train:
-            raise ConfigError(f"index holds positions {lo}..{hi}, outside the training set of num_train="
-                              f"{self.num_train} samples: pass each sample's position in the training set.")
-        return index.to(self.memory.device)
+        """The batch's memory rows (see :func:`~iaat.methods.per_sample.checked_rows`)."""
+        return checked_rows(index, self.num_train, self.memory.device)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def end_epoch(self) -> dict:
         """The radius memory's mean, std, min, max and quantiles ([0, 1] units), and GAIR's lambda."""
-        mem = self.memory.float().cpu()
-        q = torch.quantile(mem, torch.tensor(QUANTILES, dtype=mem.dtype))
-        row = {"radius_mean": float(mem.mean()), "radius_std": float(mem.std()), "radius_min": float(mem.min()),
-               "radius_max": float(mem.max()), **{f"radius_q{int(p * 100):02d}": float(v) for p, v in zip(QUANTILES, q)}}
+        row = summary(self.memory, "radius")
         if self.gair is not None:
             row["gair_lambda"] = self.gair.lam(self.epoch, self.epochs)
         return row

@@ -1,0 +1,103 @@
+"""Per-sample state of a method: one value per training sample (a radius, a margin, a weight), kept across epochs.
+
+IAAT's epsilon memory, MMA's margins, CAT's radii and MAIL's weights share the bookkeeping here: rows addressed
+by each sample's position in the training set (checked, with a clear error), the rows this rank wrote since the
+last merge under torchrun, checkpoints (:meth:`PerSampleState.state_dict`) and the summary of a radius array
+that every epoch's ``metrics.jsonl`` row carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def checked_rows(index: torch.Tensor, num_train: int, device: torch.device) -> torch.Tensor:
+    """The positions ``index`` on ``device``; positions outside the training set are a clear error, not an
+    indexing crash in torch (one host sync)."""
+    if index.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"index must hold integer positions in the training set, got {index.dtype}.")
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()
+    if lo < 0 or hi >= num_train:
+        raise ConfigError(f"index holds positions {lo}..{hi}, outside the training set of num_train="
+                          f"{num_train} samples: pass each sample's position in the training set.")
+    return index.to(device)
+
+
+def summary(values: torch.Tensor, prefix: str) -> dict:
+    """Mean, std, min, max and quantiles of a per-sample array, as ``{prefix}_mean`` ... ``{prefix}_q90``.
+
+    Example:
+        >>> import torch
+        >>> from iaat.methods.per_sample import summary
+        >>> summary(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), "radius")["radius_q50"]
+        2.0
+    """
+    v = values.float().cpu()
+    q = torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype))
+    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()), f"{prefix}_min": float(v.min()),
+            f"{prefix}_max": float(v.max()), **{f"{prefix}_q{int(p * 100):02d}": float(x) for p, x in zip(QUANTILES, q)}}
+
+
+@dataclass(eq=False, kw_only=True)
+class PerSampleState(Method):
+    """A method with named per-sample arrays (``state_keys``), created by :meth:`init_state`.
+
+    Subclasses read rows with ``self.<key>[rows]`` and write them with :meth:`write`, which also marks them
+    for the merge across ranks; the arrays go into checkpoints and, when ``save_radii``, into
+    ``RUN/<key>/epoch_NNNN.npy`` after every epoch (``epoch_keys``).
+    """
+
+    needs_index = True
+    state_keys: ClassVar[tuple] = ()  #: names of the per-sample arrays (float32, one row per training sample)
+    epoch_keys: ClassVar[tuple] = ()  #: those written after every epoch (a subset of ``state_keys``)
+
+    save_radii: bool = True  #: write the per-sample arrays after every epoch (RUN/<array>/epoch_NNNN.npy)
+
+    def init_state(self, **initial: float) -> None:
+        """Create every array of ``state_keys`` filled with its initial value (requires ``num_train``)."""
+        if self.num_train is None:
+            raise ConfigError(f"{type(self).__name__} keeps state per training sample: pass num_train=len(train_set).")
+        for key in self.state_keys:
+            setattr(self, key, torch.full((self.num_train,), float(initial[key]), dtype=torch.float32))
+        self.touched = torch.zeros(self.num_train, dtype=torch.bool)  #: rows this rank wrote since a merge
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The batch's rows of the per-sample arrays (see :func:`checked_rows`)."""
+        return checked_rows(index, self.num_train, self.touched.device)
+
+    def write(self, key: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        getattr(self, key)[rows] = values.to(torch.float32)
+        self.touched[rows] = True
+
+    def epoch_arrays(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key).float().cpu() for key in self.epoch_keys} if self.save_radii else {}
+
+    def merge_ranks(self, info: Any) -> None:
+        from ..distributed import merge_rows
+
+        for key in self.state_keys:
+            setattr(self, key, merge_rows(getattr(self, key), self.touched, info))
+        self.touched.zero_()
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key).detach().cpu().clone() for key in self.state_keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [key for key in self.state_keys if key not in state]
+        if missing:
+            raise ConfigError(f"the saved state of method {self.name} lacks {', '.join(missing)}: it was saved by "
+                              f"another method.")
+        for key in self.state_keys:
+            saved, mine = state[key], getattr(self, key)
+            if saved.shape != mine.shape:
+                raise ConfigError(f"the saved per-sample {key} has {saved.shape[0]} entries but the training set "
+                                  f"has {mine.shape[0]} samples.")
+            mine.copy_(saved.to(mine.device))
