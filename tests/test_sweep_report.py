@@ -283,3 +283,30 @@ def test_an_ema_run_is_two_points_and_awp_runs_join_the_parts_table(tmp_path):
     assert "| EMA |" in rows["pgd_at_ema"] and "(raw weights)" in rows["pgd_at_ema:raw"] and "| AWP |" in rows[
         "pgd_at_awp"]
     assert rows["pgd_at_eps32"].endswith("| 1.00x |")
+
+
+@pytest.mark.slow
+def test_family_sweep_report_has_the_family_table_and_radius_figures(tmp_path, capsys):
+    """`--with mma cat mail` beside the frontier, IAAT and GAIRAT; the report's family table shows every run with
+    its per-sample state, and MMA's margins and CAT's radii get the radius figures IAAT gets."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "dry"), "--dry-run", "--frontier-eps", "32",
+                 "--with", "mma", "cat", "mail", "--set", "cat:method.smoothing=3"]) == 0
+    assert {"mma", "cat", "mail", "iaat", "gairat"} <= {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    spec = write_spec(tmp_path, frontier_eps=[32], grid=None, eval={**EVAL, "attacks": ["pgd:steps=5"], "sweep_eps": []},
+                      runs={"gairat": {}, "mma": {},
+                            "cat": {"method.smoothing": 3, "method.eta": 4}, "mail": {}})
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--epochs", "1"]) == 0
+    assert main(["report", str(out)]) == 0
+    table = (out / "report" / "table_family.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[4:] if line.startswith("|")}
+    assert set(rows) == {"pgd_at_eps32", "gairat", "mma", "cat", "mail"}
+    assert rows["pgd_at_eps32"].endswith("| 1.00x | – |")
+    for name in ("mma", "cat"):
+        assert re.search(r"radius \d+\.\d\d/255 \(10-90%", rows[name]), rows[name]
+    assert re.search(r"weight \d\.\d\d ± \d\.\d\d \(max", rows["mail"]) and "weight 1 ±" in rows["gairat"]
+    summary = json.loads((out / "report" / "report.json").read_text())
+    for name in ("mma", "cat"):
+        assert f"fig7_radius_over_epochs_{name}" in summary["figures"] and f"fig2_images_{name}" in summary["figures"]

@@ -478,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a set of runs on the same data, model and schedule, then evaluate them all "
                                    "with the same attacks. Default runs: PGD-AT at each --frontier-eps, iaat, "
-                                   "iaat_no_warmup, gairat (add clean, trades, mixup_at, mart, iaat_line_search, "
-                                   "pgd_at_ema, iaat_ema with --with). Each run trains in its own process into "
+                                   "iaat_no_warmup, gairat (add the others with --with: baselines such as clean, trades, "
+                                   "mart; the state-of-practice parts ema, awp; the family mma, cat, mail). Each run trains in its own process into "
                                    "OUT/runs/NAME (log in "
                                    "OUT/logs/NAME.log). Re-running the same command skips finished runs and "
                                    "resumes interrupted ones from their checkpoints; nothing is trained twice.",
@@ -487,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  iaat sweep configs/sweeps/cifar10_small_cnn_cpu.yaml --data-dir ~/data --out runs/sweep\n"
                               "  iaat sweep --config configs/cifar10_resnet18_pgd_at.yaml --with clean trades \\\n"
                               "      --grid method.gamma=1,1.9,4 --grid method.beta=0.1,0.5 --out runs/sweep --jobs 2\n"
+                              "  iaat sweep configs/sweeps/cifar10_small_cnn_cpu.yaml --with mma cat mail --out runs/sweep\n"
                               "  iaat report runs/sweep --out runs/sweep/report\n"
                               "sweep file keys: base (a train config), set (section.key: value for every run), "
                               "frontier_eps,\nruns (name: overrides), grid (of: RUN, params: {section.key: [values]}), "

@@ -49,7 +49,8 @@ DEFAULT_FRONTIER = (2, 4, 6, 8)
 #: The runs ``iaat sweep`` adds beside the frontier, and the optional ones ``--with`` adds.
 DEFAULT_RUNS = ("iaat", "iaat_no_warmup", "gairat")
 OPTIONAL_RUNS = ("clean", "trades", "mixup_at", "mart", "iaat_line_search", "pgd_at_ema", "iaat_ema", "pgd_at_awp",
-                 "iaat_awp", "pgd_at_awp_ema", "iaat_awp_ema", "gairat_awp", "trades_awp", "iaat_trades")
+                 "iaat_awp", "pgd_at_awp_ema", "iaat_awp_ema", "gairat_awp", "trades_awp", "iaat_trades",
+                 "mma", "cat", "mail")
 #: Names ``--with`` also takes for several runs at once.
 RUN_GROUPS = {"ema": ("pgd_at_ema", "iaat_ema"), "awp": ("pgd_at_awp", "iaat_awp"),
               "awp_ema": ("pgd_at_awp_ema", "iaat_awp_ema")}
@@ -76,6 +77,10 @@ BUILTIN_RUNS: dict[str, dict] = {
     "trades_awp": {"method.name": "trades", "train.awp": "auto"},
     # TRADES' attack and loss at IAAT's per-sample radii
     "iaat_trades": {"method.name": "iaat", "method.train_loss": "trades", "method.loss_split": False},
+    # the instance-adaptive family, each with its own defaults on the sweep's attack (MMA: its eps only evaluates)
+    "mma": {"method.name": "mma"},
+    "cat": {"method.name": "cat"},
+    "mail": {"method.name": "mail"},
 }
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)

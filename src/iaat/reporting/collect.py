@@ -15,6 +15,8 @@ from ..engine import rundir
 from ..errors import CheckpointError
 
 _RADII = re.compile(r"epoch_(\d+)\.npy$")
+#: Methods that train each sample at its own radius (kept in RUN/radii): IAAT's radii, MMA's margins, CAT's radii.
+RADIUS_METHODS = ("iaat", "mma", "cat")
 
 
 @dataclass
@@ -43,14 +45,15 @@ class RunRecord:
 
     @property
     def train_eps(self) -> float:
-        """The training radius in [0, 1] units (IAAT: the final mean radius)."""
-        if self.method == "iaat" and self.metrics and "radius_mean" in self.metrics[-1]:
+        """The training radius in [0, 1] units (per-sample radii: the final mean radius)."""
+        if self.adaptive and self.metrics and "radius_mean" in self.metrics[-1]:
             return float(self.metrics[-1]["radius_mean"])
         return self.cfg.eps
 
     @property
     def adaptive(self) -> bool:
-        return self.method == "iaat"
+        """Trains each sample at its own radius (IAAT, MMA, CAT)."""
+        return self.method in RADIUS_METHODS
 
     @property
     def parts(self) -> str:

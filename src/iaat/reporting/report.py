@@ -109,6 +109,7 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         "table9_sensitivity": ("Table 9 — sensitivity of IAAT to γ and β (clean / robust %)",
                                tables.sensitivity_table(evaluated, attack)),
         "table_parts": ("Weight averaging (EMA), AWP and MART beside PGD-AT", tables.parts_table(evaluated)),
+        "table_family": ("The instance-adaptive family beside PGD-AT", tables.family_table(evaluated)),
     }
     table_md = []
     for stem, (title, body) in table_specs.items():

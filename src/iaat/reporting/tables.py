@@ -64,6 +64,15 @@ def _reference(records: list[RunRecord]) -> list[RunRecord]:
     return []
 
 
+def _per_epoch(r: RunRecord) -> float:
+    return r.train_seconds / max(len(r.metrics), 1)
+
+
+def _cost(r: RunRecord, ref: list[RunRecord]) -> str:
+    """Training time per epoch relative to the reference PGD-AT run's."""
+    return f"{_per_epoch(r) / _per_epoch(ref[0]):.2f}x" if ref and _per_epoch(ref[0]) else "–"
+
+
 def parts_table(records: list[RunRecord]) -> str:
     """EMA, AWP and MART beside plain PGD-AT: clean, every attack, the worst case, and the training time per epoch
     relative to PGD-AT's (a run with train.ema is two points: the average, and ``NAME:raw`` its raw weights)."""
@@ -71,15 +80,48 @@ def parts_table(records: list[RunRecord]) -> str:
     if not shown:
         return _missing("run with train.ema, train.awp or method mart", "add them with iaat sweep --with ema awp mart")
     ref = [r for r in _reference(records) if r.cfg.train.awp is None]  # cost relative to plain PGD-AT only
-    per_epoch = {id(r): r.train_seconds / max(len(r.metrics), 1) for r in ref + shown}
     labels = attack_labels(ref + shown)
     rows = []
     for r in ref + [r for r in shown if r not in ref]:
-        cost = f"{per_epoch[id(r)] / per_epoch[id(ref[0])]:.2f}x" if ref and per_epoch[id(ref[0])] else "–"
         parts = r.parts + (" (raw weights)" if r.weights == "raw" else "")
         rows.append([r.name, r.method, parts.strip() or "–", _pct(r.accuracy())]
-                    + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), cost])
+                    + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), _cost(r, ref)])
     return _table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows)
+
+
+#: The instance-adaptive family: per-sample radii (IAAT, MMA, CAT) or per-sample loss weights (GAIRAT, MAIL).
+FAMILY = ("iaat", "gairat", "mma", "cat", "mail")
+
+
+def per_sample_state(r: RunRecord) -> str:
+    """What a family run adapted per sample at its last epoch: radii (mean and 10-90% range, /255) or loss weights
+    (mean and spread)."""
+    last = r.metrics[-1] if r.metrics else {}
+    if "radius_mean" in last:
+        spread = (f" (10-90%: {255 * last['radius_q10']:.2f}-{255 * last['radius_q90']:.2f})"
+                  if "radius_q10" in last else "")
+        return f"radius {255 * last['radius_mean']:.2f}/255{spread}"
+    if "weight_mean" in last:
+        return f"weight {last['weight_mean']:.2f} ± {last['weight_std']:.2f} (max {last['weight_max']:.2f})"
+    if "train_gair_weight_sq" in last:  # GAIR weights have mean 1 in every batch: their spread from E[w^2]
+        return f"weight 1 ± {max(last['train_gair_weight_sq'] - 1, 0) ** 0.5:.2f}"
+    if "train_kappa" in last:
+        return f"uniform weights (burn-in; κ {last['train_kappa']:.1f})"
+    return "–"
+
+
+def family_table(records: list[RunRecord]) -> str:
+    """The instance-adaptive family beside PGD-AT on one protocol: clean, every attack, the worst case, training
+    time per epoch relative to PGD-AT's, and what each adapted per sample (plain runs: no AWP, no weight average)."""
+    shown = [r for r in records if r.method in FAMILY and not r.parts and r.group != "grid"]
+    if not shown:
+        return _missing("run of the instance-adaptive family", "add them with iaat sweep --with mma cat mail")
+    ref = [r for r in _reference(records) if not r.parts]
+    labels = attack_labels(ref + shown)
+    rows = [[r.name, r.method, _pct(r.accuracy())] + [_pct(r.accuracy(a)) for a in labels]
+            + [_pct(r.accuracy("worst")), _cost(r, ref), per_sample_state(r)] for r in ref + shown]
+    return _table(["run", "method", "clean"] + labels + ["worst case", "train time / PGD-AT", "per-sample state"],
+                  rows)
 
 
 def _missing(what: str, how: str) -> str:
@@ -127,7 +169,7 @@ def sensitivity_table(records: list[RunRecord], attack: str) -> str:
 
     groups: dict = {}
     for r in records:
-        if r.adaptive and r.evaluation is not None:
+        if r.method == "iaat" and r.evaluation is not None:
             groups.setdefault(rest(r), []).append(r)
     best = max(groups.values(), key=len, default=[])
     gammas = sorted({r.params["gamma"] for r in best})
