@@ -254,7 +254,7 @@ def speed_plans(kit: Kit, data_dir: Path) -> list[tuple[str, list[str], float]]:
     # compile cut short by the budget costs nothing else (pgd_at bf16+channels_last is timed beside it again).
     return [("resnet18", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common, "--methods",
                           "pgd_at", "iaat", "iaat:alg2_schedule=conditional", "iaat:selection=online", "gairat",
-                          "trades", "mart", "pgd_at:train.awp=auto", "pgd_at:train.ema=0.999",
+                          "trades", "mart", "mma", "cat", "mail", "pgd_at:train.awp=auto", "pgd_at:train.ema=0.999",
                           "--fast-paths", "fp32", "bf16"], 120),
             ("wrn-34-10", ["--model", "wrn-34-10", "--batch-size", "128", "--images", "1024", *common, "--methods",
                            "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 100),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from helpers import REPO, run_cli
@@ -50,3 +51,32 @@ def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(
         results[weights] = json.loads(path.read_text())
         assert results[weights]["weights"] == weights and results[weights]["n"] == 200
     assert results["ema"]["clean"] != results["raw"]["clean"] or results["ema"]["attacks"] != results["raw"]["attacks"]
+
+
+@pytest.mark.parametrize("method, sets, arrays", [
+    ("mma", [], ["radii"]),
+    ("cat", ["attack.random_start=false"], ["radii"]),
+    ("mail", [], ["margins", "weights"]),
+    ("iaat", ["method.compat=authors", "method.warmup_epochs=0"], ["radii"]),  # the authors' trainer_adaptive.py
+    ("gairat", ["method.compat=authors", "method.begin_epoch=1"], []),  # the authors' GAIRAT.py, weights from epoch 1
+])
+def test_family_and_authors_modes_train_evaluate_and_export_on_real_cifar10(real_cifar, tmp_path, method, sets,
+                                                                            arrays):
+    out = tmp_path / "R"
+    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+                  str(real_cifar.parent), "--epochs", "1", "--train-subset", "300", "--out", str(out),
+                  "--set", "data.val_size=100", "--device", "cpu", "--no-progress", "--method", method,
+                  *[arg for s in sets for arg in ("--set", s)])
+    assert res.returncode == 0, res.stderr
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= row["val_pgd10_acc"] <= row["val_clean_acc"]
+    for name in arrays:
+        values = np.load(out / name / "epoch_0001.npy")
+        assert values.shape == (300,) and np.isfinite(values).all()
+    if "radii" in arrays:
+        assert row["radius_max"] >= row["radius_mean"] >= 0
+    res = run_cli("eval", str(out), "--n", "100", "--attack", "pgd:steps=10", "--no-progress", "--out",
+                  str(tmp_path / "eval.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 100 and next(iter(result["attacks"].values()))["accuracy"] <= result["clean"]

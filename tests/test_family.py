@@ -183,15 +183,21 @@ def test_mma_searches_in_eval_mode_and_trains_on_valid_images():
     search's), and the training example stays in [0, 1] (theirs may leave it)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 2 * 2, 10))
-    x, y = torch.rand(16, 3, 4, 4), torch.randint(0, 10, (16,))
-    method = iaat.MMA(num_train=16, steps=3, min_eps=0.1, hinge_max=0.5)
-    with torch.no_grad():  # confident and correct on every sample, so every sample is attacked and searched
+    with torch.no_grad():
+        model[3].weight.mul_(20)  # confident: most samples have a negative soft margin and are attacked
+    x = 0.9 + 0.1 * torch.rand(16, 3, 4, 4)  # near the top of the range: x + margin * direction would leave it
+    with torch.no_grad():
         y = model.eval()(x).argmax(1)
     model.train()
+    method = iaat.MMA(num_train=16, steps=3, min_eps=0.1, hinge_max=0.5)
     objective = method.objective(model, x, y, torch.arange(16))
     assert model[1].num_batches_tracked == 0  # attack and search left BatchNorm alone
+    assert int((method.radii > 0).sum()) >= 8
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     objective(model).loss.backward()
     assert model[1].num_batches_tracked == 2  # the clean and the adversarial training forwards
+    assert not torch.equal(seen[1], x) and seen[1].min() >= 0 and seen[1].max() <= 1
 
 
 def test_mma_state_errors():

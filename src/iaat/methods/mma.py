@@ -14,7 +14,9 @@ attack's direction, found by AN-PGD (adaptive-norm PGD) and carried to the next 
    and divided by the batch size, mixed with the clean cross-entropy of the whole batch:
    ``(1 - clean_weight) * L_MMA + clean_weight * CE(f(x), y)`` (OMMA: ``clean_weight: 0``).
 
-Samples misclassified when clean store a margin of 0 (the next attack starts from ``min_eps``).
+Samples misclassified when clean store a margin of 0 (the next attack starts from ``min_eps``). Only the
+correct samples are attacked, so the cost grows with the clean accuracy: early in training, or where a small
+model stays below 50% confidence on most samples, a step costs little more than clean training's two forwards.
 
 The computation is the authors' (BorealisAI/mma_training: anpgd.py, trainer.py): a port of their
 ``bisection_search``, ``ANPGD.perturb`` and ``train_one_batch`` checks it in ``tests/test_family.py``.
