@@ -48,8 +48,8 @@ def smoothed_labels(y: torch.Tensor, num_classes: int, weight: torch.Tensor) -> 
         (True, True)
     """
     onehot = F.one_hot(y, num_classes).to(weight.dtype)
-    alpha = torch.ones(num_classes, device=y.device, dtype=weight.dtype)
-    noise = torch.distributions.Dirichlet(alpha).sample((len(y),))
+    alpha = torch.ones(num_classes, device=y.device)  # float32 as the authors' draw, whatever the weights' dtype
+    noise = torch.distributions.Dirichlet(alpha).sample((len(y),)).to(weight.dtype)
     return onehot * (1 - weight[:, None]) + noise * weight[:, None]
 
 
