@@ -479,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a set of runs on the same data, model and schedule, then evaluate them all "
                                    "with the same attacks. Default runs: PGD-AT at each --frontier-eps, iaat, "
                                    "iaat_no_warmup, gairat (add the others with --with: baselines such as clean, trades, "
-                                   "mart; the state-of-practice parts ema, awp; the family mma, cat, mail). Each run trains in its own process into "
-                                   "OUT/runs/NAME (log in "
+                                   "mart; the state-of-practice parts ema, awp; the family mma, cat, mail). Each "
+                                   "run trains in its own process into OUT/runs/NAME (log in "
                                    "OUT/logs/NAME.log). Re-running the same command skips finished runs and "
                                    "resumes interrupted ones from their checkpoints; nothing is trained twice.",
                        epilog="examples:\n"
