@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import margin_loss
 from ..errors import ConfigError
 from .base import CompatParams, Objective, StepOutput, size
 from .per_sample import PerSampleState, summary
@@ -51,12 +52,6 @@ def smoothed_labels(y: torch.Tensor, num_classes: int, weight: torch.Tensor) -> 
     alpha = torch.ones(num_classes, device=y.device)  # float32 as the authors' draw, whatever the weights' dtype
     noise = torch.distributions.Dirichlet(alpha).sample((len(y),)).to(weight.dtype)
     return onehot * (1 - weight[:, None]) + noise * weight[:, None]
-
-
-def true_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``z_y - max_{k != y} z_k`` per sample: positive while the sample is classified correctly."""
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return logits.gather(1, y[:, None]).squeeze(1) - others
 
 
 def soft_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,7 +113,7 @@ class CAT(PerSampleState, CompatParams):
             if self.train_loss == "ce":
                 return ce
             # the authors' attack descends sum_i radius_i * max(z_y - max_other + kappa, 0) - mean_i soft CE_i
-            return ce / len(y) - radius * (true_margin(logits, y) + self.kappa).clamp(min=0)
+            return ce / len(y) - radius * (self.kappa - margin_loss(logits, y)).clamp(min=0)
         return objective
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
@@ -147,7 +142,7 @@ class CAT(PerSampleState, CompatParams):
                 train_labels.append(smoothed_labels(y, logits.shape[1], self.smoothing * new))
             loss = soft_ce(logits, train_labels[0]).mean()
             if self.train_loss == "mix":
-                loss = loss + (new * (self.kappa - true_margin(logits, y)).clamp(min=0)).sum()
+                loss = loss + (new * (self.kappa + margin_loss(logits, y)).clamp(min=0)).sum()
             return StepOutput(loss, logits, dict(stats))
         return objective
 

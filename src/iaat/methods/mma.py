@@ -1,6 +1,6 @@
 """MMA: max-margin adversarial training (Ding, Sharma, Lui, Huang, ICLR 2020).
 
-Each training sample keeps a margin estimate ``memory[i]``: the distance to the decision boundary along the
+Each training sample keeps a margin estimate ``radii[i]``: the distance to the decision boundary along the
 attack's direction, found by AN-PGD (adaptive-norm PGD) and carried to the next epoch. Per batch:
 
 1. samples classified correctly when clean (soft logit margin ``logsumexp_{k != y} z_k - z_y < 0``) are
