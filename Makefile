@@ -18,12 +18,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/iaat demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one torch thread each; TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Leaves out the end-to-end tests (trainings, sweeps, distributed runs, the examples): marked `slow`.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks examples

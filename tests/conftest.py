@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The CLI picks 1 thread on a busy machine unless OMP_NUM_THREADS says otherwise: tests that run it in this
 # process (and every child through helpers.child_env) keep one thread count, so bitwise comparisons hold.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: the workers share the cores, one thread each (children too)
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 #: Fixtures that train (or evaluate at length) end to end: a test that uses one is marked ``slow``, so that
 #: ``make test-fast`` (``pytest -m "not slow"``) leaves it out; ``make test`` runs everything.
@@ -40,8 +45,19 @@ def real_cifar() -> Path:
     cache = Path(os.environ.get("IAAT_TEST_CACHE", Path.home() / ".cache" / "iaat-tests")) / "cifar10-jpeg75"
     folder = cache / "cifar-10-batches-py"
     if not (folder / "test_batch").is_file():
-        subprocess.run([sys.executable, str(SHARED_DATA / "build_cifar10.py"), str(cache)], check=True,
-                       capture_output=True)
+        # Built aside and moved in with one rename: parallel test workers never see half a folder.
+        cache.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+        try:
+            subprocess.run([sys.executable, str(SHARED_DATA / "build_cifar10.py"), str(build)], check=True,
+                           capture_output=True)
+            try:
+                os.rename(build / folder.name, folder)
+            except OSError:  # another worker moved its copy in first
+                if not (folder / "test_batch").is_file():
+                    raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
     return folder
 
 

@@ -35,7 +35,8 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
 def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(real_cifar, tmp_path):
     out = tmp_path / "R"
     res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
-                  str(real_cifar.parent), "--epochs", "2", "--train-subset", "1000", "--out", str(out),
+                  str(real_cifar.parent), "--epochs", "2", "--train-subset", "500", "--out", str(out),
+                  "--set", "data.val_size=100", "--set", "model.width=8",  # the plumbing, not the preset's speed
                   "--device", "cpu", "--no-progress", "--method", "iaat", "--set", "method.warmup_epochs=1",
                   "--set", "train.ema=0.999", "--set", "train.awp=auto")
     assert res.returncode == 0, res.stderr
@@ -65,7 +66,7 @@ def test_family_and_authors_modes_train_evaluate_and_export_on_real_cifar10(real
     out = tmp_path / "R"
     res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "1", "--train-subset", "300", "--out", str(out),
-                  "--set", "data.val_size=100", "--device", "cpu", "--no-progress", "--method", method,
+                  "--set", "data.val_size=100", "--set", "model.width=8", "--device", "cpu", "--no-progress", "--method", method,
                   *[arg for s in sets for arg in ("--set", s)])
     assert res.returncode == 0, res.stderr
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
