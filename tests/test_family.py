@@ -390,6 +390,25 @@ def test_mail_margin_every_class_count_and_burn_in(monkeypatch):
         assert torch.allclose(loss, F.cross_entropy(model(x_adv), y)) == plain
 
 
+
+def test_mail_normalize_scales_the_authors_weights_to_mean_one(monkeypatch):
+    """``normalize: true`` (the paper): the authors' weights divided by their batch mean, so the loss is the
+    authors' loss over that mean; the default leaves them as the authors' code does."""
+    model = linear_model(scale=8.0)
+    x, y = batch(model)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    out = {}
+    for normalize in (False, True):
+        method = iaat.MAIL(num_train=len(y), normalize=normalize)
+        monkeypatch.setattr(method, "attack_batch", lambda *a, **k: SimpleNamespace(x_adv=x_adv))
+        method.start_epoch(0)
+        out[normalize] = (method.loss(model, x, y, torch.arange(len(y))), method.weights.clone())
+    theirs, weights = port_mail_loss(model, x, x_adv, y, "mail_at", -0.5, 10.0, 5.0)
+    assert (out[False][1].double() - weights).abs().max() <= TOL
+    assert abs(float(out[True][1].mean()) - 1.0) <= TOL and abs(float(weights.mean()) - 1.0) > 0.05
+    assert (out[True][1].double() - weights / weights.mean()).abs().max() <= TOL
+    assert abs(float(out[True][0]) - float(theirs / weights.mean())) <= TOL
+
 # -- every new method through the trainer: exported state, metrics, resume ---------------------------------------
 FAMILY_ARGS = {
     "mma": ("--method", "mma"),

@@ -85,9 +85,21 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
         raw = (steps + 1 - k) / (steps + 1)
     else:
         raise ValueError(f"unknown GAIR weight function {fn!r}")
+    return mean_one(raw)
+
+
+def mean_one(raw: torch.Tensor) -> torch.Tensor:
+    """``raw`` scaled to mean 1 over the batch; under torchrun over the global batch (all ranks), as in a
+    1-process run of that batch.
+
+    Example:
+        >>> import torch
+        >>> from iaat.methods.gair import mean_one
+        >>> mean_one(torch.tensor([1.0, 3.0]))
+        tensor([0.5000, 1.5000])
+    """
     if not distributed.active():
         return raw * (len(raw) / raw.sum())
-    # Under torchrun the mean is over the global batch (all ranks), as in a 1-process run of that batch.
     stats = distributed.global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
     return raw * (stats[0] / stats[1])
 

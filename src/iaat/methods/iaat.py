@@ -98,9 +98,9 @@ from ..attacks.pgd import project
 from ..errors import ConfigError
 from ..schema import field_default
 from ..units import format_size
-from .base import BASE_FIELDS, CompatParams, Method, Objective, StepOutput, size
+from .base import BASE_FIELDS, CompatParams, Objective, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
-from .per_sample import checked_rows, summary
+from .per_sample import PerSampleState, summary
 from .trades import trades_examples, trades_objective
 
 #: IAAT's keys that ``compat: authors`` uses (every other one must keep its default there)
@@ -128,7 +128,7 @@ def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
 
 
 @dataclass(eq=False, kw_only=True)
-class IAAT(Method, GairParams, CompatParams):
+class IAAT(PerSampleState, GairParams, CompatParams):
     """Instance-adaptive adversarial training with an epsilon memory over the training set.
 
     Args (besides the attack's, see :class:`~iaat.methods.base.Method`; sizes in [0, 1] units):
@@ -172,8 +172,8 @@ class IAAT(Method, GairParams, CompatParams):
     """
 
     name = "iaat"
-    needs_index = True
     needs_epoch = True
+    state_keys = ("memory",)  # exported as RUN/radii/ (epoch_arrays)
     log_keys = ("radius_mean", "gair_lambda")
 
     weights: str = "none"
@@ -196,7 +196,6 @@ class IAAT(Method, GairParams, CompatParams):
     skip_misclassified: bool = True
     line_search_step: Optional[float] = size(None)
     line_search_max: float = size(16 / 255)
-    save_radii: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -209,8 +208,7 @@ class IAAT(Method, GairParams, CompatParams):
         self.grid_step = self.line_search_step if self.line_search_step is not None else self.gamma
         self.skip = self.loss_split and self.skip_misclassified  #: no attacks for samples misclassified when clean
         self.gair = GairWeighting(self) if self.weights == "gair" else None
-        self.memory = torch.full((self.num_train,), self.clip(self.eps_init), dtype=torch.float32)
-        self.touched = torch.zeros(self.num_train, dtype=torch.bool)  #: rows this rank wrote since a merge
+        self.init_state(memory=self.clip(self.eps_init))
 
     def _check(self) -> None:
         """Check the parameters' values (their types and units were checked by the base class)."""
@@ -369,7 +367,7 @@ class IAAT(Method, GairParams, CompatParams):
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         if self.memory.device != x.device:
             self.to(x.device)
-        idx = self._checked_index(index)
+        idx = self.rows(index)
         if self.compat == "authors":
             return self._prepare_authors(model, x, y, idx)
         steps = self.steps
@@ -395,8 +393,7 @@ class IAAT(Method, GairParams, CompatParams):
         else:  # online: train at the memory; the update follows from the training forward below
             eps = mem
         stats["radius"] = eps.sum()  # the radius trained at
-        self.memory[idx] = eps
-        self.touched[idx] = True
+        self.write("memory", idx, eps)
 
         if self.train_loss == "trades":
             return self._online_update(self._trades_objective(model, x, y, eps, stats), mem, idx, y)
@@ -455,8 +452,7 @@ class IAAT(Method, GairParams, CompatParams):
             eps = (choice * clean_ok).clamp(min=0) * self.beta + prev * (1 - self.beta)
             stats.update(up=hold_high.sum(), same=((1 - hold_high) * hold_cur).sum(),
                          down=((1 - hold_high) * (1 - hold_cur)).sum())
-        self.memory[idx] = eps
-        self.touched[idx] = True
+        self.write("memory", idx, eps)
         stats["radius"] = eps.sum()
         x_adv = self._authors_attack(model, x, y, eps)
 
@@ -488,10 +484,6 @@ class IAAT(Method, GairParams, CompatParams):
             return out
         return updating
 
-    def _checked_index(self, index: torch.Tensor) -> torch.Tensor:
-        """The batch's memory rows (see :func:`~iaat.methods.per_sample.checked_rows`)."""
-        return checked_rows(index, self.num_train, self.memory.device)
-
     # -- bookkeeping -------------------------------------------------------------------------------------
     def end_epoch(self) -> dict:
         """The radius memory's mean, std, min, max and quantiles ([0, 1] units), and GAIR's lambda."""
@@ -502,19 +494,3 @@ class IAAT(Method, GairParams, CompatParams):
 
     def epoch_arrays(self) -> dict[str, torch.Tensor]:
         return {"radii": self.memory.float().cpu()} if self.save_radii else {}
-
-    def merge_ranks(self, info: Any) -> None:
-        from ..distributed import merge_rows
-
-        self.memory = merge_rows(self.memory, self.touched, info)
-        self.touched.zero_()
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        memory = state["memory"]
-        if memory.shape != self.memory.shape:
-            raise ConfigError(f"the saved epsilon memory has {memory.shape[0]} entries but the training set "
-                              f"has {self.memory.shape[0]} samples.")
-        self.memory.copy_(memory.to(self.memory.device))

@@ -14,9 +14,12 @@ on TRADES' KL examples (MAIL-TRADES). The first ``burn_in_epochs`` train the pla
 authors' script trains plain AT for 76 of its 120 epochs (``epoch <= 75``, 0-based) first.
 
 The weights are the authors' ``weight_assign`` (QizhouWang/MAIL, mail_loss.py); a port of it and of their
-losses checks them in ``tests/test_family.py``. Two differences, deliberate: the margin works for any number
-of classes (theirs builds a 10-class identity on CUDA), and the paper's normalisation of the weights to sum to
-the batch size is not applied, as in their code (the fixed ``scale`` instead).
+losses checks them in ``tests/test_family.py``. The margin works for any number of classes (theirs builds a
+10-class identity on CUDA). Their code does not normalise the weights (the fixed ``scale`` instead): with the
+MAIL-AT bias of -0.5 a sample at PM = 0 weighs 0.02, so once most samples sit near PM = 0 the weighted loss,
+and with it the step, shrinks many times over (benchmarks/README.md, the family sweep). The paper
+normalises the weights to mean 1 over the batch; ``normalize: true`` does so (over the global batch under
+torchrun), and then ``scale`` cancels.
 
 Every sample's last margin and weight are kept (``margins``, ``weights``): written after every epoch and
 summarised in ``metrics.jsonl``, in the checkpoints like any per-sample state.
@@ -33,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Objective, StepOutput
-from .gair import weighted_ce
+from .gair import mean_one, weighted_ce
 from .per_sample import PerSampleState, summary
 from .trades import trades_examples
 
@@ -76,6 +79,7 @@ class MAIL(PerSampleState):
         train_loss: ``at`` (weighted cross-entropy on PGD examples) | ``trades`` (weighted TRADES KL term).
         trades_beta: TRADES' weight of the KL term with ``train_loss: trades`` (5, the authors' script).
         init_std: std of the Gaussian start of the attack (0.001, the authors' code).
+        normalize: scale the weights to mean 1 over the batch, as the paper (False: the authors' code).
         save_radii: write the margins and weights to ``RUN/margins``, ``RUN/weights`` after every epoch (True).
 
     Example:
@@ -102,6 +106,7 @@ class MAIL(PerSampleState):
     train_loss: str = "at"
     trades_beta: float = 5.0
     init_std: float = 0.001
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +130,8 @@ class MAIL(PerSampleState):
             logits = net(x_adv)
             margin = probabilistic_margin(logits.detach(), y)
             w = mail_weights(margin, self.bias, self.slope, self.scale) if weighted else torch.ones_like(margin)
+            if weighted and self.normalize:
+                w = mean_one(w)
             self.write("margins", rows, margin)
             self.write("weights", rows, w)
             if logits_clean is None:
