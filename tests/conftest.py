@@ -27,6 +27,9 @@ def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # The end-to-end tests first (a stable sort): parallel workers then share out the short tests at the end
+    # instead of one worker finishing a long test alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
     out = tmp_path / "R"
     res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "1", "--train-subset", "2000", "--out", str(out),
-                  "--device", "cpu", "--no-progress")
+                  "--set", "data.val_size=200", "--device", "cpu", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "differ(s) from the official cifar10 release" in res.stderr  # the JPEG-75 copy is flagged
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -66,7 +66,8 @@ def test_family_and_authors_modes_train_evaluate_and_export_on_real_cifar10(real
     out = tmp_path / "R"
     res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "1", "--train-subset", "300", "--out", str(out),
-                  "--set", "data.val_size=100", "--set", "model.width=8", "--device", "cpu", "--no-progress", "--method", method,
+                  "--set", "data.val_size=100", "--set", "model.width=8", "--device", "cpu", "--no-progress",
+                  "--method", method,
                   *[arg for s in sets for arg in ("--set", s)])
     assert res.returncode == 0, res.stderr
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
