@@ -17,7 +17,7 @@ The weights are the authors' ``weight_assign`` (QizhouWang/MAIL, mail_loss.py); 
 losses checks them in ``tests/test_family.py``. The margin works for any number of classes (theirs builds a
 10-class identity on CUDA). Their code does not normalise the weights (the fixed ``scale`` instead): with the
 MAIL-AT bias of -0.5 a sample at PM = 0 weighs 0.02, so once most samples sit near PM = 0 the weighted loss,
-and with it the step, shrinks many times over (benchmarks/README.md, the family sweep). The paper
+and with it the step, shrinks many times over. The paper
 normalises the weights to mean 1 over the batch; ``normalize: true`` does so (over the global batch under
 torchrun), and then ``scale`` cancels.
 
