@@ -19,10 +19,11 @@ demo: $(VENV)/.installed
 	$(BIN)/iaat demo
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), one torch thread each; TEST_WORKERS=0 runs it in one.
+# It lists its 15 slowest tests at the end: the suite is meant to stay under 10 minutes on 2 cores.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # Leaves out the end-to-end tests (trainings, sweeps, distributed runs, the examples): marked `slow`.
 test-fast: $(VENV)/.installed

@@ -74,6 +74,17 @@ def test_missing_test_batch_raises(tmp_path):
         _load_quietly(tmp_path)
 
 
+def test_digits_read_directly_equal_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from iaat.data.datasets import _digits_arrays
+
+    images, target = _digits_arrays()
+    bunch = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(target, bunch.target)
+
+
 def test_unknown_dataset_raises():
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("imagenet")

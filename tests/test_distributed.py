@@ -52,11 +52,6 @@ def _run(args: list[str], nproc: int, timeout: float = 300, float64: bool = Fals
     return proc
 
 
-def _epochs(args: list[str], epochs: int) -> list[str]:
-    i = args.index("--epochs")
-    return [*args[:i + 1], str(epochs), *args[i + 2:]]
-
-
 def _final(run: Path, epochs: int) -> dict:
     return torch.load(run / "checkpoints" / f"epoch_{epochs:04d}.pt", map_location="cpu", weights_only=False)
 
@@ -99,15 +94,12 @@ def test_gairat_weights_are_normalised_over_the_global_batch(tmp_path):
 
 @pytest.mark.slow  # torchrun with two processes
 def test_resume_under_torchrun_is_exact(tmp_path):
-    """A 2-process run stopped after epoch 1 and resumed under torchrun equals an uninterrupted 2-process run
-    (BatchNorm model, random starts on: each rank's random stream is saved and restored)."""
+    """A 2-process run stopped in epoch 2 and resumed under torchrun equals an uninterrupted 2-process run
+    (BatchNorm model, random starts on: each rank's random stream is saved and restored). A stop mid-epoch
+    restores more than one at an epoch's end (the loader's position too), so it stands for both."""
     args = ["--model", "small_cnn", "--set", "model.width=8", *COMMON, "--set", "attack.random_start=true"]
-    full, part = tmp_path / "full", tmp_path / "part"
+    full = tmp_path / "full"
     _run(["train", "--out", str(full), *args], 2)
-    _run(["train", "--out", str(part), *_epochs(args, 1)], 2)
-    assert not (part / "checkpoints" / "epoch_0002.pt").exists()
-    _run(["train", "--out", str(part), "--resume", "--epochs", "3"], 2)
-    _assert_same_run(full, part)
 
     # SIGTERM to torchrun mid-epoch: the agent forwards it, every rank stops at the same step, rank 0 saves.
     term = tmp_path / "term"

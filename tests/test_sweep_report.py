@@ -144,7 +144,7 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
     base = {**BASE, "train": {**BASE["train"], "epochs": 3}}
     spec = write_spec(tmp_path, base=base, frontier_eps=[32], grid=None,
                       runs={"iaat": {"method.warmup_epochs": 1, "method.gamma": 8}, "gairat": {}},
-                      eval={**EVAL, "attacks": ["pgd:steps=5"], "sweep_eps": []})
+                      eval={**EVAL, "attacks": ["pgd:steps=2"], "sweep_eps": []})
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "iaat", "sweep", str(spec), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -200,6 +200,8 @@ def test_sweep_refuses_a_folder_trained_with_another_config(tmp_path, capsys):
 def test_report_errors(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--threads", "0"]) == 2  # it sets threads like train and eval
+    assert "--threads must be >= 1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "pip install 'iaat[report]'" in capsys.readouterr().err

@@ -301,12 +301,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .engine.setup import choose_threads, resolve_device
     from .reporting import make_report
 
     paths = [Path(p) for p in args.runs]
     if args.out is None and len(paths) > 1:
         raise ConfigError("--out is needed for a report of several folders (one folder's report goes into "
                           "FOLDER/report by default).")
+    choose_threads(args.threads, resolve_device(args.device).type == "cpu")  # the attack behind the image grids
     out = make_report(paths, Path(args.out) if args.out else paths[0] / "report", data_dir=args.data_dir,
                       image_eps=args.image_eps, device=args.device)
     print(f"report written to {out}")
@@ -534,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-eps", default="16", help=f"radius of the perturbed images shown beside the smallest/"
                                                       f"largest-radius images, {SIZE_HELP} (default 16)")
     p.add_argument("--device", default="auto", help="device of the attack behind the image grids")
+    _add_threads(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write a run's model as one file other tools load (safetensors or TorchScript)",

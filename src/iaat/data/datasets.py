@@ -31,15 +31,33 @@ def _load_cifar100(data_dir: Optional[str], download: bool, **_: object) -> Data
     return load_cifar("cifar100", data_dir, download)
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images 0..16 of shape (1797, 8, 8), labels), read from the file it bundles.
+
+    Reading ``sklearn/datasets/data/digits.csv.gz`` directly spares every process that trains on digits the
+    second that importing scikit-learn takes; ``load_digits`` is the fallback should that file ever move.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise DataError("the 'digits' data set needs scikit-learn: pip install scikit-learn")
+    bundled = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if bundled.is_file():
+        table = np.loadtxt(bundled, delimiter=",")  # 64 pixel columns, then the label
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - a scikit-learn that moved its data
+
+    bunch = load_digits()  # pragma: no cover
+    return bunch.images, bunch.target  # pragma: no cover
+
+
 def _load_digits(data_dir: Optional[str], download: bool, **_: object) -> DatasetSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - sklearn is a core dependency
-        raise DataError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
-    bunch = load_digits()
-    x = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
-    y = bunch.target.astype(np.int64)
+    images, target = _digits_arrays()
+    x = np.rint(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    y = target.astype(np.int64)
     # A fixed shuffle so that the 300 test digits are spread over all writers.
     order = np.random.default_rng(0).permutation(len(x))
     x, y = torch.from_numpy(x[order]), torch.from_numpy(y[order])
