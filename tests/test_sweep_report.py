@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -162,6 +163,8 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
     while time.time() < deadline and "iaat: interrupted" not in log.read_text():
         time.sleep(0.1)
     assert "SIGTERM received" in log.read_text()
+    threads = int(os.environ["OMP_NUM_THREADS"])  # set by conftest: the runs keep the count the sweep was given
+    assert f"cpu, {threads} thread{'s' if threads > 1 else ''} |" in log.read_text()
     first = out / "runs" / "pgd_at_eps32"
     frozen = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
     assert not (out / "runs" / "iaat" / "summary.json").exists()  # stopped mid-run
@@ -195,6 +198,15 @@ def test_sweep_refuses_a_folder_trained_with_another_config(tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["sweep", str(spec), "--out", str(out)]) == 2
     assert "another iaat sweep is running" in capsys.readouterr().err
+
+
+def test_a_run_keeps_the_thread_count_of_the_sweeps_environment():
+    from iaat.sweep import child_env
+
+    # torch takes MKL_NUM_THREADS over OMP_NUM_THREADS: the one not set follows the one that is
+    assert child_env(2, {"OMP_NUM_THREADS": "1"}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert child_env(2, {"MKL_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    assert child_env(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def test_report_errors(tmp_path, capsys, monkeypatch):

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
@@ -273,6 +273,26 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def child_env(threads: int, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment of a sweep's run: ``environ`` (default: this process's), with ``threads`` CPU threads
+    unless it sets a count.
+
+    PyTorch takes ``MKL_NUM_THREADS`` over ``OMP_NUM_THREADS``, so the one not set follows the one that is:
+    ``OMP_NUM_THREADS=1`` alone must not leave the runs at ``threads`` (each waiting on the others' threads
+    on a shared machine).
+
+    >>> child_env(4, {"OMP_NUM_THREADS": "1"})["MKL_NUM_THREADS"]
+    '1'
+    >>> child_env(4, {})["OMP_NUM_THREADS"]
+    '4'
+    """
+    env = dict(os.environ if environ is None else environ)
+    count = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS") or str(threads)
+    env.setdefault("OMP_NUM_THREADS", count)
+    env.setdefault("MKL_NUM_THREADS", count)
+    return env
+
+
 def _lock(out: Path) -> Any:
     """Hold ``OUT/sweep.lock`` for the sweep's lifetime; a second sweep on the same folder is refused."""
     try:
@@ -362,9 +382,7 @@ class SweepRunner:
         atomic_write_bytes(self.out / PLAN, yaml.safe_dump(self.plan.to_dict(), sort_keys=False).encode())
 
     def _spawn(self, args: list[str], log_path: Path, threads: int) -> int:
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        env.setdefault("MKL_NUM_THREADS", str(threads))
+        env = child_env(threads)
         env[PARENT_ENV] = str(os.getpid())
         with open(log_path, "a") as log_file:
             log_file.write(f"\n$ iaat {' '.join(args)}\n")

@@ -73,12 +73,14 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
     Example:
         >>> import iaat, torch
         >>> iaat.gair_weights(torch.tensor([0, 5, 10]), steps=10, lam=-1.0)  # near the boundary weighs more
-        tensor([2.6804e+00, 3.1961e-01, 1.6461e-05])
+        tensor([2.6804e+00, 3.1961e-01, 1.6474e-05])
     """
     k = kappa.to(torch.get_default_dtype())
     half = max(steps // 2, 1)
     if fn == "tanh":
-        raw = (torch.tanh(lam + (half - k) * 5.0 / half) + 1.0) / 2.0
+        # (1 + tanh(a)) / 2 as sigmoid(2a), the same function: tanh rounds to -1 below a of about -9 (float32),
+        # and a batch whose every weight is then 0 would scale to NaN (K = 3, lam = -1 and kappa = K: a = -11)
+        raw = torch.sigmoid(2.0 * (lam + (half - k) * 5.0 / half))
     elif fn == "sigmoid":
         raw = torch.sigmoid(lam + (half - k) * 5.0 / half)
     elif fn == "discrete":
