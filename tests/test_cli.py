@@ -191,6 +191,7 @@ def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
     monkeypatch.setattr(setup.torch, "set_num_threads", threads.append)
     monkeypatch.setattr(setup.torch, "get_num_threads", lambda: threads[-1])
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     said: list = []
     monkeypatch.setattr(setup.os, "getloadavg", lambda: (6.5, 5.0, 4.0))
     assert setup.choose_threads(None, True, said.append) == 1
@@ -205,6 +206,9 @@ def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert setup.choose_threads(None, True, said.append) == 4 and not said  # the user's OMP_NUM_THREADS wins
     monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("MKL_NUM_THREADS", "4")  # torch's other variable counts as the user's choice too
+    assert setup.choose_threads(None, True, said.append) == 4 and not said
+    monkeypatch.delenv("MKL_NUM_THREADS")
     assert setup.choose_threads(None, False, said.append) is None and threads == [4]  # not on a CPU: untouched
 
 

@@ -100,14 +100,24 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = Fal
     return label_logit - others if targeted else others - label_logit
 
 
+def kl_per_sample(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(logits)) per sample, in float32: TRADES' attack objective and the
+    per-sample term of the weighted TRADES losses.
+
+    >>> kl_per_sample(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])).round(decimals=4)
+    tensor([0.0000, 0.4338])
+    """
+    ref = F.log_softmax(reference.float(), dim=1)
+    return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=1))).sum(1)
+
+
 def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], loss: "str | Callable",
                reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample objective the attack maximises."""
     if callable(loss):  # a method's own objective (MMA's soft margin, CAT's smoothed labels), untargeted
         return loss(logits.float(), y)
     if loss == "kl":  # TRADES: KL(p_reference || p(x + delta))
-        ref = F.log_softmax(reference.float(), dim=1)
-        return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=1))).sum(1)
+        return kl_per_sample(reference, logits)
     if loss == "ce":
         if target is None:
             return F.cross_entropy(logits.float(), y, reduction="none")

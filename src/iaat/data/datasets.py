@@ -46,7 +46,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     bundled = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     if bundled.is_file():
         table = np.loadtxt(bundled, delimiter=",")  # 64 pixel columns, then the label
-        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1]  # labels as floats; the caller makes them int64
     from sklearn.datasets import load_digits  # pragma: no cover - a scikit-learn that moved its data
 
     bunch = load_digits()  # pragma: no cover

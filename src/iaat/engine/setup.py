@@ -28,14 +28,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], None] = print) -> Optional[int]:
-    """Set PyTorch's CPU threads: ``requested``; else (on a CPU, without OMP_NUM_THREADS) one thread when the
-    machine is busy (1-minute load average >= cores), where threads that wait for each other cost far more than
-    they give. Returns the thread count in use on a CPU (None elsewhere)."""
+    """Set PyTorch's CPU threads: ``requested``; else (on a CPU, when neither OMP_NUM_THREADS nor MKL_NUM_THREADS
+    sets a count) one thread when the machine is busy (1-minute load average >= cores), where threads that wait
+    for each other cost far more than they give. Returns the thread count in use on a CPU (None elsewhere)."""
     if requested is not None and requested < 1:
         raise ConfigError(f"--threads must be >= 1, got {requested}.")
     if requested is not None:
         torch.set_num_threads(requested)
-    elif on_cpu and not os.environ.get("OMP_NUM_THREADS"):
+    elif on_cpu and not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
         cores = torch.get_num_threads()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if cores > 1 and load >= cores:

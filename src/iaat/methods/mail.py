@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks.pgd import kl_per_sample
 from ..errors import ConfigError
 from .base import Objective, StepOutput
 from .gair import mean_one, weighted_ce
@@ -137,7 +138,7 @@ class MAIL(PerSampleState):
             if logits_clean is None:
                 loss = weighted_ce(logits, y, w)
             else:
-                kl = (F.softmax(logits_clean, 1) * (F.log_softmax(logits_clean, 1) - F.log_softmax(logits, 1))).sum(1)
+                kl = kl_per_sample(logits_clean, logits)
                 loss = F.cross_entropy(logits_clean, y) + self.trades_beta * (kl * w).mean()
             return StepOutput(loss, logits, {"weight": w.sum(), "margin": margin.sum()})
         return objective
