@@ -63,6 +63,20 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
 
 
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    """Reports made again from the same runs change no file (no date, fixed ids in the SVGs)."""
+    from iaat.reporting.figures import pyplot, save
+
+    plt = pyplot()
+    written = []
+    for name in ("a", "b"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], [0.3, 0.2, 0.25], marker="o", label="run")
+        ax.legend()
+        written.append([p.read_bytes() for p in save(fig, tmp_path / name)])
+    assert written[0] == written[1] and b"<svg" in written[0][1]
+
+
 def test_wilson_intervals_and_distinct_trajectories():
     import numpy as np
 

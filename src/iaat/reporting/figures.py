@@ -30,16 +30,17 @@ def pyplot() -> Any:
 
     plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
                          "axes.spines.top": False, "axes.spines.right": False, "font.size": 10,
-                         "legend.fontsize": 8, "legend.frameon": False, "svg.fonttype": "none"})
+                         "legend.fontsize": 8, "legend.frameon": False, "svg.fonttype": "none",
+                         "svg.hashsalt": "iaat"})  # fixed ids inside the SVGs: a report made twice is the same
     return plt
 
 
 def save(fig: Any, stem: Path) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg`` and close the figure."""
+    """Write ``stem.png`` and ``stem.svg`` and close the figure (the same bytes for the same figure: no date)."""
     plt = pyplot()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     for p in paths:
-        fig.savefig(p, bbox_inches="tight")
+        fig.savefig(p, bbox_inches="tight", metadata={"Date": None} if p.suffix == ".svg" else None)
     plt.close(fig)
     return paths
 

@@ -73,6 +73,12 @@ def _cost(r: RunRecord, ref: list[RunRecord]) -> str:
     return f"{_per_epoch(r) / _per_epoch(ref[0]):.2f}x" if ref and _per_epoch(ref[0]) else "–"
 
 
+#: Under the tables with a cost column: what it divides, and what distorts it.
+COST_NOTE = ("\n_Train time / PGD-AT: each run's mean training time per epoch over the PGD-AT run's; an epoch that "
+             "shared the machine with other work counts in full, so compare costs from runs on a quiet machine "
+             "(or `benchmarks/throughput.py`)._\n")
+
+
 def parts_table(records: list[RunRecord]) -> str:
     """EMA, AWP and MART beside plain PGD-AT: clean, every attack, the worst case, and the training time per epoch
     relative to PGD-AT's (a run with train.ema is two points: the average, and ``NAME:raw`` its raw weights)."""
@@ -86,7 +92,7 @@ def parts_table(records: list[RunRecord]) -> str:
         parts = r.parts + (" (raw weights)" if r.weights == "raw" else "")
         rows.append([r.name, r.method, parts.strip() or "–", _pct(r.accuracy())]
                     + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), _cost(r, ref)])
-    return _table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows)
+    return _table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows) + COST_NOTE
 
 
 #: The instance-adaptive family: per-sample radii (IAAT, MMA, CAT) or per-sample loss weights (GAIRAT, MAIL).
@@ -121,7 +127,7 @@ def family_table(records: list[RunRecord]) -> str:
     rows = [[r.name, r.method, _pct(r.accuracy())] + [_pct(r.accuracy(a)) for a in labels]
             + [_pct(r.accuracy("worst")), _cost(r, ref), per_sample_state(r)] for r in ref + shown]
     return _table(["run", "method", "clean"] + labels + ["worst case", "train time / PGD-AT", "per-sample state"],
-                  rows)
+                  rows) + COST_NOTE
 
 
 def _missing(what: str, how: str) -> str:
