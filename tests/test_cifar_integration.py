@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_path):
     out = tmp_path / "R"
     res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
-                  str(real_cifar.parent), "--epochs", "1", "--train-subset", "2000", "--out", str(out),
+                  str(real_cifar.parent), "--epochs", "1", "--train-subset", "1000", "--out", str(out),
                   "--set", "data.val_size=200", "--device", "cpu", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "differ(s) from the official cifar10 release" in res.stderr  # the JPEG-75 copy is flagged
@@ -26,7 +26,7 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 300 and result["dataset"] == "cifar10"
-    # One epoch on 2,000 images already beats chance (10%) on clean test images.
+    # One epoch on 800 images (7 steps) already beats chance (10%) on clean test images: 15.0% here.
     assert result["clean"] > 0.12
     robust = next(iter(result["attacks"].values()))["accuracy"]
     assert robust <= result["clean"]
