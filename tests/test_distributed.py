@@ -22,12 +22,13 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 
-# Digits (8x8, real images; 600 of them, 503 to train on in 8 global batches), 3 epochs, no random starts (each rank draws its own noise, so random starts cannot
-# match a 1-process run sample for sample); IAAT: one warmup epoch, then batched Alg. 2.
+# Digits (8x8, real images; 600 of them, 503 to train on in 8 global batches), 3 epochs, no random starts
+# (each rank draws its own noise, so random starts cannot match a 1-process run sample for sample); IAAT: one
+# warmup epoch, then batched Alg. 2.
 BASE = ["--dataset", "digits", "--epochs", "3", "--batch-size", "63", "--device", "cpu", "--no-progress",
         "--seed", "3", "--set", "attack.random_start=false", "--set", "attack.steps=3", "--set", "attack.eps=16",
-        "--set", "attack.step_size=6", "--set", "data.train_subset=600", "--set", "data.val_size=97", "--set", "optim.lr=0.1",
-        "--set", "optim.schedule=constant", "--set", "train.log_interval=2"]
+        "--set", "attack.step_size=6", "--set", "data.train_subset=600", "--set", "data.val_size=97",
+        "--set", "optim.lr=0.1", "--set", "optim.schedule=constant", "--set", "train.log_interval=2"]
 COMMON = [*BASE, "--method", "iaat", "--set", "method.warmup_epochs=1", "--set", "method.eps_warmup=16"]
 
 

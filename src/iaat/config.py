@@ -93,7 +93,7 @@ class TrainConfig:
     batch_size: int = 128  #: images per step (under torchrun: all processes together)
     seed: int = 0  #: seed of the initialisation, the data order, the augmentation and the attacks
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
-    #: CPU threads of PyTorch: by default all cores (or OMP_NUM_THREADS), or 1 when the machine is busy when the run
+    #: CPU threads of PyTorch: by default all cores (or OMP/MKL_NUM_THREADS), or 1 when the machine is busy when the run
     #: starts (1-minute load average >= cores: more threads only wait for each other then); the count is written to
     #: the run's config, so that a resumed run computes exactly as before
     threads: Optional[int] = None
