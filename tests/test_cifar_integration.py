@@ -26,7 +26,7 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 300 and result["dataset"] == "cifar10"
-    # One epoch on 800 images (7 steps) already beats chance (10%) on clean test images: 15.0% here.
+    # One epoch on 1,000 images (8 steps) already beats chance (10%) on clean test images: 15.0% here.
     assert result["clean"] > 0.12
     robust = next(iter(result["attacks"].values()))["accuracy"]
     assert robust <= result["clean"]

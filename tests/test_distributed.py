@@ -22,7 +22,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 
-# Digits (8x8, real images; 600 of them, 503 to train on in 8 global batches), 3 epochs, no random starts
+# Digits (8x8, real images; 600 to train on, 10 global batches), 3 epochs, no random starts
 # (each rank draws its own noise, so random starts cannot match a 1-process run sample for sample); IAAT: one
 # warmup epoch, then batched Alg. 2.
 BASE = ["--dataset", "digits", "--epochs", "3", "--batch-size", "63", "--device", "cpu", "--no-progress",
