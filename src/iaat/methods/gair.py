@@ -77,12 +77,11 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
     """
     k = kappa.to(torch.get_default_dtype())
     half = max(steps // 2, 1)
-    if fn == "tanh":
-        # (1 + tanh(a)) / 2 as sigmoid(2a), the same function: tanh rounds to -1 below a of about -9 (float32),
-        # and a batch whose every weight is then 0 would scale to NaN (K = 3, lam = -1 and kappa = K: a = -11)
-        raw = torch.sigmoid(2.0 * (lam + (half - k) * 5.0 / half))
-    elif fn == "sigmoid":
-        raw = torch.sigmoid(lam + (half - k) * 5.0 / half)
+    if fn in ("tanh", "sigmoid"):
+        a = lam + (half - k) * 5.0 / half
+        # tanh: (1 + tanh(a)) / 2 as sigmoid(2a), the same function: tanh rounds to -1 below a of about -9
+        # (float32), and a batch whose every weight is then 0 would scale to NaN (K = 3, lam = -1, kappa = K: a = -11)
+        raw = torch.sigmoid(2.0 * a if fn == "tanh" else a)
     elif fn == "discrete":
         raw = (steps + 1 - k) / (steps + 1)
     else:
