@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SHARED_DATA, run_cli, tiny_train_args, write_cifar10_folder
+from helpers import SHARED_DATA, run_in_process, tiny_train_args, write_cifar10_folder
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The CLI picks 1 thread on a busy machine unless OMP_NUM_THREADS says otherwise: tests that run it in this
@@ -68,6 +68,6 @@ def real_cifar() -> Path:
 def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
     """A one-epoch PGD-AT run of a width-8 small CNN on the generated folder (read-only for tests)."""
     out = tmp_path_factory.mktemp("runs") / "pgd"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 1))
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1))
     assert res.returncode == 0, res.stderr
     return out

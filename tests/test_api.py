@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import iaat
-from helpers import run_cli, tiny_train_args
+from helpers import run_in_process, tiny_train_args
 from iaat.errors import ConfigError
 
 #: Modules whose docstring examples are part of the public API's documentation.
@@ -116,7 +116,7 @@ def test_iaat_warmup_follows_the_training_radius():
 @pytest.mark.slow
 def test_cli_iaat_warms_up_at_the_training_radius(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
                                    "method.warmup_epochs=1"))
     assert res.returncode == 0, res.stderr
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -124,7 +124,7 @@ def test_cli_iaat_warms_up_at_the_training_radius(tiny_cifar, tmp_path):
     assert "eps_warmup" not in res.stdout  # nothing to point out
 
     out = tmp_path / "explicit"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1, "--method", "iaat", "--eps", "4", "--set",
                                    "method.warmup_epochs=1", "--set", "method.eps_warmup=8"))
     assert res.returncode == 0, res.stderr
     assert "warmup epoch(s) train at eps_warmup 8/255, not at the training radius eps 4/255" in res.stdout

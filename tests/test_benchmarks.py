@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, run_cli, tiny_train_args
+from helpers import REPO, run_in_process, tiny_train_args
 
 pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 
@@ -52,7 +52,7 @@ def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     import throughput
 
     run = tmp_path / "iaat"
-    res = run_cli(*tiny_train_args(tiny_cifar, run, 1, "--method", "iaat", "--set", "method.warmup_epochs=0"))
+    res = run_in_process(*tiny_train_args(tiny_cifar, run, 1, "--method", "iaat", "--set", "method.warmup_epochs=0"))
     assert res.returncode == 0, res.stderr
     data, splits, name, radii = throughput.run_data(str(run), str(tiny_cifar), 64, None, argparse.ArgumentParser())
     order = np.load(run / "data_split.npz")["train_indices"][:64]

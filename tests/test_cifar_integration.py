@@ -1,4 +1,7 @@
-"""The integration check on real CIFAR-10 (the shared JPEG-75 copy): the CPU preset trains and evaluates."""
+"""The integration check on real CIFAR-10 (the shared JPEG-75 copy): the CPU preset trains and evaluates.
+
+The CLI runs in this process (`iaat.cli.main`): a new interpreter would add its start-up to every call.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import REPO, run_in_process
 
 pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 
 
 def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_path):
     out = tmp_path / "R"
-    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+    res = run_in_process("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "1", "--train-subset", "1000", "--out", str(out),
                   "--set", "data.val_size=200", "--device", "cpu", "--no-progress")
     assert res.returncode == 0, res.stderr
@@ -22,7 +25,7 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["epoch"] == 1 and 0.0 <= row["val_pgd10_acc"] <= row["val_clean_acc"]
 
-    res = run_cli("eval", str(out), "--n", "300", "--no-progress", "--out", str(tmp_path / "eval.json"))
+    res = run_in_process("eval", str(out), "--n", "300", "--no-progress", "--out", str(tmp_path / "eval.json"))
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 300 and result["dataset"] == "cifar10"
@@ -34,7 +37,7 @@ def test_small_cnn_preset_trains_and_evaluates_on_real_cifar10(real_cifar, tmp_p
 
 def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(real_cifar, tmp_path):
     out = tmp_path / "R"
-    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+    res = run_in_process("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "2", "--train-subset", "500", "--out", str(out),
                   "--set", "data.val_size=100", "--set", "model.width=8",  # the plumbing, not the preset's speed
                   "--device", "cpu", "--no-progress", "--method", "iaat", "--set", "method.warmup_epochs=1",
@@ -46,7 +49,7 @@ def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(
     results = {}
     for weights in ("ema", "raw"):
         path = tmp_path / f"{weights}.json"
-        res = run_cli("eval", str(out), "--n", "200", "--no-progress", "--out", str(path),
+        res = run_in_process("eval", str(out), "--n", "200", "--no-progress", "--out", str(path),
                       *(["--raw"] if weights == "raw" else []))
         assert res.returncode == 0, res.stderr
         results[weights] = json.loads(path.read_text())
@@ -64,7 +67,7 @@ def test_iaat_with_awp_and_ema_trains_and_evaluates_both_copies_on_real_cifar10(
 def test_family_and_authors_modes_train_evaluate_and_export_on_real_cifar10(real_cifar, tmp_path, method, sets,
                                                                             arrays):
     out = tmp_path / "R"
-    res = run_cli("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
+    res = run_in_process("train", "--config", str(REPO / "configs" / "cifar10_small_cnn_cpu.yaml"), "--data-dir",
                   str(real_cifar.parent), "--epochs", "1", "--train-subset", "300", "--out", str(out),
                   "--set", "data.val_size=100", "--set", "model.width=8", "--device", "cpu", "--no-progress",
                   "--method", method,
@@ -77,7 +80,7 @@ def test_family_and_authors_modes_train_evaluate_and_export_on_real_cifar10(real
         assert values.shape == (300,) and np.isfinite(values).all()
     if "radii" in arrays:
         assert row["radius_max"] >= row["radius_mean"] >= 0
-    res = run_cli("eval", str(out), "--n", "100", "--attack", "pgd:steps=10", "--no-progress", "--out",
+    res = run_in_process("eval", str(out), "--n", "100", "--attack", "pgd:steps=10", "--no-progress", "--out",
                   str(tmp_path / "eval.json"))
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "eval.json").read_text())

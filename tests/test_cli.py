@@ -1,4 +1,8 @@
-"""End-to-end CLI tests: train, kill, resume, eval, and the errors a user can cause."""
+"""End-to-end CLI tests: train, kill, resume, eval, and the errors a user can cause.
+
+Most commands run in this process (`iaat.cli.main`); a process of its own only where one is killed, and for
+`python -m iaat` itself.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def test_train_writes_run_folder(tiny_run):
 
 def test_eval_writes_json(tiny_run, tmp_path):
     out = tmp_path / "e.json"
-    res = run_cli("eval", str(tiny_run), "--n", "64", "--eps", "8", "16", "--restarts", "2", "--out", str(out),
+    res = run_in_process("eval", str(tiny_run), "--n", "64", "--eps", "8", "16", "--restarts", "2", "--out", str(out),
                   "--no-progress")
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
@@ -68,9 +72,9 @@ def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
 def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
     epochs = 3
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(*tiny_train_args(tiny_cifar, straight, epochs)).returncode == 0
+    assert run_in_process(*tiny_train_args(tiny_cifar, straight, epochs)).returncode == 0
     _kill_during_epoch_2(tiny_train_args(tiny_cifar, killed, epochs), killed)
-    res = run_cli("train", "--out", str(killed), "--resume", "--no-progress")
+    res = run_in_process("train", "--out", str(killed), "--resume", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stdout
     a = torch.load(straight / "checkpoints" / f"epoch_{epochs:04d}.pt", weights_only=True)
@@ -87,7 +91,7 @@ def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
 def test_resume_can_extend_epochs(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    res = run_cli("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    res = run_in_process("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert (run / "checkpoints" / "epoch_0002.pt").is_file()
 
@@ -128,7 +132,7 @@ def test_missing_data_folder(tmp_path):
 
 def test_existing_run_folder_without_resume(tiny_run, tiny_cifar):
     before = snapshot(tiny_run)
-    _expect_error(run_cli(*tiny_train_args(tiny_cifar, tiny_run, 1)), "already exists", "--resume")
+    _expect_error(run_in_process(*tiny_train_args(tiny_cifar, tiny_run, 1)), "already exists", "--resume")
     assert snapshot(tiny_run) == before
 
 
@@ -139,7 +143,7 @@ def test_resume_with_nothing_to_resume(tmp_path):
 
 def test_resume_refuses_changed_model(tiny_run):
     before = snapshot(tiny_run)
-    _expect_error(run_cli("train", "--out", str(tiny_run), "--resume", "--model", "resnet18"),
+    _expect_error(run_in_process("train", "--out", str(tiny_run), "--resume", "--model", "resnet18"),
                   "cannot change model.name")
     assert snapshot(tiny_run) == before
 
@@ -151,23 +155,23 @@ def test_truncated_checkpoint(tiny_run, tmp_path):
     ckpt = run / "checkpoints" / "epoch_0001.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     before = snapshot(run)
-    _expect_error(run_cli("eval", str(ckpt), "--n", "8"), "damaged")
-    _expect_error(run_cli("eval", str(run), "--n", "8"), "no valid checkpoint")
+    _expect_error(run_in_process("eval", str(ckpt), "--n", "8"), "damaged")
+    _expect_error(run_in_process("eval", str(run), "--n", "8"), "no valid checkpoint")
     assert snapshot(run) == before
 
 
 @pytest.mark.slow
 def test_checkpoint_of_a_different_model(tiny_run, tiny_cifar, tmp_path):
     other = tmp_path / "wide"
-    assert run_cli(*tiny_train_args(tiny_cifar, other, 1), "--set", "model.width=16").returncode == 0
+    assert run_in_process(*tiny_train_args(tiny_cifar, other, 1), "--set", "model.width=16").returncode == 0
     # Put the width-16 checkpoint into a run whose config says width 8.
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     for name in ("epoch_0001.pt", "epoch_0001.pt.sha256"):
         shutil.copy(other / "checkpoints" / name, run / "checkpoints" / name)
     before = snapshot(run)
-    _expect_error(run_cli("eval", str(run), "--n", "8"), "different model")
-    _expect_error(run_cli("train", "--out", str(run), "--resume", "--epochs", "2"), "different model")
+    _expect_error(run_in_process("eval", str(run), "--n", "8"), "different model")
+    _expect_error(run_in_process("train", "--out", str(run), "--resume", "--epochs", "2"), "different model")
     assert snapshot(run) == before
 
 

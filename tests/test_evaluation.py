@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_cli, run_main
+from helpers import run_in_process, run_main
 from torch import nn
 
 from iaat.attacks import pgd
@@ -24,7 +24,7 @@ from iaat.models import build_model
 EPS = 32 / 255  # digits are 8x8 with 17 grey levels: 32/255 is a moderate radius there
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when `make test` runs this file's slow tests apart from the rest
 def at_digits():
     """A small CNN adversarially trained on sklearn digits (PGD-3 at 32/255, 4 epochs; a few seconds)."""
     ds = load_dataset("digits")
@@ -249,7 +249,7 @@ def test_a_model_at_chance_is_flagged_in_eval_and_report(tiny_run, tmp_path):
     pytest.importorskip("matplotlib", reason="iaat report needs matplotlib")
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    res = run_cli("eval", str(run), "--n", "64", "--attack", "pgd:steps=2", "--no-progress")
+    res = run_in_process("eval", str(run), "--n", "64", "--attack", "pgd:steps=2", "--no-progress")
     assert res.returncode == 0, res.stderr
     (result_file,) = (run / "eval").glob("*.json")
     result = json.loads(result_file.read_text())
@@ -257,7 +257,7 @@ def test_a_model_at_chance_is_flagged_in_eval_and_report(tiny_run, tmp_path):
     chance = next(c for c in result["checks"] if c["name"] == "better than chance")
     assert not chance["passed"] and "meaningless" in chance["detail"] and result["suspicious"]
     assert "FAILED: better than chance" in result_file.with_suffix(".md").read_text()
-    res = run_cli("report", str(run))  # --out defaults to RUN/report for one folder
+    res = run_in_process("report", str(run))  # --out defaults to RUN/report for one folder
     assert res.returncode == 0, res.stderr
     assert "run is at chance level" in res.stdout + res.stderr and (run / "report" / "report.md").is_file()
     assert "Traceback" not in res.stderr and "No artists" not in res.stderr
@@ -348,7 +348,7 @@ def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run,
     cc = tmp_path / "CIFAR-10-C"
     _write_cifar_c(cc, ["gaussian_noise", "contrast"])
     out = tmp_path / "ev" / "quick.json"
-    res = run_cli("eval", str(tiny_run), "--protocol", "quick", "--n", "40", "--attack", "pgd:steps=3,eps=4",
+    res = run_in_process("eval", str(tiny_run), "--protocol", "quick", "--n", "40", "--attack", "pgd:steps=3,eps=4",
                   "--sweep-eps", "0", "4", "8", "--sweep-steps", "1", "3", "--corruptions", str(cc),
                   "--out", str(out), "--no-progress")
     assert res.returncode == 0, res.stderr

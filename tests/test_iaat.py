@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import config_method, run_cli
+from helpers import config_method, run_in_process
 from iaat.errors import ConfigError
 
 U = 1 / 255
@@ -271,12 +271,12 @@ IAAT_ARGS = ["--dataset", "cifar10", "--model", "small_cnn", "--set", "model.wid
 def test_memory_is_saved_per_epoch_and_resumed_exactly(tiny_cifar, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = ["train", "--data-dir", str(tiny_cifar), *IAAT_ARGS]
-    res = run_cli(*base, "--out", str(straight), "--epochs", "3")
+    res = run_in_process(*base, "--out", str(straight), "--epochs", "3")
     assert res.returncode == 0, res.stderr
     assert re.search(r"^epoch 1 \| .*radius_mean 8/255", res.stdout, flags=re.M)  # IAAT's number on its line
     assert res.stdout.startswith("training iaat (warmup_epochs=1") and "--print-config" in res.stdout
-    assert run_cli(*base, "--out", str(resumed), "--epochs", "2").returncode == 0
-    res = run_cli("train", "--out", str(resumed), "--resume", "--epochs", "3", "--no-progress")
+    assert run_in_process(*base, "--out", str(resumed), "--epochs", "2").returncode == 0
+    res = run_in_process("train", "--out", str(resumed), "--resume", "--epochs", "3", "--no-progress")
     assert res.returncode == 0, res.stderr
     a = torch.load(straight / "checkpoints" / "epoch_0003.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "epoch_0003.pt", weights_only=True)

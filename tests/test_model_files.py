@@ -30,7 +30,7 @@ def exported(tiny_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("exported")
     files = {}
     for fmt, name in (("safetensors", "model.safetensors"), ("torchscript", "model.pt")):
-        res = run_cli("export", str(tiny_run), "--format", fmt, "--out", str(folder / name))
+        res = run_in_process("export", str(tiny_run), "--format", fmt, "--out", str(folder / name))
         assert res.returncode == 0, res.stderr
         files[fmt] = (folder / name, folder / f"{name}.json")
     return files
@@ -102,7 +102,8 @@ def test_any_model_gets_the_numbers_of_its_run(tiny_run, tiny_cifar, exported, t
     results = {}
     for name, args in sources.items():
         out = tmp_path / f"{name}.json"
-        res = run_cli("eval", *args, *common, "--out", str(out), cwd=tmp_path)
+        argv = ("eval", *args, *common, "--out", str(out))  # the factory is imported from the working folder
+        res = run_cli(*argv, cwd=tmp_path) if name == "factory" else run_in_process(*argv)
         assert res.returncode == 0, res.stderr
         results[name] = json.loads(out.read_text())
     numbers = {name: (r["clean"], {k: a["accuracy"] for k, a in r["attacks"].items()}, r["curves"]["eps"]["points"])
@@ -190,7 +191,7 @@ def test_eval_json_splits_the_time_between_attacks_and_checks(exported, tiny_cif
 @pytest.mark.slow
 def test_init_from_starts_from_the_given_weights(tiny_run, tiny_cifar, exported, tmp_path):
     out = tmp_path / "tuned"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 1, "--init-from", str(exported["torchscript"][0]), "--set",
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1, "--init-from", str(exported["torchscript"][0]), "--set",
                                    "optim.lr=1e-9", "--set", "optim.weight_decay=0"))
     assert res.returncode == 0, res.stderr
     assert "starting from the weights of" in res.stdout
@@ -215,7 +216,7 @@ def test_tensorboard_event_files_hold_the_metrics_and_the_radius_histograms(tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    res = run_cli(*tiny_train_args(tiny_cifar, out, 2, "--method", "iaat", "--set", "method.warmup_epochs=1",
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 2, "--method", "iaat", "--set", "method.warmup_epochs=1",
                                    "--set", "train.tensorboard=true"))
     assert res.returncode == 0, res.stderr
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
