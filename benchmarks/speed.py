@@ -252,7 +252,7 @@ def main(argv=None) -> int:
               flush=True)
     ref = rows[0]["median_seconds_per_step"]
     result = {
-        **run_header("training_speed", device, argv),
+        **run_header("training_speed", device, argv, __file__),
         "model": args.model,
         "batch_size": args.batch_size,
         "data": data_name,

@@ -88,11 +88,19 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
     return data, splits, label or "random uint8 images, 3x32x32"
 
 
-def run_header(benchmark: str, device: torch.device, argv: list[str] | None) -> dict:
-    """What every result file starts with: the benchmark, the exact command, the machine and the software."""
+def run_header(benchmark: str, device: torch.device, argv: list[str] | None, script: str = __file__) -> dict:
+    """What every result file starts with: the benchmark, the exact command, the machine and the software.
+
+    ``argv`` are the arguments ``main`` was given (``None``: the command line) and ``script`` the file whose
+    ``main`` ran, so the command is right when ``main(argv)`` is called from Python too.
+    """
+    if argv is None:  # run as a script: its own command line
+        script, argv = sys.argv[0], sys.argv[1:]
+    else:  # main(argv) called from Python: the script as one would run it from here
+        script = os.path.relpath(script)
     return {
         "benchmark": benchmark,
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": "python " + " ".join(shlex.quote(a) for a in [script, *argv]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),

@@ -1,7 +1,12 @@
-"""The benchmark scripts still run (a smoke test; the figures themselves are not tests)."""
+"""The benchmark scripts still run (a smoke test; the figures themselves are not tests).
+
+Their ``main(argv)`` runs in this process, as ``python benchmarks/<script>.py ARGS`` would run it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -10,28 +15,41 @@ import pytest
 
 from helpers import REPO, run_in_process, tiny_train_args
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import speed  # noqa: E402
+import throughput  # noqa: E402
+
 pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
+
+
+def run_script(module, *argv: str) -> subprocess.CompletedProcess:
+    """``module.main(argv)`` with its output captured, shaped like a finished ``python script ARGS``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main(list(argv))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess([module.__file__, *argv], code, out.getvalue(), err.getvalue())
 
 
 def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "t.json"
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--models", "small_cnn",
-                          "--methods", "pgd_at", "iaat:selection=online", "--steps", "1", "--warmup", "0",
-                          "--batch-size", "16", "--device", "cpu", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = run_script(throughput, "--models", "small_cnn", "--methods", "pgd_at", "iaat:selection=online", "--steps",
+                     "1", "--warmup", "0", "--batch-size", "16", "--device", "cpu", "--out", str(out))
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["results"]}
     assert rows["pgd_at"]["time_ratio_to_pgd_at"] == 1.0
     assert rows["iaat:selection=online"]["images_per_second"] > 0
-    assert result["torch"] and result["command"].startswith("python")
+    assert result["torch"] and result["command"].startswith("python ") and "throughput.py --models small_cnn" in \
+        result["command"]
 
 
 def test_speed_benchmark_times_the_plain_reference_loop_too(tmp_path):
     out = tmp_path / "s.json"
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--methods", "pgd_at", "clean",
-                          "--images", "64", "--batch-size", "16", "--steps", "1", "--rounds", "1", "--warmup", "0",
-                          "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    res = run_script(speed, "--methods", "pgd_at", "clean", "--images", "64", "--batch-size", "16", "--steps", "1",
+                     "--rounds", "1", "--warmup", "0", "--device", "cpu", "--out", str(out))
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["results"]}
@@ -48,9 +66,6 @@ def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput
-
     run = tmp_path / "iaat"
     res = run_in_process(*tiny_train_args(tiny_cifar, run, 1, "--method", "iaat", "--set", "method.warmup_epochs=0"))
     assert res.returncode == 0, res.stderr
@@ -65,20 +80,18 @@ def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     assert torch.equal(runner.method.memory, radii)
 
     out = tmp_path / "t.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--models", "small_cnn", "--methods", "pgd_at",
-           "iaat", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(out),
-           "--data-dir", str(tiny_cifar), "--init-from", str(run), "--run-data"]
-    res = subprocess.run([*cmd[:2], "--run-data", "--models", "small_cnn"], capture_output=True, text=True,
-                         timeout=300)
+    args = ["--models", "small_cnn", "--methods", "pgd_at", "iaat", "--steps", "1", "--warmup", "0", "--batch-size",
+            "8", "--device", "cpu", "--out", str(out), "--data-dir", str(tiny_cifar), "--init-from", str(run),
+            "--run-data"]
+    res = run_script(throughput, "--run-data", "--models", "small_cnn")
     assert res.returncode == 2 and "--run-data needs --init-from" in res.stderr
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = run_script(throughput, *args)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     assert str(run) in result["data"] and 0 <= result["clean_accuracy_on_timed_images"] < 1
 
     # --clean-correct-only: IAAT's worst case, every timed image classified correctly by the initial model
-    res = subprocess.run([*cmd, "--batch-size", "4", "--clean-correct-only"], capture_output=True, text=True,
-                         timeout=300)
+    res = run_script(throughput, *args, "--batch-size", "4", "--clean-correct-only")
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     assert result["clean_accuracy_on_timed_images"] == 1.0 and "classifies correctly" in result["data"]

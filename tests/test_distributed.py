@@ -132,18 +132,32 @@ def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
 
 
 @pytest.mark.slow  # torchrun with two processes
-@pytest.mark.parametrize("extra,message", [(["--batch-size", "3"], "iaat: error: train.batch_size is the global batch"),
-                                           (["--set", "train.sync_bn=true"], "iaat: error: train.sync_bn needs CUDA")])
-def test_bad_distributed_settings_are_clear_errors(tmp_path, extra, message):
+def test_a_bad_distributed_setting_is_a_clear_error_from_every_rank(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "iaat",
            "train", "--out", str(tmp_path / "r"), "--dataset", "digits", "--model", "small_cnn", "--device", "cpu",
-           "--no-progress", *extra]
+           "--no-progress", "--batch-size", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
     assert proc.returncode != 0
     # the two ranks write to the same pipe, so their lines may run into each other
-    assert message in proc.stderr, proc.stderr  # rank 0's copy, unlabelled
+    assert "iaat: error: train.batch_size is the global batch" in proc.stderr, proc.stderr  # rank 0's, unlabelled
     assert "iaat: error: [rank 1] " in proc.stderr  # rank 1's copy is labelled
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_distributed_settings_are_checked_against_the_world():
+    """The checks every rank makes before training (the test above shows how their errors reach the user)."""
+    from iaat.config import config_from_dict
+    from iaat.engine.trainer import _check_distributed
+    from iaat.errors import ConfigError
+
+    two = DistInfo(rank=1, world_size=2, local_rank=1)
+    cpu = torch.device("cpu")
+    _check_distributed(config_from_dict({"train": {"batch_size": 4, "sync_bn": False}}), two, cpu)
+    with pytest.raises(ConfigError, match="train.batch_size is the global batch: 3 cannot give each of the 2"):
+        _check_distributed(config_from_dict({"train": {"batch_size": 3}}), two, cpu)
+    with pytest.raises(ConfigError, match="train.sync_bn needs CUDA"):
+        _check_distributed(config_from_dict({"train": {"batch_size": 64, "sync_bn": True}}), two, cpu)
+    _check_distributed(config_from_dict({"train": {"batch_size": 2, "sync_bn": True}}), DistInfo(), cpu)  # 1 process
 
 
 def test_merge_rows_single_process_is_identity():

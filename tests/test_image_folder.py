@@ -79,13 +79,14 @@ def test_imagenet_resnets_have_the_published_sizes():
 
 @pytest.mark.slow
 def test_imagenet_recipe_end_to_end(folder, tmp_path):
-    """configs/imagenet_resnet50_iaat.yaml on 3 classes of 64-px images: two epochs (warmup, then Alg. 2 with
-    PGD-1 selection and PGD-2 training), then a targeted evaluation and its report."""
+    """configs/imagenet_resnet50_iaat.yaml on 3 classes of images resized to 36 px and cropped to 32 (the
+    recipe's plumbing, not its resolution): two epochs (warmup, then Alg. 2 with PGD-1 selection and PGD-2
+    training), then a targeted evaluation and its report."""
     run = tmp_path / "in-r50"
     code, out, err = run_main(
         "train", "--config", str(REPO / "configs" / "imagenet_resnet50_iaat.yaml"), "--data-dir", str(folder),
         "--out", str(run), "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--amp", "off", "--no-progress",
-        "--set", "data.image_size=56", "--set", "data.resize=64", "--set", "data.val_size=6",
+        "--set", "data.image_size=32", "--set", "data.resize=36", "--set", "data.val_size=6",
         "--set", "method.warmup_epochs=1", "--set", "method.selection_steps=1", "--set", "attack.steps=2",
         "--set", "optim.warmup_epochs=1", "--set", "train.eval_every=1", "--set", "train.eval_steps=2")
     assert code == 0, err

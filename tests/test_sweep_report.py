@@ -158,7 +158,7 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
     in the middle of its second run, a sweep run again skips the first run and resumes the second."""
     base = {**BASE, "train": {**BASE["train"], "epochs": 3}}
     spec = write_spec(tmp_path, base=base, frontier_eps=[32], grid=None,
-                      runs={"iaat": {"method.warmup_epochs": 1, "method.gamma": 8}, "gairat": {}},
+                      runs={"iaat": {"method.warmup_epochs": 1, "method.gamma": 8}},
                       eval={**EVAL, "attacks": ["pgd:steps=2"], "sweep_eps": []})
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "iaat", "sweep", str(spec), "--out", str(out)]
@@ -182,14 +182,15 @@ def test_killed_sweep_trains_nothing_twice(tmp_path, how):
     first = out / "runs" / "pgd_at_eps32"
     frozen = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
     assert not (out / "runs" / "iaat" / "summary.json").exists()  # stopped mid-run
-    assert not (out / "runs" / "gairat").exists()  # nothing new started after the signal
+    assert not list((out / "runs" / "iaat").glob("eval/sweep-*.json"))  # nothing new started after the signal
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[pgd_at_eps32] already trained and evaluated" in again.stdout
     assert "[iaat] training (resumed" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == frozen
-    for name in ("pgd_at_eps32", "iaat", "gairat"):  # every epoch trained exactly once over both calls
+    assert list((out / "runs" / "iaat" / "eval").glob("sweep-*.json"))
+    for name in ("pgd_at_eps32", "iaat"):  # every epoch trained exactly once over both calls
         assert epoch_lines(out / "logs" / f"{name}.log") == [1, 2, 3], name
 
 

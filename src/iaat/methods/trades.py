@@ -78,7 +78,7 @@ def trades_objective(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, beta
         logits_adv = net(x_adv)
         kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
                       log_target=True)
-        return StepOutput(F.cross_entropy(logits_clean, y) + beta * kl, logits_adv, {"kl": kl * len(y)})
+        return StepOutput(F.cross_entropy(logits_clean, y) + beta * kl, logits_adv, {"kl": kl.detach() * len(y)})
     return objective
 
 
