@@ -23,13 +23,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: the workers share the co
 TRAINING_FIXTURES = {"tiny_run", "real_cifar", "reference", "digits_eval", "robust_grid"}
 
 
+#: The longest tests (30 s or more under `make test`), longest first.
+LONGEST = ("test_sweep_then_report_end_to_end", "test_resume_under_torchrun_is_exact",
+           "test_small_cnn_preset_trains_and_evaluates_on_real_cifar10",
+           "test_family_sweep_report_has_the_family_table_and_radius_figures", "test_killed_sweep_trains_nothing_twice",
+           "test_smoke_mode_runs_every_stage_within_budget",
+           "test_an_ema_run_is_two_points_and_awp_runs_join_the_parts_table",
+           "test_repeated_sigkill_at_random_moments_then_resume_is_bitwise_equal",
+           "test_gairat_weights_are_normalised_over_the_global_batch", "test_two_processes_match_one_process")
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    # The end-to-end tests first (a stable sort): parallel workers then share out the short tests at the end
-    # instead of one worker finishing a long test alone.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # The longest tests first, then the other end-to-end ones (a stable sort). With `--dist worksteal` the second
+    # worker takes tests from the end of the first's queue, so the two meet on short tests and finish together
+    # instead of one running a long test alone at the end.
+    def order(item) -> tuple:
+        name = getattr(item, "originalname", item.name)
+        return (item.get_closest_marker("slow") is None, LONGEST.index(name) if name in LONGEST else len(LONGEST))
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")
