@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: the workers share the co
 TRAINING_FIXTURES = {"tiny_run", "real_cifar", "reference", "digits_eval", "robust_grid"}
 
 
-#: The longest tests (30 s or more under `make test`), longest first.
+#: The longest tests (about 30 s or more under `make test`), longest first.
 LONGEST = ("test_sweep_then_report_end_to_end", "test_resume_under_torchrun_is_exact",
            "test_small_cnn_preset_trains_and_evaluates_on_real_cifar10",
            "test_family_sweep_report_has_the_family_table_and_radius_figures", "test_killed_sweep_trains_nothing_twice",
