@@ -26,17 +26,17 @@ def small(num_classes=10):
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
-    """The tiny run exported in both formats: ``{format: (model file, JSON)}``."""
+    """The tiny run exported in every format: ``{format: (model file, JSON)}``."""
     folder = tmp_path_factory.mktemp("exported")
     files = {}
-    for fmt, name in (("safetensors", "model.safetensors"), ("torchscript", "model.pt")):
+    for fmt, name in (("safetensors", "model.safetensors"), ("torchscript", "model.pt"), ("export", "model.pt2")):
         res = run_in_process("export", str(tiny_run), "--format", fmt, "--out", str(folder / name))
         assert res.returncode == 0, res.stderr
         files[fmt] = (folder / name, folder / f"{name}.json")
     return files
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "export"])
 def test_export_round_trips_to_identical_logits(exported, tiny_run, fmt):
     path, meta_path = exported[fmt]
     torch.manual_seed(0)
@@ -70,6 +70,19 @@ def test_safetensors_file_alone_carries_its_description(exported, tmp_path):
     assert torch.equal(iaat.load_model(alone)(x), iaat.load_model(path)(x))
 
 
+def test_a_damaged_program_file_is_a_clear_error(exported, tmp_path):
+    import zipfile
+
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(exported["export"][0]) as source, zipfile.ZipFile(bad, "w") as out:
+        for name in source.namelist():
+            data = source.read(name)
+            out.writestr(name, data[: len(data) // 2] if name.endswith("models/model.json") else data)
+    res = run_in_process("eval", str(bad), "--dataset", "cifar10", "--eps", "8", "--n", "4")
+    assert res.returncode == 2 and "bad.pt2 is not a loadable torch.export file" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_export_refuses_to_overwrite_and_to_invent_averaged_weights(exported, tiny_run, tmp_path):
     path, _ = exported["safetensors"]
     before = path.read_bytes()
@@ -96,7 +109,7 @@ def test_any_model_gets_the_numbers_of_its_run(tiny_run, tiny_cifar, exported, t
     common = ["--n", "64", "--no-progress", "--data-dir", str(tiny_cifar), "--attack", "pgd:steps=5",
               "--sweep-eps", "0", "4", "8"]
     sources = {"run": [str(tiny_run)], "safetensors": [str(exported["safetensors"][0])],
-               "torchscript": [str(exported["torchscript"][0])],
+               "torchscript": [str(exported["torchscript"][0])], "export": [str(exported["export"][0])],
                "factory": ["--model", "mynets:small", "--weights", str(exported["safetensors"][0]), "--dataset",
                            "cifar10", "--eps", "8"]}
     results = {}
@@ -114,6 +127,7 @@ def test_any_model_gets_the_numbers_of_its_run(tiny_run, tiny_cifar, exported, t
                 for name, r in results.items()}
     assert all(all(v.values()) for v in verdicts.values()), verdicts
     assert results["torchscript"]["model_source"] == "TorchScript model model.pt"
+    assert results["export"]["model_source"] == "torch.export model model.pt2"
 
 
 def test_eval_of_a_model_file_says_what_it_needs(exported, tiny_cifar, tmp_path):
@@ -191,7 +205,7 @@ def test_eval_json_splits_the_time_between_attacks_and_checks(exported, tiny_cif
 @pytest.mark.slow
 def test_init_from_starts_from_the_given_weights(tiny_run, tiny_cifar, exported, tmp_path):
     out = tmp_path / "tuned"
-    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1, "--init-from", str(exported["torchscript"][0]), "--set",
+    res = run_in_process(*tiny_train_args(tiny_cifar, out, 1, "--init-from", str(exported["export"][0]), "--set",
                                    "optim.lr=1e-9", "--set", "optim.weight_decay=0"))
     assert res.returncode == 0, res.stderr
     assert "starting from the weights of" in res.stdout
@@ -202,7 +216,7 @@ def test_init_from_starts_from_the_given_weights(tiny_run, tiny_cifar, exported,
     assert "init_from" in (out / "config.yaml").read_text()
 
     other = tmp_path / "wider"
-    res = run_in_process(*tiny_train_args(tiny_cifar, other, 1, "--init-from", str(exported["safetensors"][0]),
+    res = run_in_process(*tiny_train_args(tiny_cifar, other, 1, "--init-from", str(exported["torchscript"][0]),
                                           "--set", "model.width=16"))
     assert res.returncode == 2 and "holds a small_cnn of width 8 but this run trains a small_cnn of width 16" \
         in res.stderr

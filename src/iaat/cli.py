@@ -56,8 +56,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_threads(p, "; written to the run's config so that a resumed run computes exactly as before)  "
                     "[train.threads]")
     p.add_argument("--init-from", metavar="FILE",
-                   help="start from these weights: a run folder, a checkpoint, or an exported .safetensors or "
-                        "TorchScript model of the same architecture (adversarial fine-tuning)  [train.init_from]")
+                   help="start from these weights: a run folder, a checkpoint, or an exported .safetensors, "
+                        "TorchScript or .pt2 model of the same architecture (adversarial fine-tuning)  "
+                        "[train.init_from]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set attack.eps=8 --set optim.lr=0.05 "
@@ -407,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="robustness evaluation of a run, checkpoint or any model file: attacks, sweeps, "
                                     "corruptions, sanity checks (resumable)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Evaluate a trained model: a run, a checkpoint, an exported .safetensors or\n"
-                                   "TorchScript file, or your own architecture (--model module:factory --weights FILE);\n"
+                       description="Evaluate a trained model: a run, a checkpoint, an exported .safetensors,\n"
+                                   "TorchScript or .pt2 (torch.export) file, or your own architecture\n"
+                                   "(--model module:factory --weights FILE);\n"
                                    "the model takes images in [0, 1]. Without --protocol or --attack: clean accuracy\n"
                                    "and one PGD attack (--steps, --restarts, --step-size, --loss). Only images\n"
                                    "classified correctly when clean are attacked; a sample counts as robust only if\n"
@@ -425,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. iaat eval runs/x --protocol paper --surrogate runs/x2 --corruptions generated --n 1000")
     p.add_argument("path", metavar="MODEL", nargs="?",
                    help="run folder (its newest valid checkpoint), checkpoint, exported .safetensors (with its JSON) "
-                        "or TorchScript file; or leave it out and give --model")
+                        ", TorchScript or .pt2 file; or leave it out and give --model")
     p.add_argument("--model", metavar="MODULE:FACTORY",
                    help="your own architecture: an importable factory returning an nn.Module that takes [0, 1] "
                         "images (called with num_classes= when it takes it), e.g. mypkg.nets:resnet18")
@@ -539,17 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write a run's model as one file other tools load (safetensors or TorchScript)",
+    p = sub.add_parser("export", help="write a run's model as one file other tools load (safetensors, TorchScript "
+                                      "or torch.export)",
                        description="Write a run's model, with its input normalisation inside (it takes images in "
                                    "[0, 1]), to --out FILE, and a JSON beside it (FILE.json) that says what it is: "
                                    "architecture and arguments, classes, input size, training method and radius, "
                                    "latest accuracy, iaat version. Load it with iaat.load_model(FILE) (safetensors: "
-                                   "no pickle involved) or torch.jit.load (TorchScript), evaluate it with "
-                                   "iaat eval FILE.")
+                                   "no pickle involved), torch.jit.load (TorchScript) or torch.export.load "
+                                   "(.pt2), evaluate it with iaat eval FILE.")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (its newest valid checkpoint) or checkpoint")
     p.add_argument("--out", metavar="FILE", required=True, help="the model file to write, e.g. model.safetensors")
-    p.add_argument("--format", choices=["safetensors", "torchscript"], default="safetensors",
-                   help="safetensors (weights only, default) or torchscript (a traced module)")
+    p.add_argument("--format", choices=["safetensors", "torchscript", "export"], default="safetensors",
+                   help="safetensors (weights only, default), torchscript (a traced module; deprecated by PyTorch "
+                        "2.13) or export (a torch.export program, .pt2)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--ema", action="store_true", help="the averaged weights (error if the run has none)")
     which.add_argument("--raw", action="store_true",

@@ -131,7 +131,7 @@ class TrainConfig:
     #: each process's share of it
     sync_bn: bool = False
     #: start from these weights instead of a random initialisation (a run folder, a checkpoint, an exported
-    #: .safetensors or TorchScript model of the same architecture): adversarial fine-tuning
+    #: .safetensors, TorchScript or .pt2 model of the same architecture): adversarial fine-tuning
     init_from: Optional[str] = None
     #: also write the epoch metrics and the per-sample radii (histograms) to RUN/tensorboard (pip install
     #: 'iaat[tensorboard]')

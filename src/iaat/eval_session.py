@@ -22,7 +22,7 @@ from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 class EvalRequest:
     """Everything ``iaat eval`` was asked, already parsed (sizes in [0, 1] units)."""
 
-    path: Optional[Path]  #: run folder, checkpoint, exported .safetensors or TorchScript file (or None with model)
+    path: Optional[Path]  #: run folder, checkpoint, exported .safetensors, TorchScript or .pt2 file (or None)
     plan: Optional[EvalPlan]
     n: Optional[int] = None
     split: str = "test"
@@ -66,7 +66,7 @@ def _file_digest(path: Path) -> str:
 def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
                 weights: Optional[Path] = None, dataset: Optional[str] = None,
                 num_classes: Optional[int] = None, raw: bool = False) -> ModelSource:
-    """The model behind ``path`` (a run, a checkpoint, an exported or TorchScript file), or ``model``
+    """The model behind ``path`` (a run, a checkpoint, an exported, TorchScript or .pt2 file), or ``model``
     (``module:factory``) with ``weights``, on ``device`` in eval mode. A run's averaged weights
     (``train.ema``) are used where it keeps them, unless ``raw``."""
     from .model_files import factory_model, file_format, read_model_file
@@ -93,7 +93,8 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
     net, meta = read_model_file(path, device)
     training = meta.get("training") or {}
     shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
-    return ModelSource(net, f"{'TorchScript' if kind == 'torchscript' else 'exported'} model {path.name}",
+    label = {"torchscript": "TorchScript", "export": "torch.export"}.get(kind, "exported")
+    return ModelSource(net, f"{label} model {path.name}",
                        hashlib.sha256(path.read_bytes()).hexdigest(), path.parent, path.stem, meta.get("dataset"),
                        eps=training.get("eps"), shape=shape,
                        info={"epoch": training.get("epochs"), "model": (meta.get("architecture") or {}).get("name"),

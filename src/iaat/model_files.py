@@ -1,6 +1,6 @@
 """Models in and out: a trained model as one file other tools can use, and any model file back as a module.
 
-Two export formats, each a model that takes images in [0, 1] with its normalisation inside (what
+Three export formats, each a model that takes images in [0, 1] with its normalisation inside (what
 RobustBench and AutoAttack expect), and a small JSON beside it that says what the model is
 (architecture and its arguments, classes, input size, training method and radius, its latest
 accuracy, the iaat version):
@@ -8,7 +8,10 @@ accuracy, the iaat version):
 * ``safetensors``: the weights only, no code and no pickle; :func:`load_model` rebuilds the
   architecture from the JSON (also stored in the file's own metadata, so the file alone suffices).
 * ``torchscript``: the traced module, loadable with ``torch.jit.load`` without iaat installed
-  (its JSON also travels inside the archive).
+  (its JSON also travels inside the archive). PyTorch 2.13 marks TorchScript as deprecated.
+* ``export``: the ``torch.export`` program (``.pt2``, any batch size), loadable with
+  ``torch.export.load(FILE).module()`` without iaat installed; the successor of TorchScript
+  (its JSON travels as the program's extra file ``iaat.json``).
 
 :func:`load_model` also takes run folders and checkpoints, and :func:`factory_model` builds a user's
 own architecture (``module:factory``) and loads weights into it, so ``iaat eval`` can evaluate any of them.
@@ -34,7 +37,7 @@ from .errors import ConfigError
 from .models.files import TORCHSCRIPT_META, file_format, json_path, load_exported, state_dict_file
 from .models.state import load_model_state
 
-FORMATS = ("safetensors", "torchscript")
+FORMATS = ("safetensors", "torchscript", "export")
 MODEL_FORMAT = "iaat-model"
 
 
@@ -92,7 +95,7 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
     Args:
         run: a run folder (its newest valid checkpoint) or a checkpoint file.
         out: the model file to write; its description goes to ``out`` + ``.json`` beside it.
-        fmt: ``safetensors`` or ``torchscript``.
+        fmt: ``safetensors``, ``torchscript`` or ``export`` (``torch.export``, a ``.pt2`` file).
         weights: ``auto`` (the averaged weights when the run keeps them, else the raw ones), ``raw`` or ``ema``.
         overwrite: replace existing files.
 
@@ -128,8 +131,10 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         payload = save(tensors, metadata={"iaat": text})
-    else:
+    elif fmt == "torchscript":
         payload = _torchscript_bytes(model, card["input_shape"], text)
+    else:
+        payload = _program_bytes(model, card["input_shape"], text)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, payload)
     card["file"] = {"name": out.name, "format": fmt, "sha256": hashlib.sha256(payload).hexdigest()}
@@ -147,6 +152,15 @@ def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
     return buffer.getvalue()
 
 
+def _program_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
+    model = model.cpu().eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.rand(2, *input_shape),), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={TORCHSCRIPT_META: text})
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -154,7 +168,8 @@ def read_model_file(path: Union[str, Path], device: Optional[Union[str, torch.de
     """A model file as ``(module in eval mode, its description)``; the description is ``{}`` when the file has none.
 
     Reads a ``.safetensors`` file exported by iaat (with its JSON beside it or inside it; no pickle is
-    involved), a TorchScript file (``torch.jit.load``), an iaat checkpoint or a run folder.
+    involved), a TorchScript file (``torch.jit.load``), a ``torch.export`` ``.pt2`` file, an iaat checkpoint or
+    a run folder.
     """
     from .engine.runs import load_run
 
@@ -171,13 +186,17 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
     """Any model file iaat writes, as a module in eval mode that takes images in [0, 1].
 
     ``path``: an exported ``.safetensors`` file (rebuilt from its JSON without any pickle), a
-    TorchScript file, an iaat checkpoint or a run folder (its newest valid checkpoint).
+    TorchScript or ``.pt2`` (``torch.export``) file, an iaat checkpoint or a run folder (its newest valid
+    checkpoint).
 
     Example (``run``: a run folder, ``folder``: a folder to write to):
         >>> import iaat, torch
         >>> script, _ = iaat.export_model(run, folder / "model.pt", "torchscript")
         >>> x = torch.rand(2, 3, 32, 32)
         >>> torch.equal(iaat.load_model(script)(x), iaat.load_model(run)(x))  # the same logits
+        True
+        >>> program, _ = iaat.export_model(run, folder / "model.pt2", "export")  # torch.export
+        >>> torch.equal(torch.export.load(program).module()(x), iaat.load_model(run)(x))
         True
     """
     return read_model_file(path, device)[0]

@@ -1,12 +1,13 @@
 """Model files other tools write and read: an exported ``.safetensors`` file (weights, and a JSON that names the
-architecture) or a TorchScript archive, recognised by their bytes and read back as modules."""
+architecture), a TorchScript archive or a ``torch.export`` program (``.pt2``), recognised by their bytes and read
+back as modules."""
 
 from __future__ import annotations
 
 import json
 import zipfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -15,8 +16,28 @@ from ..errors import CheckpointError
 from .registry import build_model
 from .state import load_model_state
 
-#: The entry of a TorchScript archive that holds the model's description.
+#: The entry of a TorchScript archive (and the extra file of a ``.pt2`` program) that holds the model's description.
 TORCHSCRIPT_META = "iaat.json"
+
+
+class ExportedProgramModule(nn.Module):
+    """A ``torch.export`` program as a module: ``forward`` runs the program's graph; ``train()`` and ``eval()`` only
+    set the flag, since the graph was captured in eval mode (``torch.export`` refuses to switch it), and
+    ``state_dict()`` has the exported model's own parameter names (``--init-from`` loads them)."""
+
+    def __init__(self, program: Any) -> None:
+        super().__init__()
+        self.graph = program.module()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> "ExportedProgramModule":
+        self.training = mode
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        return self.graph.state_dict(*args, **kwargs)
 
 
 def json_path(path: Union[str, Path]) -> Path:
@@ -26,8 +47,9 @@ def json_path(path: Union[str, Path]) -> Path:
 
 
 def file_format(path: Union[str, Path]) -> str:
-    """``run`` (a folder), ``safetensors``, ``torchscript`` or ``checkpoint`` (a PyTorch ``.pt``, or any other file:
-    loading it as a checkpoint says what is wrong with it), from the bytes.
+    """``run`` (a folder), ``safetensors``, ``torchscript``, ``export`` (a ``torch.export`` ``.pt2`` program) or
+    ``checkpoint`` (a PyTorch ``.pt``, or any other file: loading it as a checkpoint says what is wrong with it),
+    from the bytes.
 
     Raises:
         CheckpointError: for a missing file or a damaged ``.safetensors`` file.
@@ -37,7 +59,7 @@ def file_format(path: Union[str, Path]) -> str:
         return "run"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file); exported "
-                              f".safetensors and TorchScript model files work too.")
+                              f".safetensors, TorchScript and .pt2 model files work too.")
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
@@ -47,25 +69,41 @@ def file_format(path: Union[str, Path]) -> str:
             names = z.namelist()
         if any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in names):
             return "torchscript"
+        if any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names):
+            return "export"
     if path.suffix == ".safetensors":
         raise CheckpointError(f"{path} is a damaged safetensors file (its header does not parse).")
     return "checkpoint"  # loading it says whether it is damaged or something else
 
 
 def load_exported(path: Union[str, Path]) -> tuple[nn.Module, dict]:
-    """An exported ``.safetensors`` (rebuilt from its JSON, no pickle) or TorchScript file as ``(module, description)``
-    on the CPU in eval mode; the description is ``{}`` for a TorchScript file without one."""
+    """An exported ``.safetensors`` (rebuilt from its JSON, no pickle), TorchScript or ``.pt2`` file as
+    ``(module, description)`` on the CPU in eval mode; the description is ``{}`` for a file without one."""
     path = Path(path)
-    if file_format(path) == "safetensors":
+    fmt = file_format(path)
+    if fmt == "safetensors":
         return _load_safetensors(path)
-    if file_format(path) != "torchscript":
-        raise CheckpointError(f"{path} is neither a .safetensors nor a TorchScript file.")
+    if fmt == "export":
+        return _load_program(path)
+    if fmt != "torchscript":
+        raise CheckpointError(f"{path} is neither a .safetensors, a TorchScript nor a .pt2 (torch.export) file.")
     extra = {TORCHSCRIPT_META: ""}
     try:
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as e:
         raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(e).splitlines()[0][:200]}).") from None
     return model.eval(), (json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META] else {})
+
+
+def _load_program(path: Path) -> tuple[nn.Module, dict]:
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # a damaged or foreign archive: one clear line
+        raise CheckpointError(f"{path} is not a loadable torch.export file ({str(e).splitlines()[0][:200]}).") \
+            from None
+    return ExportedProgramModule(program).eval(), (json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META]
+                                                   else {})
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
