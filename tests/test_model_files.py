@@ -83,6 +83,17 @@ def test_a_damaged_program_file_is_a_clear_error(exported, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_model_torch_export_cannot_capture_is_a_clear_error(tiny_run, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("data-dependent control flow\nmore lines")
+
+    monkeypatch.setattr(torch.export, "export", fail)
+    res = run_in_process("export", str(tiny_run), "--format", "export", "--out", str(tmp_path / "m.pt2"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "torch.export could not capture this model (RuntimeError: data-dependent control flow)" in res.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_export_refuses_to_overwrite_and_to_invent_averaged_weights(exported, tiny_run, tmp_path):
     path, _ = exported["safetensors"]
     before = path.read_bytes()

@@ -155,7 +155,12 @@ def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
 def _program_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
     model = model.cpu().eval()
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (torch.rand(2, *input_shape),), dynamic_shapes=({0: batch},))
+    try:
+        program = torch.export.export(model, (torch.rand(2, *input_shape),), dynamic_shapes=({0: batch},))
+    except Exception as e:  # an architecture torch.export cannot capture: say so in one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConfigError(f"torch.export could not capture this model ({type(e).__name__}: {first}); export it as "
+                          f"safetensors or torchscript instead.") from None
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={TORCHSCRIPT_META: text})
     return buffer.getvalue()
