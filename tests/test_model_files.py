@@ -48,6 +48,13 @@ def test_export_round_trips_to_identical_logits(exported, tiny_run, fmt):
     assert meta["training"]["method"] == "pgd_at" and meta["training"]["eps"] == pytest.approx(8 / 255)
     assert meta["iaat_version"] == iaat.__version__ and meta["file"]["format"] == fmt
     assert 0 <= meta["accuracy"]["robust"] <= meta["accuracy"]["clean"] <= 1  # the run's newest held-out numbers
+    if fmt == "export":  # the program's weights go by the model's own names, both ways
+        model, run_weights = iaat.load_model(path), iaat.load_model(tiny_run).state_dict()
+        assert model.state_dict().keys() == run_weights.keys()
+        out_bias = [k for k, v in run_weights.items() if k.endswith("bias") and v.shape == (10,)][-1]
+        before = model(x)
+        model.load_state_dict({**run_weights, out_bias: run_weights[out_bias] + 1})  # every logit one higher
+        torch.testing.assert_close(model(x), before + 1)
 
 
 def test_safetensors_load_involves_no_pickle(exported, monkeypatch):

@@ -23,7 +23,8 @@ TORCHSCRIPT_META = "iaat.json"
 class ExportedProgramModule(nn.Module):
     """A ``torch.export`` program as a module: ``forward`` runs the program's graph; ``train()`` and ``eval()`` only
     set the flag, since the graph was captured in eval mode (``torch.export`` refuses to switch it), and
-    ``state_dict()`` has the exported model's own parameter names (``--init-from`` loads them)."""
+    ``state_dict()`` and ``load_state_dict()`` use the exported model's own parameter names (``--init-from`` loads
+    them)."""
 
     def __init__(self, program: Any) -> None:
         super().__init__()
@@ -38,6 +39,9 @@ class ExportedProgramModule(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         return self.graph.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.graph.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def json_path(path: Union[str, Path]) -> Path:
