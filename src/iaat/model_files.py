@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__
 from .ema import EMA_KEY
 from .errors import ConfigError
-from .models.files import TORCHSCRIPT_META, file_format, json_path, load_exported, state_dict_file
+from .models.files import CARD_ENTRY, file_format, json_path, load_exported, state_dict_file
 from .models.state import load_model_state
 
 FORMATS = ("safetensors", "torchscript", "export")
@@ -148,7 +148,7 @@ def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_META: text})
+    torch.jit.save(traced, buffer, _extra_files={CARD_ENTRY: text})
     return buffer.getvalue()
 
 
@@ -162,7 +162,7 @@ def _program_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
         raise ConfigError(f"torch.export could not capture this model ({type(e).__name__}: {first}); export it as "
                           f"safetensors or torchscript instead.") from None
     buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={TORCHSCRIPT_META: text})
+    torch.export.save(program, buffer, extra_files={CARD_ENTRY: text})
     return buffer.getvalue()
 
 

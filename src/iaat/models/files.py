@@ -16,8 +16,8 @@ from ..errors import CheckpointError
 from .registry import build_model
 from .state import load_model_state
 
-#: The entry of a TorchScript archive (and the extra file of a ``.pt2`` program) that holds the model's description.
-TORCHSCRIPT_META = "iaat.json"
+#: The file inside a TorchScript archive or a ``.pt2`` program (its extra file) that holds the model's description.
+CARD_ENTRY = "iaat.json"
 
 
 class ExportedProgramModule(nn.Module):
@@ -91,23 +91,23 @@ def load_exported(path: Union[str, Path]) -> tuple[nn.Module, dict]:
         return _load_program(path)
     if fmt != "torchscript":
         raise CheckpointError(f"{path} is neither a .safetensors, a TorchScript nor a .pt2 (torch.export) file.")
-    extra = {TORCHSCRIPT_META: ""}
+    extra = {CARD_ENTRY: ""}
     try:
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as e:
         raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(e).splitlines()[0][:200]}).") from None
-    return model.eval(), (json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META] else {})
+    return model.eval(), (json.loads(extra[CARD_ENTRY]) if extra[CARD_ENTRY] else {})
 
 
 def _load_program(path: Path) -> tuple[nn.Module, dict]:
-    extra = {TORCHSCRIPT_META: ""}
+    extra = {CARD_ENTRY: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:  # a damaged or foreign archive: one clear line
-        raise CheckpointError(f"{path} is not a loadable torch.export file ({str(e).splitlines()[0][:200]}).") \
-            from None
-    return ExportedProgramModule(program).eval(), (json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META]
-                                                   else {})
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a loadable torch.export file ({first}).") from None
+    card = extra[CARD_ENTRY]
+    return ExportedProgramModule(program).eval(), (json.loads(card) if card else {})
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
