@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, run_in_process, tiny_train_args
+from helpers import child_env, run_cli, run_in_process, tiny_train_args
 
 def snapshot(root: Path) -> dict:
     """Every file under root with its content hash: what a failing command must leave unchanged."""
@@ -54,7 +54,7 @@ def test_eval_writes_json(tiny_run, tmp_path):
 
 def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "iaat", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=child_env())  # this process's thread count: bitwise
     marker = run_dir / "checkpoints" / "epoch_0001.pt.sha256"
     deadline = time.time() + 300
     while not marker.exists():
