@@ -10,10 +10,12 @@ import torch
 
 from helpers import SHARED_DATA, run_in_process, tiny_train_args, write_cifar10_folder
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-# The CLI picks 1 thread on a busy machine unless OMP_NUM_THREADS says otherwise: tests that run it in this
-# process (and every child through helpers.child_env) keep one thread count, so bitwise comparisons hold.
-os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+# The CLI picks 1 thread on a busy machine unless OMP_NUM_THREADS says otherwise: this process (which runs the
+# CLI in-process) and every child (which inherits the variable) keep one thread count, so bitwise comparisons
+# between them hold. A count the caller set is kept; else 2 threads at most.
+_threads = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else min(2, os.cpu_count() or 1))
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: the workers share the cores, one thread each (children too)
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
