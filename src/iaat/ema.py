@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 
 #: The checkpoint entries of a run that keeps averaged weights.
 EMA_KEY = "ema_model"
@@ -78,5 +78,5 @@ class EMA:
             self.module.load_state_dict(state[EMA_KEY])
         except (RuntimeError, KeyError) as e:
             raise CheckpointError(f"the averaged weights in {where or 'the state'} do not fit this model "
-                                  f"({str(e).splitlines()[0][:200]}).") from None
+                                  f"({first_line(e)}).") from None
         self.updates = int(state.get(EMA_UPDATES_KEY, 0))

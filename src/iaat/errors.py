@@ -24,6 +24,13 @@ class CheckpointError(IaatError):
     """A checkpoint or run folder is missing, damaged or does not match."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters ("" when it has none): what an
+    :class:`IaatError` quotes of a lower-level error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class OutputError(IaatError):
     """A file of a run or an evaluation could not be written (disk full, read-only folder, no permission)."""
 

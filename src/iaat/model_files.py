@@ -33,7 +33,7 @@ from torch import nn
 
 from . import __version__
 from .ema import EMA_KEY
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .models.files import CARD_ENTRY, file_format, json_path, load_exported, state_dict_file
 from .models.state import load_model_state
 
@@ -158,9 +158,8 @@ def _program_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
     try:
         program = torch.export.export(model, (torch.rand(2, *input_shape),), dynamic_shapes=({0: batch},))
     except Exception as e:  # an architecture torch.export cannot capture: say so in one line
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise ConfigError(f"torch.export could not capture this model ({type(e).__name__}: {first}); export it as "
-                          f"safetensors or torchscript instead.") from None
+        raise ConfigError(f"torch.export could not capture this model ({type(e).__name__}: {first_line(e, 300)}); "
+                          f"export it as safetensors or torchscript instead.") from None
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={CARD_ENTRY: text})
     return buffer.getvalue()

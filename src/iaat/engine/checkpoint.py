@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, OutputError, first_line
 
 FORMAT = "iaat-checkpoint"
 VERSION = 1
@@ -113,7 +113,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
                               f"and plain data (a pickled model or optimizer object, or something else), which "
                               f"could run code when unpickled. Save a state_dict instead.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged ({str(e).splitlines()[0][:200]}).") from None
+        raise CheckpointError(f"checkpoint {path} is damaged ({first_line(e)}).") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iaat checkpoint (no '{FORMAT}' marker).")
     if obj.get("version", 0) > VERSION:

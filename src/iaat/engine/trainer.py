@@ -36,7 +36,7 @@ from ..awp import AWP, awp_settings
 from ..config import Config, build_method
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
-from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted
+from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted, first_line
 from ..ema import EMA
 from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
@@ -80,8 +80,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
             return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info)
     except Exception as e:
         if cfg.train.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"train.compile: torch.compile failed ({type(e).__name__}: {first[:300]}). Set "
+            raise ConfigError(f"train.compile: torch.compile failed ({type(e).__name__}: {first_line(e, 300)}). Set "
                               f"train.compile=false (on CPU it needs a working C++ compiler); resume with "
                               f"--resume --set train.compile=false.") from None
         raise

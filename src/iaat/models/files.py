@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .registry import build_model
 from .state import load_model_state
 
@@ -95,7 +95,7 @@ def load_exported(path: Union[str, Path]) -> tuple[nn.Module, dict]:
     try:
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(e).splitlines()[0][:200]}).") from None
+        raise CheckpointError(f"{path} is not a loadable TorchScript file ({first_line(e)}).") from None
     return model.eval(), (json.loads(extra[CARD_ENTRY]) if extra[CARD_ENTRY] else {})
 
 
@@ -104,8 +104,8 @@ def _load_program(path: Path) -> tuple[nn.Module, dict]:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:  # a damaged or foreign archive: one clear line
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a loadable torch.export file ({first}).") from None
+        raise CheckpointError(f"{path} is not a loadable torch.export file ({first_line(e) or type(e).__name__}).") \
+            from None
     card = extra[CARD_ENTRY]
     return ExportedProgramModule(program).eval(), (json.loads(card) if card else {})
 
@@ -156,7 +156,7 @@ def state_dict_file(path: Union[str, Path]) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle with foreign objects, damaged zip: one clear line
         raise CheckpointError(f"--weights {path}: not a state dict torch can load safely "
-                              f"({str(e).splitlines()[0][:200]}).") from None
+                              f"({first_line(e)}).") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
