@@ -10,7 +10,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -72,6 +72,11 @@ def run_main(*args: str) -> tuple[Optional[int], str, str]:
     """
     from iaat.cli import main
 
+    return call_main(main, args)
+
+
+def call_main(main: Callable[[list[str]], Optional[int]], args: Sequence[str]) -> tuple[Optional[int], str, str]:
+    """``main(args)`` with its output captured, as :func:`run_main` describes (any script's ``main(argv)``)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

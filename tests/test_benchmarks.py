@@ -5,15 +5,13 @@ Their ``main(argv)`` runs in this process, as ``python benchmarks/<script>.py AR
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, run_in_process, tiny_train_args
+from helpers import REPO, call_main, run_in_process, tiny_train_args
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import speed  # noqa: E402
@@ -24,13 +22,7 @@ pytestmark = pytest.mark.slow  # end-to-end: trains and evaluates
 
 def run_script(module, *argv: str) -> subprocess.CompletedProcess:
     """``module.main(argv)`` with its output captured, shaped like a finished ``python script ARGS``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = module.main(list(argv))
-        except SystemExit as e:  # argparse
-            code = e.code
-    return subprocess.CompletedProcess([module.__file__, *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([module.__file__, *argv], *call_main(module.main, argv))
 
 
 def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):
