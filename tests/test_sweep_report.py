@@ -224,6 +224,11 @@ def test_a_run_keeps_the_thread_count_of_the_sweeps_environment():
     assert child_env(2, {"OMP_NUM_THREADS": "1"}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert child_env(2, {"MKL_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
     assert child_env(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    import doctest
+
+    import iaat.threads  # the rule shared with train's own thread choice
+
+    assert doctest.testmod(iaat.threads).attempted > 0 and doctest.testmod(iaat.threads).failed == 0
 
 
 def test_report_errors(tmp_path, capsys, monkeypatch):

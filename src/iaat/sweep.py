@@ -39,6 +39,7 @@ import yaml
 
 from .config import SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
+from .threads import user_thread_count
 
 PLAN = "sweep.yaml"
 #: Ends the file name of the evaluation of the raw weights of a run with train.ema (``sweep-<key>-raw.json``).
@@ -287,7 +288,7 @@ def child_env(threads: int, environ: Optional[Mapping[str, str]] = None) -> dict
     '4'
     """
     env = dict(os.environ if environ is None else environ)
-    count = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS") or str(threads)
+    count = user_thread_count(env) or str(threads)
     env.setdefault("OMP_NUM_THREADS", count)
     env.setdefault("MKL_NUM_THREADS", count)
     return env

@@ -14,6 +14,7 @@ from ..config import Config
 from ..data import DatasetSplits, ImageSet, load_dataset, make_train_val
 from ..errors import ConfigError
 from ..models import build_model
+from ..threads import user_thread_count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,7 +36,7 @@ def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], 
         raise ConfigError(f"--threads must be >= 1, got {requested}.")
     if requested is not None:
         torch.set_num_threads(requested)
-    elif on_cpu and not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
+    elif on_cpu and user_thread_count() is None:
         cores = torch.get_num_threads()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if cores > 1 and load >= cores:
