@@ -228,7 +228,8 @@ def test_a_run_keeps_the_thread_count_of_the_sweeps_environment():
 
     import iaat.threads  # the rule shared with train's own thread choice
 
-    assert doctest.testmod(iaat.threads).attempted > 0 and doctest.testmod(iaat.threads).failed == 0
+    result = doctest.testmod(iaat.threads)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_report_errors(tmp_path, capsys, monkeypatch):
