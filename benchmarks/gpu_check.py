@@ -8,7 +8,8 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
 
 1. ``env``: the GPU, driver, torch and CUDA (``1-env.json``) and the CUDA-only tests
    (``pytest -m cuda``: fast path on CUDA, compile recompiles over IAAT epochs, deterministic runs,
-   torchrun with NCCL, the PGD loop without host syncs), log in ``1-cuda-tests.log``;
+   torchrun with NCCL, the PGD loop without host syncs, exported model files on the GPU), log in
+   ``1-cuda-tests.log``;
 2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
    bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
    GAIRAT, TRADES) and WRN-34-10 at batch 128, images/s, peak memory and the fraction of the

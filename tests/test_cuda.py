@@ -1,5 +1,5 @@
 """What only a GPU can check: the fast path on CUDA, compile over IAAT's varying batches, deterministic runs,
-torchrun with NCCL, and a PGD loop without host synchronisation.
+torchrun with NCCL, a PGD loop without host synchronisation, and exported model files loaded onto the GPU.
 
 Marked ``cuda`` and skipped without a GPU; ``benchmarks/gpu_check.sh`` runs them first thing on a GPU machine
 (``pytest -m cuda``). Tolerances are those of the CPU fast-path tests (tests/test_fast_path.py) unless said.
@@ -131,3 +131,18 @@ def test_pgd_step_loop_never_waits_for_the_host(batch):
         torch.cuda.set_sync_debug_mode("default")
     assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
     assert kappa.shape == first_miss.shape == y.shape
+
+
+@pytest.mark.parametrize("fmt, name", [("safetensors", "model.safetensors"), ("torchscript", "model.pt"),
+                                       ("export", "model.pt2")])
+def test_an_exported_model_runs_on_the_gpu(tiny_run, tmp_path, fmt, name):
+    """A file exported on the CPU, loaded onto the GPU (``load_model(path, "cuda")``), gives the run's logits there:
+    its normalisation constants and weights move with it (a ``.pt2`` graph could hold CPU constants)."""
+    import iaat
+
+    path, _ = iaat.export_model(tiny_run, tmp_path / name, fmt)
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(GPU)
+    with torch.no_grad():
+        got, want = iaat.load_model(path, "cuda")(x), iaat.load_model(tiny_run, "cuda")(x)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # TF32 convolutions may differ in rounding
