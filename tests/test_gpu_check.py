@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 KIT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def run_kit(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """The kit under this test's interpreter (by itself it prefers .venv/bin/python, then python3)."""
+    return subprocess.run(["bash", str(KIT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable})
 
 
 def test_data_builder_writes_the_archive_images_as_a_cifar_folder(tmp_path):
@@ -57,7 +64,7 @@ def test_fast_path_names_of_the_speed_benchmark():
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    res = subprocess.run(["bash", str(KIT), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    res = run_kit(str(tmp_path / "out"), timeout=120)
     assert res.returncode == 2
     assert "no CUDA GPU" in res.stderr and "--smoke" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
@@ -66,8 +73,7 @@ def test_refuses_without_a_gpu_unless_smoke(tmp_path):
 @pytest.mark.slow
 def test_smoke_mode_runs_every_stage_within_budget(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(KIT), str(out), "--smoke", "--budget", "120", "--work", str(tmp_path / "work")],
-                         capture_output=True, text=True, timeout=300)
+    res = run_kit(str(out), "--smoke", "--budget", "120", "--work", str(tmp_path / "work"), timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["1-cuda-tests.log", "1-env.json", "2-speed-small_cnn.json", "3-paper-scale.json", "log.txt",
