@@ -61,6 +61,21 @@ def test_fast_path_names_of_the_speed_benchmark():
             speed.fast_path(bad)
 
 
+def test_tests_cut_by_the_time_cap_keep_the_outcomes_before_the_cut(tmp_path):
+    (tmp_path / "test_three.py").write_text(
+        "import time, pytest\n"
+        "def test_quick():\n    pass\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
+        "def test_slow():\n    time.sleep(120)\n")
+    (tmp_path / "out").mkdir()
+    kit = gpu_check.Kit(tmp_path / "out", tmp_path, budget=60, smoke=True)
+    code, seconds, text = kit.run([sys.executable, "-m", "pytest", str(tmp_path / "test_three.py"), "-v",
+                                   "-p", "no:cacheprovider"], cap=10)
+    assert code is None and seconds < 30  # cut, and its process group killed
+    assert gpu_check.log_results(text) == [{"test": "test_quick", "outcome": "passed"},
+                                           {"test": "test_skipped", "outcome": "skipped"}]
+
+
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
