@@ -245,7 +245,7 @@ def stage_env(kit: Kit) -> None:
              f"{env.get('gpu', 'no GPU')} ({env.get('nvidia_smi', '')}), torch {env['torch']}, CUDA {env['cuda']}, "
              f"Python {env['python']}.\n",
              f"`pytest -m cuda`: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no results'} "
-             f"in {seconds:.0f} s " + ("(cut by its time cap: the tests after these did not run).\n" if code is None
+             f"in {seconds:.0f} s " + ("(cut short by the time limit: the tests after these did not run).\n" if code is None
                                       else f"(exit {code}).\n")]
     lines += [f"- {t['test']}: {t['outcome']}" + (f" {t['properties']}" if "properties" in t else "")
               + (f" ({t['message'][:200]})" if t["outcome"] != "passed" and "message" in t else "")
