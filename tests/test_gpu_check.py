@@ -70,10 +70,19 @@ def test_tests_cut_by_the_time_cap_keep_the_outcomes_before_the_cut(tmp_path):
     (tmp_path / "out").mkdir()
     kit = gpu_check.Kit(tmp_path / "out", tmp_path, budget=60, smoke=True)
     code, seconds, text = kit.run([sys.executable, "-m", "pytest", str(tmp_path / "test_three.py"), "-v",
-                                   "-p", "no:cacheprovider"], cap=6)
-    assert code is None and seconds < 20  # cut, and its process group killed
+                                   "-p", "no:cacheprovider"], cap=15)  # pytest starts in 2-6 s here
+    assert code is None and seconds < 30  # cut, and its process group killed
     assert gpu_check.log_results(text) == [{"test": "test_quick", "outcome": "passed"},
                                            {"test": "test_skipped", "outcome": "skipped"}]
+
+
+def test_a_line_begun_and_never_ended_does_not_hold_the_kit_past_its_cap(tmp_path):
+    # pytest -v writes "file.py::test_name " when a test starts and the rest of the line when it ends
+    prog = ("import sys, time; print('first', flush=True); time.sleep(0.5); sys.stdout.write('begun '); "
+            "sys.stdout.flush(); time.sleep(60)")
+    kit = gpu_check.Kit(tmp_path, tmp_path, budget=60, smoke=True)
+    code, seconds, text = kit.run([sys.executable, "-c", prog], cap=3)
+    assert code is None and seconds < 10 and text == "first\nbegun "
 
 
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
