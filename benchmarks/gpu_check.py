@@ -289,12 +289,17 @@ def stage_speed(kit: Kit, data_dir: Path) -> dict:
     results, lines = {}, ["## 2. Training speed (benchmarks/speed.py)\n"]
     for model, args, cap in speed_plans(kit, data_dir):
         out = kit.out / f"2-speed-{model}.json"
+        out.unlink(missing_ok=True)
         code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", "--data-dir", str(data_dir),
                                        "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL,
                                        "--out", str(out), *args], cap)
-        if code == 0 and out.is_file():
+        out.with_name(out.name + ".tmp").unlink(missing_ok=True)  # a write the cut interrupted: not a 9th file
+        if out.is_file():  # written after every round (atomically): a run cut short keeps the rounds it finished
             results[model] = json.loads(out.read_text())
             lines.append(speed_table(model, results[model]))
+            if code != 0:
+                lines.append(f"_{'Cut by the budget' if code is None else f'Exit {code}'} after "
+                             f"{results[model]['rounds_done']} of {results[model]['rounds']} rounds._\n")
         else:
             lines.append(f"### {model}: {'cut by the budget' if code is None else f'failed (exit {code})'} after "
                          f"{seconds:.0f} s; its printed lines:\n\n```\n{text[-3000:]}\n```\n")
@@ -311,6 +316,8 @@ def speed_table(model: str, result: dict) -> str:
         rows.append(f"| {r['method']} | {r['images_per_second']:.0f} | {r['time_ratio_to_pgd_at']:.2f}x | "
                     f"{_num(r, 'achieved_tflops', '.1f')} | {_num(r, 'fraction_of_bf16_peak', '.1%')} | "
                     f"{_num(r, 'peak_memory_gib', '.1f')} |")
+    rows += [f"| {spec} | failed: {error[:150].replace('|', '/')} | | | | |"
+             for spec, error in result.get("failed", {}).items()]
     return "\n".join(rows) + f"\n\n`{result['command']}`\n"
 
 

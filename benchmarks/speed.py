@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from throughput import (RESULTS, RUN_DATA_HELP, Runner, bench_inputs, clean_accu
 
 from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
+from iaat.errors import first_line  # noqa: E402
 
 DEFAULT_METHODS = ["clean", "pgd_at", "iaat", "iaat:selection=online", "gairat", "trades"]
 
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if "pgd_at" not in args.methods:
         p.error("--methods must include pgd_at (the ratios are to it)")
+    if min(args.rounds, args.steps) < 1 or args.warmup < 0:
+        p.error("--rounds and --steps must be at least 1, --warmup at least 0")
     train = {"amp": args.amp, "attack_amp": args.attack_amp, "channels_last": args.channels_last,
              "compile": args.compile}
     try:
@@ -209,34 +213,100 @@ def main(argv=None) -> int:
     init, model = None, ({"name": args.model, "width": args.width} if args.width else args.model)
     if args.init_from:  # the run's weights and model settings (width, depth)
         init, _, model = init_weights(args.init_from, [args.model], p, "--model")
-    runners = [ReferenceRunner(model, data, splits, device, args.batch_size, init)]
-    runners += [Runner(model, spec, data, splits, device, args.batch_size, init, train, radii) for spec in args.methods]
-    for name, settings in paths.items():
-        runners.append(Runner(model, "pgd_at", data, splits, device, args.batch_size, init, settings, radii))
-        runners[-1].spec = f"pgd_at [{name}]"
-    clean_acc = clean_accuracy(runners[1].model, data, device) if init is not None else None
+    failed: dict[str, str] = {}  # spec → error: one method's failure (a CUDA-only bug, memory) costs only its row
+    runners = build_runners(args, model, data, splits, device, init, train, radii, paths, failed)
     peak_flops = bf16_peak_flops(device) if device.type == "cuda" else None
+    flops: dict[str, int] = {}
+    for r in runners:
+        if attempt(r.spec, failed, device, warm_up, r, args.warmup, device, flops, not args.no_flops):
+            print(f"ready: {r.spec}", flush=True)
+    if "pgd_at" in failed:
+        print(f"speed: pgd_at failed ({failed['pgd_at']}); the ratios are to it, so nothing is timed", file=sys.stderr)
+        return 1
+    runners = [r for r in runners if r.spec not in failed]
+    pgd_at = next(r for r in runners if r.spec == "pgd_at")
+    clean_acc = clean_accuracy(pgd_at.model, data, device) if init is not None else None
+    out = Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json"
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}
-    flops = {}
-    for r in runners:
-        for _ in range(args.warmup if not r.compiled else max(args.warmup, 3)):  # compiling (shapes, modes)
-            timed(r, device)
-        if not args.no_flops and not r.compiled:  # counting inside a compiled graph is not supported
-            flops[r.spec] = step_flops(r, device)
-        print(f"ready: {r.spec}", flush=True)
-    for _ in range(args.rounds):
+    for done in range(1, args.rounds + 1):
         for r in runners:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times[id(r)] += [timed(r, device) for _ in range(args.steps)]
             if device.type == "cuda":
                 peaks[id(r)] = max(peaks[id(r)], torch.cuda.max_memory_allocated(device))
-    base = statistics.median(times[id(runners[1 + args.methods.index("pgd_at")])])
+        rows = result_rows(runners, times, peaks, flops, peak_flops, args.batch_size, device)
+        header = {**run_header("training_speed", device, argv, __file__), "model": args.model,
+                  "batch_size": args.batch_size, "data": data_name, "rounds_done": done, "rounds": args.rounds}
+        result = {**header, **settings_record(args, train, paths, radii, clean_acc, flops, peak_flops, device),
+                  **({"failed": failed} if failed else {}), **speedup(rows), "results": rows}
+        write_result(result, out)  # after every round: a run cut short keeps the rounds it finished
+    for row in rows:
+        peak = f"  {row['fraction_of_bf16_peak']:.1%} of bf16 peak" if "fraction_of_bf16_peak" in row else ""
+        print(f"{row['method']:<40} {row['images_per_second']:8.1f} images/s  {row['time_ratio_to_pgd_at']:.2f}x "
+              f"pgd_at{peak}", flush=True)
+    if "pgd_at_speedup_over_reference" in result:
+        print(f"pgd_at is {result['pgd_at_speedup_over_reference']:.2f}x faster than the plain reference loop")
+    return 0
+
+
+def speedup(rows: list[dict]) -> dict:
+    """``pgd_at``'s speed-up over the plain reference loop, when both were timed."""
+    step = {r["method"]: r["median_seconds_per_step"] for r in rows}
+    ref = step.get(ReferenceRunner.spec)
+    return {"pgd_at_speedup_over_reference": ref / step["pgd_at"]} if ref else {}
+
+
+def build_runners(args, model, data, splits, device, init, train: dict, radii, paths: dict, failed: dict) -> list:
+    """The reference loop, one runner per method spec and one ``pgd_at [PATH]`` per fast path, in that order;
+    a runner that cannot be built is recorded in ``failed``."""
+    makers = [(ReferenceRunner.spec, lambda: ReferenceRunner(model, data, splits, device, args.batch_size, init))]
+    makers += [(spec, lambda spec=spec: Runner(model, spec, data, splits, device, args.batch_size, init, train, radii))
+               for spec in args.methods]
+    makers += [(f"pgd_at [{name}]", lambda s=settings: Runner(model, "pgd_at", data, splits, device, args.batch_size,
+                                                               init, s, radii)) for name, settings in paths.items()]
+    runners = []
+    for spec, make in makers:
+        runner = attempt(spec, failed, device, make)
+        if runner is not None:
+            runner.spec = spec
+            runners.append(runner)
+    return runners
+
+
+def attempt(spec: str, failed: dict, device: torch.device, work: Callable, *args: Any) -> Any:
+    """``work(*args)``, or ``None`` after recording its exception under ``spec`` in ``failed`` (and freeing cached
+    GPU memory)."""
+    try:
+        return work(*args)
+    except Exception as e:  # noqa: BLE001 -- recorded in the result; the other methods are still timed
+        failed[spec] = f"{type(e).__name__}: {first_line(e)}"
+        print(f"failed: {spec}: {failed[spec]}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def warm_up(runner, steps: int, device: torch.device, flops: dict, count_flops: bool) -> Any:
+    """Untimed steps (a compiled runner at least 3: shapes, modes), then one eager step's FLOPs counted; the
+    runner."""
+    for _ in range(steps if not runner.compiled else max(steps, 3)):
+        timed(runner, device)
+    if count_flops and not runner.compiled:  # counting inside a compiled graph is not supported
+        flops[runner.spec] = step_flops(runner, device)
+    return runner
+
+
+def result_rows(runners: list, times: dict, peaks: dict, flops: dict, peak_flops: float | None, batch_size: int,
+                device: torch.device) -> list[dict]:
+    """Per runner (the reference first, then pgd_at): images/s from the median step, the ratio to pgd_at, peak
+    memory on CUDA and the achieved FLOP rate."""
+    base = statistics.median(times[id(next(r for r in runners if r.spec == "pgd_at"))])
     rows = []
     for r in runners:
         median = statistics.median(times[id(r)])
-        row = {"method": r.spec, "images_per_second": args.batch_size / median, "median_seconds_per_step": median,
+        row = {"method": r.spec, "images_per_second": batch_size / median, "median_seconds_per_step": median,
                "timed_steps": len(times[id(r)]), "time_ratio_to_pgd_at": median / base}
         if device.type == "cuda":
             row["peak_memory_gib"] = peaks[id(r)] / 2**30
@@ -247,15 +317,12 @@ def main(argv=None) -> int:
             if peak_flops:
                 row["fraction_of_bf16_peak"] = count / median / peak_flops
         rows.append(row)
-        peak = f"  {row['fraction_of_bf16_peak']:.1%} of bf16 peak" if "fraction_of_bf16_peak" in row else ""
-        print(f"{r.spec:<40} {row['images_per_second']:8.1f} images/s  {row['time_ratio_to_pgd_at']:.2f}x pgd_at{peak}",
-              flush=True)
-    ref = rows[0]["median_seconds_per_step"]
-    result = {
-        **run_header("training_speed", device, argv, __file__),
-        "model": args.model,
-        "batch_size": args.batch_size,
-        "data": data_name,
+    return rows
+
+
+def settings_record(args, train: dict, paths: dict, radii, clean_acc, flops: dict, peak_flops, device) -> dict:
+    """What the timings were taken under, for the result file."""
+    return {
         "init_from": args.init_from or "random initialisation",
         "attack": "L-inf PGD-10, eps 8/255, step 2/255 (IAAT: " + ("the run's radii)" if radii is not None
                                                                    else "timed right after its warmup, radii at 8/255)"),
@@ -266,15 +333,10 @@ def main(argv=None) -> int:
                  "eager count of the same method)" if flops else "not counted",
         **({"bf16_peak_tflops_measured": peak_flops / 1e12} if peak_flops else {}),
         "reference_settings": "fp32, default memory layout, eager, DataLoader with per-sample augmentation",
-        "pgd_at_speedup_over_reference": ref / base,
         "peak_memory": "torch.cuda.max_memory_allocated per method" if device.type == "cuda"
                        else "not measured on CPU (no per-method allocator statistics)",
         "date": time.strftime("%Y-%m-%d"),
-        "results": rows,
     }
-    print(f"pgd_at is {ref / base:.2f}x faster than the plain reference loop")
-    write_result(result, Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json")
-    return 0
 
 
 if __name__ == "__main__":

@@ -176,8 +176,11 @@ def keep_clean_correct(model: str | dict, data: ImageSet, splits, device, init: 
 
 
 def write_result(result: dict, out: Path) -> None:
+    """Write ``result`` as JSON to ``out`` atomically (a process killed meanwhile leaves the previous file whole)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
     print(f"written to {out}")
 
 

@@ -51,6 +51,32 @@ def test_speed_benchmark_times_the_plain_reference_loop_too(tmp_path):
     assert result["pgd_at_speedup_over_reference"] > 0 and result["device"] == "cpu"
 
 
+def test_speed_benchmark_keeps_the_other_rows_when_one_method_fails(tmp_path, monkeypatch):
+    """On a GPU a method may fail alone (a CUDA-only bug, memory): its error is recorded, the others are timed."""
+    step = throughput.Runner.step
+
+    def failing_step(self, *args, **kwargs):
+        if self.spec == "clean":
+            raise RuntimeError("CUDA out of memory (as if)")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(throughput.Runner, "step", failing_step)
+    out = tmp_path / "s.json"
+    common = ["--images", "32", "--batch-size", "16", "--steps", "1", "--rounds", "2", "--warmup", "1", "--no-flops",
+              "--device", "cpu", "--out", str(out)]
+    res = run_script(speed, "--methods", "pgd_at", "clean", "iaat:no_such_key=1", *common)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["results"]] == ["reference (plain PyTorch PGD-AT loop)", "pgd_at"]
+    assert result["failed"]["clean"] == "RuntimeError: CUDA out of memory (as if)"
+    assert "no_such_key" in result["failed"]["iaat:no_such_key=1"]  # could not even be built
+    assert result["rounds_done"] == result["rounds"] == 2 and "failed: clean" in res.stdout
+
+    monkeypatch.setattr(throughput.Runner, "step", lambda self, *a, **k: 1 / 0)
+    res = run_script(speed, "--methods", "pgd_at", *common)
+    assert res.returncode == 1 and "pgd_at failed (ZeroDivisionError" in res.stderr
+
+
 def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     """--run-data: the run's training images in its order and its newest radii, which IAAT's runner starts from."""
     import argparse

@@ -51,6 +51,13 @@ def test_paper_schedule_fits_the_time_left():
     assert gpu_check.paper_epochs(100, 2000, fixed=90)[0] < 2  # then the stage says it did not run
 
 
+def test_speed_table_shows_failed_methods():
+    result = {"batch_size": 512, "command": "python benchmarks/speed.py", "failed": {"mma": "RuntimeError: a|b"},
+              "results": [{"method": "pgd_at", "images_per_second": 7600.4, "time_ratio_to_pgd_at": 1.0}]}
+    table = gpu_check.speed_table("resnet18", result)
+    assert "| pgd_at | 7600 | 1.00x | – | – | – |" in table and "| mma | failed: RuntimeError: a/b |" in table
+
+
 def test_fast_path_names_of_the_speed_benchmark():
     import speed
 
