@@ -332,6 +332,8 @@ PAPER_SETTINGS = ["--batch-size", "512", "--set", "optim.lr=0.2", "--set", "opti
                   "--set", "optim.warmup_epochs=1", "--set", "data.val_size=0", "--amp", "bf16",
                   "--set", "train.channels_last=true", "--no-progress"]
 IAAT_COST = 2.5  # an Alg. 2 epoch over a PGD-AT epoch at most, before any is measured at this scale
+EVAL_RESERVE = 45  # seconds kept for each run's evaluation (PGD-20 and AutoAttack's two APGDs on 1,000 images)
+START_UP = 15  # seconds for a training process to start (torch, CUDA, data onto the GPU)
 
 
 def paper_epochs(seconds: float, pgd_images_per_s: float, fixed: float) -> tuple[int, float]:
@@ -343,26 +345,27 @@ def paper_epochs(seconds: float, pgd_images_per_s: float, fixed: float) -> tuple
 
 
 def _paper_plan(kit: Kit, data_dir: Path, speed: dict, lines: list[str]) -> tuple | None:
-    """``(epochs, IAAT warmup epochs, shared train arguments, [(name, own arguments)], test images)``, or ``None``
-    when too little time is left for two epochs each."""
+    """``(epochs, IAAT warmup epochs, shared train arguments, [(name, own arguments, planned training seconds)],
+    test images)``, or ``None`` when too little time is left for two epochs each."""
     if kit.smoke:
         base = ["--config", "configs/cifar10_small_cnn_cpu.yaml", "--set", "model.width=8"]
         return (1, 0, ["--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "200", "--no-progress",
                        "--set", "data.val_size=0", "--set", "attack.steps=2"],
-                [("pgd_at", [*base, "--method", "pgd_at"]),
-                 ("iaat", [*base, "--method", "iaat", "--set", "method.warmup_epochs=0"])], 50)
+                [("pgd_at", [*base, "--method", "pgd_at"], 0),
+                 ("iaat", [*base, "--method", "iaat", "--set", "method.warmup_epochs=0"], 0)], 50)
     row = next((r for r in speed.get("resnet18", {}).get("results", []) if r["method"] == "pgd_at"), None)
     ips = row["images_per_second"] if row else 3000.0  # a cautious guess when the speed stage did not finish
-    epochs, epoch_s = paper_epochs(kit.left() - 20, ips, fixed=90)
+    epochs, epoch_s = paper_epochs(kit.left() - 20, ips, fixed=2 * (EVAL_RESERVE + START_UP))
     lines.append(f"PGD-AT measured at {ips:.0f} images/s (batch 512, bf16, channels_last) → about {epoch_s:.0f} s "
                  f"per epoch of 50,000 images; {kit.left():.0f} s left → {epochs} epochs each.\n")
     if epochs < 2:
         return None
     warmup = max(1, epochs // 5)
+    iaat_s = (warmup + (epochs - warmup) * IAAT_COST) * epoch_s + START_UP
     return (epochs, warmup, ["--data-dir", str(data_dir), "--device", "cuda", *PAPER_SETTINGS],
-            [("pgd_at", ["--config", "configs/cifar10_resnet18_pgd_at.yaml"]),
-             ("iaat", ["--config", "configs/cifar10_resnet18_iaat.yaml", "--set", f"method.warmup_epochs={warmup}"])],
-            1000)
+            [("pgd_at", ["--config", "configs/cifar10_resnet18_pgd_at.yaml"], epochs * epoch_s + START_UP),
+             ("iaat", ["--config", "configs/cifar10_resnet18_iaat.yaml", "--set", f"method.warmup_epochs={warmup}"],
+              iaat_s)], 1000)
 
 
 def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
@@ -377,16 +380,22 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
     result = {"data": f"{LABEL}, all training images" if not kit.smoke else "random JPEG images (smoke)",
               "epochs": epochs, "iaat_warmup_epochs": warmup, "settings": " ".join(shared),
               "evaluation": f"first {n_eval} test images, {', '.join(attacks[1::2])} at 8/255", "runs": {}}
-    for name, args in methods:
+    reserve = 15 if kit.smoke else EVAL_RESERVE
+    for i, (name, args, _) in enumerate(methods):
+        # what the methods after this one were planned to take stays theirs; each run keeps time for its evaluation
+        later = sum(planned + reserve for _, _, planned in methods[i + 1:])
         run = kit.work / f"paper-{name}"
         shutil.rmtree(run, ignore_errors=True)
         code, seconds, _ = kit.run([sys.executable, "-m", "iaat", "train", *args, *shared, "--epochs", str(epochs),
-                                    "--out", str(run)], cap=kit.left() - 30)
+                                    "--out", str(run)], cap=kit.left() - reserve - later)
         entry = {"exit_code": code, "train_seconds": round(seconds, 1), "epochs": _epoch_rows(run)}
-        if code == 0:
+        if code is None and any((run / "checkpoints").glob("epoch_*.pt")):  # cut: evaluate what it finished
+            entry["cut_after_epochs"] = len(entry["epochs"])
+        if code == 0 or "cut_after_epochs" in entry:
             ev = kit.work / f"paper-{name}-eval.json"
             code, eval_s, _ = kit.run([sys.executable, "-m", "iaat", "eval", str(run), "--n", str(n_eval), "--eps", "8",
-                                       *attacks, "--no-checks", "--no-progress", "--out", str(ev)], cap=kit.left() - 5)
+                                       *attacks, "--no-checks", "--no-progress", "--out", str(ev)],
+                                      cap=kit.left() - later - 5)
             entry.update(eval_exit_code=code, eval_seconds=round(eval_s, 1))
             if code == 0:
                 entry["eval"] = _eval_summary(json.loads(ev.read_text()))
@@ -421,9 +430,11 @@ def _paper_line(name: str, entry: dict) -> str:
     text = f"- `{name}`: {len(times)} epochs in {entry['train_seconds']:.0f} s"
     if times:
         text += f" (last epoch {times[-1]:.1f} s)"
+    if "cut_after_epochs" in entry:
+        text += " (training cut by the budget: evaluated as it stood)"
     if "eval" in entry:
         text += "; " + ", ".join(f"{k} {v:.3f}" for k, v in entry["eval"].items())
-    elif entry["exit_code"] != 0:
+    elif entry["exit_code"] != 0 and "cut_after_epochs" not in entry:
         text += f"; training {'cut by the budget' if entry['exit_code'] is None else 'failed'}"
     return text
 
