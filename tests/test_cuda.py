@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, child_env, run_main, tiny_train_args
+from helpers import REPO, child_env, tiny_train_args
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader
 from iaat.engine.setup import prepare_data
@@ -55,13 +55,16 @@ def check_fast_step(batch, tiny_cifar, train: dict, loss_tol: float, min_cosine:
 
 
 def test_deterministic_training_is_bitwise_repeatable(tiny_cifar, tmp_path):
+    """Each run in a process of its own, as users run it: ``CUBLAS_WORKSPACE_CONFIG`` counts only when set before
+    the process's first cuBLAS call, which in this process the tests before have made."""
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
-                                                 "--set", "method.warmup_epochs=1",
-                                                 "--set", "train.deterministic=true"))
-        assert code == 0, err
+        cmd = [sys.executable, "-m", "iaat", *tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
+                                                              "--set", "method.warmup_epochs=1",
+                                                              "--set", "train.deterministic=true")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(), cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         runs.append(torch.load(out / "checkpoints" / "epoch_0002.pt", map_location="cpu", weights_only=False))
     for key, value in runs[0]["model"].items():
         assert torch.equal(value, runs[1]["model"][key]), key
