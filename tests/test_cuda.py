@@ -73,7 +73,7 @@ def test_deterministic_training_is_bitwise_repeatable(tiny_cifar, tmp_path):
 
 def test_pgd_step_loop_never_waits_for_the_host(batch):
     """The attack loop queues its steps without a host synchronisation (``stop_on_miss`` aside, which counts)."""
-    from iaat.attacks.pgd import _as_radius, _Run, _advance_fn, _one_run
+    from iaat.attacks.pgd import _as_radius, _one_run, _run_settings
 
     data, x, y, _ = batch
     torch.manual_seed(0)
@@ -82,8 +82,7 @@ def test_pgd_step_loop_never_waits_for_the_host(batch):
     model.eval()
     x, y = x.to(GPU), y.to(GPU)
     eps = _as_radius(8 / 255, len(y), x)
-    run = _Run(10, "linf", True, "ce", None, None, 0.0, 1.0, lambda: torch.autocast("cuda", enabled=False),
-               _advance_fn(False), False)
+    run = _run_settings("cuda", steps=10)  # what pgd() runs (tests/test_pgd.py checks it on the CPU)
     _one_run(model, x, y, eps, eps / 4, None, None, run)  # warm up: allocations and kernel selection
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -589,3 +589,21 @@ def test_stop_on_miss_refuses_what_it_cannot_do(tiny_model):
     for kwargs in ({"restarts": 2}, {"target": (y + 1) % 10}, {"early_stop_tau": 1}):
         with pytest.raises(ValueError, match="stop_on_miss"):
             pgd(tiny_model, x, y, 0.1, steps=2, stop_on_miss=True, **kwargs)
+
+
+def test_the_loop_timed_on_the_gpu_is_the_one_pgd_runs():
+    """tests/test_cuda.py checks the kernel's loop for host syncs through ``_one_run`` with ``_run_settings``: the
+    same iterates as :func:`pgd` from the same seed."""
+    from iaat.attacks.pgd import _as_radius, _one_run, _run_settings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 10)).eval()
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
+    torch.manual_seed(1)
+    want = pgd(model, x, y, 8 / 255, steps=5, step_size=2 / 255, final_check=False)
+    torch.manual_seed(1)
+    x_adv, kappa, first_miss = _one_run(model, x, y, _as_radius(8 / 255, 6, x), _as_radius(2 / 255, 6, x), None, None,
+                                        _run_settings("cpu", steps=5))
+    assert torch.equal(x_adv, want.x_adv) and torch.equal(kappa, want.kappa)
+    assert torch.equal(first_miss, want.first_miss)

@@ -210,6 +210,21 @@ class _Run:
     stop_on_miss: bool
 
 
+def _run_settings(device_type: str, *, steps: int = 10, norm: str = "linf", random_start: bool = True,
+                  clamp_start: bool = True, loss: "str | Callable" = "ce", early_stop_tau: Optional[int] = None,
+                  init_std: Optional[float] = None, momentum: float = 0.0,
+                  autocast_dtype: Optional[torch.dtype] = None, compiled: bool = False,
+                  stop_on_miss: bool = False) -> _Run:
+    """:func:`pgd`'s arguments of the same names as the :class:`_Run` of its restarts, on ``device_type``."""
+    if autocast_dtype is not None:
+        autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
+    else:  # full precision, also when called inside the training step's autocast region
+        autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
+    objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
+    return _Run(steps, norm, random_start, clamp_start, loss, early_stop_tau, init_std, momentum, objective_scale,
+                autocast, _advance_fn(compiled), stop_on_miss)
+
+
 def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
              target: Optional[torch.Tensor], reference: Optional[torch.Tensor], s: _Run):
     """One PGD run: ``(x_adv, kappa, first_miss)``, each over the whole batch.
@@ -328,14 +343,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     x = x.detach()
     eps_t = _as_radius(eps, batch, x)
     alpha = 2.5 * eps_t / max(steps, 1) if step_size is None else _as_radius(step_size, batch, x)
-    device_type = x.device.type
-    if autocast_dtype is not None:
-        autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
-    else:  # full precision, also when called inside the training step's autocast region
-        autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
-    objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
-    run = _Run(steps, norm, random_start, clamp_start, loss, early_stop_tau, init_std, momentum, objective_scale,
-               autocast, _advance_fn(compiled), stop_on_miss)
+    run = _run_settings(x.device.type, steps=steps, norm=norm, random_start=random_start, clamp_start=clamp_start,
+                        loss=loss, early_stop_tau=early_stop_tau, init_std=init_std, momentum=momentum,
+                        autocast_dtype=autocast_dtype, compiled=compiled, stop_on_miss=stop_on_miss)
+    autocast = run.autocast
     final_check = final_check or restarts > 1
 
     best: Optional[AttackResult] = None
