@@ -25,7 +25,8 @@ measured at the start (an 8192^3 bf16 product) as ``fraction_of_bf16_peak``.
         --amp bf16 --channels-last --fast-paths fp32 bf16 bf16+cl+compile
 
 Results go to benchmarks/results/speed-<device>-<model>.json with the command, device, torch
-version and data set.
+version and data set, rewritten after every round (a run cut short keeps the rounds it finished). A
+method that fails (a CUDA-only bug, memory) is recorded under ``failed`` and the others are still timed.
 """
 
 from __future__ import annotations
