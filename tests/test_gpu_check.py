@@ -88,8 +88,8 @@ def test_a_line_begun_and_never_ended_does_not_hold_the_kit_past_its_cap(tmp_pat
     prog = ("import sys, time; print('first', flush=True); time.sleep(0.5); sys.stdout.write('begun '); "
             "sys.stdout.flush(); time.sleep(60)")
     kit = gpu_check.Kit(tmp_path, tmp_path, budget=60, smoke=True)
-    code, seconds, text = kit.run([sys.executable, "-c", prog], cap=3)
-    assert code is None and seconds < 10 and text == "first\nbegun "
+    code, seconds, text = kit.run([sys.executable, "-c", prog], cap=5)
+    assert code is None and seconds < 12 and text == "first\nbegun "
 
 
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
