@@ -12,8 +12,8 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
    ``1-cuda-tests.log``;
 2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
    bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
-   GAIRAT, TRADES) and WRN-34-10 at batch 128, images/s, peak memory and the fraction of the
-   measured bf16 peak (``2-speed-resnet18.json``, ``2-speed-wrn-34-10.json``);
+   GAIRAT, TRADES, MART, MMA, CAT, MAIL, AWP, EMA) and WRN-34-10 at batch 128, images/s, peak memory and
+   the fraction of the measured bf16 peak (``2-speed-resnet18.json``, ``2-speed-wrn-34-10.json``);
 3. ``paper``: ResNet-18 on all 50,000 training images, PGD-AT at 8/255 against IAAT on the same short
    schedule, sized to the time left from the throughput just measured; each evaluated on the first
    1,000 test images with PGD-20 and, when ``pyautoattack`` imports, AutoAttack's APGD-CE + APGD-T
