@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, child_env, tiny_train_args
+from helpers import REPO, child_env, run_cli, tiny_train_args
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader
 from iaat.engine.setup import prepare_data
@@ -60,10 +60,9 @@ def test_deterministic_training_is_bitwise_repeatable(tiny_cifar, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "iaat", *tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
-                                                              "--set", "method.warmup_epochs=1",
-                                                              "--set", "train.deterministic=true")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(), cwd=REPO)
+        proc = run_cli(*tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
+                                        "--set", "method.warmup_epochs=1", "--set", "train.deterministic=true"),
+                       cwd=REPO, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         runs.append(torch.load(out / "checkpoints" / "epoch_0002.pt", map_location="cpu", weights_only=False))
     for key, value in runs[0]["model"].items():
