@@ -293,7 +293,9 @@ def stage_speed(kit: Kit, data_dir: Path) -> dict:
         code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", "--data-dir", str(data_dir),
                                        "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL,
                                        "--out", str(out), *args], cap)
-        out.with_name(out.name + ".tmp").unlink(missing_ok=True)  # a write the cut interrupted: not a 9th file
+        # a write the cut interrupted (iaat.engine.checkpoint.atomic_write_bytes names it so): not a 9th file
+        for partial in kit.out.glob(f".{out.name}.tmp-*"):
+            partial.unlink()
         if out.is_file():  # written after every round (atomically): a run cut short keeps the rounds it finished
             results[model] = json.loads(out.read_text())
             lines.append(speed_table(model, results[model]))

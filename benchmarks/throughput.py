@@ -20,7 +20,6 @@ Results go to benchmarks/results/ as JSON with the command, device, torch versio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -177,10 +176,10 @@ def keep_clean_correct(model: str | dict, data: ImageSet, splits, device, init: 
 
 def write_result(result: dict, out: Path) -> None:
     """Write ``result`` as JSON to ``out`` atomically (a process killed meanwhile leaves the previous file whole)."""
+    from iaat.engine.rundir import write_json
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"written to {out}")
 
 
