@@ -17,7 +17,7 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
 3. ``paper``: ResNet-18 on all 50,000 training images, PGD-AT at 8/255 against IAAT on the same short
    schedule, sized to the time left from the throughput just measured; each evaluated on the first
    1,000 test images with PGD-20 and, when ``pyautoattack`` imports, AutoAttack's APGD-CE + APGD-T
-   (``3-paper-scale.json``).
+   (``3-paper-scale.json``; an evaluation the budget cuts keeps the attacks it went through).
 
 At most 8 files: those, ``summary.md`` and ``log.txt``. The data set is built from the JPEG-75
 CIFAR-10 archive (``--data``, default ``.gpu/cifar10_jpeg75.npz``; ``benchmarks/gpu_pack.sh``
@@ -395,12 +395,20 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
             entry["cut_after_epochs"] = len(entry["epochs"])
         if code == 0 or "cut_after_epochs" in entry:
             ev = kit.work / f"paper-{name}-eval.json"
+            state = ev.with_name(ev.name + ".state.npz")
+            for stale in (ev, state):  # an earlier kit run's state would be refused as another evaluation's
+                stale.unlink(missing_ok=True)
             code, eval_s, _ = kit.run([sys.executable, "-m", "iaat", "eval", str(run), "--n", str(n_eval), "--eps", "8",
                                        *attacks, "--no-checks", "--no-progress", "--out", str(ev)],
                                       cap=kit.left() - later - 5)
             entry.update(eval_exit_code=code, eval_seconds=round(eval_s, 1))
             if code == 0:
                 entry["eval"] = _eval_summary(json.loads(ev.read_text()))
+            elif state.is_file():  # cut or failed midway: keep the attacks it went through
+                from iaat.evaluation.protocol import finished_part
+
+                entry["eval"] = finished_part(state)
+                entry["eval_cut"] = True
         result["runs"][name] = entry
         result["iaat_epoch_ratio"] = iaat_epoch_ratio(result)
         kit.write_json("3-paper-scale.json", result)
@@ -436,6 +444,8 @@ def _paper_line(name: str, entry: dict) -> str:
         text += " (training cut by the budget: evaluated as it stood)"
     if "eval" in entry:
         text += "; " + ", ".join(f"{k} {v:.3f}" for k, v in entry["eval"].items())
+        if entry.get("eval_cut"):
+            text += " (evaluation cut: the attacks it finished)"
     elif entry["exit_code"] != 0 and "cut_after_epochs" not in entry:
         text += f"; training {'cut by the budget' if entry['exit_code'] is None else 'failed'}"
     return text

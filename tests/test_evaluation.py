@@ -297,6 +297,32 @@ def test_interrupted_evaluation_resumes_to_the_same_result(at_digits, tmp_path, 
         run_evaluation(net, test, plan, num_classes=k, fingerprint={"t": 2}, state_path=state)
 
 
+def test_a_cut_evaluation_keeps_the_attacks_it_finished(at_digits, tmp_path, monkeypatch):
+    """``finished_part`` reads a cut evaluation's state: the clean accuracy and the first attack, which went through
+    every image, as the full evaluation gives them; the second attack, cut after its first batch, is left out."""
+    from iaat.evaluation import protocol
+
+    net, test, k = at_digits
+    attacks = ["pgd:steps=5", "cw:steps=10"]
+    full = _evaluate(net, test, attacks, num_classes=k, seed=3, checks=False)
+    batches = -(-round(full["clean"] * len(test)) // 64)
+    assert batches >= 2  # so that the cut attack has finished a batch but not all
+    real, calls = eval_attacks.run_attack, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > batches + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "run_attack", dying)
+    state = tmp_path / "e.state.npz"
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(net, test, attacks, num_classes=k, seed=3, checks=False, state_path=state)
+    first = next(iter(full["attacks"]))
+    assert protocol.finished_part(state) == {"clean": full["clean"], first: full["attacks"][first]["accuracy"]}
+
+
 # --------------------------------------------------------------------------- AutoAttack
 
 

@@ -151,6 +151,7 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         clean_ok = _clean_pass(state, model, data, batch_size, device)
         attacked = np.flatnonzero(clean_ok)
         batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
+        state.meta["attack_batches"] = len(batches)  # an attack with this many batches done went through every image
         for spec in plan.stages():
             _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
                        surrogate=(surrogates or {}).get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
@@ -176,6 +177,21 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
     state.meta["finished"] = True
     state.save()
     return result
+
+
+def finished_part(state_path: Path) -> dict[str, float]:
+    """The accuracies an evaluation cut short had finished, read from its state file (``OUT.state.npz``): ``clean``
+    once its clean pass was done, then each attack that went through every image; an attack cut midway is left out.
+    """
+    state = EvalState.read(state_path)
+    if "clean_ok" not in state.arrays:
+        return {}
+    out = {"clean": float(state.arrays["clean_ok"].mean())}
+    total = state.meta.get("attack_batches")
+    for label, done in state.meta["progress"].items():
+        if total is not None and done >= total:
+            out[label] = float(state.arrays[f"{label}/robust"].mean())
+    return out
 
 
 def _clean_pass(state: EvalState, model: nn.Module, data: ImageSet, batch_size: int, device) -> np.ndarray:

@@ -27,13 +27,15 @@ class EvalState:
         if self.path is not None and self.path.is_file():
             self._load(fingerprint)
 
+    @classmethod
+    def read(cls, path: Path) -> "EvalState":
+        """The state saved at ``path``, whichever evaluation wrote it: for reading what a cut evaluation finished."""
+        state = cls(None, {})
+        state.path, (state.meta, state.arrays), state.resumed = Path(path), _read(Path(path)), True
+        return state
+
     def _load(self, fingerprint: dict) -> None:
-        try:
-            with np.load(self.path, allow_pickle=False) as f:
-                meta = json.loads(str(f["__meta__"]))
-                arrays = {k: f[k] for k in f.files if k != "__meta__"}
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"cannot read the evaluation state {self.path} ({e}); delete it to start over.") from None
+        meta, arrays = _read(self.path)
         if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
             raise ConfigError(f"{self.path} holds the state of a different evaluation (other checkpoint, images, seed "
                               f"or attacks); delete it or write this evaluation elsewhere with --out.")
@@ -61,3 +63,11 @@ class EvalState:
     def remove(self) -> None:
         if self.path is not None and self.path.is_file():
             self.path.unlink()
+
+
+def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return json.loads(str(f["__meta__"])), {k: f[k] for k in f.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read the evaluation state {path} ({e}); delete it to start over.") from None
