@@ -143,7 +143,7 @@ def build_cifar10(npz: Path, root: Path) -> Path:
     from PIL import Image
 
     folder = root / "cifar-10-batches-py"
-    if (folder / "test_batch").is_file():
+    if (folder / "batches.meta").is_file():  # written last (by a rename): an earlier build was whole
         return root
     folder.mkdir(parents=True, exist_ok=True)
     z = np.load(npz)
@@ -160,8 +160,9 @@ def build_cifar10(npz: Path, root: Path) -> Path:
         _dump(folder / f"data_batch_{k + 1}", x[k * per:(k + 1) * per], y[k * per:(k + 1) * per])
     _dump(folder / "test_batch", *decode("test"))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(folder / "batches.meta", "wb") as f:
+    with open(folder / "batches.meta.tmp", "wb") as f:
         pickle.dump({"label_names": names}, f, protocol=2)
+    os.replace(folder / "batches.meta.tmp", folder / "batches.meta")
     return root
 
 
