@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 
-.PHONY: demo test test-fast lint bench clean-venv
+.PHONY: demo test test-fast test-cuda-on-cpu lint bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(VENV)/.installed
 # Leaves out the end-to-end tests (trainings, sweeps, distributed runs, the examples): marked `slow`.
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+
+# The GPU-only tests (tests/test_cuda.py) run on the CPU: a dry run of their own code between GPU loans.
+test-cuda-on-cpu: $(VENV)/.installed
+	IAAT_CUDA_TESTS_DEVICE=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m cuda tests/test_cuda.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks examples

@@ -3,10 +3,14 @@ torchrun with NCCL, a PGD loop without host synchronisation, and exported model 
 
 Marked ``cuda`` and skipped without a GPU; ``benchmarks/gpu_check.sh`` runs them first thing on a GPU machine
 (``pytest -m cuda``). Tolerances are those of the CPU fast-path tests (tests/test_fast_path.py) unless said.
+
+``IAAT_CUDA_TESTS_DEVICE=cpu`` runs them on the CPU instead, a dry run of the tests' own code so that it does not rot
+between GPU loans (``make test-cuda-on-cpu``); what needs CUDA itself (fp16, the sync debug mode, NCCL) is skipped.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,9 +25,10 @@ from iaat.engine.trainer import build_step
 import test_fast_path
 from test_fast_path import cosine, fast_step, initial_weights, max_relative_gap, plain_step, step_config
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
-GPU = torch.device("cuda")
+GPU = torch.device(os.environ.get("IAAT_CUDA_TESTS_DEVICE", "cuda"))
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(GPU.type == "cuda" and not torch.cuda.is_available(),
+                                                   reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
+needs_cuda = pytest.mark.skipif(GPU.type != "cuda", reason="needs CUDA itself (this is a dry run on the CPU)")
 batch = test_fast_path.batch  # the fast-path tests' batch fixture, reused
 
 
@@ -34,8 +39,8 @@ batch = test_fast_path.batch  # the fast-path tests' batch fixture, reused
     ({"channels_last": True}, 1e-3, 0.999),
     ({"amp": "bf16"}, 1e-2, 0.9),
     ({"amp": "bf16", "channels_last": True}, 1e-2, 0.9),
-    ({"amp": "fp16"}, 1e-2, 0.95),
-    ({"attack_amp": "fp16"}, 1e-2, 0.95),
+    pytest.param({"amp": "fp16"}, 1e-2, 0.95, marks=needs_cuda),
+    pytest.param({"attack_amp": "fp16"}, 1e-2, 0.95, marks=needs_cuda),
 ], ids=["fp32", "channels_last", "bf16", "bf16+channels_last", "fp16+scaler", "fp16-attack-only"])
 def test_fast_path_on_cuda_matches_the_plain_step(batch, tiny_cifar, train, loss_tol, min_cosine):
     check_fast_step(batch, tiny_cifar, train, loss_tol, min_cosine)
@@ -60,7 +65,7 @@ def test_deterministic_training_is_bitwise_repeatable(tiny_cifar, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        proc = run_cli(*tiny_train_args(tiny_cifar, out, 2, "--device", "cuda", "--method", "iaat",
+        proc = run_cli(*tiny_train_args(tiny_cifar, out, 2, "--device", GPU.type, "--method", "iaat",
                                         "--set", "method.warmup_epochs=1", "--set", "train.deterministic=true"),
                        cwd=REPO, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -81,14 +86,17 @@ def test_pgd_step_loop_never_waits_for_the_host(batch):
     model.eval()
     x, y = x.to(GPU), y.to(GPU)
     eps = _as_radius(8 / 255, len(y), x)
-    run = _run_settings("cuda", steps=10)  # what pgd() runs (tests/test_pgd.py checks it on the CPU)
+    run = _run_settings(GPU.type, steps=10)  # what pgd() runs (tests/test_pgd.py checks it on the CPU)
     _one_run(model, x, y, eps, eps / 4, None, None, run)  # warm up: allocations and kernel selection
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    on_gpu = GPU.type == "cuda"  # the dry run on the CPU runs the loop without the check
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
         x_adv, kappa, first_miss = _one_run(model, x, y, eps, eps / 4, None, None, run)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
     assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
     assert kappa.shape == first_miss.shape == y.shape
 
@@ -103,11 +111,12 @@ def test_an_exported_model_runs_on_the_gpu(tiny_run, tmp_path, fmt, name):
     path, _ = iaat.export_model(tiny_run, tmp_path / name, fmt)
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(GPU)
     with torch.no_grad():
-        got, want = iaat.load_model(path, "cuda")(x), iaat.load_model(tiny_run, "cuda")(x)
-    assert got.device.type == "cuda"
+        got, want = iaat.load_model(path, GPU.type)(x), iaat.load_model(tiny_run, GPU.type)(x)
+    assert got.device.type == GPU.type
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # TF32 convolutions may differ in rounding
 
 
+@needs_cuda
 def test_torchrun_with_nccl_on_one_gpu(tiny_cifar, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "iaat",
@@ -149,7 +158,7 @@ def test_compile_recompiles_a_bounded_number_of_times_over_an_iaat_epoch(tiny_ci
     for epoch in range(3):  # warmup, then two epochs of Alg. 2
         method.start_epoch(epoch)
         for x, y, idx in DeviceLoader(data.train, 64, GPU, seed=epoch).epoch(epoch):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(GPU.type, dtype=torch.bfloat16):
                 out = method.compute(net, x, y, idx)
             opt.zero_grad()
             out.loss.backward()
