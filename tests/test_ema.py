@@ -128,9 +128,16 @@ def test_eval_and_export_use_the_average_unless_raw(ema_run, tmp_path):
     trained, *_ = load_run(ema_run)
     model_file, _ = iaat.export_model(ema_run, tmp_path / "m.safetensors")  # auto: the average
     x = torch.rand(4, 3, 32, 32)
+    raw_file, _ = iaat.export_model(ema_run, tmp_path / "raw.safetensors", weights="raw")
     with torch.no_grad():
         assert torch.equal(iaat.load_model(model_file)(x), averaged(x))
         assert not torch.equal(averaged(x), trained(x))
+        # load_model picks a run's weights as eval and export do
+        assert torch.equal(iaat.load_model(ema_run)(x), averaged(x))
+        assert torch.equal(iaat.load_model(ema_run, weights="raw")(x), trained(x))
+        assert torch.equal(iaat.load_model(raw_file, weights="raw")(x), trained(x))
+    with pytest.raises(ConfigError, match="holds the raw weights of its run, not the ema ones"):
+        iaat.load_model(raw_file, weights="ema")
 
 
 @pytest.mark.slow

@@ -168,30 +168,41 @@ def _program_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
 # --------------------------------------------------------------------------- load
 
 
-def read_model_file(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> tuple[nn.Module, dict]:
+def read_model_file(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+                    weights: str = "auto") -> tuple[nn.Module, dict]:
     """A model file as ``(module in eval mode, its description)``; the description is ``{}`` when the file has none.
 
     Reads a ``.safetensors`` file exported by iaat (with its JSON beside it or inside it; no pickle is
     involved), a TorchScript file (``torch.jit.load``), a ``torch.export`` ``.pt2`` file, an iaat checkpoint or
-    a run folder.
+    a run folder. ``weights`` picks a run's or checkpoint's weights as :func:`export_model` does; an exported
+    file holds one set, and asking it for the other is an error.
     """
     from .engine.runs import load_run
 
+    if weights not in ("auto", "raw", "ema"):
+        raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
     path = Path(path)
     if file_format(path) in ("run", "checkpoint"):
-        model, cfg, ckpt_path, ckpt = load_run(path)
-        meta = model_card(path, cfg, ckpt, model, "raw")
+        model, cfg, ckpt_path, ckpt = load_run(path, weights=weights)
+        meta = model_card(path, cfg, ckpt, model, "ema" if weights != "raw" and EMA_KEY in ckpt else "raw")
     else:
         model, meta = load_exported(path)
+        held = meta.get("weights")
+        if weights != "auto" and held is not None and held != weights:
+            raise ConfigError(f"{path} holds the {held} weights of its run, not the {weights} ones; export those "
+                              f"with iaat export RUN --{weights}.")
     return model.to(device or "cpu").eval(), meta
 
 
-def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+               weights: str = "auto") -> nn.Module:
     """Any model file iaat writes, as a module in eval mode that takes images in [0, 1].
 
     ``path``: an exported ``.safetensors`` file (rebuilt from its JSON without any pickle), a
     TorchScript or ``.pt2`` (``torch.export``) file, an iaat checkpoint or a run folder (its newest valid
-    checkpoint).
+    checkpoint). ``weights``: for a run or checkpoint, ``auto`` (the averaged weights of ``train.ema`` when
+    the run keeps them, else the trained ones: what ``iaat eval`` and :func:`export_model` use), ``raw`` or
+    ``ema``.
 
     Example (``run``: a run folder, ``folder``: a folder to write to):
         >>> import iaat, torch
@@ -203,7 +214,7 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
         >>> torch.equal(torch.export.load(program).module()(x), iaat.load_model(run)(x))
         True
     """
-    return read_model_file(path, device)[0]
+    return read_model_file(path, device, weights)[0]
 
 
 def resolve_factory(spec: str) -> Any:
