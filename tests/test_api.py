@@ -51,6 +51,7 @@ def _batch(n: int = 6, classes: int = 3):
 @pytest.mark.parametrize("call", [
     lambda m, x, y: iaat.pgd(m, x, y, eps=8),
     lambda m, x, y: iaat.pgd(m, x, y, eps=8 / 255, step_size=2),
+    lambda m, x, y: iaat.pgd(m, x, y, eps=torch.full((len(y),), 8.0)),  # per-sample radii
     lambda m, x, y: iaat.PGD(m, eps=8),
     lambda m, x, y: iaat.PGDAT(eps=8),
     lambda m, x, y: iaat.IAAT(num_train=6, gamma=1.9),
@@ -62,6 +63,38 @@ def test_a_size_in_pixel_units_is_an_error_that_names_the_fix(call):
     with pytest.raises(ConfigError, match=r"larger than 1.*/255") as info:
         call(model, x, y)
     assert isinstance(info.value, ValueError)  # what a Python caller catches
+
+
+class _Pair(nn.Module):
+    def forward(self, z: torch.Tensor) -> tuple:
+        return z, z
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: iaat.pgd(m, (x * 255).to(torch.uint8), y, 8 / 255), "float images in .0, 1.*255"),
+    (lambda m, x, y: iaat.pgd(m, x, y.float(), 8 / 255), r"integer class indices \(torch.long\)"),
+    (lambda m, x, y: iaat.pgd(m, x, y - 1, 8 / 255), "class indices >= 0, got -1"),
+    (lambda m, x, y: iaat.pgd(m, x, y, torch.full((len(y),), -0.1)), "eps must hold finite sizes >= 0"),
+    (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, steps=2.5), "whole number >= 0, got 2.5"),
+    (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, steps=-1), "whole number >= 0, got -1"),
+    (lambda m, x, y: iaat.pgd(nn.Sequential(m, _Pair()), x, y, 8 / 255), "logits of shape .B, classes., got tuple"),
+    (lambda m, x, y: iaat.PGD(m, eps=8 / 255, stepz=3), "unknown option.s. stepz"),
+])
+def test_the_attack_names_the_mistake(call, message):
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match=message):
+        call(model, x, y)
+
+
+def test_int32_labels_and_numpy_step_counts_are_accepted():
+    import numpy as np
+
+    model, (x, y) = _linear(), _batch()
+    torch.manual_seed(0)
+    a = iaat.pgd(model, x, y.int(), 8 / 255, steps=np.int64(3))
+    torch.manual_seed(0)
+    b = iaat.pgd(model, x, y, 8 / 255, steps=3, check_inputs=False)  # the checks draw no random numbers
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.kappa, b.kappa) and a.first_miss.dtype == torch.long
 
 
 def test_l2_sizes_may_exceed_one():
@@ -89,6 +122,8 @@ def test_normalised_inputs_are_refused():
     model, (x, y) = _linear(), _batch()
     with pytest.raises(ConfigError, match=r"images in \[0, 1\].*NormalizedModel"):
         iaat.PGDAT().loss(model, (x - 0.5) / 0.25, y)
+    with pytest.raises(ConfigError, match=r"images in \[0, 1\].*NormalizedModel"):
+        iaat.pgd(model, (x - 0.5) / 0.25, y, 8 / 255)
     with pytest.raises(ConfigError, match=r"images in \[0, 1\]"):
         iaat.evaluate(model, (x - 0.5) / 0.25, y)
 

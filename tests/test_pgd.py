@@ -68,7 +68,7 @@ _radius = st.one_of(st.just(0.0), st.floats(1e-3, 0.5, allow_nan=False))
 
 @FEW
 @given(eps=st.lists(_radius, min_size=B, max_size=B), steps=st.integers(0, 4), random_start=st.booleans(),
-       step_scale=st.sampled_from([None, 0.3, 3.0]), seed=st.integers(0, 2**16))
+       step_scale=st.sampled_from([None, 0.3, 1.9]), seed=st.integers(0, 2**16))
 def test_linf_stays_in_ball_and_image_range(tiny_model, eps, steps, random_start, step_scale, seed):
     x, y = _batch(seed)
     eps_t = torch.tensor(eps)

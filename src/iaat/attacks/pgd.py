@@ -24,6 +24,9 @@ gradients do not underflow to zero; a step uses only the gradient's sign (L-inf)
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
@@ -247,6 +250,8 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         delta.requires_grad_(True)
         with s.autocast():
             logits = model(x + delta)
+        if k == 0:
+            _check_logits(logits, len(y))
         objective = _objective(logits, y, target, s.loss, reference)
         (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
@@ -288,7 +293,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
         momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False,
-        clamp_start: bool = True) -> AttackResult:
+        clamp_start: bool = True, check_inputs: bool = True) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -324,6 +329,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         clamp_start: project the random start onto the ball and into [0, 1] before the first gradient
             (default); ``False`` takes the first gradient at the unclamped start, as the IAAT authors'
             attack does (their clamp follows each step), for IAAT's ``compat: authors`` only.
+        check_inputs: check that ``x`` lies in [0, 1] and that radii given as tensors are sizes in [0, 1]
+            units, not pixel levels (one host synchronisation; the training methods check their first batch
+            themselves and pass ``False``, keeping the training step free of them).
 
     Returns:
         An :class:`AttackResult`.
@@ -338,9 +346,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         >>> res.robust.shape  # no iterate misclassified, per sample
         torch.Size([4])
     """
-    _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop_on_miss, target, early_stop_tau)
+    _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
+                     early_stop_tau)
+    if check_inputs:
+        _check_values(x, y, eps, step_size, norm)
     batch = x.shape[0]
-    x = x.detach()
+    x, y = x.detach(), y.long()  # cross-entropy and gather take int64 labels
     eps_t = _as_radius(eps, batch, x)
     alpha = 2.5 * eps_t / max(steps, 1) if step_size is None else _as_radius(step_size, batch, x)
     run = _run_settings(x.device.type, steps=steps, norm=norm, random_start=random_start, clamp_start=clamp_start,
@@ -381,16 +392,24 @@ def _better_of(best: AttackResult, new: AttackResult, target: Optional[torch.Ten
                         torch.minimum(best.first_miss, new.first_miss), best.steps)
 
 
-def _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop_on_miss, target, early_stop_tau):
-    """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on."""
+def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
+                     early_stop_tau):
+    """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on;
+    none needs a host synchronisation."""
     if norm not in ("linf", "l2"):
         raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}.")
     if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
         raise ConfigError(f"pgd takes images x of shape (B, C, H, W) in [0, 1] and labels y of shape (B,), got "
                           f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
+    if not x.is_floating_point():
+        raise ConfigError(f"pgd takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255 first.")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ConfigError(f"labels y must be integer class indices (torch.long), got {y.dtype}.")
     for name, value in (("eps", eps), ("step_size", step_size)):
-        if value is not None and not torch.is_tensor(value):  # what a person types; tensors come from code
+        if value is not None and not torch.is_tensor(value):  # what a person types; tensors are checked by values
             check_size(value, name, norm=norm)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ConfigError(f"steps must be a whole number >= 0, got {steps!r}.")
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
     if not callable(loss) and loss not in ("ce", "margin", "kl"):
@@ -401,6 +420,35 @@ def _check_arguments(x, y, eps, step_size, norm, restarts, loss, reference, stop
         raise ConfigError("the 'kl' loss needs reference logits")
     if stop_on_miss and (restarts > 1 or target is not None or early_stop_tau is not None):
         raise ConfigError("stop_on_miss is for one untargeted run without early_stop_tau")
+
+
+def _check_logits(logits: object, batch: int) -> None:
+    if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == batch):
+        what = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
+        raise ConfigError(f"the model must return logits of shape (B, classes), got {what}; wrap a model that "
+                          f"returns a tuple or dict in a module that returns the logits alone.")
+
+
+def _check_values(x: torch.Tensor, y: torch.Tensor, eps: Radius, step_size: Optional[Radius], norm: str) -> None:
+    """The checks that read tensor values (one host synchronisation for all): images in [0, 1], labels >= 0,
+    radii given as tensors finite and >= 0, and at most 1 under L-inf (else pixel levels, ``8`` meant as 8/255)."""
+    if not len(x):
+        return
+    sizes = [(name, v) for name, v in (("eps", eps), ("step_size", step_size)) if torch.is_tensor(v) and v.numel()]
+    stats = [x.min(), x.max(), y.min()] + [f(v.detach()) for _, v in sizes for f in (torch.min, torch.max)]
+    lo, hi, label, *bounds = torch.stack([t.float().to(x.device) for t in stats]).tolist()
+    if lo < 0 or hi > 1:
+        raise ConfigError(f"pgd takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise inside the "
+                          f"model (iaat.NormalizedModel(net, mean, std)), not in the data.")
+    if label < 0:
+        raise ConfigError(f"labels y must be class indices >= 0, got {int(label)}.")
+    for (name, _), (smallest, largest) in zip(sizes, zip(bounds[::2], bounds[1::2])):
+        if not (math.isfinite(smallest) and math.isfinite(largest)) or smallest < 0:
+            raise ConfigError(f"{name} must hold finite sizes >= 0 in [0, 1] image units, got values in "
+                              f"[{smallest:g}, {largest:g}].")
+        if norm == "linf" and largest > 1:
+            raise ConfigError(f"{name} holds {largest:g}, larger than 1, the whole [0, 1] pixel range: sizes are in "
+                              f"[0, 1] image units; for pixel levels pass {name}/255.")
 
 
 class PGD:
@@ -422,6 +470,10 @@ class PGD:
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 10, step_size: Optional[float] = None,
                  **options) -> None:
+        unknown = sorted(set(options) - _PGD_OPTIONS)
+        if unknown:
+            raise ConfigError(f"PGD got unknown option(s) {', '.join(unknown)}; it takes those of iaat.pgd: "
+                              f"{', '.join(sorted(_PGD_OPTIONS))}.")
         norm = options.get("norm", "linf")
         check_size(eps, "eps", norm=norm)
         if step_size is not None:
@@ -438,3 +490,7 @@ class PGD:
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"PGD(eps={format_size(self.eps)}, steps={self.steps}, step_size={self.step_size}{extra})"
+
+
+#: the keyword arguments :class:`PGD` passes on to :func:`pgd`
+_PGD_OPTIONS = frozenset(inspect.signature(pgd).parameters) - {"model", "x", "y", "eps", "steps", "step_size"}

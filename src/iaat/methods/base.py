@@ -198,11 +198,12 @@ class Method:
     # -- helpers of the adversarial methods --------------------------------------------------------------
     def attack_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Any = None,
                      steps: Optional[int] = None, step_size: Any = None, **kwargs: Any) -> AttackResult:
-        """Run the shared PGD kernel with the training attack's settings (overridable per call)."""
+        """Run the shared PGD kernel with the training attack's settings (overridable per call); the values of
+        ``x`` were checked on the first batch (:meth:`_check_call`), so the step stays free of host syncs."""
         return pgd(model, x, y, self.eps if eps is None else eps, steps=self.steps if steps is None else steps,
                    step_size=self.step_size if step_size is None else step_size, norm=self.norm,
                    random_start=self.random_start, autocast_dtype=self.attack_dtype, compiled=self.compiled,
-                   **kwargs)
+                   check_inputs=False, **kwargs)
 
     def _check_call(self, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> None:
         who = type(self).__name__
