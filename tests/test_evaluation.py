@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -182,6 +183,18 @@ def test_stronger_settings_never_report_more_robustness(digits_eval):
     steps = [p["accuracy"] for p in digits_eval["curves"]["steps"]["points"]]
     assert all(b <= a for a, b in zip(steps, steps[1:]))  # one run, per-iterate record: exactly monotone
     assert steps[-1] < steps[0]
+
+
+def test_sweeps_of_a_model_that_gets_nothing_right_are_zero(at_digits):
+    """No image classified correctly, so none attacked: every point of both sweeps is 0 (no missing record)."""
+    net, test, k = at_digits
+    wrong = copy.deepcopy(test)
+    with torch.no_grad():
+        wrong.y = (net(wrong.x.float() / 255).argmax(1) + 1) % k
+    res = _evaluate(net, wrong, ["pgd:steps=2"], num_classes=k, eps_sweep=[0, EPS], steps_sweep=[1, 2], checks=False)
+    assert res["clean"] == 0 and res["attacks"]["PGD-2@32/255"]["accuracy"] == 0
+    points = res["curves"]["eps"]["points"] + res["curves"]["steps"]["points"]
+    assert [p["accuracy"] for p in points] == [0.0] * 4
 
 
 def test_checks_stay_quiet_on_an_adversarially_trained_model(digits_eval):

@@ -277,8 +277,9 @@ def _curves(state: EvalState, plan: EvalPlan, clean: float, n: int) -> dict:
         curves["eps"] = {"attack": f"PGD-{plan.sweep_steps}", "points": points}
     if plan.steps_sweep:
         spec = plan.steps_sweep_attack()
-        first_miss = state.arrays[f"{spec.label}/first_miss"]
         clean_ok = state.arrays["clean_ok"]
+        # absent when no image was classified correctly, so none was attacked
+        first_miss = state.arrays.get(f"{spec.label}/first_miss", np.full(n, -1))
         # PGD-k's strict accuracy: clean-correct and none of the iterates x_0..x_k misclassified.
         points = [{"steps": k, "accuracy": float((clean_ok & (first_miss > k)).mean()) if n else 0.0}
                   for k in plan.steps_sweep]
