@@ -94,6 +94,26 @@ def test_without_mean_std_the_model_sees_raw_pixels():
         torch.testing.assert_close(model(x), model.net(x))
 
 
+@pytest.mark.parametrize("mean, std, channels, message", [
+    ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7), 3, "divide both by 255"),  # 0-255 statistics
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), 3, r"std in \(0, 1\]"),
+    ((0.5, 0.5), (0.2, 0.2), 3, "2 values for 3-channel images"),
+    ((0.5, 0.5, 0.5), (0.2,), 3, "1 values for 3-channel|got 3 and 1"),
+    (("a", 0.5, 0.5), (0.2, 0.2, 0.2), 3, "sequence of numbers"),
+])
+def test_normalisation_constants_that_cannot_be_right_are_refused(mean, std, channels, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model("small_cnn", 10, channels, mean=mean, std=std)
+
+
+def test_an_input_with_other_channels_than_the_normalisation_is_refused():
+    model = NormalizedModel(torch.nn.Flatten(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    with pytest.raises(ConfigError, match=r"normalises 3-channel images .B, 3, H, W., got input of shape \(2, 1, 8, 8\)"):
+        model(torch.rand(2, 1, 8, 8))
+    one = NormalizedModel(torch.nn.Flatten(), (0.5,), (0.25,))  # one value for every channel
+    assert one(torch.rand(2, 3, 4, 4)).shape == (2, 48)
+
+
 @pytest.mark.parametrize("name", ["resnet34", "WRN-34-10", "", "small-cnn"])
 def test_unknown_model_raises_config_error(name):
     with pytest.raises(ConfigError, match="unknown model") as info:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 class Normalize(nn.Module):
@@ -13,11 +16,31 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        mean, std = _constants(mean, "mean"), _constants(std, "std")
+        if len(mean) != len(std):
+            raise ConfigError(f"mean and std need one value per channel each, got {len(mean)} and {len(std)}.")
+        if any(v < 0 or v > 1 for v in mean) or any(v <= 0 or v > 1 for v in std):
+            raise ConfigError(f"mean {mean} and std {std} must be statistics of [0, 1] images (mean in [0, 1], std "
+                              f"in (0, 1]); for statistics of 0-255 pixels divide both by 255.")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.mean.shape[1]
+        if x.ndim != 4 or (channels != 1 and x.shape[1] != channels):  # shapes only: no host sync
+            raise ConfigError(f"the model normalises {channels}-channel images (B, {channels}, H, W), got input of "
+                              f"shape {tuple(x.shape)}.")
         return (x - self.mean) / self.std
+
+
+def _constants(values: Sequence[float], name: str) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a sequence of numbers, one per channel, got {values!r}.") from None
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ConfigError(f"{name} must hold one finite number per channel, got {values!r}.")
+    return out
 
 
 class NormalizedModel(nn.Module):

@@ -77,4 +77,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
     net = MODELS[name](num_classes, in_channels, depth, width)
     if mean is None or std is None:
         mean, std = (0.0,) * in_channels, (1.0,) * in_channels
+    for what, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, in_channels):
+            raise ConfigError(f"{what} has {len(values)} values for {in_channels}-channel images: give one per "
+                              f"channel (or one for all).")
     return NormalizedModel(net, mean, std)
