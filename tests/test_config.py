@@ -319,3 +319,21 @@ def test_bad_scaling_keys_are_clear_errors(key, value, match):
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=match):
         config_from_dict({section: {name: value}})
+
+
+def test_every_key_has_a_description_for_print_config():
+    """``--print-config`` and the reference docs read each key's meaning from ``#:`` comments and docstrings'
+    ``Args:`` sections (a header over two lines included, as MMA's)."""
+    import dataclasses
+
+    from iaat.config import _SECTION_TYPES
+    from iaat.methods import METHODS
+    from iaat.methods.base import own_fields
+    from iaat.schema import field_docs
+
+    kinds = {f"method {name}": (cls, own_fields(cls)) for name, cls in METHODS.items()}
+    kinds.update({section: (kind, dataclasses.fields(kind)) for section, kind in _SECTION_TYPES.items()})
+    missing = {what: [f.name for f in fields if not field_docs(kind).get(f.name)] for what, (kind, fields) in
+               kinds.items()}
+    assert not any(missing.values()), missing
+    assert field_docs(METHODS["mma"])["min_eps"].startswith("smallest radius an attack starts from")

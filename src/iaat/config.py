@@ -41,7 +41,8 @@ class DataConfig:
 class ModelConfig:
     """Architecture by registry name; inputs are always images in [0, 1]."""
 
-    name: str = "resnet18"  #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10
+    #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10; resnet50 | resnet101 | resnet152
+    name: str = "resnet18"
     depth: Optional[int] = None  #: WideResNet depth (6n+4)
     width: Optional[int] = None  #: WideResNet widen factor, or small_cnn base width
     normalize: bool = True  #: put the data set's mean/std normalisation inside the model

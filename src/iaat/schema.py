@@ -132,6 +132,8 @@ def _docstring_args(doc: str) -> dict:
     start = next((i for i, line in enumerate(lines) if line.strip().startswith("Args")), None)
     if start is None:
         return out
+    while start + 1 < len(lines) and not lines[start].rstrip().endswith(":"):  # a header over several lines
+        start += 1
     names: list = []
     for line in lines[start + 1:]:
         entry = re.match(r"\s{8}([\w, ]+?)(?: \(.*?\))?: (.*)$", line)

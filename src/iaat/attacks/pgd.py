@@ -59,6 +59,15 @@ class AttackResult:
         first_miss: (B,) int64, index k of the first iterate x_k (k = 0..K, x_K the final one)
             classified wrongly, minimum over restarts; K + 1 if none was (the final iterate
             counts only when it was checked).
+
+    Example:
+        >>> import iaat, torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+        >>> res = iaat.pgd(model, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), eps=8 / 255, steps=5)
+        >>> res.x_adv.shape, res.kappa.shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([4]))
+        >>> bool(torch.equal(res.robust, res.first_miss > 5))  # robust: no iterate misclassified
+        True
     """
 
     x_adv: torch.Tensor

@@ -66,8 +66,8 @@ def weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.T
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:
     """Per-sample weights from kappa, normalised to mean 1 over the (global) batch.
 
-    tanh: (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, written with K // 2 as the authors' code;
-    sigmoid: sigmoid(lam + 5 (1 - 2 kappa / K)); discrete: (K + 1 - kappa) / (K + 1).
+    tanh: (1 + tanh(lam + 5 (1 - kappa / (K // 2)))) / 2, K // 2 as the authors' code (2 kappa / K for even K);
+    sigmoid: sigmoid(lam + 5 (1 - kappa / (K // 2))); discrete: (K + 1 - kappa) / (K + 1).
     ``lam = +inf`` gives uniform weights. ``kappa`` is what the PGD kernel returns (:class:`iaat.AttackResult`).
 
     Example:
