@@ -54,6 +54,8 @@ def test_state_round_trips_and_bad_input_is_clear():
         other.load_state_dict({"model": {}}, "x.pt")
     with pytest.raises(CheckpointError, match="do not fit this model"):
         iaat.EMA(nn.Linear(5, 2)).load_state_dict(ema.state_dict(), "x.pt")
+    with pytest.raises(ConfigError, match="differ in number or shape"):
+        iaat.EMA(model).update(nn.Linear(4, 2))
 
 
 EMA_ARGS = ("--method", "iaat", "--set", "method.warmup_epochs=1", "--set", "train.ema=0.9")

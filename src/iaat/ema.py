@@ -49,6 +49,8 @@ class EMA:
             raise ConfigError(f"the EMA decay must be in (0, 1), e.g. 0.999, got {decay}.")
         self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
         self.module = copy.deepcopy(model).eval()
+        self._shapes = _shapes(self.module)
+        self._checked = False
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -59,6 +61,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the averaged parameters towards ``model``'s; copy its buffers."""
+        if not self._checked:  # once: pairs are made by position, so another model would be averaged silently
+            if _shapes(model) != self._shapes:
+                raise ConfigError("EMA.update got a model whose parameters and buffers differ in number or shape "
+                                  "from those of the model the EMA was built from: pass that same model.")
+            self._checked = True
         d = self.current_decay()
         for avg, w in zip(self.module.parameters(), model.parameters()):
             avg.mul_(d).add_(w.detach(), alpha=1 - d)
@@ -80,3 +87,7 @@ class EMA:
             raise CheckpointError(f"the averaged weights in {where or 'the state'} do not fit this model "
                                   f"({first_line(e)}).") from None
         self.updates = int(state.get(EMA_UPDATES_KEY, 0))
+
+
+def _shapes(model: nn.Module) -> tuple:
+    return (tuple(p.shape for p in model.parameters()), tuple(b.shape for b in model.buffers()))
