@@ -185,8 +185,24 @@ def test_evaluate_returns_the_protocol_numbers_as_a_plain_dict():
     assert [p["eps"] for p in res["curves"]["eps"]["points"]] == pytest.approx([0, 4 / 255, 8 / 255])
     assert "checks" in res and isinstance(res["suspicious"], bool)
     json.dumps(res)  # plain data
-    with pytest.raises(ConfigError, match="labels go up to 5 but the model has 3 outputs"):
-        iaat.evaluate(model, x, torch.arange(24) % 6)
+    for labels in (torch.arange(24) % 6, torch.arange(24) % 3 - 1):
+        with pytest.raises(ConfigError, match=r"class indices in \[0, 2\] for a model with 3 outputs"):
+            iaat.evaluate(model, x, labels)
+    one = iaat.evaluate(model, x, y, attacks="pgd:steps=2", checks=False)  # one attack on its own
+    assert set(one["attacks"]) == {"PGD-2@8/255"}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: iaat.evaluate(m, x[:0], y[:0]), "N >= 1"),
+    (lambda m, x, y: iaat.evaluate(m, x, y.float()), "integer class indices"),
+    (lambda m, x, y: iaat.evaluate(m, x, y, batch_size=0), "batch_size must be a whole number >= 1"),
+    (lambda m, x, y: iaat.evaluate(nn.Sequential(m, _Pair()), x, y), "logits of shape .B, classes., got tuple"),
+    (lambda m, x, y: iaat.evaluate(m, x[:, :1], y), r"fails on images of shape \(1, 4, 4\) from x: RuntimeError"),
+])
+def test_evaluate_names_the_mistake(call, message):
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match=message):
+        call(model, x, y)
 
 
 def test_the_package_has_no_import_cycles():

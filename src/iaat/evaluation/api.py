@@ -9,7 +9,7 @@ from torch import nn
 
 from ..attacks import attack_mode
 from ..data import ImageSet, to_unit
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..units import check_size
 from .attacks import AttackSpec
 from .presets import PROTOCOLS
@@ -32,7 +32,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         x: images in [0, 1], float (B, C, H, W), or uint8 pixels.
         y: labels (B,).
         attacks: attack specs as ``iaat eval --attack`` writes them (``"pgd:steps=100,restarts=5"``, ``"cw"``,
-            ``"autoattack:version=quick"``) or :class:`~iaat.evaluation.AttackSpec` objects; default PGD-20
+            ``"autoattack:version=quick"``) or :class:`~iaat.evaluation.AttackSpec` objects, or one; default PGD-20
             and CW-40. A size written inside a spec string is text, read as on the command line (8 or 8/255).
         eps: the radius, or several (each attack without its own radius runs at each), [0, 1] units.
         protocol: a named protocol (``quick``, ``paper``, ``full``) whose attacks come first.
@@ -58,12 +58,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     radii = [eps] if isinstance(eps, (int, float)) else list(eps)
     radii = [check_size(e, "eps", norm=norm) for e in radii]
     sweep = [check_size(e, "eps_sweep", norm=norm) for e in eps_sweep] if eps_sweep is not None else None
+    if isinstance(attacks, (str, AttackSpec)):
+        attacks = [attacks]  # one attack given on its own
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     data = _image_set(x, y)
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.no_grad(), attack_mode(model) as plain:
-        num_classes = int(plain(to_unit(data.x[:1], device)).shape[-1])
-    if int(data.y.max()) >= num_classes:
-        raise ConfigError(f"labels go up to {int(data.y.max())} but the model has {num_classes} outputs.")
+    first = to_unit(data.x[:1], device)
+    try:
+        with torch.no_grad(), attack_mode(model) as plain:
+            out = plain(first)
+    except (RuntimeError, ValueError, TypeError) as e:  # e.g. other channels or image size than it was built for
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"the model fails on images of shape {tuple(first.shape[1:])} from x: "
+                          f"{type(e).__name__}: {first_line(e, 200)}") from None
+    if not (torch.is_tensor(out) and out.ndim == 2):
+        what = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"the model must return logits of shape (B, classes), got {what}.")
+    num_classes = out.shape[-1]
+    if int(data.y.min()) < 0 or int(data.y.max()) >= num_classes:
+        raise ConfigError(f"labels must be class indices in [0, {num_classes - 1}] for a model with {num_classes} "
+                          f"outputs, got labels from {int(data.y.min())} to {int(data.y.max())}.")
     texts = [a for a in attacks if isinstance(a, str)] if attacks is not None else (
         [] if protocol else list(PROTOCOLS["quick"]))
     plan = build_plan(eps=radii, protocol=protocol, attacks=texts, norm=norm, eps_sweep=sweep, steps_sweep=steps_sweep,
@@ -78,9 +94,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
-    if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 4 and y.shape == (len(x),)):
-        raise ConfigError(f"evaluate takes images x of shape (N, C, H, W) and labels y of shape (N,), got "
+    if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 4 and y.shape == (len(x),) and len(x)):
+        raise ConfigError(f"evaluate takes images x of shape (N, C, H, W) and labels y of shape (N,), N >= 1, got "
                           f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ConfigError(f"labels y must be integer class indices, got {y.dtype}.")
     if x.is_floating_point():
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
