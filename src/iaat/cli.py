@@ -36,7 +36,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint (exactly, on CPU)")
     p.add_argument("--method", help="training method: clean | pgd_at | iaat | gairat | fat | gair_fat | trades | "
-                                    "mixup_at | mart  [method.name]; set its keys with --set method.KEY=VALUE")
+                                    "mixup_at | mart | mma | cat | mail, or your own as module:Class (an iaat.Method "
+                                    "subclass; see examples/own_method.py)  [method.name]; set its keys with --set "
+                                    "method.KEY=VALUE")
     p.add_argument("--model", help="architecture: small_cnn | resnet18 | preact_resnet18 | wideresnet | "
                                    "wrn-32-10 | wrn-34-10 (CIFAR-sized); resnet50 | resnet101 | resnet152 "
                                    "(ImageNet-sized)  [model.name]")

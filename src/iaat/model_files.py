@@ -20,11 +20,9 @@ own architecture (``module:factory``) and loads weights into it, so ``iaat eval`
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -219,19 +217,11 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
 
 def resolve_factory(spec: str) -> Any:
     """The callable named by ``module:factory`` (the module imported from the current folder or the path)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--model {spec!r}: write module:factory, e.g. mypkg.nets:resnet18.")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # the current folder, as for `python -m`
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise ConfigError(f"--model {spec}: cannot import {module_name} ({e}).") from None
-    except AttributeError:
-        raise ConfigError(f"--model {spec}: {module_name} has no {attr}.") from None
+    from .plugins import resolve
+
+    factory = resolve(spec, "--model", "mypkg.nets:resnet18")
     if not callable(factory):
-        raise ConfigError(f"--model {spec}: {attr} is not callable.")
+        raise ConfigError(f"--model {spec}: {spec.partition(':')[2]} is not callable.")
     return factory
 
 
