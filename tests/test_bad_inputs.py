@@ -149,6 +149,21 @@ def zero_threads_in_the_config(c: Ctx) -> list[str]:
     return c.new_run("--set", "train.threads=0")
 
 
+@case("model.width must be a whole number >= 1, got 0")
+def zero_model_width(c: Ctx) -> list[str]:
+    return c.new_run("--set", "model.width=0")  # `width or 32` once trained a width-32 model here
+
+
+@case("optim.lr must be a finite number > 0")
+def nan_learning_rate(c: Ctx) -> list[str]:
+    return c.new_run("--set", "optim.lr=.nan")
+
+
+@case("train.eval_steps", "must be >= 0, got -1")
+def negative_eval_steps(c: Ctx) -> list[str]:
+    return c.new_run("--set", "train.eval_steps=-1")  # once failed only after the first epoch
+
+
 @case("config file not found")
 def missing_config_file(c: Ctx) -> list[str]:
     return c.new_run("--config", str(c.tmp / "nope.yaml"))
@@ -328,6 +343,17 @@ def resume_with_config(c: Ctx) -> list[str]:
 @case("already exists and is not empty", "--resume")
 def existing_run_folder_without_resume(c: Ctx) -> list[str]:
     return tiny_train_args(c.data, c.run(), 1)
+
+
+@case("--out", "config.yaml", "name a .json file")
+def eval_out_onto_the_runs_config(c: Ctx) -> list[str]:
+    run = c.run()
+    return ["eval", str(run), "--n", "8", "--out", str(run / "config.yaml"), "--no-progress"]
+
+
+@case("notes.json exists and is not an evaluation result", "left as it is")
+def eval_out_onto_another_json_file(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--n", "8", "--out", str(c.file("notes.json", '{"a": 1}')), "--no-progress"]
 
 
 @case("does not exist (expected a run folder or a checkpoint file)")

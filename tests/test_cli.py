@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import child_env, run_cli, run_in_process, tiny_train_args
+from helpers import child_env, run_cli, run_in_process, run_main, tiny_train_args
 
 def snapshot(root: Path) -> dict:
     """Every file under root with its content hash: what a failing command must leave unchanged."""
@@ -235,3 +235,15 @@ def test_help_states_units():
     res = run_cli("train", "--help")
     assert res.returncode == 0
     assert "pixel units over 255" in res.stdout and "--set" in res.stdout
+
+
+def test_a_start_that_never_finished_an_epoch_does_not_block_its_folder(tiny_run, tiny_cifar, tmp_path):
+    """What a start leaves when it fails in its first epoch (config.yaml, the data split, an empty checkpoints/):
+    the same command, corrected, starts there again instead of asking for a --resume of nothing."""
+    out = tmp_path / "failed"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "data_split.npz"):
+        shutil.copy(tiny_run / name, out / name)
+    code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 1))
+    assert code == 0, err
+    assert (out / "checkpoints" / "epoch_0001.pt").is_file()

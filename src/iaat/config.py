@@ -9,6 +9,7 @@ checked; eps and step sizes are in pixel units over 255 (see :mod:`iaat.units`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -212,6 +213,7 @@ def validate(cfg: Config) -> None:
     from .data import DATASETS
     from .methods import method_class
     from .models import MODELS
+    from .models.registry import check_model_args
 
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{did_you_mean(cfg.data.dataset, DATASETS)} "
@@ -219,6 +221,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.model.name}'.{did_you_mean(cfg.model.name, MODELS)} "
                           f"Known: {', '.join(sorted(MODELS))}.")
+    check_model_args(cfg.model.name, cfg.model.depth, cfg.model.width)
     method_class(cfg.method.name)  # an unknown name first; its keys are checked last
     if cfg.attack.norm not in ("linf", "l2"):
         raise ConfigError(f"attack.norm must be 'linf' or 'l2', got {cfg.attack.norm!r}.")
@@ -249,12 +252,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}.")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}.")
+    if cfg.train.eval_steps < 0:
+        raise ConfigError(f"train.eval_steps (the held-out PGD's steps) must be >= 0, got {cfg.train.eval_steps}.")
     if cfg.train.eval_every < 1 or cfg.train.log_interval < 1:
         raise ConfigError("train.eval_every and train.log_interval must be >= 1.")
     if cfg.optim.schedule not in ("step", "cosine", "constant"):
         raise ConfigError(f"optim.schedule must be step, cosine or constant, got {cfg.optim.schedule!r}.")
-    if cfg.optim.lr <= 0 or cfg.optim.weight_decay < 0 or not 0 <= cfg.optim.momentum < 1:
-        raise ConfigError("optim.lr must be > 0, optim.weight_decay >= 0 and optim.momentum in [0, 1).")
+    if not (cfg.optim.lr > 0 and cfg.optim.weight_decay >= 0 and 0 <= cfg.optim.momentum < 1) or not all(
+            math.isfinite(v) for v in (cfg.optim.lr, cfg.optim.weight_decay)):  # written so that NaN fails too
+        raise ConfigError("optim.lr must be a finite number > 0, optim.weight_decay a finite number >= 0 and "
+                          "optim.momentum in [0, 1).")
     if cfg.optim.lr_scaling not in ("none", "linear"):
         raise ConfigError(f"optim.lr_scaling must be none or linear, got {cfg.optim.lr_scaling!r}.")
     if cfg.optim.base_batch_size < 1 or cfg.optim.warmup_epochs < 0:

@@ -145,6 +145,29 @@ def default_eps(req: EvalRequest) -> float:
     raise ConfigError("the model does not say which radius it was trained for: give the evaluation's --eps.")
 
 
+def check_output(out: Path) -> None:
+    """``--out`` may replace an earlier evaluation's result (and its markdown), never any other file: a typo such
+    as ``--out RUN/config.yaml`` would otherwise destroy the run."""
+    if out.suffix != ".json":
+        raise ConfigError(f"--out {out}: the evaluation writes JSON; name a .json file (the markdown goes beside it).")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a .json file in it.")
+    if out.exists() and not _is_evaluation(out):
+        raise ConfigError(f"--out {out} exists and is not an evaluation result; it is left as it is. Choose another "
+                          f"name, or delete it first.")
+    md = out.with_suffix(".md")
+    if md.exists() and not out.exists():
+        raise ConfigError(f"{md} exists, and the evaluation would replace it with its markdown; choose another --out.")
+
+
+def _is_evaluation(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "attacks" in data and "clean" in data
+
+
 def check_same_data(shape: Optional[tuple], splits, what: str) -> None:
     """Refuse to evaluate a model on a data set with other classes or image shapes than it was made for."""
     found = (splits.num_classes, list(splits.image_shape))
@@ -159,6 +182,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     from .engine.rundir import write_json
     from .engine.setup import resolve_device
 
+    if req.out is not None:
+        check_output(Path(req.out))
     device = resolve_device(req.device)
     # On CPU small batches stay in cache: PGD-10 on the small CNN ran 1.65x faster at 64 than at 256 (2-core EPYC).
     batch_size = req.batch_size or (256 if device.type == "cuda" else 64)

@@ -29,17 +29,27 @@ SPLIT = "data_split.npz"
 def check_new_run_dir(run_dir: Path) -> None:
     """Refuse to reuse a folder that already holds something (without --resume).
 
-    Temporary files of a write that was killed before ``config.yaml`` existed do not count.
+    Temporary files of a write that was killed before ``config.yaml`` existed do not count, and neither does a
+    start that stopped before its first checkpoint (an error in the first epoch): nothing was trained there, and
+    the same command with the setting corrected starts it again.
     """
     try:
         if run_dir.exists():
             if not run_dir.is_dir():
                 raise CheckpointError(f"--out {run_dir} exists and is not a folder.")
-            if any(not TEMPORARY_FILE.match(p.name) for p in run_dir.iterdir()):
+            if any(not TEMPORARY_FILE.match(p.name) for p in run_dir.iterdir()) and not _never_trained(run_dir):
                 raise CheckpointError(f"run folder {run_dir} already exists and is not empty; pass --resume to "
                                       f"continue it or choose another --out. Nothing was changed.")
     except OSError as e:
         raise CheckpointError(f"cannot use --out {run_dir}: {e.strerror or e}.") from None
+
+
+def _never_trained(run_dir: Path) -> bool:
+    """Only what a start writes before its first checkpoint: config.yaml, the data split, an empty checkpoints/."""
+    names = {p.name for p in run_dir.iterdir() if not TEMPORARY_FILE.match(p.name)}
+    checkpoints = run_dir / CHECKPOINTS
+    return names <= {CONFIG, SPLIT, CHECKPOINTS} and (not checkpoints.exists() or (
+        checkpoints.is_dir() and all(TEMPORARY_FILE.match(p.name) for p in checkpoints.iterdir())))
 
 
 def check_resumable(run_dir: Path) -> None:

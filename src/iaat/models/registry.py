@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 from torch import nn
@@ -14,7 +15,7 @@ from .wide_resnet import WideResNet
 
 
 def _small_cnn(num_classes: int, in_channels: int, depth: Optional[int], width: Optional[int]) -> nn.Module:
-    return SmallCNN(num_classes, in_channels, width or 32)
+    return SmallCNN(num_classes, in_channels, 32 if width is None else width)
 
 
 def _resnet18(num_classes, in_channels, depth, width) -> nn.Module:
@@ -26,7 +27,7 @@ def _preact_resnet18(num_classes, in_channels, depth, width) -> nn.Module:
 
 
 def _wideresnet(num_classes, in_channels, depth, width) -> nn.Module:
-    return WideResNet(depth or 34, width or 10, num_classes, in_channels)
+    return WideResNet(34 if depth is None else depth, 10 if width is None else width, num_classes, in_channels)
 
 
 def _wrn(depth: int, width: int) -> Callable[..., nn.Module]:
@@ -56,6 +57,23 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: the models that take ``model.depth`` / ``model.width``; the others build one fixed architecture
+SIZE_KEYS = {"small_cnn": ("width",), "wideresnet": ("depth", "width")}
+
+
+def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> None:
+    """``depth`` and ``width`` whole numbers >= 1 where given; a warning when ``name`` does not use one (an error
+    there would leave older runs that carry the key unreadable)."""
+    for key, value in (("depth", depth), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.{key} must be a whole number >= 1, got {value!r}.")
+        if key not in SIZE_KEYS.get(name, ()):
+            users = ", ".join(n for n, keys in SIZE_KEYS.items() if key in keys)
+            warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=3)
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,
                 std: Optional[Sequence[float]] = None, depth: Optional[int] = None,
                 width: Optional[int] = None) -> nn.Module:
@@ -74,6 +92,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}.")
+    check_model_args(name, depth, width)
     net = MODELS[name](num_classes, in_channels, depth, width)
     if mean is None or std is None:
         mean, std = (0.0,) * in_channels, (1.0,) * in_channels
