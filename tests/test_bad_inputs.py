@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import child_env, run_main, write_cifar10_folder
+from helpers import REPO, child_env, run_main, write_cifar10_folder
 from iaat.engine.checkpoint import load_checkpoint, save_checkpoint
 from iaat.models import build_model
 from helpers import tiny_train_args
@@ -343,6 +343,12 @@ def resume_with_config(c: Ctx) -> list[str]:
 @case("already exists and is not empty", "--resume")
 def existing_run_folder_without_resume(c: Ctx) -> list[str]:
     return tiny_train_args(c.data, c.run(), 1)
+
+
+@case("sweep eval.attacks: pgd has no option 'stepz'")
+def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
+    return ["sweep", str(REPO / "configs/sweeps/cifar10_small_cnn_cpu.yaml"), "--data-dir", str(c.data), "--out",
+            str(c.tmp / "sw"), "--only", "clean", "--eval-attack", "pgd:stepz=2"]  # once failed after training
 
 
 @case("--out", "config.yaml", "name a .json file")

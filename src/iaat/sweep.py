@@ -229,7 +229,21 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
         spec_eval.eps = (base.get("attack") or {}).get("eps", 8)
     if spec_eval.n is not None and (not isinstance(spec_eval.n, int) or spec_eval.n < 1):
         raise ConfigError(f"sweep eval.n must be a positive integer, got {spec_eval.n!r}.")
+    _check_eval_attacks(spec_eval.attacks)
     return SweepPlan(runs=runs, eval=spec_eval, groups=groups)
+
+
+def _check_eval_attacks(attacks: Any) -> None:
+    """The evaluation's attack specs, read now: a typo must fail before the first run trains, not after it."""
+    from .evaluation.attacks import parse_attack
+
+    if not isinstance(attacks, list) or not all(isinstance(a, str) for a in attacks):
+        raise ConfigError(f"sweep eval.attacks must be a list of attack specs like 'pgd:steps=20', got {attacks!r}.")
+    for text in attacks:
+        try:
+            parse_attack(text)
+        except ConfigError as e:
+            raise ConfigError(f"sweep eval.attacks: {e}") from None
 
 
 def _check_name(name: Any) -> None:
