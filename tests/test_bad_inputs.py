@@ -351,6 +351,11 @@ def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
             str(c.tmp / "sw"), "--only", "clean", "--eval-attack", "pgd:stepz=2"]  # once failed after training
 
 
+@case("unknown device 'tpu'", "cuda:N")
+def eval_on_an_unknown_device(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--n", "8", "--device", "tpu", "--no-progress"]
+
+
 @case("--out", "config.yaml", "name a .json file")
 def eval_out_onto_the_runs_config(c: Ctx) -> list[str]:
     run = c.run()

@@ -25,7 +25,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device '{name}' requested but CUDA is not available here; use --device cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but MPS is not available here; use --device cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{name}' is not one iaat runs on; use auto, cpu, cuda, cuda:N or mps.")
+    return device
 
 
 def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], None] = print) -> Optional[int]:
