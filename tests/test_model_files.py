@@ -13,7 +13,7 @@ from torch import nn
 
 import iaat
 from helpers import run_cli, run_in_process, tiny_train_args
-from iaat.errors import ConfigError, DataError
+from iaat.errors import CheckpointError, ConfigError, DataError
 
 #: A user's own architecture in an importable module: the same network as the tiny runs' (width-8 small CNN).
 FACTORY = '''
@@ -285,3 +285,21 @@ def test_metrics_as_csv_and_as_a_table(tiny_run, tmp_path):
         from iaat.cli import cmd_metrics
 
         cmd_metrics(type("Args", (), {"run": str(tmp_path), "csv": None})())
+
+
+def test_a_damaged_description_beside_the_file_is_ignored_or_a_clear_error(exported, tmp_path):
+    """The description inside a .safetensors file wins over the JSON beside it; a file without one and a damaged
+    JSON beside it is a one-line error naming that JSON."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = exported["safetensors"]
+    copy = tmp_path / "m.safetensors"
+    copy.write_bytes(path.read_bytes())
+    (tmp_path / "m.safetensors.json").write_bytes(b"\xff{not json")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(iaat.load_model(copy)(x), iaat.load_model(path)(x))
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(path), bare)  # the weights without iaat's metadata
+    (tmp_path / "bare.safetensors.json").write_text('{"architecture": {"name": "small_cnn"}}')  # no num_classes
+    with pytest.raises(CheckpointError, match=r"bare.safetensors.json is not a readable model description \(KeyError"):
+        iaat.load_model(bare)

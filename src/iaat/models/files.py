@@ -121,17 +121,20 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged safetensors file ({e}).") from None
     beside = json_path(path)
-    if beside.is_file():
-        meta = json.loads(beside.read_text())
-    elif meta_text:
-        meta = json.loads(meta_text)
-    else:
+    if not meta_text and not beside.is_file():
         raise CheckpointError(f"{path} holds weights without saying which model they belong to: no {beside.name} "
                               f"beside it and no iaat metadata inside. Evaluate it with --model module:factory "
                               f"--weights {path}.")
-    arch, shape = meta.get("architecture") or {}, meta.get("input_shape") or [3]
-    model = build_model(arch.get("name", "?"), int(meta["num_classes"]), int(shape[0]), depth=arch.get("depth"),
-                        width=arch.get("width"))
+    # the description inside the file travels with it; the JSON beside it is its copy for people and tools
+    where = f"the iaat metadata inside {path}" if meta_text else str(beside)
+    try:
+        meta = json.loads(meta_text if meta_text else beside.read_text())
+        arch, shape = meta.get("architecture") or {}, meta.get("input_shape") or [3]
+        num_classes, channels = int(meta["num_classes"]), int(shape[0])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{where} is not a readable model description ({type(e).__name__}: {e}); export "
+                              f"the model again (iaat export RUN).") from None
+    model = build_model(arch.get("name", "?"), num_classes, channels, depth=arch.get("depth"), width=arch.get("width"))
     load_model_state(model, tensors, str(path), arch.get("name", ""), arch.get("name", ""))
     return model.eval(), meta
 

@@ -27,7 +27,8 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = self.mean.shape[1]
-        if x.ndim != 4 or (channels != 1 and x.shape[1] != channels):  # shapes only: no host sync
+        # shapes only (no host sync); a TorchScript trace records the shape as fixed anyway
+        if not torch.jit.is_tracing() and (x.ndim != 4 or (channels != 1 and x.shape[1] != channels)):
             raise ConfigError(f"the model normalises {channels}-channel images (B, {channels}, H, W), got input of "
                               f"shape {tuple(x.shape)}.")
         return (x - self.mean) / self.std
