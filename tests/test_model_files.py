@@ -285,6 +285,15 @@ def test_metrics_as_csv_and_as_a_table(tiny_run, tmp_path):
         from iaat.cli import cmd_metrics
 
         cmd_metrics(type("Args", (), {"run": str(tmp_path), "csv": None})())
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    text = (tiny_run / "metrics.jsonl").read_bytes()
+    row = json.loads(text.splitlines()[0])
+    (damaged / "metrics.jsonl").write_bytes(text + b'[1, 2]\n\xff\xfe{"epoch": \n' + json.dumps(
+        {**row, "epoch": 2, "train_loss": "n/a"}).encode() + b"\n")
+    shown = run_in_process("metrics", str(damaged))  # lines that are not rows skipped, odd cells shown as they are
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "n/a" in shown.stdout and len(shown.stdout.splitlines()) == 3
 
 
 def test_a_damaged_description_beside_the_file_is_ignored_or_a_clear_error(exported, tmp_path):

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, IaatError, TrainingInterrupted
@@ -360,10 +360,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     shown += [c for c in columns if c.startswith("val_")] + ["train_seconds"]
     print("  ".join(f"{c:>14}" for c in shown))
     for row in rows:
-        cells = [row.get(c) for c in shown]
-        print("  ".join(f"{'' if v is None else f'{v * 255:.3g}/255' if c == 'radius_mean' else f'{v:.4g}':>14}"
-                        for c, v in zip(shown, cells)))
+        print("  ".join(f"{_metric_cell(c, row.get(c)):>14}" for c in shown))
     return 0
+
+
+def _metric_cell(column: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)  # an edited or damaged cell: shown as it is
+    return f"{value * 255:.3g}/255" if column == "radius_mean" else f"{value:.4g}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -128,16 +128,18 @@ def rollback_metrics(run_dir: Path, size: int) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a line cut short by a crash is skipped."""
+    """The rows of metrics.jsonl; a line cut short by a crash, or damaged otherwise, is skipped."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
