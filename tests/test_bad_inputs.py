@@ -134,6 +134,16 @@ def config_typo_names_file_and_line(c: Ctx) -> list[str]:
     return c.new_run("--config", str(c.file("c.yaml", "train:\n  epochs: 1\n  batch_szie: 8\n")))
 
 
+@case("train.epochs must be >= 1, got -1", absent=("c.yaml", "line"))
+def a_flag_that_replaced_a_file_key_is_not_blamed_on_the_file(c: Ctx) -> list[str]:
+    return c.new_run("--config", str(c.file("c.yaml", "train:\n  epochs: 1\n")), "--epochs", "-1")
+
+
+@case("--set expects section.key=value", absent=("c.yaml", "line"))
+def a_bad_set_is_not_blamed_on_the_file(c: Ctx) -> list[str]:
+    return c.new_run("--config", str(c.file("c.yaml", "attack:\n  eps: 8\n")), "--set", "width=8")
+
+
 @case("method.lam is a key of GAIR weighting", "method.weights=gair")
 def gair_key_without_gair_weights(c: Ctx) -> list[str]:
     return c.new_run("--method", "iaat", "--set", "method.lam=0")

@@ -247,3 +247,9 @@ def test_a_start_that_never_finished_an_epoch_does_not_block_its_folder(tiny_run
     code, _, err = run_main(*tiny_train_args(tiny_cifar, out, 1))
     assert code == 0, err
     assert (out / "checkpoints" / "epoch_0001.pt").is_file()
+
+
+def test_print_config_with_resume_shows_the_runs_config(tiny_run):
+    code, out, err = run_main("train", "--out", str(tiny_run), "--resume", "--epochs", "3", "--print-config")
+    assert code == 0, err
+    assert "  name: small_cnn" in out and "  width: 8" in out and "  epochs: 3" in out  # the run's, then --epochs

@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
     from .engine.rundir import CONFIG, check_resumable
 
-    if args.print_config:
+    if args.print_config and not args.resume:
         print(describe(config_from_dict(_raw_config(args))), end="")
         return 0
     if not args.out:
@@ -134,10 +134,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                     raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
                                       f"asked {new!r}); start a new run with another --out instead.")
     else:
+        raw = _raw_config(args)  # a flag's or --set's own mistake is not the file's
         try:
-            cfg = config_from_dict(_raw_config(args))
+            cfg = config_from_dict(raw)
         except ConfigError as e:  # a mistake in the file: say where
-            raise (locate(e, args.config) if args.config else e) from None
+            raise (locate(e, args.config, raw) if args.config else e) from None
+    if args.print_config:  # with --resume: the run's config, as resuming would use it
+        print(describe(cfg), end="")
+        return 0
     on_cpu = resolve_device(cfg.train.device).type == "cpu" and not _rank_prefix() and "WORLD_SIZE" not in os.environ
     cfg.train.threads = choose_threads(cfg.train.threads, on_cpu)
     train(cfg, out, resume=args.resume)

@@ -371,13 +371,24 @@ def key_lines(path: Union[str, Path]) -> dict:
     return lines
 
 
-def locate(error: ConfigError, path: Union[str, Path]) -> ConfigError:
-    """``error`` prefixed with ``FILE, line N:`` when the key it names was written in the config file ``path``."""
+def locate(error: ConfigError, path: Union[str, Path], final: Optional[dict] = None) -> ConfigError:
+    """``error`` prefixed with ``FILE, line N:`` when the key it names was written in the config file ``path`` (and,
+    given the ``final`` raw config, still holds the file's value there: a flag or ``--set`` that replaced it is to
+    blame, not the file)."""
     import re
 
     lines = key_lines(path)
+    written = load_yaml(path) if final is not None else {}
+
+    def from_file(section: str, key: str) -> bool:
+        if final is None:
+            return True
+        mine = (written.get(section) or {}) if isinstance(written.get(section), dict) else {}
+        theirs = (final.get(section) or {}) if isinstance(final.get(section), dict) else {}
+        return mine.get(key) == theirs.get(key)
+
     for section, key in re.findall(r"\b(" + "|".join(SECTIONS) + r"|[a-z_]+)\.([a-z_]+)\b", str(error)):
-        if (section, key) in lines:
+        if (section, key) in lines and from_file(section, key):
             return ConfigError(f"{path}, line {lines[(section, key)]}: {error}")
     for section in re.findall(r"config section '([^']+)'", str(error)):
         if (section, None) in lines:
