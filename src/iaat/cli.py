@@ -216,8 +216,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"  {'clean accuracy':<34}{result['clean']:.4f}")
     for label, entry in result["attacks"].items():
         print(f"  {label:<34}{entry['accuracy']:.4f}")
-    if "worst_case" in result and len(result["attacks"]) > 1:
-        print(f"  {'worst case over all attacks':<34}{result['worst_case']['accuracy']:.4f}")
+    if "worst_case" in result and len(result["worst_case"]["over"]) > 1:  # over the attacks at the main eps
+        label = f"worst case of those at {format_size(result['eps'])}"
+        print(f"  {label:<34}{result['worst_case']['accuracy']:.4f}")
     if "corruptions" in result:
         print(f"  {'corruptions (mean accuracy)':<34}{result['corruptions']['mean']:.4f}")
         if result["corruptions"].get("mCE") is not None:

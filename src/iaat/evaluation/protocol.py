@@ -303,7 +303,8 @@ def _run_corruptions(state: EvalState, model, corruption_sets, batch_size, devic
 
 def markdown_report(result: dict, title: str = "") -> str:
     """A Table-1 style markdown summary: natural accuracy, every attack, worst case, corruptions, checks."""
-    cols = ["Natural"] + list(result["attacks"]) + (["all attacks"] if "worst_case" in result else [])
+    cols = ["Natural"] + list(result["attacks"]) + (
+        [f"all attacks at {format_size(result['eps'])}"] if "worst_case" in result else [])
     vals = [result["clean"]] + [a["accuracy"] for a in result["attacks"].values()]
     if "worst_case" in result:
         vals.append(result["worst_case"]["accuracy"])
