@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import doctest
 import json
+import shutil
 import pickle
 
 import pytest
@@ -312,3 +313,19 @@ def test_a_damaged_description_beside_the_file_is_ignored_or_a_clear_error(expor
     (tmp_path / "bare.safetensors.json").write_text('{"architecture": {"name": "small_cnn"}}')  # no num_classes
     with pytest.raises(CheckpointError, match=r"bare.safetensors.json is not a readable model description \(KeyError"):
         iaat.load_model(bare)
+
+
+def test_the_card_reports_the_evaluation_at_the_training_radius_on_the_most_images(tiny_run, tmp_path):
+    """Not merely the newest evaluation: a later small L2 check must not become the model's advertised accuracy."""
+    from helpers import run_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    common = ["--attack", "pgd:steps=2", "--no-checks", "--no-progress"]
+    for extra in (["--n", "48"], ["--n", "16"], ["--n", "16", "--norm", "l2", "--eps", "0.5/1"]):
+        code, _, err = run_main("eval", str(run), *common, *extra)
+        assert code == 0, err
+    code, _, err = run_main("export", str(run), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 0, err
+    card = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert card["accuracy"]["n"] == 48 and card["accuracy"]["attacks"] == ["PGD-2@8/255"]

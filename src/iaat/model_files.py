@@ -60,23 +60,32 @@ def model_card(path: Path, cfg: Any, ckpt: dict, model: nn.Module, weights: str)
         "normalization_inside": None if normalize is None else {
             "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()},
         "dataset": cfg.data.dataset, "training": training, "weights": weights,
-        "accuracy": _latest_accuracy(run_dir, rows),
+        "accuracy": _latest_accuracy(run_dir, rows, training, weights),
         "units": "sizes (eps, radii) in [0, 1] image units",
     }
 
 
-def _latest_accuracy(run_dir: Optional[Path], rows: list) -> Optional[dict]:
-    """The run's newest test evaluation (iaat eval), else its newest held-out numbers from metrics.jsonl."""
+def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weights: str) -> Optional[dict]:
+    """The run's test evaluation (iaat eval) of these weights at the training radius and norm, the one on the most
+    images (the newest of those); else its newest held-out numbers from metrics.jsonl."""
     evals = sorted(run_dir.glob("eval/*.json"), key=lambda p: p.stat().st_mtime) if run_dir else []
-    for path in reversed(evals):
+    best = None
+    for path in evals:
         try:
             ev = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(ev, dict) and "clean" in ev and ev.get("attacks"):
-            worst = ev.get("worst_case") or {}
-            return {"clean": ev["clean"], "robust": worst.get("accuracy"), "attacks": worst.get("over"),
-                    "split": ev.get("split"), "n": ev.get("n"), "from": str(path.relative_to(run_dir))}
+        if not (isinstance(ev, dict) and "clean" in ev and ev.get("attacks") and ev.get("norm") == training["norm"]
+                and isinstance(ev.get("eps"), (int, float)) and abs(ev["eps"] - training["eps"]) < 1e-9
+                and ev.get("epoch") == training["epochs"] and ev.get("weights", weights) == weights):
+            continue
+        if best is None or ev.get("n", 0) >= best[0].get("n", 0):
+            best = (ev, path)
+    if best is not None:
+        ev, path = best
+        worst = ev.get("worst_case") or {}
+        return {"clean": ev["clean"], "robust": worst.get("accuracy"), "attacks": worst.get("over"),
+                "split": ev.get("split"), "n": ev.get("n"), "from": str(path.relative_to(run_dir))}
     for row in reversed(rows):
         robust = [k for k in row if k.startswith("val_pgd")]
         if "val_clean_acc" in row and robust:
