@@ -253,3 +253,12 @@ def test_print_config_with_resume_shows_the_runs_config(tiny_run):
     code, out, err = run_main("train", "--out", str(tiny_run), "--resume", "--epochs", "3", "--print-config")
     assert code == 0, err
     assert "  name: small_cnn" in out and "  width: 8" in out and "  epochs: 3" in out  # the run's, then --epochs
+
+
+def test_extending_a_cosine_run_says_that_its_schedule_stretches(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("schedule: step", "schedule: cosine"))
+    code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "3", "--print-config")
+    assert code == 0 and "the cosine learning-rate schedule now spans 3 epochs" in err, err

@@ -133,6 +133,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if (section, key) not in _RESUMABLE_CHANGES and old != new:
                     raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
                                       f"asked {new!r}); start a new run with another --out instead.")
+        if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":
+            warnings.warn(f"train.epochs {before['train']['epochs']} -> {cfg.train.epochs}: the cosine learning-rate "
+                          f"schedule now spans {cfg.train.epochs} epochs from here on; the epochs already trained "
+                          f"followed the old one, so the run differs from one trained for {cfg.train.epochs} epochs "
+                          f"from the start.", stacklevel=1)
     else:
         raw = _raw_config(args)  # a flag's or --set's own mistake is not the file's
         try:
@@ -557,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a run's model, with its input normalisation inside (it takes images in "
                                    "[0, 1]), to --out FILE, and a JSON beside it (FILE.json) that says what it is: "
                                    "architecture and arguments, classes, input size, training method and radius, "
-                                   "latest accuracy, iaat version. Load it with iaat.load_model(FILE) (safetensors: "
+                                   "accuracy at that radius, iaat version. Load it with iaat.load_model(FILE) (safetensors: "
                                    "no pickle involved), torch.jit.load (TorchScript) or torch.export.load "
                                    "(.pt2), evaluate it with iaat eval FILE.")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (its newest valid checkpoint) or checkpoint")
