@@ -361,6 +361,36 @@ def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
             str(c.tmp / "sw"), "--only", "clean", "--eval-attack", "pgd:stepz=2"]  # once failed after training
 
 
+@case("--eps must be positive, got 0")
+def demo_at_radius_zero(c: Ctx) -> list[str]:
+    return ["demo", "--eps", "0", "--out", str(c.tmp / "demo")]
+
+
+@case("already exists", "choose another --out", absent=("--resume",))
+def demo_into_an_existing_run(c: Ctx) -> list[str]:
+    return ["demo", "--out", str(c.run().parent)]
+
+
+@case("already exists and is not a folder")
+def demo_into_a_file(c: Ctx) -> list[str]:
+    return ["demo", "--out", str(c.file("afile", "x"))]
+
+
+@case("step_size must be positive, got 0")
+def eval_with_a_step_of_zero(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--n", "8", "--step-size", "0", "--no-progress"]
+
+
+@case("not both")
+def eval_of_a_run_and_a_factory_at_once(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--model", "torch.nn:Linear", "--no-progress"]
+
+
+@case("iaat eval needs a run folder or model file")
+def eval_of_nothing(c: Ctx) -> list[str]:
+    return ["eval", "--no-progress"]
+
+
 @case("unknown device 'tpu'", "cuda:N")
 def eval_on_an_unknown_device(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--n", "8", "--device", "tpu", "--no-progress"]

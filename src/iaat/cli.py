@@ -167,6 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .units import format_size
 
     # Options first: a typo should not wait for the model and the data to load.
+    if args.path and args.model:
+        raise ConfigError("give either a model file or run (PATH) or --model module:factory, not both.")
+    if not args.path and not args.model:
+        raise ConfigError("iaat eval needs a run folder or model file, or --model module:factory --weights FILE.")
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}.")
     if args.batch_size is not None and args.batch_size < 1:

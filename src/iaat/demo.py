@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .config import config_from_dict
+from .errors import ConfigError
 from .data import load_dataset
 from .engine import train
 from .engine.runs import load_run
@@ -38,6 +39,12 @@ def run_demo(out: Optional[Path] = None, epochs: int = 20, eps: str = "64", seed
     """Train ``clean`` and ``pgd_at`` and print clean and PGD-20 test accuracy of both."""
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     eps_unit = parse_size(eps, "--eps")
+    if eps_unit <= 0:
+        raise ConfigError(f"--eps must be positive, got {eps}: the demo compares training at that radius with clean "
+                          f"training.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists{'' if out.is_dir() else ' and is not a folder'}; the demo "
+                          f"writes two new runs there: choose another --out (or leave it out for a fresh one).")
     test = load_dataset("digits").test
     print(f"iaat demo: small CNN on scikit-learn digits (8x8, {len(test)} test images), "
           f"eps {format_size(eps_unit)} L-inf, {epochs} epochs per method, runs in {out}")

@@ -79,8 +79,8 @@ class AttackSpec:
             raise ConfigError(f"{self.kind}: steps must be >= 1 (0 for pgd) and restarts >= 1, "
                               f"got steps={self.steps}, restarts={self.restarts}.")
         for name in ("eps", "step_size"):
-            if getattr(self, name) is not None:
-                check_size(getattr(self, name), name, norm=self.norm)
+            if getattr(self, name) is not None:  # a step of 0 would leave the attack where it starts
+                check_size(getattr(self, name), name, norm=self.norm, allow_zero=name == "eps")
         if self.kind == "autoattack" and self.version not in AUTOATTACK_VERSIONS:
             raise ConfigError(f"AutoAttack version must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {self.version!r}.")
         if self.kind == "transfer" and not self.source:
