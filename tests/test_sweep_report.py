@@ -296,6 +296,18 @@ def test_with_groups_expand_to_their_runs(tmp_path, capsys):
     assert "train_loss=trades" in lines["iaat_trades"]
 
 
+def test_dry_run_shows_what_only_selects(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run", "--frontier-eps", "none",
+                 "--only", "iaat"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["iaat", "evaluation:"]
+    assert main(["sweep", "--config", str(base), "--out", str(tmp_path / "s"), "--dry-run", "--frontier-eps", "none",
+                 "--only", "pgd_at_eps8"]) == 2
+    assert "--only: no run named pgd_at_eps8" in capsys.readouterr().err  # the frontier is gone
+
+
 @pytest.mark.slow
 def test_an_ema_run_is_two_points_and_awp_runs_join_the_parts_table(tmp_path):
     spec = write_spec(tmp_path, frontier_eps=[32], grid=None, runs={"pgd_at_ema": {}, "pgd_at_awp": {}},

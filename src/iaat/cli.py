@@ -276,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             overrides[key] = value
     spec["set"] = {**(spec.get("set") or {}), **overrides}
     if args.frontier_eps is not None:
-        spec["frontier_eps"] = args.frontier_eps
+        spec["frontier_eps"] = [] if [e.lower() for e in args.frontier_eps] == ["none"] else args.frontier_eps
     if args.with_runs or per_run:
         runs = dict(spec.get("runs") or {name: {} for name in DEFAULT_RUNS})
         from .sweep import RUN_GROUPS
@@ -307,7 +307,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec["eval"] = ev
     plan = build_plan(spec, base_dir)
     if args.dry_run:
-        for name, raw in plan.runs.items():
+        from .sweep import check_selection
+
+        for name in check_selection(plan, args.jobs, args.only):
+            raw = plan.runs[name]
             method = raw["method"]
             params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
             parts = "".join(f" train.{k}={raw['train'][k]}" for k in ("ema", "awp") if raw["train"].get(k) is not None)

@@ -510,14 +510,20 @@ class SweepRunner:
         return results
 
 
-def run_sweep(plan: SweepPlan, out: Path, jobs: int = 1, only: Optional[list[str]] = None,
-              log: Callable[[str], None] = print) -> int:
-    """Run (or resume) a sweep; returns the process exit code (0 when every run is trained and evaluated)."""
+def check_selection(plan: SweepPlan, jobs: int, only: Optional[list[str]]) -> list[str]:
+    """The runs ``--only`` selects (all without it), after checking it and ``--jobs``."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}.")
     unknown = [n for n in only or [] if n not in plan.runs]
     if unknown:
         raise ConfigError(f"--only: no run named {', '.join(unknown)} in this sweep; runs: {', '.join(plan.runs)}.")
+    return [n for n in plan.runs if not only or n in only]
+
+
+def run_sweep(plan: SweepPlan, out: Path, jobs: int = 1, only: Optional[list[str]] = None,
+              log: Callable[[str], None] = print) -> int:
+    """Run (or resume) a sweep; returns the process exit code (0 when every run is trained and evaluated)."""
+    check_selection(plan, jobs, only)
     out = Path(out)
     runner = SweepRunner(plan, out, jobs=jobs, log=log)
     runner.check()
