@@ -291,11 +291,11 @@ def test_resume_point_prefers_the_newest_valid_state(tmp_path):
         assert resume_point(folder)[0] == interrupted
     assert [str(w.message) for w in record] == [
         f"skipping damaged checkpoint: checkpoint {newer} is damaged: its sha256 does not match epoch_0002.pt.sha256 "
-        f"(truncated or modified file). Instead falling back to {interrupted}, the newest valid checkpoint."]
+        f"(truncated or modified file). Now using {interrupted}, the newest valid checkpoint."]
     interrupted.write_bytes(b"garbage")
     with pytest.warns(UserWarning) as record:
         assert resume_point(folder)[0] == folder / "epoch_0001.pt"
-    assert len(record) == 2 and all(f"falling back to {folder / 'epoch_0001.pt'}" in str(w.message) for w in record)
+    assert len(record) == 2 and all(f"using {folder / 'epoch_0001.pt'}" in str(w.message) for w in record)
     assert "interrupt.pt is damaged" in str(record[0].message)
     (folder / "epoch_0001.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no checkpoint in .* loads"):
@@ -321,13 +321,13 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(reference, tmp_path,
                               "--no-progress")
     assert code == 0, err
     assert f"iaat: warning: skipping damaged checkpoint: checkpoint {newest} is damaged" in err
-    assert f"falling back to {older}" in err
+    assert f"using {older}" in err
     assert json.loads((tmp_path / "e.json").read_text())["epoch"] == EPOCHS - 1
 
     code, out, err = run_main(*resume_args(run))
     assert code == 0, err
     assert f"iaat: warning: skipping damaged checkpoint: checkpoint {newest} is damaged" in err
-    assert f"falling back to {older}, the newest valid checkpoint" in err
+    assert f"using {older}, the newest valid checkpoint" in err
     assert f"from {older.name} (epoch {EPOCHS - 1} done)" in out
     assert_bitwise_equal(reference, run)  # the redone last epoch is the same as the first time
 

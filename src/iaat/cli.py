@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  accuracy over {name}: " + ", ".join(f"{curve_x(name, p)}: {p['accuracy']:.3f}" for p in curve["points"]))
     for check in result.get("checks", []):
         if not check["passed"]:
-            warnings.warn(f"suspicious evaluation: {check['name']}: {check['detail']}", stacklevel=1)
+            warnings.warn(f"suspicious evaluation: the check '{check['name']}' failed: {check['detail']}", stacklevel=1)
     print(f"  eps {format_size(result['eps'])}; sanity checks: "
           + ("SUSPICIOUS (see warnings)" if result.get("suspicious") else "passed" if "checks" in result else "off"))
     sec = result["seconds"]

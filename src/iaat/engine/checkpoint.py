@@ -173,9 +173,9 @@ def _first_loadable(candidates: list[Path], map_location: Any, preloaded: dict,
 def _warn_skipped(skipped: list[str], used: Optional[Path], folder: Path) -> None:
     if not skipped:
         return
-    instead = f"falling back to {used}, the newest valid checkpoint" if used else f"no valid checkpoint left in {folder}"
+    then = f"using {used}, the newest valid checkpoint" if used else f"no valid checkpoint is left in {folder}"
     for reason in skipped:
-        warnings.warn(f"skipping damaged checkpoint: {reason} Instead {instead}.", stacklevel=3)
+        warnings.warn(f"skipping damaged checkpoint: {reason} Now {then}.", stacklevel=3)
 
 
 def latest_valid(folder: Union[str, Path], map_location: Any = "cpu") -> tuple[Optional[Path], Optional[dict]]:

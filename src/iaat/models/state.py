@@ -14,7 +14,9 @@ def load_model_state(model: nn.Module, state: dict, where: str, expected: str = 
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or shapes:
-        which = f" (checkpoint model '{found}', expected '{expected}')" if expected or found else ""
+        which = "" if not (expected or found) else (
+            f" (a {found} of other sizes than this one: classes, input channels or width)" if found == expected
+            else f" (checkpoint model '{found}', expected '{expected}')")
         detail = []
         if missing:
             detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
