@@ -329,3 +329,25 @@ def test_the_card_reports_the_evaluation_at_the_training_radius_on_the_most_imag
     assert code == 0, err
     card = json.loads((tmp_path / "m.safetensors.json").read_text())
     assert card["accuracy"]["n"] == 48 and card["accuracy"]["attacks"] == ["PGD-2@8/255"]
+
+
+def test_a_module_from_your_own_loop_exports_loads_and_evaluates(tmp_path):
+    """Any module, no run: TorchScript and .pt2 files with a description of what is known; safetensors refused."""
+    from helpers import run_main
+
+    torch.manual_seed(0)
+    net = iaat.NormalizedModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), (0.3,), (0.4,))
+    x = torch.rand(4, 1, 8, 8)
+    for fmt, name in (("torchscript", "mine.pt"), ("export", "mine.pt2")):
+        path, meta = iaat.export_model(net, tmp_path / name, fmt, input_shape=(1, 8, 8))
+        card = json.loads(meta.read_text())
+        assert (card["num_classes"], card["input_shape"], card["training"]) == (10, [1, 8, 8], None)
+        assert card["normalization_inside"] == {"mean": [pytest.approx(0.3)], "std": [pytest.approx(0.4)]}
+        torch.testing.assert_close(iaat.load_model(path)(x), net(x))
+    code, _, err = run_main("eval", str(tmp_path / "mine.pt2"), "--dataset", "digits", "--eps", "32", "--n", "16",
+                            "--attack", "pgd:steps=2", "--no-checks", "--no-progress")
+    assert code == 0, err
+    with pytest.raises(ConfigError, match="exports as torchscript or export"):
+        iaat.export_model(net, tmp_path / "mine.safetensors", input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"needs input_shape=\(C, H, W\)"):
+        iaat.export_model(net, tmp_path / "x.pt2", "export")

@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--out", metavar="FILE",
-                   help="JSON file to write, markdown beside it (default RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
+                   help="JSON file to write, markdown beside it; replaces only an earlier evaluation (default "
+                        "RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -95,16 +95,20 @@ def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weight
     return None
 
 
-def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safetensors", weights: str = "auto",
-                 overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a run's model (normalisation inside, [0, 1] inputs) to ``out`` and its description beside it.
+def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: str = "safetensors",
+                 weights: str = "auto", overwrite: bool = False,
+                 input_shape: Optional[tuple[int, ...]] = None) -> tuple[Path, Path]:
+    """Write a run's model, or any module (normalisation inside, [0, 1] inputs), to ``out`` and its description
+    beside it.
 
     Args:
-        run: a run folder (its newest valid checkpoint) or a checkpoint file.
+        run: a run folder (its newest valid checkpoint), a checkpoint file, or a module trained elsewhere (your own
+            loop: ``torchscript`` or ``export`` only, since a ``.safetensors`` file holds no code to rebuild it).
         out: the model file to write; its description goes to ``out`` + ``.json`` beside it.
         fmt: ``safetensors``, ``torchscript`` or ``export`` (``torch.export``, a ``.pt2`` file).
         weights: ``auto`` (the averaged weights when the run keeps them, else the raw ones), ``raw`` or ``ema``.
         overwrite: replace existing files.
+        input_shape: a module's input ``(C, H, W)`` (runs know theirs).
 
     Returns:
         ``(model file, JSON file)``.
@@ -116,9 +120,13 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
         ('model.safetensors', 'model.safetensors.json')
         >>> iaat.load_model(model_file)(torch.rand(2, 3, 32, 32)).shape  # [0, 1] images in, logits out
         torch.Size([2, 10])
+        >>> net = iaat.NormalizedModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)),
+        ...                            mean=(0.5,), std=(0.25,))  # trained in your own loop
+        >>> program, _ = iaat.export_model(net, folder / "mine.pt2", "export", input_shape=(3, 8, 8))
+        >>> iaat.load_model(program)(torch.rand(5, 3, 8, 8)).shape
+        torch.Size([5, 4])
     """
     from .engine.checkpoint import atomic_write_bytes
-    from .engine.runs import load_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
@@ -128,10 +136,7 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
     for path in (out, meta_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
-    model, cfg, ckpt_path, ckpt = load_run(Path(run), weights=weights)
-    weights = "ema" if weights != "raw" and EMA_KEY in ckpt else "raw"
-    card = model_card(Path(run), cfg, ckpt, model, weights)
-    card["source"] = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch")}
+    model, card = _module_card(run, fmt, input_shape) if isinstance(run, nn.Module) else _run_card(Path(run), weights)
     text = json.dumps(card, indent=2)
     if fmt == "safetensors":
         from safetensors.torch import save
@@ -147,6 +152,39 @@ def export_model(run: Union[str, Path], out: Union[str, Path], fmt: str = "safet
     card["file"] = {"name": out.name, "format": fmt, "sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write_bytes(meta_path, (json.dumps(card, indent=2) + "\n").encode())
     return out, meta_path
+
+
+def _run_card(run: Path, weights: str) -> tuple[nn.Module, dict]:
+    from .engine.runs import load_run
+
+    model, cfg, ckpt_path, ckpt = load_run(run, weights=weights)
+    card = model_card(run, cfg, ckpt, model, "ema" if weights != "raw" and EMA_KEY in ckpt else "raw")
+    card["source"] = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch")}
+    return model, card
+
+
+def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tuple[nn.Module, dict]:
+    """A module from elsewhere: its description says what can be known without a run (classes, input shape)."""
+    if fmt == "safetensors":
+        raise ConfigError("a module of your own exports as torchscript or export (a .pt2 program); a .safetensors "
+                          "file holds weights only, and only iaat's own architectures can be rebuilt from it.")
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+            and all(isinstance(d, int) and d > 0 for d in input_shape)):
+        raise ConfigError(f"exporting a module needs input_shape=(C, H, W) of its images, got {input_shape!r}.")
+    model = model.cpu().eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, *input_shape))
+    if not (torch.is_tensor(logits) and logits.ndim == 2):
+        raise ConfigError("the module must return logits of shape (B, classes) for images of input_shape.")
+    normalize = getattr(model, "normalize", None)
+    return model, {
+        "format": MODEL_FORMAT, "version": 1, "iaat_version": __version__,
+        "architecture": {"name": type(model).__name__}, "num_classes": logits.shape[1],
+        "input_shape": list(input_shape), "input_range": [0, 1],
+        "normalization_inside": None if normalize is None or not hasattr(normalize, "mean") else {
+            "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()},
+        "dataset": None, "training": None, "weights": "given", "accuracy": None,
+        "units": "sizes (eps, radii) in [0, 1] image units"}
 
 
 def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
