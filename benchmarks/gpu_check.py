@@ -397,7 +397,7 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
         if code == 0 or "cut_after_epochs" in entry:
             ev = kit.work / f"paper-{name}-eval.json"
             state = ev.with_name(ev.name + ".state.npz")
-            for stale in (ev, state):  # an earlier kit run's state would be refused as another evaluation's
+            for stale in (ev, ev.with_suffix(".md"), state):  # an earlier kit run's, refused as another evaluation's
                 stale.unlink(missing_ok=True)
             code, eval_s, _ = kit.run([sys.executable, "-m", "iaat", "eval", str(run), "--n", str(n_eval), "--eps", "8",
                                        *attacks, "--no-checks", "--no-progress", "--out", str(ev)],
