@@ -71,7 +71,8 @@ def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> N
             raise ConfigError(f"model.{key} must be a whole number >= 1, got {value!r}.")
         if key not in SIZE_KEYS.get(name, ()):
             users = ", ".join(n for n, keys in SIZE_KEYS.items() if key in keys)
-            warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=3)
+            # stacklevel 1: one location, so the config check and the model build warn once between them
+            warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=1)
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,
