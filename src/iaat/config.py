@@ -456,7 +456,8 @@ def describe(cfg: Config) -> str:
     raw["method"] = method
     sizes = {f.name for f in own_fields(cls) if f.metadata.get("size")}
     docs = {name: field_docs(kind) for name, kind in _SECTION_TYPES.items()}
-    docs["method"] = {"name": "the training method: " + ", ".join(sorted(METHODS)), **field_docs(cls)}
+    docs["method"] = {"name": "the training method: " + ", ".join(sorted(METHODS)) + "; or your own as module:Class",
+                      **field_docs(cls)}
     for section in SECTIONS:
         lines.append(f"{section}:")
         for key, value in raw[section].items():
