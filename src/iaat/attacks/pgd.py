@@ -220,13 +220,14 @@ class _Run:
     autocast: Callable[[], contextlib.AbstractContextManager]
     advance: Callable[..., torch.Tensor]
     stop_on_miss: bool
+    check_labels: bool = False  #: labels against the model's outputs at the first step (a host sync)
 
 
 def _run_settings(device_type: str, *, steps: int = 10, norm: str = "linf", random_start: bool = True,
                   clamp_start: bool = True, loss: "str | Callable" = "ce", early_stop_tau: Optional[int] = None,
                   init_std: Optional[float] = None, momentum: float = 0.0,
                   autocast_dtype: Optional[torch.dtype] = None, compiled: bool = False,
-                  stop_on_miss: bool = False) -> _Run:
+                  stop_on_miss: bool = False, check_labels: bool = False) -> _Run:
     """:func:`pgd`'s arguments of the same names as the :class:`_Run` of its restarts, on ``device_type``."""
     if autocast_dtype is not None:
         autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
@@ -234,7 +235,7 @@ def _run_settings(device_type: str, *, steps: int = 10, norm: str = "linf", rand
         autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
     objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
     return _Run(steps, norm, random_start, clamp_start, loss, early_stop_tau, init_std, momentum, objective_scale,
-                autocast, _advance_fn(compiled), stop_on_miss)
+                autocast, _advance_fn(compiled), stop_on_miss, check_labels)
 
 
 def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
@@ -260,7 +261,7 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         with s.autocast():
             logits = model(x + delta)
         if k == 0:
-            _check_logits(logits, len(y))
+            _check_logits(logits, y, s.check_labels)
         objective = _objective(logits, y, target, s.loss, reference)
         (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
@@ -338,9 +339,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         clamp_start: project the random start onto the ball and into [0, 1] before the first gradient
             (default); ``False`` takes the first gradient at the unclamped start, as the IAAT authors'
             attack does (their clamp follows each step), for IAAT's ``compat: authors`` only.
-        check_inputs: check that ``x`` lies in [0, 1] and that radii given as tensors are sizes in [0, 1]
-            units, not pixel levels (one host synchronisation; the training methods check their first batch
-            themselves and pass ``False``, keeping the training step free of them).
+        check_inputs: check that ``x`` lies in [0, 1], that radii given as tensors are sizes in [0, 1]
+            units, not pixel levels, and that labels are below the model's number of outputs (two host
+            synchronisations; the training methods check their first batch themselves and pass ``False``,
+            keeping the training step free of them).
 
     Returns:
         An :class:`AttackResult`.
@@ -365,7 +367,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     alpha = 2.5 * eps_t / max(steps, 1) if step_size is None else _as_radius(step_size, batch, x)
     run = _run_settings(x.device.type, steps=steps, norm=norm, random_start=random_start, clamp_start=clamp_start,
                         loss=loss, early_stop_tau=early_stop_tau, init_std=init_std, momentum=momentum,
-                        autocast_dtype=autocast_dtype, compiled=compiled, stop_on_miss=stop_on_miss)
+                        autocast_dtype=autocast_dtype, compiled=compiled, stop_on_miss=stop_on_miss,
+                        check_labels=check_inputs)
     autocast = run.autocast
     final_check = final_check or restarts > 1
 
@@ -431,11 +434,15 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
         raise ConfigError("stop_on_miss is for one untargeted run without early_stop_tau")
 
 
-def _check_logits(logits: object, batch: int) -> None:
-    if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == batch):
+def _check_logits(logits: object, y: torch.Tensor, labels: bool) -> None:
+    """Logits of shape (B, classes) (shapes only); with ``labels``, also labels below ``classes`` (a host sync, and
+    before the loss: on a GPU a label out of range is a device-side assert, not an error)."""
+    if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == len(y)):
         what = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
         raise ConfigError(f"the model must return logits of shape (B, classes), got {what}; wrap a model that "
                           f"returns a tuple or dict in a module that returns the logits alone.")
+    if labels and len(y) and int(y.max()) >= logits.shape[1]:
+        raise ConfigError(f"labels go up to {int(y.max())}, but the model has {logits.shape[1]} outputs.")
 
 
 def _check_values(x: torch.Tensor, y: torch.Tensor, eps: Radius, step_size: Optional[Radius], norm: str) -> None:
