@@ -449,7 +449,8 @@ def _summary(s: _Session) -> str:
     n = torch.get_num_threads()
     threads = f", {n} thread{'s' if n != 1 else ''}" if s.device.type == "cpu" else ""
     return (f"training {method} | {cfg.model.name} on {cfg.data.dataset}: {len(s.data.train):,} images, "
-            f"{len(s.data.val):,} held out | {attack}\n  {cfg.train.epochs} epochs of {len(s.loader)} steps, batch "
+            f"{len(s.data.val):,} held out | {attack}\n  {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} "
+            f"of {len(s.loader)} steps, batch "
             f"{cfg.train.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
             f"{f', weight average (EMA) {cfg.train.ema:g}' if cfg.train.ema else ''}{_awp_summary(s.awp)} | "
             f"{s.device}{threads} | {s.run_dir} "
