@@ -250,3 +250,16 @@ def test_the_package_has_no_import_cycles():
 def _with_parents(name: str, modules: dict) -> list:
     parts = name.split(".")
     return [p for p in (".".join(parts[:i]) for i in range(2, len(parts) + 1)) if p in modules]
+
+
+@pytest.mark.parametrize("name", sorted(iaat.METHODS))
+def test_an_objective_gives_the_same_loss_each_time_it_is_called(name):
+    """AWP calls a batch's objective at perturbed weights, then at the trained ones: it must be one fixed loss of
+    the weights (MixupAT once drew a new mixup on every call)."""
+    model, (x, y) = _linear(), _batch(8)
+    method = iaat.METHODS[name](eps=8 / 255, steps=2, num_train=8, epochs=2)
+    method.start_epoch(0)
+    torch.manual_seed(0)
+    objective = method.objective(model, x, y, torch.arange(8))
+    first, second = objective(model).loss, objective(model).loss
+    assert torch.equal(first, second), (first, second)

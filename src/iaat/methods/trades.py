@@ -104,17 +104,23 @@ class MixupAT(Method):
         if self.alpha <= 0:
             raise ConfigError(f"method.alpha must be > 0, got {self.alpha}.")
 
-    def _mix_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
-        perm = torch.randperm(len(y), device=x.device)
+    def _draw(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """A mixup: the weight lambda ~ Beta(alpha, alpha) and the partner of each sample."""
+        return float(torch.distributions.Beta(self.alpha, self.alpha).sample()), torch.randperm(len(x), device=x.device)
+
+    @staticmethod
+    def _mix_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix: tuple[float, torch.Tensor]):
+        lam, perm = mix
         logits = model(lam * x + (1 - lam) * x[perm])
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm]), logits
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         x_adv = self.attack_batch(model, x, y, final_check=False).x_adv
+        # drawn once: every call of the objective (AWP makes two) sees the same mixed examples
+        clean_mix, adv_mix = self._draw(x), self._draw(x)
 
         def objective(net: nn.Module) -> StepOutput:
-            loss_clean, _ = self._mix_loss(net, x, y)
-            loss_adv, logits_adv = self._mix_loss(net, x_adv, y)
+            loss_clean, _ = self._mix_loss(net, x, y, clean_mix)
+            loss_adv, logits_adv = self._mix_loss(net, x_adv, y, adv_mix)
             return StepOutput(0.5 * (loss_clean + loss_adv), logits_adv)
         return objective
