@@ -87,6 +87,25 @@ def test_the_attack_names_the_mistake(call, message):
         call(model, x, y)
 
 
+def _first_epoch(method):
+    method.start_epoch(0)
+    return method
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: _first_epoch(iaat.IAAT(num_train=6)).loss(m, x, y + 3, torch.arange(6)),
+     "labels go up to 5, but the model has 3 outputs"),
+    (lambda m, x, y: iaat.Clean().loss(nn.Sequential(m, _Pair()), x, y), "logits of shape .B, classes., got tuple"),
+    (lambda m, x, y: iaat.PGDAT().loss(m, (x * 255).to(torch.uint8), y), "float images in .0, 1.*divide 8-bit"),
+    (lambda m, x, y: iaat.PGDAT().loss(m, x, y.float()), r"integer class labels \(torch.long\)"),
+    (lambda m, x, y: iaat.MMA(num_train=6).loss(m, x, y - 1, torch.arange(6)), "class labels >= 0, got -1"),
+])
+def test_a_method_names_the_mistake_on_the_first_batch(call, message):
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match=message):
+        call(model, x, y)
+
+
 def test_int32_labels_and_numpy_step_counts_are_accepted():
     import numpy as np
 

@@ -88,14 +88,15 @@ def test_alg2_selection_is_one_batched_attack():
     model, x, y, _ = stub_problem(8)
     method = make_iaat(len(y), warmup_epochs=0, eps_init=8, selection_check="final_iterate")
     run_epochs(method, model, x, y, 1)
-    # clean check (B), selection over 2B: 10 steps + final check, training attack 10 steps (B), training forward (B)
-    assert model.calls == [8] + [16] * 11 + [8] * 10 + [8]
+    # the first batch's model check (B, once per method), clean check (B), selection over 2B: 10 steps + final
+    # check, training attack 10 steps (B), training forward (B)
+    assert model.calls == [8] + [8] + [16] * 11 + [8] * 10 + [8]
 
     model, x, y, radii = stub_problem(8)
     method = make_iaat(len(y), warmup_epochs=0, eps_init=8)  # any_iterate: a sample's attack ends at its miss
     run_epochs(method, model, x, y, 1)
-    selection = model.calls[1:-11]
-    assert model.calls[0] == 8 and model.calls[-11:] == [8] * 11
+    selection = model.calls[2:-11]  # after the model check and the clean check
+    assert model.calls[:2] == [8, 8] and model.calls[-11:] == [8] * 11
     assert selection[0] == 16 and selection == sorted(selection, reverse=True) and len(selection) <= 11
     broken = int((8 * U >= radii).sum() + (10 * U >= radii).sum())  # the 2B attacks that break (+1 check)
     assert 0 < broken < 16 and sum(selection) < 16 * 11
@@ -125,7 +126,8 @@ def test_online_mode_runs_no_extra_attack():
     model, x, y, radii = stub_problem(8)
     method = make_iaat(len(y), warmup_epochs=0, eps_init=8, selection="online", loss_split=False)
     run_epochs(method, model, x, y, 1)
-    assert model.calls == [8] * 11  # the training attack's 10 steps and the training forward, like pgd_at
+    assert model.calls == [8] + [8] * 11  # the model check (first batch), then the training attack's 10 steps and
+    # the training forward, like pgd_at
     held = 8 * U < radii
     expected = torch.where(held, 8 * U + 0.1 * 1.9 * U, 8 * U - 0.1 * 1.9 * U)
     torch.testing.assert_close(method.memory, expected)
@@ -163,7 +165,7 @@ def test_reuse_mode_stays_inside_the_new_radius():
     handle.remove()
     delta = (seen["x"] - x).flatten(1).abs().amax(1)
     assert torch.all(delta <= method.memory + 1e-6)
-    assert model.calls.count(len(y)) == 2  # clean check and training forward only: no third attack
+    assert model.calls.count(len(y)) == 3  # the first batch's model check, clean check, training forward: no attack
 
 
 class Linear(nn.Module):

@@ -261,7 +261,7 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         with s.autocast():
             logits = model(x + delta)
         if k == 0:
-            _check_logits(logits, y, s.check_labels)
+            check_logits(logits, y, s.check_labels)
         objective = _objective(logits, y, target, s.loss, reference)
         (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
@@ -434,7 +434,7 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
         raise ConfigError("stop_on_miss is for one untargeted run without early_stop_tau")
 
 
-def _check_logits(logits: object, y: torch.Tensor, labels: bool) -> None:
+def check_logits(logits: object, y: torch.Tensor, labels: bool) -> None:
     """Logits of shape (B, classes) (shapes only); with ``labels``, also labels below ``classes`` (a host sync, and
     before the loss: on a GPU a label out of range is a device-side assert, not an error)."""
     if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == len(y)):

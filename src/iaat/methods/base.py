@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackResult, pgd
+from ..attacks.pgd import attack_mode, check_logits
 from ..errors import ConfigError
 from ..schema import check_type
 from ..units import check_size
@@ -122,7 +123,7 @@ class Method:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
         self.epoch: Optional[int] = None  #: set by start_epoch
-        self._input_checked = False
+        self._input_checked = self._model_checked = False
 
     # -- what a training loop calls ----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
@@ -152,6 +153,10 @@ class Method:
             >>> out.loss.backward()
         """
         self._check_call(x, y, index)
+        if not self._model_checked and len(x):  # once: logits, and labels below their number (eval mode, no grad:
+            with torch.no_grad(), attack_mode(model) as plain:  # no BatchNorm update, no random number drawn)
+                check_logits(plain(x), y, labels=True)
+            self._model_checked = True
         return self.prepare(model, x, y, index)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -201,8 +206,8 @@ class Method:
     # -- helpers of the adversarial methods --------------------------------------------------------------
     def attack_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Any = None,
                      steps: Optional[int] = None, step_size: Any = None, **kwargs: Any) -> AttackResult:
-        """Run the shared PGD kernel with the training attack's settings (overridable per call); the values of
-        ``x`` were checked on the first batch (:meth:`_check_call`), so the step stays free of host syncs."""
+        """Run the shared PGD kernel with the training attack's settings (overridable per call); the inputs were
+        checked on the first batch (:meth:`objective`), so the step stays free of host syncs."""
         return pgd(model, x, y, self.eps if eps is None else eps, steps=self.steps if steps is None else steps,
                    step_size=self.step_size if step_size is None else step_size, norm=self.norm,
                    random_start=self.random_start, autocast_dtype=self.attack_dtype, compiled=self.compiled,
@@ -224,11 +229,17 @@ class Method:
         elif not torch.is_tensor(index) or index.shape != y.shape:
             raise ConfigError(f"index must be a tensor of shape ({len(y)},) (one position per sample), got "
                               f"{_shape(index)}.")
-        if not self._input_checked:  # once: a host sync, and the usual mistake shows on the first batch
-            lo, hi = float(x.min()), float(x.max())
+        if not x.is_floating_point():
+            raise ConfigError(f"{who}.loss takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255.")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ConfigError(f"{who}.loss takes integer class labels (torch.long), got {y.dtype}.")
+        if not self._input_checked and len(x):  # once: a host sync, and the usual mistake shows on the first batch
+            lo, hi, label = torch.stack([x.min().float(), x.max().float(), y.min().float().to(x.device)]).tolist()
             if lo < 0 or hi > 1:
                 raise ConfigError(f"{who}.loss takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise "
                                   f"inside the model (iaat.NormalizedModel(net, mean, std)), not in the data.")
+            if label < 0:
+                raise ConfigError(f"{who}.loss takes class labels >= 0, got {int(label)}.")
             self._input_checked = True
 
 
