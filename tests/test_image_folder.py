@@ -58,9 +58,16 @@ def test_folder_loader_is_seeded_resumable_and_sharded(folder):
     assert torch.equal(plain[0][0], splits.train.x[plain[0][2]].float() / 255)  # no augmentation: evaluation crops
 
 
+def _with_an_empty_class(root: Path) -> Path:
+    write_image_folder(root, classes=2, train_per_class=2, val_per_class=1, size=16)
+    (root / "train" / "empty").mkdir()  # a class with no images would still get an output and a label
+    return root
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda root: root, "train is missing"),
-    (lambda root: (root / "train" / "a").mkdir(parents=True) or root, "hold no images"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True) or root, "holds? no images"),
+    (_with_an_empty_class, r"train/empty holds no images"),
 ])
 def test_bad_folders_are_clear_errors(tmp_path, make, message):
     with pytest.raises(DataError, match=message):
@@ -116,3 +123,16 @@ def test_imagenet_recipe_end_to_end(folder, tmp_path):
                               "--device", "cpu", "--no-progress", "--no-checks", "--out", str(report))
     assert code == 0, err
     assert 0 <= json.loads(report.read_text())["corruptions"]["mean"] <= 1
+
+
+def test_a_16_bit_grey_png_keeps_its_values(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit grey at 255 (a white image); the values are scaled to 8 bits instead."""
+    import numpy as np
+    from PIL import Image
+
+    from iaat.data.folder import open_rgb
+
+    values = np.full((4, 4), 200 * 257, dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    rgb = np.asarray(open_rgb(Image, tmp_path / "g16.png"))
+    assert rgb.shape == (4, 4, 3) and (rgb == 200).all()

@@ -358,3 +358,32 @@ def test_family_sweep_report_has_the_family_table_and_radius_figures(tmp_path, c
     summary = json.loads((out / "report" / "report.json").read_text())
     for name in ("mma", "cat"):
         assert f"fig7_radius_over_epochs_{name}" in summary["figures"] and f"fig2_images_{name}" in summary["figures"]
+
+
+def _fake_run(folder: Path, dataset: str, evaluations: dict) -> Path:
+    """A run folder as the report reads it: its config and evaluation JSONs (no checkpoint is needed)."""
+    from iaat.config import config_from_dict, dump_yaml
+
+    (folder / "eval").mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump_yaml(config_from_dict({"data": {"dataset": dataset}})))
+    for name, ev in evaluations.items():
+        (folder / "eval" / name).write_text(json.dumps({"split": "test", "attacks": {}, **ev}))
+    return folder
+
+
+def test_the_report_shows_only_evaluations_that_compare(tmp_path):
+    """A sweep's run without its sweep evaluation is 'not evaluated', not shown with another one; runs of other data
+    sets are refused; runs evaluated at other radii or on other images are named in a warning."""
+    from iaat.reporting.collect import collect_runs, pick_evaluation
+    from iaat.reporting.report import _warn_if_evaluated_differently
+
+    run = _fake_run(tmp_path / "a", "cifar10", {"other.json": {"clean": 0.5, "n": 500, "eps": 2 / 255}})
+    assert pick_evaluation(run, run / "eval" / "sweep-x.json") == (None, None)
+    assert pick_evaluation(run)[0]["n"] == 500  # a run on its own: its evaluation on the most images
+    digits = _fake_run(tmp_path / "b", "digits", {})
+    with pytest.raises(ConfigError, match=r"different data sets \(cifar10: a; digits: b\)"):
+        collect_runs([run, digits])
+    said: list = []
+    other = _fake_run(tmp_path / "c", "cifar10", {"e.json": {"clean": 0.4, "n": 100, "eps": 8 / 255, "norm": "linf"}})
+    _warn_if_evaluated_differently(collect_runs([run, other]), said.append)
+    assert len(said) == 1 and "eps 2/255" in said[0] and "eps 8/255 linf, 100 images: c" in said[0]

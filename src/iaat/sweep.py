@@ -542,7 +542,8 @@ def run_sweep(plan: SweepPlan, out: Path, jobs: int = 1, only: Optional[list[str
 
 def _run_locked(runner: SweepRunner, plan: SweepPlan, out: Path, jobs: int, only: Optional[list[str]],
                 log: Callable[[str], None]) -> int:
-    log(f"sweep of {len(plan.runs)} runs into {out} ({jobs} at a time); plan in {out / PLAN}")
+    chosen = f"{len(only)} of its {len(plan.runs)} runs (--only)" if only else f"{len(plan.runs)} runs"
+    log(f"sweep of {chosen} into {out} ({jobs} at a time); plan in {out / PLAN}")
 
     def handler(signum: int, frame: object) -> None:
         os.write(2, f"iaat: {signal.Signals(signum).name} received; stopping the running trainings (they save "

@@ -64,6 +64,9 @@ def image_files(path: Path) -> list[str]:
 def open_rgb(image_cls, file: Path):
     try:
         with image_cls.open(file) as img:
+            if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255
+                grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+                return image_cls.fromarray(grey).convert("RGB")
             return img.convert("RGB")  # decodes the whole file, so damaged data fails here
     except (OSError, ValueError, SyntaxError, image_cls.DecompressionBombError) as exc:
         raise DataError(f"cannot read the image {file} ({exc}); the file is damaged or not an image, "
@@ -131,6 +134,7 @@ def scan_split(root: Path, classes: Optional[Sequence[str]] = None) -> tuple[lis
     found = subfolders(root)
     if not found:
         raise DataError(f"{root} holds no class folders (expected {root}/<class>/<image>).")
+    training = classes is None  # this split defines the classes
     classes = list(classes) if classes is not None else found
     unknown = [c for c in found if c not in set(classes)]
     if unknown:
@@ -141,6 +145,9 @@ def scan_split(root: Path, classes: Optional[Sequence[str]] = None) -> tuple[lis
         if not (root / name).is_dir():
             continue
         names = image_files(root / name)
+        if not names and training:  # it would still be a class, with an output no image trains
+            raise DataError(f"{root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): add some or remove "
+                            f"the folder (class indices follow the sorted folder names).")
         files += [root / name / f for f in names]
         labels += [label] * len(names)
     if not files:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import Config, config_from_dict, load_yaml, method_params
 from ..engine import rundir
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 _RADII = re.compile(r"epoch_(\d+)\.npy$")
 #: Methods that train each sample at its own radius (kept in RUN/radii): IAAT's radii, MMA's margins, CAT's radii.
@@ -86,10 +86,12 @@ class RunRecord:
 
 
 def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Optional[dict], Optional[Path]]:
-    """The evaluation a report shows for a run: ``preferred`` when it exists, else the one on the most
-    test images (newest among equals) of ``RUN/eval/*.json`` and ``RUN/*.json`` other than summary.json."""
-    if preferred is not None and preferred.is_file():
-        return json.loads(preferred.read_text()), preferred
+    """The evaluation a report shows for a run: ``preferred`` (a sweep's own evaluation of its runs) when given,
+    none while it is missing (another evaluation, at another radius or on other images, would not compare with
+    the sweep's other runs); for a run on its own, the one on the most test images (newest among equals) of
+    ``RUN/eval/*.json`` and ``RUN/*.json`` other than summary.json."""
+    if preferred is not None:
+        return (json.loads(preferred.read_text()), preferred) if preferred.is_file() else (None, None)
     best: Optional[tuple] = None
     for path in list((run_dir / "eval").glob("*.json")) + list(run_dir.glob("*.json")):
         if path.name == rundir.SUMMARY:
@@ -155,6 +157,11 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
         elif path.resolve() not in seen:
             seen.add(path.resolve())
             records.append(_load_run(path, path.name))
+    datasets = sorted({r.cfg.data.dataset for r in records})
+    if len(datasets) > 1:
+        which = "; ".join(f"{d}: {', '.join(r.name for r in records if r.cfg.data.dataset == d)}" for d in datasets)
+        raise ConfigError(f"these runs were trained on different data sets ({which}); their numbers do not share a "
+                          f"figure or a frontier: report each data set on its own.")
     names = [r.name for r in records]
     for r in records:  # two folders with the same name (from two sweeps): tell them apart by their parent
         if names.count(r.name) > 1:

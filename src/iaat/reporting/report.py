@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.checks import at_chance
 from ..units import format_size, parse_size
 from . import figures, tables
@@ -35,6 +35,20 @@ def _main_attack(records: list[RunRecord]) -> tuple[str, str]:
     return "worst", f"ε = {eps}"
 
 
+def _warn_if_evaluated_differently(evaluated: list, log: Callable[[str], None]) -> None:
+    """The runs of one report should share their evaluation (radius, norm, images); say which differ."""
+    groups: dict = {}
+    for r in evaluated:
+        ev = r.evaluation
+        eps = ev.get("eps")
+        key = (format_size(eps) if isinstance(eps, (int, float)) else "?", ev.get("norm"), ev.get("n"))
+        groups.setdefault(key, []).append(r.name)
+    if len(groups) > 1:
+        log("iaat: warning: the runs were evaluated differently, so their numbers do not compare across these "
+            "groups: " + "; ".join(f"eps {e} {norm}, {n} images: {', '.join(names)}"
+                                   for (e, norm, n), names in groups.items()))
+
+
 def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, image_eps: str = "16",
                 device: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Write the figures (PNG, SVG), the tables (markdown), report.json and report.md into ``out``."""
@@ -50,6 +64,7 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         elif at_chance(r.evaluation.get("clean", 0.0), int(r.evaluation.get("n") or 0), _classes(r)):
             log(f"iaat: warning: {r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on "
                 f"{_classes(r)} classes): its robustness numbers mean nothing")
+    _warn_if_evaluated_differently(evaluated, log)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -88,7 +103,7 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         stem = f"fig2_images_{r.name}".replace("/", "_")
         try:
             drawn = figures.smallest_largest(r, out / stem, data_dir, eps_images, device)
-        except (CheckpointError, ConfigError, OSError) as e:
+        except (CheckpointError, ConfigError, DataError, OSError) as e:  # e.g. the data is on another machine
             log(f"iaat: warning: no image grids for {r.name}: {e}")
             continue
         summary["figures"][stem] = drawn
