@@ -282,3 +282,8 @@ def test_an_objective_gives_the_same_loss_each_time_it_is_called(name):
     objective = method.objective(model, x, y, torch.arange(8))
     first, second = objective(model).loss, objective(model).loss
     assert torch.equal(first, second), (first, second)
+
+
+@pytest.mark.parametrize("name", sorted(iaat.METHODS))
+def test_end_epoch_before_any_epoch_returns_numbers_not_a_type_error(name):
+    assert isinstance(iaat.METHODS[name](num_train=4, epochs=2).end_epoch(), dict)

@@ -266,3 +266,14 @@ def test_compat_authors_weights_equal_gairat_py_every_epoch(epochs, schedule, la
 def test_compat_errors_name_the_fix(params, phrase):
     with pytest.raises(ConfigError, match=phrase):
         _method("gairat", epochs=10, **params)
+
+
+def test_weights_that_all_underflow_scale_to_one_not_nan():
+    """lam = -45 puts every weight of an all-robust batch below float32's range: they are equal, so all 1."""
+    import iaat
+    from iaat.methods.gair import mean_one
+
+    assert torch.equal(iaat.gair_weights(torch.tensor([10, 10]), steps=10, lam=-45.0), torch.ones(2))
+    w = iaat.gair_weights(torch.tensor([9, 10]), steps=10, lam=-45.0)  # still ordered, mean 1, finite
+    assert torch.isfinite(w).all() and w[0] > w[1] and float(w.mean()) == pytest.approx(1.0)
+    assert torch.equal(mean_one(torch.zeros(3)), torch.ones(3))  # MAIL's normalised weights take this path

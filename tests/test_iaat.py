@@ -430,3 +430,15 @@ def test_compat_authors_equals_the_authors_trainer_step_for_step():
 def test_compat_authors_refuses_keys_it_does_not_use(params, phrase):
     with pytest.raises(ConfigError, match=phrase):
         make_iaat(8, **params)
+
+
+def test_the_warmup_radius_keeps_to_the_bounds_and_says_so():
+    """eps_min and eps_max bound every radius, the warmup's too (a warmup at eps above eps_max once went through)."""
+    import iaat
+
+    capped = iaat.IAAT(num_train=4, eps=32 / 255, warmup_epochs=1, eps_max=16 / 255)
+    assert capped.eps_warmup == pytest.approx(16 / 255)
+    assert capped.notes() and "train at 16/255, not at 32/255" in capped.notes()[0]
+    raised = iaat.IAAT(num_train=4, eps=2 / 255, warmup_epochs=1, eps_min=4 / 255)
+    assert raised.eps_warmup == pytest.approx(4 / 255)
+    assert iaat.IAAT(num_train=4).notes() == []

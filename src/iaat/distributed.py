@@ -176,6 +176,14 @@ def global_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def global_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over ranks when a process group is up (autograd does not flow through it)."""
+    if active():
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (attacks and evaluation use it directly)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -79,9 +79,10 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
     half = max(steps // 2, 1)
     if fn in ("tanh", "sigmoid"):
         a = lam + (half - k) * 5.0 / half
-        # tanh: (1 + tanh(a)) / 2 as sigmoid(2a), the same function: tanh rounds to -1 below a of about -9
-        # (float32), and a batch whose every weight is then 0 would scale to NaN (K = 3, lam = -1, kappa = K: a = -11)
-        raw = torch.sigmoid(2.0 * a if fn == "tanh" else a)
+        # tanh: (1 + tanh(a)) / 2 = sigmoid(2a). In logs, shifted by the (global) largest: exp of it is at most 1,
+        # with a 1 somewhere, so a batch whose every weight underflows (lam = -45) still scales to mean 1, not NaN
+        log_raw = F.logsigmoid(2.0 * a if fn == "tanh" else a)
+        return mean_one(torch.exp(log_raw - distributed.global_max(log_raw.max())))
     elif fn == "discrete":
         raw = (steps + 1 - k) / (steps + 1)
     else:
@@ -99,10 +100,9 @@ def mean_one(raw: torch.Tensor) -> torch.Tensor:
         >>> mean_one(torch.tensor([1.0, 3.0]))
         tensor([0.5000, 1.5000])
     """
-    if not distributed.active():
-        return raw * (len(raw) / raw.sum())
     stats = distributed.global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
-    return raw * (stats[0] / stats[1])
+    # every weight 0 (underflowed): no sample weighs more than another as far as float32 tells, so all weigh 1
+    return torch.where(stats[1] > 0, raw * (stats[0] / stats[1]), torch.ones_like(raw))
 
 
 class GairWeighting:

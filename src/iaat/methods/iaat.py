@@ -205,6 +205,9 @@ class IAAT(PerSampleState, GairParams, CompatParams):
             self.eps_warmup = self.eps
         #: the radii's upper bound: eps_max, else the whole pixel range under L-inf (none under L2)
         self.upper = self.eps_max if self.eps_max is not None else (1.0 if self.norm == "linf" else math.inf)
+        #: the warmup radius asked for when the bounds moved it (the bounds hold for every radius, warmup's too)
+        self.warmup_asked = self.eps_warmup if self.clip(self.eps_warmup) != self.eps_warmup else None
+        self.eps_warmup = self.clip(self.eps_warmup)
         self.grid_step = self.line_search_step if self.line_search_step is not None else self.gamma
         self.skip = self.loss_split and self.skip_misclassified  #: no attacks for samples misclassified when clean
         self.gair = GairWeighting(self) if self.weights == "gair" else None
@@ -273,6 +276,9 @@ class IAAT(PerSampleState, GairParams, CompatParams):
                               f"({format_size(self.eps_max)}).")
 
     def notes(self) -> list[str]:
+        if self.warmup_epochs and self.warmup_asked is not None:
+            return [f"iaat: the {self.warmup_epochs} warmup epoch(s) train at {format_size(self.eps_warmup)}, not at "
+                    f"{format_size(self.warmup_asked)}: every radius stays within [eps_min, eps_max]"]
         if self.warmup_follows_eps or self.warmup_epochs == 0 or self.eps_warmup == self.eps:
             return []
         return [f"iaat: the {self.warmup_epochs} warmup epoch(s) train at eps_warmup {format_size(self.eps_warmup)}, "

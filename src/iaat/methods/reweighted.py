@@ -80,6 +80,8 @@ class _Reweighted(Method):
 
     def end_epoch(self) -> dict:
         row = {}
+        if self.epoch is None:  # no epoch started: nothing scheduled to report
+            return row
         if self.gair is not None:
             row["gair_lambda"] = self.gair.lam(self.epoch, self.epochs)
         if self.use_fat:
