@@ -109,7 +109,8 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         summary["figures"][stem] = drawn
         for which in ("smallest", "largest"):
             tied = drawn[which]["tied_at_edge"]
-            ties = (f" {tied} samples share the radius at the edge of this group; those shown come first in "
+            first = "first" if which == "smallest" else "last"  # the largest are the sorted order read backwards
+            ties = (f" {tied} samples share the radius at the edge of this group; those shown come {first} in "
                     f"training-set order." if tied > 1 else "")
             fig_md.append(f"### {r.name}: training images with the {which} radii\n\nFigs. 2, 5, 6 — each image "
                           f"above its PGD-20 perturbation at {format_size(eps_images)}, with class, final radius "
