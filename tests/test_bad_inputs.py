@@ -159,6 +159,11 @@ def zero_threads_in_the_config(c: Ctx) -> list[str]:
     return c.new_run("--set", "train.threads=0")
 
 
+@case("holds cifar10, not cifar100", "--dataset cifar10", absent=("download",))
+def cifar100_asked_of_a_cifar10_folder(c: Ctx) -> list[str]:
+    return c.new_run("--dataset", "cifar100")  # once: a download of CIFAR-100 into the CIFAR-10 folder
+
+
 @case("model.width must be a whole number >= 1, got 0")
 def zero_model_width(c: Ctx) -> list[str]:
     return c.new_run("--set", "model.width=0")  # `width or 32` once trained a width-32 model here

@@ -172,6 +172,11 @@ def load_cifar(name: str, data_dir: Optional[str], download: bool = True) -> Dat
     spec = _SPECS[name]
     folder, looked = find_folder(name, data_dir)
     if folder is None:
+        for other in (o for o in _SPECS if o != name):  # the other CIFAR there: a wrong --dataset, not a download
+            found, _ = find_folder(other, data_dir)
+            if found is not None:
+                raise DataError(f"{found} holds {other}, not {name}: pass --dataset {other}, or --data-dir pointing "
+                                f"at a '{spec['folder']}' folder or its parent.")
         if data_dir and not Path(data_dir).expanduser().exists():
             hint = f"the folder {data_dir} does not exist"
         else:
