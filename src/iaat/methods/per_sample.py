@@ -96,7 +96,11 @@ class PerSampleState(Method):
             raise ConfigError(f"the saved state of method {self.name} lacks {', '.join(missing)}: it was saved by "
                               f"another method.")
         for key in self.state_keys:
-            saved, mine = state[key], getattr(self, key)
+            mine = getattr(self, key)
+            try:  # a checkpoint holds tensors; arrays and lists (e.g. from .npy files) are taken as well
+                saved = torch.as_tensor(state[key], dtype=mine.dtype)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"the saved per-sample {key} is not an array of numbers ({e}).") from None
             if saved.shape != mine.shape:
                 raise ConfigError(f"the saved per-sample {key} has {saved.shape[0]} entries but the training set "
                                   f"has {mine.shape[0]} samples.")
