@@ -72,8 +72,8 @@ class _Pair(nn.Module):
 
 @pytest.mark.parametrize("call, message", [
     (lambda m, x, y: iaat.pgd(m, (x * 255).to(torch.uint8), y, 8 / 255), "float images in .0, 1.*255"),
-    (lambda m, x, y: iaat.pgd(m, x, y.float(), 8 / 255), r"integer class indices \(torch.long\)"),
-    (lambda m, x, y: iaat.pgd(m, x, y - 1, 8 / 255), "class indices >= 0, got -1"),
+    (lambda m, x, y: iaat.pgd(m, x, y.float(), 8 / 255), r"pgd takes integer class labels \(torch.long\)"),
+    (lambda m, x, y: iaat.pgd(m, x, y - 1, 8 / 255), "pgd takes class labels >= 0, got -1"),
     (lambda m, x, y: iaat.pgd(m, x, y + 3, 8 / 255), "labels go up to 5, but the model has 3 outputs"),
     (lambda m, x, y: iaat.pgd(m, x, y, torch.full((len(y),), -0.1)), "eps must hold finite sizes >= 0"),
     (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, steps=2.5), "whole number >= 0, got 2.5"),

@@ -360,7 +360,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
                      early_stop_tau)
     if check_inputs:
-        _check_values(x, y, eps, step_size, norm)
+        check_batch_values(x, y, "pgd", (("eps", eps), ("step_size", step_size)), norm)
     batch = x.shape[0]
     x, y = x.detach(), y.long()  # cross-entropy and gather take int64 labels
     eps_t = _as_radius(eps, batch, x)
@@ -413,10 +413,7 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
     if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
         raise ConfigError(f"pgd takes images x of shape (B, C, H, W) in [0, 1] and labels y of shape (B,), got "
                           f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
-    if not x.is_floating_point():
-        raise ConfigError(f"pgd takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255 first.")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ConfigError(f"labels y must be integer class indices (torch.long), got {y.dtype}.")
+    check_batch_types(x, y, "pgd")
     for name, value in (("eps", eps), ("step_size", step_size)):
         if value is not None and not torch.is_tensor(value):  # what a person types; tensors are checked by values
             check_size(value, name, norm=norm)
@@ -445,19 +442,28 @@ def check_logits(logits: object, y: torch.Tensor, labels: bool) -> None:
         raise ConfigError(f"labels go up to {int(y.max())}, but the model has {logits.shape[1]} outputs.")
 
 
-def _check_values(x: torch.Tensor, y: torch.Tensor, eps: Radius, step_size: Optional[Radius], norm: str) -> None:
-    """The checks that read tensor values (one host synchronisation for all): images in [0, 1], labels >= 0,
-    radii given as tensors finite and >= 0, and at most 1 under L-inf (else pixel levels, ``8`` meant as 8/255)."""
+def check_batch_types(x: torch.Tensor, y: torch.Tensor, who: str) -> None:
+    """Float images and integer labels (dtypes only: no host synchronisation); ``who`` names the caller."""
+    if not x.is_floating_point():
+        raise ConfigError(f"{who} takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255 first.")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ConfigError(f"{who} takes integer class labels (torch.long), got {y.dtype}.")
+
+
+def check_batch_values(x: torch.Tensor, y: torch.Tensor, who: str, sizes: tuple = (), norm: str = "linf") -> None:
+    """The checks that read tensor values (one host synchronisation for all): images in [0, 1], labels >= 0, and
+    each ``(name, value)`` of ``sizes`` given as a tensor finite and >= 0, and at most 1 under L-inf (else pixel
+    levels, ``8`` meant as 8/255)."""
     if not len(x):
         return
-    sizes = [(name, v) for name, v in (("eps", eps), ("step_size", step_size)) if torch.is_tensor(v) and v.numel()]
+    sizes = [(name, v) for name, v in sizes if torch.is_tensor(v) and v.numel()]
     stats = [x.min(), x.max(), y.min()] + [f(v.detach()) for _, v in sizes for f in (torch.min, torch.max)]
     lo, hi, label, *bounds = torch.stack([t.float().to(x.device) for t in stats]).tolist()
     if lo < 0 or hi > 1:
-        raise ConfigError(f"pgd takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise inside the "
+        raise ConfigError(f"{who} takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise inside the "
                           f"model (iaat.NormalizedModel(net, mean, std)), not in the data.")
     if label < 0:
-        raise ConfigError(f"labels y must be class indices >= 0, got {int(label)}.")
+        raise ConfigError(f"{who} takes class labels >= 0, got {int(label)}.")
     for (name, _), (smallest, largest) in zip(sizes, zip(bounds[::2], bounds[1::2])):
         if not (math.isfinite(smallest) and math.isfinite(largest)) or smallest < 0:
             raise ConfigError(f"{name} must hold finite sizes >= 0 in [0, 1] image units, got values in "

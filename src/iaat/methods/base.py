@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackResult, pgd
-from ..attacks.pgd import attack_mode, check_logits
+from ..attacks.pgd import attack_mode, check_batch_types, check_batch_values, check_logits
 from ..errors import ConfigError
 from ..schema import check_type
 from ..units import check_size
@@ -229,17 +229,9 @@ class Method:
         elif not torch.is_tensor(index) or index.shape != y.shape:
             raise ConfigError(f"index must be a tensor of shape ({len(y)},) (one position per sample), got "
                               f"{_shape(index)}.")
-        if not x.is_floating_point():
-            raise ConfigError(f"{who}.loss takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255.")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ConfigError(f"{who}.loss takes integer class labels (torch.long), got {y.dtype}.")
-        if not self._input_checked and len(x):  # once: a host sync, and the usual mistake shows on the first batch
-            lo, hi, label = torch.stack([x.min().float(), x.max().float(), y.min().float().to(x.device)]).tolist()
-            if lo < 0 or hi > 1:
-                raise ConfigError(f"{who}.loss takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise "
-                                  f"inside the model (iaat.NormalizedModel(net, mean, std)), not in the data.")
-            if label < 0:
-                raise ConfigError(f"{who}.loss takes class labels >= 0, got {int(label)}.")
+        check_batch_types(x, y, f"{who}.loss")
+        if not self._input_checked and len(x):  # once: a host sync; the usual mistake shows on the first batch
+            check_batch_values(x, y, f"{who}.loss")
             self._input_checked = True
 
 
