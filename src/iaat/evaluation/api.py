@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..attacks import attack_mode
+from ..attacks.pgd import check_logits
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..units import check_size
@@ -73,9 +74,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             raise
         raise ConfigError(f"the model fails on images of shape {tuple(first.shape[1:])} from x: "
                           f"{type(e).__name__}: {first_line(e, 200)}") from None
-    if not (torch.is_tensor(out) and out.ndim == 2):
-        what = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(f"the model must return logits of shape (B, classes), got {what}.")
+    check_logits(out, data.y[:1], labels=False)  # the labels' range is checked over all of them below
     num_classes = out.shape[-1]
     if int(data.y.min()) < 0 or int(data.y.max()) >= num_classes:
         raise ConfigError(f"labels must be class indices in [0, {num_classes - 1}] for a model with {num_classes} "
