@@ -52,16 +52,21 @@ def model_card(path: Path, cfg: Any, ckpt: dict, model: nn.Module, weights: str)
     rows = rundir.read_metrics(run_dir) if run_dir else []
     if rows and "radius_mean" in rows[-1]:
         training["radius_mean"] = rows[-1]["radius_mean"]
+    return _card(model, {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width},
+                 data.get("num_classes"), data.get("image_shape"), dataset=cfg.data.dataset, training=training,
+                 weights=weights, accuracy=_latest_accuracy(run_dir, rows, training, weights))
+
+
+def _card(model: nn.Module, architecture: dict, num_classes: Optional[int], input_shape: Optional[list],
+          **about: Any) -> dict:
+    """A model file's description: what every one says, then ``about`` (data set, training, weights, accuracy)."""
     normalize = getattr(model, "normalize", None)
     return {
-        "format": MODEL_FORMAT, "version": 1, "iaat_version": __version__,
-        "architecture": {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width},
-        "num_classes": data.get("num_classes"), "input_shape": data.get("image_shape"), "input_range": [0, 1],
-        "normalization_inside": None if normalize is None else {
+        "format": MODEL_FORMAT, "version": 1, "iaat_version": __version__, "architecture": architecture,
+        "num_classes": num_classes, "input_shape": input_shape, "input_range": [0, 1],
+        "normalization_inside": None if normalize is None or not hasattr(normalize, "mean") else {
             "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()},
-        "dataset": cfg.data.dataset, "training": training, "weights": weights,
-        "accuracy": _latest_accuracy(run_dir, rows, training, weights),
-        "units": "sizes (eps, radii) in [0, 1] image units",
+        **about, "units": "sizes (eps, radii) in [0, 1] image units",
     }
 
 
@@ -171,20 +176,14 @@ def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tu
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
             and all(isinstance(d, int) and d > 0 for d in input_shape)):
         raise ConfigError(f"exporting a module needs input_shape=(C, H, W) of its images, got {input_shape!r}.")
+    from .attacks.pgd import check_logits
+
     model = model.cpu().eval()
     with torch.no_grad():
         logits = model(torch.rand(2, *input_shape))
-    if not (torch.is_tensor(logits) and logits.ndim == 2):
-        raise ConfigError("the module must return logits of shape (B, classes) for images of input_shape.")
-    normalize = getattr(model, "normalize", None)
-    return model, {
-        "format": MODEL_FORMAT, "version": 1, "iaat_version": __version__,
-        "architecture": {"name": type(model).__name__}, "num_classes": logits.shape[1],
-        "input_shape": list(input_shape), "input_range": [0, 1],
-        "normalization_inside": None if normalize is None or not hasattr(normalize, "mean") else {
-            "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()},
-        "dataset": None, "training": None, "weights": "given", "accuracy": None,
-        "units": "sizes (eps, radii) in [0, 1] image units"}
+    check_logits(logits, torch.zeros(2, dtype=torch.long), labels=False)
+    return model, _card(model, {"name": type(model).__name__}, logits.shape[1], list(input_shape), dataset=None,
+                        training=None, weights="given", accuracy=None)
 
 
 def _torchscript_bytes(model: nn.Module, input_shape: list, text: str) -> bytes:
