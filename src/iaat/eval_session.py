@@ -148,24 +148,18 @@ def default_eps(req: EvalRequest) -> float:
 def check_output(out: Path) -> None:
     """``--out`` may replace an earlier evaluation's result (and its markdown), never any other file: a typo such
     as ``--out RUN/config.yaml`` would otherwise destroy the run."""
+    from .engine.rundir import read_evaluation
+
     if out.suffix != ".json":
         raise ConfigError(f"--out {out}: the evaluation writes JSON; name a .json file (the markdown goes beside it).")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name a .json file in it.")
-    if out.exists() and not _is_evaluation(out):
+    if out.exists() and read_evaluation(out) is None:
         raise ConfigError(f"--out {out} exists and is not an evaluation result; it is left as it is. Choose another "
                           f"name, or delete it first.")
     md = out.with_suffix(".md")
     if md.exists() and not out.exists():
         raise ConfigError(f"{md} exists, and the evaluation would replace it with its markdown; choose another --out.")
-
-
-def _is_evaluation(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "attacks" in data and "clean" in data
 
 
 def check_same_data(shape: Optional[tuple], splits, what: str) -> None:

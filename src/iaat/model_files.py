@@ -73,14 +73,13 @@ def _card(model: nn.Module, architecture: dict, num_classes: Optional[int], inpu
 def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weights: str) -> Optional[dict]:
     """The run's test evaluation (iaat eval) of these weights at the training radius and norm, the one on the most
     images (the newest of those); else its newest held-out numbers from metrics.jsonl."""
+    from .engine import rundir
+
     evals = sorted(run_dir.glob("eval/*.json"), key=lambda p: p.stat().st_mtime) if run_dir else []
     best = None
     for path in evals:
-        try:
-            ev = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not (isinstance(ev, dict) and "clean" in ev and ev.get("attacks") and ev.get("norm") == training["norm"]
+        ev = rundir.read_evaluation(path)
+        if not (ev is not None and ev["attacks"] and ev.get("norm") == training["norm"]
                 and isinstance(ev.get("eps"), (int, float)) and abs(ev["eps"] - training["eps"]) < 1e-9
                 and ev.get("epoch") == training["epochs"] and ev.get("weights", weights) == weights):
             continue

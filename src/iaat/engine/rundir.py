@@ -11,7 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -141,6 +141,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def read_evaluation(path: Path) -> Optional[dict]:
+    """An ``iaat eval`` result (a JSON object with ``clean`` and ``attacks``), or ``None`` for any other file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return None
+    return data if isinstance(data, dict) and "clean" in data and "attacks" in data else None
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
