@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
 import json
@@ -16,7 +17,7 @@ from iaat.errors import ConfigError
 
 #: Modules whose docstring examples are part of the public API's documentation.
 DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
-              "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
+              "iaat.models.precision", "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
               "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.mart", "iaat.methods.gair",
               "iaat.methods.mma", "iaat.methods.cat", "iaat.methods.mail", "iaat.methods.per_sample",
               "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp", "iaat.plugins"]
@@ -210,6 +211,20 @@ def test_evaluate_returns_the_protocol_numbers_as_a_plain_dict():
             iaat.evaluate(model, x, labels)
     one = iaat.evaluate(model, x, y, attacks="pgd:steps=2", checks=False)  # one attack on its own
     assert set(one["attacks"]) == {"PGD-2@8/255"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_evaluate_takes_a_model_kept_in_another_float_type(dtype):
+    """The attack's iterates stay float32; the model gets them cast to its own type (float16 on the CPU too)."""
+    torch.manual_seed(0)
+    model, (x, y) = _linear(), _batch(24)
+    other = copy.deepcopy(model).to(dtype)
+    kw = dict(attacks=["pgd:steps=5"], eps=8 / 255, checks=False)
+    res, res_other = iaat.evaluate(model, x, y, **kw), iaat.evaluate(other, x, y, **kw)
+    assert res_other["clean"] == res["clean"] > 0
+    tolerance = 0 if dtype == torch.float64 else 2 / 24  # float16 logits may flip a close call
+    assert abs(res_other["attacks"]["PGD-5@8/255"]["accuracy"] - res["attacks"]["PGD-5@8/255"]["accuracy"]) <= tolerance
+    assert next(other.parameters()).dtype == dtype  # the model itself is left as it was
 
 
 @pytest.mark.parametrize("call, message", [

@@ -11,6 +11,7 @@ from ..attacks import attack_mode
 from ..attacks.pgd import check_logits
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
+from ..models.precision import float32_view
 from ..units import check_size
 from .attacks import AttackSpec
 from .presets import PROTOCOLS
@@ -29,7 +30,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     run too (``checks=False`` leaves them out) and say when the numbers should not be believed.
 
     Args:
-        model: maps images in [0, 1] to logits (normalisation inside, e.g. :class:`iaat.NormalizedModel`).
+        model: maps images in [0, 1] to logits (normalisation inside, e.g. :class:`iaat.NormalizedModel`); weights
+            in float64 or float16 are fine (attacked in float32, cast at the model's input).
         x: images in [0, 1], float (B, C, H, W), or uint8 pixels.
         y: labels (B,).
         attacks: attack specs as ``iaat eval --attack`` writes them (``"pgd:steps=100,restarts=5"``, ``"cw"``,
@@ -64,6 +66,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     data = _image_set(x, y)
+    model = float32_view(model)
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     first = to_unit(data.x[:1], device)
     try:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..attacks.pgd import attack_mode
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError
+from ..models.precision import float32_view
 from ..units import format_size
 from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
 from .checks import check_model_fits, probe_model, run_checks
@@ -136,6 +137,8 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         surrogates: source → model for transfer attacks.
         corruption_sets: returns the corruption sets (see :mod:`.corruptions`) for the corruption stage.
     """
+    model = float32_view(model)
+    surrogates = {k: float32_view(m) for k, m in (surrogates or {}).items()}
     device = device or next(model.parameters()).device
     state = EvalState(state_path, fingerprint)
     n = len(data)
@@ -154,7 +157,7 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         state.meta["attack_batches"] = len(batches)  # an attack with this many batches done went through every image
         for spec in plan.stages():
             _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
-                       surrogate=(surrogates or {}).get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
+                       surrogate=surrogates.get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
 
     result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "num_classes": num_classes, "eps": plan.eps,
               "norm": plan.norm, "protocol": plan.protocol, "attacks": {}}

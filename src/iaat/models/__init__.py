@@ -2,5 +2,6 @@
 
 from .registry import MODELS, build_model
 from .normalize import Normalize, NormalizedModel
+from .precision import float32_view
 
-__all__ = ["MODELS", "build_model", "Normalize", "NormalizedModel"]
+__all__ = ["MODELS", "build_model", "Normalize", "NormalizedModel", "float32_view"]
