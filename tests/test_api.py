@@ -159,6 +159,12 @@ def test_iaat_memory_round_trips_through_state_dict():
     assert torch.equal(a.memory, b.memory) and not torch.all(a.memory == 4 / 255)
     with pytest.raises(ConfigError, match="11 samples"):
         iaat.IAAT(num_train=11).load_state_dict(a.state_dict())
+    with pytest.raises(ConfigError, match=r"memory holds 8, larger than 1.*pass the saved per-sample memory/255"):
+        b.load_state_dict({"memory": torch.full((10,), 8.0)})  # radii in pixel levels
+    with pytest.raises(ConfigError, match="finite sizes >= 0"):
+        b.load_state_dict({"memory": torch.full((10,), float("nan"))})
+    assert torch.equal(a.memory, b.memory)  # a refused state leaves the memory as it was
+    iaat.IAAT(num_train=10, norm="l2", eps=0.5).load_state_dict({"memory": torch.full((10,), 2.0)})  # L2 may exceed 1
 
 
 def test_iaat_warmup_follows_the_training_radius():

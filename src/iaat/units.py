@@ -121,3 +121,21 @@ def check_size(value: Any, name: str = "eps", *, norm: str = "linf", allow_zero:
         raise ConfigError(f"{name}={value:g} is larger than 1, the whole [0, 1] pixel range: the Python API takes "
                           f"sizes in [0, 1] image units. For {value:g} pixel levels write {name}={value:g}/255.")
     return unit
+
+
+def check_size_range(name: str, smallest: float, largest: float, norm: str = "linf") -> None:
+    """Check an array of sizes, given its smallest and largest value, as :func:`check_size` checks one: finite,
+    >= 0, and at most 1 under L-inf (else pixel levels, ``8`` meant as 8/255).
+
+    Example:
+        >>> check_size_range("radii", 0.0, 8.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        iaat.errors.ConfigError: radii holds 8, larger than 1, the whole [0, 1] pixel range: ... pass radii/255.
+    """
+    if not (math.isfinite(smallest) and math.isfinite(largest)) or smallest < 0:
+        raise ConfigError(f"{name} must hold finite sizes >= 0 in [0, 1] image units, got values in "
+                          f"[{smallest:g}, {largest:g}].")
+    if _is_linf(norm) and largest > 1:
+        raise ConfigError(f"{name} holds {largest:g}, larger than 1, the whole [0, 1] pixel range: sizes are in "
+                          f"[0, 1] image units; for pixel levels pass {name}/255.")

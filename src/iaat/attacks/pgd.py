@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
@@ -36,7 +35,7 @@ from torch import nn
 
 from ..distributed import unwrap
 from ..errors import ConfigError
-from ..units import check_size, format_size
+from ..units import check_size, check_size_range, format_size
 
 Radius = Union[float, torch.Tensor]
 
@@ -465,12 +464,7 @@ def check_batch_values(x: torch.Tensor, y: torch.Tensor, who: str, sizes: tuple 
     if label < 0:
         raise ConfigError(f"{who} takes class labels >= 0, got {int(label)}.")
     for (name, _), (smallest, largest) in zip(sizes, zip(bounds[::2], bounds[1::2])):
-        if not (math.isfinite(smallest) and math.isfinite(largest)) or smallest < 0:
-            raise ConfigError(f"{name} must hold finite sizes >= 0 in [0, 1] image units, got values in "
-                              f"[{smallest:g}, {largest:g}].")
-        if norm == "linf" and largest > 1:
-            raise ConfigError(f"{name} holds {largest:g}, larger than 1, the whole [0, 1] pixel range: sizes are in "
-                              f"[0, 1] image units; for pixel levels pass {name}/255.")
+        check_size_range(name, smallest, largest, norm)
 
 
 class PGD:

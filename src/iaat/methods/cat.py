@@ -86,6 +86,7 @@ class CAT(PerSampleState, CompatParams):
     name = "cat"
     log_keys = ("radius_mean",)
     state_keys = ("radii",)
+    size_keys = ("radii",)
     epoch_keys = ("radii",)
 
     eta: float = size(0.0025)

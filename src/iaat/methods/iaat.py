@@ -174,6 +174,7 @@ class IAAT(PerSampleState, GairParams, CompatParams):
     name = "iaat"
     needs_epoch = True
     state_keys = ("memory",)  # exported as RUN/radii/ (epoch_arrays)
+    size_keys = ("memory",)
     log_keys = ("radius_mean", "gair_lambda")
 
     weights: str = "none"

@@ -121,6 +121,7 @@ class MMA(PerSampleState):
     name = "mma"
     log_keys = ("radius_mean", "train_hinged")
     state_keys = ("radii",)
+    size_keys = ("radii",)
     epoch_keys = ("radii",)
 
     hinge_max: float = size(32 / 255)

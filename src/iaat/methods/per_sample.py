@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..units import check_size_range
 from .base import Method
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -58,6 +59,7 @@ class PerSampleState(Method):
     needs_index = True
     state_keys: ClassVar[tuple] = ()  #: names of the per-sample arrays (float32, one row per training sample)
     epoch_keys: ClassVar[tuple] = ()  #: those written after every epoch (a subset of ``state_keys``)
+    size_keys: ClassVar[tuple] = ()  #: those holding perturbation sizes ([0, 1] units, checked when loaded)
 
     save_radii: bool = True  #: write the per-sample arrays after every epoch (RUN/<array>/epoch_NNNN.npy)
 
@@ -95,13 +97,19 @@ class PerSampleState(Method):
         if missing:
             raise ConfigError(f"the saved state of method {self.name} lacks {', '.join(missing)}: it was saved by "
                               f"another method.")
-        for key in self.state_keys:
-            mine = getattr(self, key)
-            try:  # a checkpoint holds tensors; arrays and lists (e.g. from .npy files) are taken as well
-                saved = torch.as_tensor(state[key], dtype=mine.dtype)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"the saved per-sample {key} is not an array of numbers ({e}).") from None
-            if saved.shape != mine.shape:
-                raise ConfigError(f"the saved per-sample {key} has {saved.shape[0]} entries but the training set "
-                                  f"has {mine.shape[0]} samples.")
-            mine.copy_(saved.to(mine.device))
+        checked = {key: self._checked(key, state[key]) for key in self.state_keys}  # all before any is copied
+        for key, saved in checked.items():
+            getattr(self, key).copy_(saved)
+
+    def _checked(self, key: str, value: Any) -> torch.Tensor:
+        mine = getattr(self, key)
+        try:  # a checkpoint holds tensors; arrays and lists (e.g. from .npy files) are taken as well
+            saved = torch.as_tensor(value, dtype=mine.dtype)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"the saved per-sample {key} is not an array of numbers ({e}).") from None
+        if saved.shape != mine.shape:
+            raise ConfigError(f"the saved per-sample {key} has {saved.shape[0] if saved.ndim else 'no'} entries but "
+                              f"the training set has {mine.shape[0]} samples.")
+        if key in self.size_keys and len(saved):  # e.g. radii saved in pixel levels by another tool
+            check_size_range(f"the saved per-sample {key}", *map(float, torch.aminmax(saved)), self.norm)
+        return saved.to(mine.device)
