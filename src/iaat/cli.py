@@ -99,60 +99,69 @@ def _raw_config(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import config_from_dict, describe, load_yaml, locate
+    from .config import describe
     from .engine import train
-    from .engine.rundir import CONFIG, check_resumable
 
-    if args.print_config and not args.resume:
-        print(describe(config_from_dict(_raw_config(args))), end="")
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues the run in --out RUN_DIR; give that folder.")
+    cfg = _resumed_config(args, Path(args.out)) if args.resume else _new_config(args)
+    if args.print_config:  # with --resume: the run's config, as resuming would use it
+        print(describe(cfg), end="")
         return 0
     if not args.out:
         raise ConfigError("iaat train needs --out RUN_DIR, the run folder to create (or to continue with --resume).")
     from .engine.setup import choose_threads, resolve_device
 
-    out = Path(args.out)
-    if args.resume:
-        check_resumable(out)
-        if args.config:
-            raise ConfigError("--resume takes the config from the run folder; drop --config "
-                              "(use --epochs or --set train.epochs=N to extend a run).")
-        if args.init_from:
-            raise ConfigError("--init-from starts a new run from other weights; --resume continues this run from "
-                              "its own checkpoint. Drop one of them.")
-        saved = load_yaml(out / CONFIG)
-        raw = _raw_config(argparse.Namespace(**{**vars(args), "config": None}))
-        merged = {s: dict(saved.get(s) or {}) for s in saved}
-        for section, values in raw.items():
-            merged.setdefault(section, {}).update(values)
-        cfg = config_from_dict(merged)
-        before = config_from_dict(saved).to_dict()
-        after = cfg.to_dict()
-        for section in after:
-            for key in set(after[section]) | set(before.get(section, {})):
-                old, new = before.get(section, {}).get(key), after[section].get(key)
-                if (section, key) not in _RESUMABLE_CHANGES and old != new:
-                    raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
-                                      f"asked {new!r}); start a new run with another --out instead.")
-        if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":
-            warnings.warn(f"train.epochs {before['train']['epochs']} -> {cfg.train.epochs}: the cosine learning-rate "
-                          f"schedule now spans {cfg.train.epochs} epochs from here on; the epochs already trained "
-                          f"followed the old one, so the run differs from one trained for {cfg.train.epochs} epochs "
-                          f"from the start.", stacklevel=1)
-    else:
-        raw = _raw_config(args)  # a flag's or --set's own mistake is not the file's
-        try:
-            cfg = config_from_dict(raw)
-        except ConfigError as e:  # a mistake in the file: say where
-            raise (locate(e, args.config, raw) if args.config else e) from None
-    if args.print_config:  # with --resume: the run's config, as resuming would use it
-        print(describe(cfg), end="")
-        return 0
     on_cpu = resolve_device(cfg.train.device).type == "cpu" and not _rank_prefix() and "WORLD_SIZE" not in os.environ
     cfg.train.threads = choose_threads(cfg.train.threads, on_cpu)
-    train(cfg, out, resume=args.resume)
+    train(cfg, Path(args.out), resume=args.resume)
     if not _rank_prefix():
-        print(f"run saved in {out}")
+        print(f"run saved in {args.out}")
     return 0
+
+
+def _new_config(args: argparse.Namespace):
+    """The config of a new run: the file (or defaults), then the flags and --set."""
+    from .config import config_from_dict, locate
+
+    raw = _raw_config(args)  # a flag's or --set's own mistake is not the file's
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:  # a mistake in the file: say where
+        raise (locate(e, args.config, raw) if args.config else e) from None
+
+
+def _resumed_config(args: argparse.Namespace, out: Path):
+    """The run's saved config with the changes a resume may make (``_RESUMABLE_CHANGES``); any other is refused."""
+    from .config import config_from_dict, load_yaml
+    from .engine.rundir import CONFIG, check_resumable
+
+    check_resumable(out)
+    if args.config:
+        raise ConfigError("--resume takes the config from the run folder; drop --config "
+                          "(use --epochs or --set train.epochs=N to extend a run).")
+    if args.init_from:
+        raise ConfigError("--init-from starts a new run from other weights; --resume continues this run from "
+                          "its own checkpoint. Drop one of them.")
+    saved = load_yaml(out / CONFIG)
+    raw = _raw_config(argparse.Namespace(**{**vars(args), "config": None}))
+    merged = {s: dict(saved.get(s) or {}) for s in saved}
+    for section, values in raw.items():
+        merged.setdefault(section, {}).update(values)
+    cfg = config_from_dict(merged)
+    before, after = config_from_dict(saved).to_dict(), cfg.to_dict()
+    for section in after:
+        for key in set(after[section]) | set(before.get(section, {})):
+            old, new = before.get(section, {}).get(key), after[section].get(key)
+            if (section, key) not in _RESUMABLE_CHANGES and old != new:
+                raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
+                                  f"asked {new!r}); start a new run with another --out instead.")
+    if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":
+        warnings.warn(f"train.epochs {before['train']['epochs']} -> {cfg.train.epochs}: the cosine learning-rate "
+                      f"schedule now spans {cfg.train.epochs} epochs from here on; the epochs already trained "
+                      f"followed the old one, so the run differs from one trained for {cfg.train.epochs} epochs "
+                      f"from the start.", stacklevel=1)
+    return cfg
 
 
 def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:

@@ -170,17 +170,18 @@ def active() -> bool:
 
 def global_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks when a process group is up (autograd does not flow through it)."""
-    if active():
-        t = t.detach().clone()
-        dist.all_reduce(t)
-    return t
+    return _reduced(t, "SUM")
 
 
 def global_max(t: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of ``t`` over ranks when a process group is up (autograd does not flow through it)."""
+    return _reduced(t, "MAX")
+
+
+def _reduced(t: torch.Tensor, op: str) -> torch.Tensor:
     if active():
         t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
 
 
