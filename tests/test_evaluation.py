@@ -20,6 +20,7 @@ from iaat.data import load_dataset
 from iaat.errors import ConfigError
 from iaat.evaluation import AttackSpec, build_plan, parse_attack, run_evaluation
 from iaat.evaluation import attacks as eval_attacks
+from iaat.evaluation.attacks import spec_key
 from iaat.models import build_model
 
 EPS = 32 / 255  # digits are 8x8 with 17 grey levels: 32/255 is a moderate radius there
@@ -70,6 +71,22 @@ def test_parse_attack_kinds_and_defaults():
     assert AttackSpec(eps=EPS, steps=20, step_size=EPS / 4).label != AttackSpec(eps=EPS, steps=20).label
 
 
+
+def test_every_option_that_changes_results_tells_attacks_apart():
+    """Two attacks reported under one label would share results (and resumable state): every option that changes
+    what an attack does is in its label, or the plan refuses the pair."""
+    variants = ["mifgsm", "mifgsm:momentum=0.5", "mifgsm:step_size=1", "deepfool", "deepfool:steps=20",
+                "deepfool:candidates=3", "deepfool:overshoot=0.1"]
+    labels = [parse_attack(t).at(EPS).label for t in variants]
+    assert len(set(labels)) == len(labels), labels
+    assert labels[0] == "MI-FGSM-10@32/255" and labels[3] == "DeepFool@32/255"  # the defaults keep their names
+    plan = build_plan(eps=[EPS], attacks=variants + ["mifgsm:momentum=1"])  # the same attack twice runs once
+    assert [s.label for s in plan.attacks] == labels
+    with pytest.raises(ConfigError, match=r"both be reported as transfer-PGD-10@32/255.*separate commands"):
+        build_plan(eps=[EPS], attacks=["transfer:source=runs/a", "transfer:source=runs/b"])
+    assert spec_key(parse_attack("transfer:source=runs/a")) != spec_key(parse_attack("transfer:source=runs/b"))
+
+
 @pytest.mark.parametrize("text, message", [
     ("fgsm", "unknown attack 'fgsm'"),
     ("pgd:stepz=3", "has no option 'stepz'"),
@@ -79,6 +96,9 @@ def test_parse_attack_kinds_and_defaults():
     ("autoattack:version=plus", "AutoAttack version must be one of"),
     ("transfer", "needs source=RUN"),
     ("cw:loss=ce", "has no option 'loss'"),
+    ("mifgsm:momentum=nan", "momentum must be a finite number >= 0"),
+    ("mifgsm:momentum=inf", "momentum must be a finite number >= 0"),
+    ("deepfool:overshoot=-1", "overshoot must be a finite number >= 0"),
 ])
 def test_parse_attack_errors_are_clear(text, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError
+from .evaluation.attacks import spec_key
 from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 
 
@@ -187,7 +188,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
         if spec.kind == "transfer" and spec.source not in surrogates:
             surrogates[spec.source] = _surrogate(Path(spec.source), source, splits, device)
 
-    stages = [spec.label for spec in req.plan.stages()]
+    stages = [spec_key(spec) for spec in req.plan.stages()]
     fingerprint = {"checkpoint": source.digest, "split": req.split, "n": len(data), "data_source": splits.source,
                    "seed": req.seed, "batch_size": batch_size, "stages": stages, "corruptions": req.plan.corruptions,
                    "eps_sweep": req.plan.eps_sweep, "steps_sweep": req.plan.steps_sweep}

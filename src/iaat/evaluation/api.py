@@ -13,7 +13,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..models.precision import float32_view
 from ..units import check_size
-from .attacks import AttackSpec
+from .attacks import AttackSpec, spec_key
 from .presets import PROTOCOLS
 from .protocol import build_plan, run_evaluation
 
@@ -82,15 +82,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     if int(data.y.min()) < 0 or int(data.y.max()) >= num_classes:
         raise ConfigError(f"labels must be class indices in [0, {num_classes - 1}] for a model with {num_classes} "
                           f"outputs, got labels from {int(data.y.min())} to {int(data.y.max())}.")
-    texts = [a for a in attacks if isinstance(a, str)] if attacks is not None else (
-        [] if protocol else list(PROTOCOLS["quick"]))
-    plan = build_plan(eps=radii, protocol=protocol, attacks=texts, norm=norm, eps_sweep=sweep, steps_sweep=steps_sweep,
-                      checks=checks)
-    for spec in (a for a in attacks or () if isinstance(a, AttackSpec)):
-        for e in ([spec.eps] if spec.eps is not None else radii):
-            if spec.at(e).label not in {s.label for s in plan.attacks}:
-                plan.attacks.append(spec.at(e))
-    fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
+    if attacks is None:
+        attacks = [] if protocol else list(PROTOCOLS["quick"])
+    plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, eps_sweep=sweep,
+                      steps_sweep=steps_sweep, checks=checks)
+    fingerprint = {"n": len(data), "seed": seed, "stages": [spec_key(s) for s in plan.stages()]}
     return run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint, batch_size=batch_size,
                           device=device, seed=seed, progress=progress)
 

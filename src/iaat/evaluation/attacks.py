@@ -8,6 +8,8 @@ and resume after any batch.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -87,6 +89,10 @@ class AttackSpec:
             raise ConfigError("a transfer attack needs source=RUN (the surrogate model), e.g. via --surrogate RUN.")
         if self.kind == "deepfool" and self.candidates < 2:
             raise ConfigError(f"DeepFool needs candidates >= 2, got {self.candidates}.")
+        for name in ("momentum", "overshoot"):  # NaN would silently disable the attack
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{self.kind}: {name} must be a finite number >= 0, got {value!r}.")
 
     def at(self, eps: float) -> "AttackSpec":
         """This spec at radius ``eps`` unless it names its own."""
@@ -101,10 +107,14 @@ class AttackSpec:
             reps += f"-step{format_size(self.step_size)}"
         if self.kind == "autoattack":
             return f"AutoAttack-{self.version}{eps}"
-        if self.kind == "deepfool":
-            return f"DeepFool{eps}"
+        if self.kind == "deepfool":  # options other than the defaults keep variants apart
+            steps = "" if self.steps == _DEFAULTS["deepfool"]["steps"] else f"-{self.steps}"
+            extra = ("" if self.candidates == 10 else f"-c{self.candidates}") + (
+                "" if self.overshoot == 0.02 else f"-overshoot{self.overshoot:g}")
+            return f"DeepFool{steps}{extra}{eps}"
         if self.kind == "mifgsm":
-            return f"MI-FGSM-{self.steps}{eps}"
+            mu = "" if self.momentum == 1.0 else f"-mu{self.momentum:g}"
+            return f"MI-FGSM-{self.steps}{reps}{mu}{eps}"
         if self.kind == "transfer":
             return f"transfer-PGD-{self.steps}{reps}{eps}"
         name = "CW" if self.loss == "margin" else "PGD"
@@ -238,3 +248,9 @@ def spec_summary(spec: AttackSpec) -> dict:
     """The spec's fields for JSON, without options that do not apply to its kind."""
     keep = {"eps", "norm", "kind"} | _KEYS[spec.kind]
     return {k: v for k, v in asdict(spec).items() if k in keep}
+
+
+def spec_key(spec: AttackSpec) -> str:
+    """Every option of the spec that changes its results, as text: what an evaluation's fingerprint records, so a
+    resumed evaluation never mixes batches of two attacks that share a label (e.g. two transfer sources)."""
+    return json.dumps(spec_summary(spec), sort_keys=True)

@@ -12,7 +12,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError
 from ..models.precision import float32_view
 from ..units import format_size
-from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
+from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_key, spec_summary
 from .checks import check_model_fits, probe_model, run_checks
 from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
 from .state import EvalState
@@ -83,11 +83,11 @@ def large_eps_attack(norm: str) -> AttackSpec:
     return AttackSpec(eps=eps, steps=20, norm=norm, random_start=False, stop_on_miss=True)
 
 
-def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks: Sequence[str] = (),
+def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks: Sequence[Union[str, AttackSpec]] = (),
                norm: str = "linf", surrogate: Optional[str] = None, corruptions: Optional[str] = None,
                eps_sweep: Optional[Sequence[float]] = None, steps_sweep: Optional[Sequence[int]] = None,
                checks: bool = True) -> EvalPlan:
-    """Combine a named protocol, extra attack strings and options into a plan.
+    """Combine a named protocol, extra attacks (spec strings or :class:`AttackSpec`) and options into a plan.
 
     Every attack without its own radius runs at each radius in ``eps``; the first is the main one.
     ``paper`` and ``full`` bring the eps and steps sweeps unless they are given explicitly.
@@ -97,7 +97,7 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     if not eps:
         raise ConfigError("an evaluation needs at least one eps.")
     texts = list(PROTOCOLS.get(protocol, [])) + list(attacks)
-    specs = [parse_attack(t) for t in texts]
+    specs = [t if isinstance(t, AttackSpec) else parse_attack(t) for t in texts]
     specs = [replace(s, norm=norm) if s.eps is None and s.norm != norm else s for s in specs]
     if surrogate:
         specs.append(AttackSpec(kind="transfer", source=str(surrogate), norm=norm))
@@ -105,7 +105,11 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     for spec in specs:
         for e in ([spec.eps] if spec.eps is not None else eps):
             s = spec.at(e)
-            if s.eps > 0 and s.label not in {r.label for r in resolved}:
+            same = next((r for r in resolved if r.label == s.label), None)
+            if same is not None and spec_key(same) != spec_key(s):
+                raise ConfigError(f"two attacks would both be reported as {s.label}: {spec_key(same)} and "
+                                  f"{spec_key(s)}; evaluate them in separate commands (e.g. one surrogate each).")
+            if s.eps > 0 and same is None:
                 resolved.append(s)
     if any(s.kind == "autoattack" for s in resolved):
         require_autoattack()  # fail before hours of other attacks, not after
