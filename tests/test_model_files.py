@@ -316,14 +316,18 @@ def test_a_damaged_description_beside_the_file_is_ignored_or_a_clear_error(expor
 
 
 def test_the_card_reports_the_evaluation_at_the_training_radius_on_the_most_images(tiny_run, tmp_path):
-    """Not merely the newest evaluation: a later small L2 check must not become the model's advertised accuracy."""
+    """Not merely the newest evaluation: a later small L2 check, or a larger evaluation with PGD-0 (random noise) or
+    on the held-out split, must not become the model's advertised accuracy."""
     from helpers import run_main
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    common = ["--attack", "pgd:steps=2", "--no-checks", "--no-progress"]
+    common = ["--no-checks", "--no-progress"]
     for extra in (["--n", "48"], ["--n", "16"], ["--n", "16", "--norm", "l2", "--eps", "0.5/1"]):
-        code, _, err = run_main("eval", str(run), *common, *extra)
+        code, _, err = run_main("eval", str(run), "--attack", "pgd:steps=2", *common, *extra)
+        assert code == 0, err
+    for extra in (["--attack", "pgd:steps=0"], ["--attack", "pgd:steps=2", "--split", "val"]):
+        code, _, err = run_main("eval", str(run), *common, "--n", "64", *extra)
         assert code == 0, err
     code, _, err = run_main("export", str(run), "--out", str(tmp_path / "m.safetensors"))
     assert code == 0, err

@@ -70,9 +70,17 @@ def _card(model: nn.Module, architecture: dict, num_classes: Optional[int], inpu
     }
 
 
+def _white_box(ev: dict) -> bool:
+    """Whether the evaluation's worst case includes a white-box attack that takes at least one step."""
+    over = [ev["attacks"].get(label, {}) for label in (ev.get("worst_case") or {}).get("over", [])]
+    return any(a.get("kind") not in (None, "transfer") and (a.get("kind") != "pgd" or a.get("steps", 0) > 0)
+               for a in over)
+
+
 def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weights: str) -> Optional[dict]:
-    """The run's test evaluation (iaat eval) of these weights at the training radius and norm, the one on the most
-    images (the newest of those); else its newest held-out numbers from metrics.jsonl."""
+    """The run's test evaluation (iaat eval) of these weights at the training radius and norm, with a white-box attack
+    among its attacks (PGD-0 or a transfer attack alone says little), the one on the most images (the newest of
+    those); else its newest held-out numbers from metrics.jsonl."""
     from .engine import rundir
 
     evals = sorted(run_dir.glob("eval/*.json"), key=lambda p: p.stat().st_mtime) if run_dir else []
@@ -81,7 +89,8 @@ def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weight
         ev = rundir.read_evaluation(path)
         if not (ev is not None and ev["attacks"] and ev.get("norm") == training["norm"]
                 and isinstance(ev.get("eps"), (int, float)) and abs(ev["eps"] - training["eps"]) < 1e-9
-                and ev.get("epoch") == training["epochs"] and ev.get("weights", weights) == weights):
+                and ev.get("epoch") == training["epochs"] and ev.get("weights", weights) == weights
+                and ev.get("split") == "test" and _white_box(ev)):
             continue
         if best is None or ev.get("n", 0) >= best[0].get("n", 0):
             best = (ev, path)
