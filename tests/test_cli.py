@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from helpers import child_env, run_cli, run_in_process, run_main, tiny_train_args
@@ -91,9 +92,13 @@ def test_sigkill_in_epoch_2_then_resume_is_bitwise_equal(tiny_cifar, tmp_path):
 def test_resume_can_extend_epochs(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    res = run_in_process("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    res = run_in_process("train", "--out", str(run), "--resume", "--epochs", "2", "--threads", "2", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert (run / "checkpoints" / "epoch_0002.pt").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # says what the last epochs ran with
+    assert (saved["train"]["epochs"], saved["train"]["threads"]) == (2, 2)
+    res = run_in_process("train", "--out", str(run), "--resume", "--no-progress")  # nothing left: no --epochs again
+    assert res.returncode == 0 and "finished" in res.stdout + res.stderr, res.stderr
 
 
 # ---- bad input: a clear one-paragraph error, non-zero exit, no file changed -------------------------------------

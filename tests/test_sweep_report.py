@@ -152,6 +152,12 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys):
     # A single run folder works too, and reporting is repeatable into the same folder.
     assert main(["report", str(out / "runs" / "pgd_at_eps32"), "--out", str(report)]) == 0
 
+    # Extended by a third epoch, a run is evaluated again: its numbers are of the weights it now has.
+    assert main(["sweep", str(spec), "--out", str(out), "--only", "clean", "--epochs", "3"]) == 0
+    (evaluation,) = (out / "runs" / "clean" / "eval").glob("sweep-*.json")
+    assert json.loads(evaluation.read_text())["epoch"] == 3
+    assert yaml.safe_load((out / "runs" / "clean" / "config.yaml").read_text())["train"]["epochs"] == 3
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])

@@ -356,6 +356,14 @@ def _same_config(saved: dict, planned: dict) -> Optional[str]:
     return None
 
 
+def _evaluated_epoch(path: Path) -> Optional[int]:
+    """The epoch of the weights an evaluation file was made of (None if unreadable)."""
+    from .engine.rundir import read_evaluation
+
+    ev = read_evaluation(path)
+    return ev.get("epoch") if ev is not None else None
+
+
 def eval_path(run_dir: Path, key: str, raw: bool = False) -> Path:
     """Where a sweep puts the evaluation of ``run_dir`` with the evaluation ``key`` (``raw``: of the raw weights of
     a run with train.ema)."""
@@ -464,11 +472,14 @@ class SweepRunner:
                 return status
             status.trained = "done" if status.trained == "started" else status.trained
         # a run with train.ema is evaluated twice: its averaged weights (what iaat eval uses) and its raw ones
+        trained_now = status.trained in ("done", "resumed")
         for raw in (False, True) if cfg.train.ema else (False,):
             out = self.eval_path(name, raw)
-            if out.is_file():
+            if out.is_file() and not trained_now and _evaluated_epoch(out) == cfg.train.epochs:
                 status.evaluated = status.evaluated or "skipped"
                 continue
+            for old in (out, out.with_suffix(".md"), out.with_name(out.name + ".state.npz")):  # of earlier weights
+                old.unlink(missing_ok=True)
             if self.stopping:
                 break
             self.log(f"[{name}] evaluating{' the raw weights' if raw else ''} ({' '.join(self.plan.eval.args())})")

@@ -69,8 +69,14 @@ def create_run_dir(run_dir: Path, cfg: Config) -> None:
     """Create the run folder with its config; config.yaml comes first so that a killed start can be resumed."""
     _mkdir(run_dir, parents=True)
     remove_temporaries(run_dir)
-    atomic_write_bytes(run_dir / CONFIG, dump_yaml(cfg).encode())
+    write_config(run_dir, cfg)
     _mkdir(run_dir / CHECKPOINTS)
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """Write ``config.yaml`` (atomically); a resume that changed what it may change (epochs, threads, the data's
+    folder, ...) writes it again, so the file always says what the run's last epochs ran with."""
+    atomic_write_bytes(run_dir / CONFIG, dump_yaml(cfg).encode())
 
 
 def prepare_resume(run_dir: Path) -> None:

@@ -412,6 +412,7 @@ def _restore(s: _Session) -> None:
     distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
     if info.is_main:
         rundir.prepare_resume(s.run_dir)
+        rundir.write_config(s.run_dir, cfg)
         if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
             rundir.write_split(s.run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
         rundir.truncate_metrics(s.run_dir, s.start_epoch)
