@@ -176,6 +176,10 @@ def test_unknown_registry_names_raise(raw, match):
     ({"optim": {"schedule": "linear"}}, "optim.schedule"),
     ({"optim": {"momentum": 1.0}}, "momentum"),
     ({"optim": {"milestones": [1.5]}}, "milestones"),
+    ({"optim": {"milestones": [-1]}}, "milestones must be a list of epoch numbers >= 1"),
+    ({"train": {"seed": 2**64}}, r"train.seed must be a whole number in \[0, 2\*\*32 - 1\]"),
+    ({"train": {"seed": -1}}, "train.seed"),
+    ({"data": {"split_seed": 2**32}}, "data.split_seed"),
     ({"data": {"val_size": -1}}, "val_size"),
     ({"data": {"train_subset": 0}}, "train_subset"),
 ])
@@ -308,6 +312,14 @@ def test_lr_linear_scaling_and_warmup():
     assert lr_at(plain, 10, 110, 1024) == pytest.approx(0.1)  # lr_scaling none: batch size ignored
     with pytest.raises(ValueError, match="batch size"):
         peak_lr(optim)
+
+
+def test_a_warmup_as_long_as_the_run_is_named():
+    from iaat.config import notes
+
+    assert notes(config_from_dict({"train": {"epochs": 10}, "optim": {"warmup_epochs": 5}})) == []
+    (note,) = notes(config_from_dict({"train": {"epochs": 3}, "optim": {"warmup_epochs": 5}}))
+    assert "lasts the whole run (3 epochs)" in note
 
 
 @pytest.mark.parametrize("key,value,match", [("optim.lr_scaling", "sqrt", "lr_scaling"),

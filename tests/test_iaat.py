@@ -442,3 +442,13 @@ def test_the_warmup_radius_keeps_to_the_bounds_and_says_so():
     raised = iaat.IAAT(num_train=4, eps=2 / 255, warmup_epochs=1, eps_min=4 / 255)
     assert raised.eps_warmup == pytest.approx(4 / 255)
     assert iaat.IAAT(num_train=4).notes() == []
+
+
+def test_settings_that_keep_radii_from_adapting_are_named_when_training_starts():
+    import iaat
+
+    assert iaat.IAAT(num_train=4, epochs=10).notes() == []
+    (all_warmup,) = iaat.IAAT(num_train=4, epochs=3, warmup_epochs=5).notes()
+    assert "all 3 epochs are warmup" in all_warmup
+    (big_step,) = iaat.IAAT(num_train=4, epochs=10, eps=8 / 255, gamma=8 / 255).notes()
+    assert "gamma 8/255 is at least the training radius 8/255" in big_step

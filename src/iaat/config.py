@@ -235,6 +235,10 @@ def validate(cfg: Config) -> None:
         if value is not None and (cfg.data.dataset != "imagefolder" or value < 8):
             raise ConfigError(f"data.{key} applies to data.dataset=imagefolder only and must be >= 8, got {value} "
                               f"for {cfg.data.dataset}.")
+    for name, seed in (("train.seed", cfg.train.seed), ("data.split_seed", cfg.data.split_seed)):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"{name} must be a whole number in [0, 2**32 - 1] (the range the random number "
+                              f"generators use), got {seed!r}.")
     if cfg.data.val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0, got {cfg.data.val_size}.")
     if cfg.train.epochs < 1:
@@ -266,8 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr_scaling must be none or linear, got {cfg.optim.lr_scaling!r}.")
     if cfg.optim.base_batch_size < 1 or cfg.optim.warmup_epochs < 0:
         raise ConfigError("optim.base_batch_size must be >= 1 and optim.warmup_epochs >= 0.")
-    if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg.optim.milestones):
-        raise ConfigError(f"optim.milestones must be a list of epoch numbers, got {cfg.optim.milestones!r}.")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones must be a list of epoch numbers >= 1, got {cfg.optim.milestones!r}.")
     decays = cfg.optim.decay if isinstance(cfg.optim.decay, list) else [cfg.optim.decay]
     if not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0 for d in decays) or (
             isinstance(cfg.optim.decay, list) and len(decays) != len(cfg.optim.milestones)):
@@ -277,6 +281,14 @@ def validate(cfg: Config) -> None:
                                                or cfg.train.device == "mps"):
         raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}.")
     build_method(cfg, num_train=1)  # last: the method's own keys (names, types, units, values)
+
+
+def notes(cfg: Config) -> list[str]:
+    """What a run with ``cfg`` does that its settings may not have meant (printed when training starts)."""
+    if 0 < cfg.train.epochs <= cfg.optim.warmup_epochs:
+        return [f"optim: the learning-rate warmup ({cfg.optim.warmup_epochs} epochs) lasts the whole run "
+                f"({cfg.train.epochs} epochs): the learning rate never reaches optim.lr={cfg.optim.lr:g}"]
+    return []
 
 
 def method_kwargs(cfg: Config) -> dict:

@@ -34,6 +34,7 @@ from .. import __version__
 from .. import distributed
 from ..awp import AWP, awp_settings
 from ..config import Config, build_method
+from ..config import notes as config_notes
 from ..data import DeviceLoader
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted, first_line
@@ -217,7 +218,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
     log(_summary(s))
-    for note in s.method.notes():
+    for note in config_notes(cfg) + s.method.notes():
         log(note)
     if cfg.train.tensorboard and info.is_main:
         s.board = Board(run_dir, purge_step=s.start_epoch + 1)

@@ -277,13 +277,21 @@ class IAAT(PerSampleState, GairParams, CompatParams):
                               f"({format_size(self.eps_max)}).")
 
     def notes(self) -> list[str]:
+        notes = []
         if self.warmup_epochs and self.warmup_asked is not None:
-            return [f"iaat: the {self.warmup_epochs} warmup epoch(s) train at {format_size(self.eps_warmup)}, not at "
-                    f"{format_size(self.warmup_asked)}: every radius stays within [eps_min, eps_max]"]
-        if self.warmup_follows_eps or self.warmup_epochs == 0 or self.eps_warmup == self.eps:
-            return []
-        return [f"iaat: the {self.warmup_epochs} warmup epoch(s) train at eps_warmup {format_size(self.eps_warmup)}, "
-                f"not at the training radius eps {format_size(self.eps)}"]
+            notes.append(f"iaat: the {self.warmup_epochs} warmup epoch(s) train at {format_size(self.eps_warmup)}, "
+                         f"not at {format_size(self.warmup_asked)}: every radius stays within [eps_min, eps_max]")
+        elif not (self.warmup_follows_eps or self.warmup_epochs == 0 or self.eps_warmup == self.eps):
+            notes.append(f"iaat: the {self.warmup_epochs} warmup epoch(s) train at eps_warmup "
+                         f"{format_size(self.eps_warmup)}, not at the training radius eps {format_size(self.eps)}")
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
+            notes.append(f"iaat: all {self.epochs} epochs are warmup (method.warmup_epochs={self.warmup_epochs}): "
+                         f"no radius adapts in this run")
+        if self.gamma >= self.eps > 0:
+            notes.append(f"iaat: gamma {format_size(self.gamma)} is at least the training radius "
+                         f"{format_size(self.eps)}: one step down takes a radius to eps_min "
+                         f"{format_size(self.eps_min)} (the paper: gamma 1.9/255 at eps 8/255)")
+        return notes
 
     # -- pieces ------------------------------------------------------------------------------------------
     def clip(self, eps: Any) -> Any:
