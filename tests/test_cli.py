@@ -146,6 +146,15 @@ def test_resume_with_nothing_to_resume(tmp_path):
     _expect_error(run_in_process("train", "--out", str(tmp_path / "empty"), "--resume"), "nothing to resume")
 
 
+def test_an_emptied_run_config_is_refused_not_read_as_the_defaults(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.yaml").write_text("")
+    for args in (["train", "--out", str(run), "--resume"], ["eval", str(run), "--n", "8"], ["export", str(run), "--out", str(tmp_path / "m.safetensors")]):
+        code, _, err = run_main(*args)
+        assert code != 0 and "is not a run's config" in err and "the file is empty" in err, (args, err)
+
+
 def test_resume_refuses_changed_model(tiny_run):
     before = snapshot(tiny_run)
     _expect_error(run_in_process("train", "--out", str(tiny_run), "--resume", "--model", "resnet18"),

@@ -133,8 +133,8 @@ def _new_config(args: argparse.Namespace):
 
 def _resumed_config(args: argparse.Namespace, out: Path):
     """The run's saved config with the changes a resume may make (``_RESUMABLE_CHANGES``); any other is refused."""
-    from .config import config_from_dict, load_yaml
-    from .engine.rundir import CONFIG, check_resumable
+    from .config import config_from_dict
+    from .engine.rundir import CONFIG, check_resumable, read_config
 
     check_resumable(out)
     if args.config:
@@ -143,7 +143,7 @@ def _resumed_config(args: argparse.Namespace, out: Path):
     if args.init_from:
         raise ConfigError("--init-from starts a new run from other weights; --resume continues this run from "
                           "its own checkpoint. Drop one of them.")
-    saved = load_yaml(out / CONFIG)
+    saved = read_config(out)
     raw = _raw_config(argparse.Namespace(**{**vars(args), "config": None}))
     merged = {s: dict(saved.get(s) or {}) for s in saved}
     for section, values in raw.items():

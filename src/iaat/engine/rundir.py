@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ..config import Config, dump_yaml
+from ..config import Config, dump_yaml, load_yaml
 from ..errors import CheckpointError
 from .checkpoint import TEMPORARY_FILE, atomic_write_bytes, remove_temporaries, write_failure
 
@@ -71,6 +71,16 @@ def create_run_dir(run_dir: Path, cfg: Config) -> None:
     remove_temporaries(run_dir)
     write_config(run_dir, cfg)
     _mkdir(run_dir / CHECKPOINTS)
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's ``config.yaml`` as a dict; one without the sections every run writes is refused (read as it is, an
+    empty file would be the defaults: another data set and model than the run's)."""
+    raw = load_yaml(run_dir / CONFIG)
+    if not {"data", "model", "method"} <= set(raw):
+        raise CheckpointError(f"{run_dir / CONFIG} is not a run's config (it lacks the data, model or method section"
+                              f"{'; the file is empty' if not raw else ''}); restore it, or start a new run.")
+    return raw
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
