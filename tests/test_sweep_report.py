@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,15 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys):
 
     # A single run folder works too, and reporting is repeatable into the same folder.
     assert main(["report", str(out / "runs" / "pgd_at_eps32"), "--out", str(report)]) == 0
+
+    # A damaged radius file is left out of the figures, with a warning, not a crash.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "runs" / "iaat", damaged)
+    first = sorted((damaged / "radii").glob("epoch_*.npy"))[0]
+    first.write_bytes(b"")
+    capsys.readouterr()
+    assert main(["report", str(damaged), "--out", str(tmp_path / "damaged_report")]) == 0
+    assert f"{first} is not an array of radii" in capsys.readouterr().err
 
     # Extended by a third epoch, a run is evaluated again: its numbers are of the weights it now has.
     assert main(["sweep", str(spec), "--out", str(out), "--only", "clean", "--epochs", "3"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -108,17 +109,32 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
     return (best[1], best[2]) if best else (None, None)
 
 
+def _readable_radii(path: Path, length: Optional[int]) -> bool:
+    """Whether ``path`` holds one finite radius per sample (``length`` of them when given); a damaged file is
+    left out of the figures with a warning."""
+    try:
+        radii = np.load(path, mmap_mode="r")
+        ok = radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii))
+    except (OSError, ValueError, EOFError):
+        ok = False
+    if not ok:
+        warnings.warn(f"{path} is not an array of radii (damaged?); the report leaves it out.", stacklevel=2)
+    return ok
+
+
 def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Path] = None) -> RunRecord:
     config = path / rundir.CONFIG
     if not config.is_file():
         raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
-    cfg = config_from_dict(load_yaml(config))
+    cfg = config_from_dict(rundir.read_config(path))
     radii = {}
     if (path / "radii").is_dir():
-        for f in (path / "radii").iterdir():
+        length = None  # every epoch's array has one radius per training sample
+        for f in sorted((path / "radii").iterdir()):
             m = _RADII.match(f.name)
-            if m:
+            if m and _readable_radii(f, length):
                 radii[int(m.group(1))] = f
+                length = len(np.load(f, mmap_mode="r"))
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
                      evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group,
