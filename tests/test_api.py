@@ -81,6 +81,9 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, steps=-1), "whole number >= 0, got -1"),
     (lambda m, x, y: iaat.pgd(nn.Sequential(m, _Pair()), x, y, 8 / 255), "logits of shape .B, classes., got tuple"),
     (lambda m, x, y: iaat.PGD(m, eps=8 / 255, stepz=3), "unknown option.s. stepz"),
+    (lambda m, x, y: iaat.PGDAT(eps=8 / 255, step_size=0), "step_size must be positive"),
+    (lambda m, x, y: iaat.TRADES(beta=float("inf")), "method.beta must be a finite number, got inf"),
+    (lambda m, x, y: iaat.IAAT(num_train=6, beta=float("nan")), "method.beta must be a finite number, got nan"),
 ])
 def test_the_attack_names_the_mistake(call, message):
     model, (x, y) = _linear(), _batch()

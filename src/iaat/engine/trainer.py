@@ -522,9 +522,11 @@ def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:
     bad = int(distributed.all_reduce_(sums.first_bad.clone(), s.info, "max"))
     if bad > 0:
         bar.close()
+        saved = (f"The last good checkpoint in {s.ckpt_dir} is intact." if any(s.ckpt_dir.glob("epoch_*.pt"))
+                 else "No checkpoint had been written yet.")
         raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
-                        f"without saving. The last good checkpoint in {s.ckpt_dir} is intact. Try a "
-                        f"lower learning rate or train.amp=off.")
+                        f"without saving. {saved} Try a lower learning rate or train.amp=off (or check the "
+                        f"method's settings).")
 
 
 def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:

@@ -24,6 +24,7 @@ before a method is constructed, so a method only ever sees [0, 1] units.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
@@ -112,6 +113,12 @@ class Method:
             setattr(self, f.name, check_type(getattr(self, f.name), hints[f.name], where))
         if self.norm not in ("linf", "l2"):
             raise ConfigError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
+        for f in dataclasses.fields(self):  # NaN never; inf only where a field says so (GAIR's lambdas)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and not (
+                    math.isinf(value) and f.metadata.get("infinite")):
+                where = f.name if f.name in BASE_FIELDS else f"method.{f.name}"
+                raise ConfigError(f"{where} must be a finite number, got {value}.")
         for f in dataclasses.fields(self):
             if f.metadata.get("size") and getattr(self, f.name) is not None:
                 setattr(self, f.name, check_size(getattr(self, f.name), f.name, norm=self.norm))
@@ -119,6 +126,8 @@ class Method:
             raise ConfigError(f"steps must be >= 0, got {self.steps}.")
         if self.step_size is None:
             self.step_size = 2.5 * self.eps / max(self.steps, 1)
+        elif self.step_size == 0 and self.steps > 0:
+            raise ConfigError("step_size must be positive: a step of 0 leaves the attack at its random start.")
         for key in ("num_train", "epochs"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")

@@ -47,9 +47,10 @@ class GairParams:
     """GAIR keys of a method (a mixin of GAIRAT, GAIR-FAT and IAAT with ``weights="gair"``)."""
 
     weight_fn: str = "tanh"  #: tanh (the paper) | sigmoid | discrete
-    lam: float = -1.0  #: lambda: lower values concentrate the weight on samples near the boundary
+    #: lambda: lower values concentrate the weight on samples near the boundary (+inf: uniform weights)
+    lam: float = field(default=-1.0, metadata={"infinite": True})
     lam_schedule: str = "fixed"  #: fixed | linear (lam_max → lam over the weighted epochs) | piecewise
-    lam_max: float = math.inf  #: start of the linear schedule (must be finite there)
+    lam_max: float = field(default=math.inf, metadata={"infinite": True})  #: start of the linear schedule (finite there)
     lam_milestones: list = field(default_factory=list)  #: piecewise: 0-based epochs where lambda drops
     lam_drops: list = field(default_factory=list)  #: piecewise: lambda = lam - drop after each milestone
     burn_in_epochs: int = 0  #: plain (uniformly weighted) epochs before the weights start
