@@ -146,6 +146,11 @@ def test_resume_with_nothing_to_resume(tmp_path):
     _expect_error(run_in_process("train", "--out", str(tmp_path / "empty"), "--resume"), "nothing to resume")
 
 
+def test_eval_ema_of_a_run_without_averaged_weights_is_refused(tiny_run):
+    code, _, err = run_main("eval", str(tiny_run), "--ema", "--n", "8", "--no-checks")
+    assert code == 2 and "averaged" in err and "Traceback" not in err, err
+
+
 def test_an_emptied_run_config_is_refused_not_read_as_the_defaults(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -118,13 +118,16 @@ def test_eval_and_export_use_the_average_unless_raw(ema_run, tmp_path):
 
     common = ["--n", "32", "--attack", "pgd:steps=2", "--no-checks", "--no-progress"]
     results = {}
-    for name, extra in (("ema", []), ("raw", ["--raw"])):
+    for name, extra in (("auto", []), ("ema", ["--ema"]), ("raw", ["--raw"])):
         out = tmp_path / f"{name}.json"
         code, _, err = run_main("eval", str(ema_run), *common, *extra, "--out", str(out))
         assert code == 0, err
         results[name] = json.loads(out.read_text())
-    assert results["ema"]["weights"] == "ema" and "averaged weights" in results["ema"]["model_source"]
+    assert results["auto"]["weights"] == "ema" and "averaged weights" in results["auto"]["model_source"]
+    assert results["ema"]["weights"] == "ema" and results["ema"]["clean"] == results["auto"]["clean"]
     assert results["raw"]["weights"] == "raw"
+    code, _, err = run_main("eval", str(ema_run), *common, "--ema", "--raw")
+    assert code == 2 and "not allowed with" in err
 
     averaged, *_ = load_run(ema_run, weights="ema")
     trained, *_ = load_run(ema_run)

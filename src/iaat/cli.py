@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, seed=args.seed,
                       out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
-                      num_classes=args.num_classes, raw=args.raw)
+                      num_classes=args.num_classes, raw=args.raw, ema=args.ema)
     if eps is None:  # the model's own training radius
         eps = [default_eps(req)]
     req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
@@ -468,9 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "imagefolder)")
     p.add_argument("--num-classes", type=int, metavar="K",
                    help="with --model: passed to the factory (default: the data set's number of classes)")
-    p.add_argument("--raw", action="store_true",
-                   help="a run that keeps averaged weights (train.ema) is evaluated with them by default; --raw "
-                        "evaluates its trained weights instead")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--raw", action="store_true",
+                       help="a run that keeps averaged weights (train.ema) is evaluated with them by default; --raw "
+                            "evaluates its trained weights instead")
+    which.add_argument("--ema", action="store_true", help="the run's averaged weights (error if the run has none)")
     p.add_argument("--protocol", choices=sorted(PROTOCOL_HELP), help="a named set of attacks (see below)")
     p.add_argument("--attack", action="append", default=[], metavar="SPEC",
                    help="an attack to run (repeatable), added to the protocol's, e.g. pgd:steps=100,restarts=5")

@@ -38,6 +38,7 @@ class EvalRequest:
     dataset: Optional[str] = None  #: where the model file does not say
     num_classes: Optional[int] = None  #: passed to ``model``'s factory (default: the data set's)
     raw: bool = False  #: a run's trained weights even where it keeps averaged ones (train.ema)
+    ema: bool = False  #: a run's averaged weights, an error where it keeps none
 
 
 @dataclass
@@ -66,10 +67,10 @@ def _file_digest(path: Path) -> str:
 
 def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
                 weights: Optional[Path] = None, dataset: Optional[str] = None,
-                num_classes: Optional[int] = None, raw: bool = False) -> ModelSource:
+                num_classes: Optional[int] = None, raw: bool = False, ema: bool = False) -> ModelSource:
     """The model behind ``path`` (a run, a checkpoint, an exported, TorchScript or .pt2 file), or ``model``
     (``module:factory``) with ``weights``, on ``device`` in eval mode. A run's averaged weights
-    (``train.ema``) are used where it keeps them, unless ``raw``."""
+    (``train.ema``) are used where it keeps them, unless ``raw``; ``ema`` insists on them."""
     from .model_files import factory_model, file_format, read_model_file
 
     if model is not None:
@@ -90,7 +91,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
     _refuse_sweep_folder(path)
     kind = file_format(path)
     if kind in ("run", "checkpoint"):
-        return _run_source(path, device, raw)
+        return _run_source(path, device, "raw" if raw else "ema" if ema else "auto")
     net, meta = read_model_file(path, device)
     training = meta.get("training") or {}
     shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
@@ -114,12 +115,12 @@ def _refuse_sweep_folder(path: Path) -> None:
                           f"iaat report {path} collects the results.")
 
 
-def _run_source(path: Path, device: torch.device, raw: bool = False) -> ModelSource:
+def _run_source(path: Path, device: torch.device, weights: str = "auto") -> ModelSource:
     from .ema import EMA_KEY
     from .engine.runs import load_run
 
-    model, cfg, ckpt_path, ckpt = load_run(path, device, weights="raw" if raw else "auto")
-    averaged = not raw and EMA_KEY in ckpt
+    model, cfg, ckpt_path, ckpt = load_run(path, device, weights=weights)
+    averaged = weights != "raw" and EMA_KEY in ckpt
     trained = ckpt.get("data") or {}
     shape = (trained["num_classes"], trained["image_shape"]) if trained.get("image_shape") else None
     return ModelSource(model, f"{cfg.method.name} / {cfg.model.name}, epoch {ckpt.get('epoch')}"
@@ -229,7 +230,7 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
         splits = load_dataset(req.dataset, req.data_dir, False)
         source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes)
     else:
-        source = open_source(req.path, device, weights=req.weights, raw=req.raw)
+        source = open_source(req.path, device, weights=req.weights, raw=req.raw, ema=req.ema)
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
     check_same_data(source.shape, splits, source.what)
     cfg = source.cfg
