@@ -31,6 +31,16 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0, f"{module} has no example"
 
 
+def test_subpackages_are_reachable_as_attributes_in_a_fresh_interpreter():
+    """``iaat.errors.ConfigError`` as the README writes it, not only after another import loaded the module."""
+    import subprocess
+    import sys
+
+    code = "import iaat; print(iaat.errors.ConfigError.__name__, iaat.units.format_size(8 / 255))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["ConfigError", "8/255"], out.stderr
+
+
 def test_every_public_name_resolves_and_has_an_example():
     for name in iaat.__all__:
         obj = getattr(iaat, name)

@@ -48,7 +48,8 @@ __all__ = sorted(_EXPORTS)
 
 
 #: Subpackages reachable as attributes (``iaat.data.load_dataset``) without importing them first.
-_SUBPACKAGES = ("attacks", "config", "data", "engine", "evaluation", "methods", "models", "reporting", "units")
+_SUBPACKAGES = ("attacks", "config", "data", "engine", "errors", "evaluation", "methods", "models", "reporting",
+                "units")
 
 
 def __getattr__(name: str):

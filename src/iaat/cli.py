@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--out", metavar="FILE",
                    help="JSON file to write, markdown beside it; replaces only an earlier evaluation (default "
-                        "RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json)")
+                        "RUN/eval/eval-<split>-n<N>-<protocol>-<id>.json; for a model file FILE, "
+                        "eval/<FILE's stem>-eval-<split>-... beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
