@@ -248,6 +248,9 @@ def test_evaluate_takes_a_model_kept_in_another_float_type(dtype):
 
 @pytest.mark.parametrize("call, message", [
     (lambda m, x, y: iaat.evaluate(m, x[:0], y[:0]), "N >= 1"),
+    (lambda m, x, y: iaat.evaluate(m, x.numpy(), y.numpy()), "torch tensors, got ndarray and ndarray"),
+    (lambda m, x, y: iaat.evaluate(m, x, y, eps="8/255"), "eps must be a number .*got '8/255'"),
+    (lambda m, x, y: iaat.load_model(5), "given by its path .str or Path., got int"),
     (lambda m, x, y: iaat.evaluate(m, x, y.float()), "integer class indices"),
     (lambda m, x, y: iaat.evaluate(m, x, y, batch_size=0), "batch_size must be a whole number >= 1"),
     (lambda m, x, y: iaat.evaluate(nn.Sequential(m, _Pair()), x, y), "logits of shape .B, classes., got tuple"),

@@ -263,7 +263,7 @@ def test_load_yaml_reads_a_mapping(tmp_path):
 
 @pytest.mark.parametrize("content,match", [
     ("- a\n- b\n", "mapping"),
-    ("attack: [unclosed\n", "not valid YAML"),
+    ("attack: [unclosed\n", r"not valid YAML \(line 2, column 1\): expected ',' or ']', but got '<stream end>'$"),
     (b"\xff\xfe\x00bad", "not a text file"),
 ])
 def test_load_yaml_bad_files_raise(tmp_path, content, match):

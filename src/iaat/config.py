@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .schema import build_dataclass, check_keys, did_you_mean
 from .units import PixelSize, parse_size
 
@@ -356,8 +356,11 @@ def load_yaml(path: Union[str, Path]) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: the problem and where
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or first_line(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text file.") from None
     if raw is None:

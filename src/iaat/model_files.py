@@ -233,6 +233,8 @@ def read_model_file(path: Union[str, Path], device: Optional[Union[str, torch.de
 
     if weights not in ("auto", "raw", "ema"):
         raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"a model file or run folder is given by its path (str or Path), got {type(path).__name__}.")
     path = Path(path)
     if file_format(path) in ("run", "checkpoint"):
         model, cfg, ckpt_path, ckpt = load_run(path, weights=weights)

@@ -189,6 +189,7 @@ class _Session:
     board: Optional[Board] = None  #: TensorBoard event files (train.tensorboard, rank 0)
     ema: Optional[EMA] = None  #: averaged weights (train.ema)
     awp: Optional[AWP] = None  #: adversarial weight perturbation (train.awp)
+    config_saved: bool = True  #: config.yaml says what this session runs with (a resume rewrites it at its first save)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -343,7 +344,7 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
         size = rundir.metrics_size(s.run_dir)
         rundir.append_metrics(s.run_dir, row)
         try:
-            save_checkpoint(checkpoint_path(s.ckpt_dir, epoch + 1), state)
+            _save(s, checkpoint_path(s.ckpt_dir, epoch + 1), state)
         except BaseException:
             rundir.rollback_metrics(s.run_dir, size)
             raise
@@ -413,7 +414,7 @@ def _restore(s: _Session) -> None:
     distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
     if info.is_main:
         rundir.prepare_resume(s.run_dir)
-        rundir.write_config(s.run_dir, cfg)
+        s.config_saved = False
         if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
             rundir.write_split(s.run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
         rundir.truncate_metrics(s.run_dir, s.start_epoch)
@@ -512,10 +513,19 @@ def _save_interrupt(s: _Session, epoch: int, step: int, sums: _EpochSums, lr: fl
     state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
     path = interrupt_path(s.ckpt_dir)
     if info.is_main:
-        save_checkpoint(path, state)
+        _save(s, path, state)
     distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
     raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of {len(s.loader)}; "
                               f"state saved to {path}; {stop.resume_hint}", stop.signum)
+
+
+def _save(s: _Session, path: Path, state: dict) -> None:
+    """Save a checkpoint; a resumed run's first also rewrites config.yaml with what the resume changed (epochs,
+    threads, ...), after the checkpoint, so that a resume that fails before it leaves the folder as it was."""
+    save_checkpoint(path, state)
+    if not s.config_saved:
+        rundir.write_config(s.run_dir, s.cfg)
+        s.config_saved = True
 
 
 def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:

@@ -58,7 +58,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         >>> res["attacks"]["PGD-10@8/255"]["accuracy"] <= res["clean"]
         True
     """
-    radii = [eps] if isinstance(eps, (int, float)) else list(eps)
+    radii = [eps] if isinstance(eps, (int, float, str)) else list(eps)  # a string: one (wrong) value
     radii = [check_size(e, "eps", norm=norm) for e in radii]
     sweep = [check_size(e, "eps_sweep", norm=norm) for e in eps_sweep] if eps_sweep is not None else None
     if isinstance(attacks, (str, AttackSpec)):
@@ -92,6 +92,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        raise ConfigError(f"evaluate takes torch tensors, got {type(x).__name__} and {type(y).__name__}; convert "
+                          f"arrays with torch.from_numpy (images as float in [0, 1] or uint8).")
     if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 4 and y.shape == (len(x),) and len(x)):
         raise ConfigError(f"evaluate takes images x of shape (N, C, H, W) and labels y of shape (N,), N >= 1, got "
                           f"{getattr(x, 'shape', type(x).__name__)} and {getattr(y, 'shape', type(y).__name__)}.")
