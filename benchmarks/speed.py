@@ -290,10 +290,10 @@ def attempt(spec: str, failed: dict, device: torch.device, work: Callable, *args
 
 
 def warm_up(runner, steps: int, device: torch.device, flops: dict, count_flops: bool) -> Any:
-    """Untimed steps (a compiled runner at least 3: shapes, modes), then one eager step's FLOPs counted; the
-    runner."""
-    for _ in range(steps if not runner.compiled else max(steps, 3)):
-        timed(runner, device)
+    """Untimed steps (a compiled runner at least 3: shapes, modes; their wall time, compiling included, is kept
+    as ``runner.warmup``), then one eager step's FLOPs counted; the runner."""
+    count = steps if not runner.compiled else max(steps, 3)
+    runner.warmup = {"warmup_steps": count, "warmup_seconds": sum(timed(runner, device) for _ in range(count))}
     if count_flops and not runner.compiled:  # counting inside a compiled graph is not supported
         flops[runner.spec] = step_flops(runner, device)
     return runner
@@ -308,7 +308,7 @@ def result_rows(runners: list, times: dict, peaks: dict, flops: dict, peak_flops
     for r in runners:
         median = statistics.median(times[id(r)])
         row = {"method": r.spec, "images_per_second": batch_size / median, "median_seconds_per_step": median,
-               "timed_steps": len(times[id(r)]), "time_ratio_to_pgd_at": median / base}
+               "timed_steps": len(times[id(r)]), "time_ratio_to_pgd_at": median / base, **getattr(r, "warmup", {})}
         if device.type == "cuda":
             row["peak_memory_gib"] = peaks[id(r)] / 2**30
         count = flops.get(r.spec, flops.get(r.spec.split(" [")[0]))  # a compiled pgd_at: the eager count
