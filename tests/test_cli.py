@@ -155,7 +155,8 @@ def test_an_emptied_run_config_is_refused_not_read_as_the_defaults(tiny_run, tmp
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "config.yaml").write_text("")
-    for args in (["train", "--out", str(run), "--resume"], ["eval", str(run), "--n", "8"], ["export", str(run), "--out", str(tmp_path / "m.safetensors")]):
+    for args in (["train", "--out", str(run), "--resume"], ["eval", str(run), "--n", "8"],
+                 ["export", str(run), "--out", str(tmp_path / "m.safetensors")]):
         code, _, err = run_main(*args)
         assert code != 0 and "is not a run's config" in err and "the file is empty" in err, (args, err)
 

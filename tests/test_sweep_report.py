@@ -64,6 +64,18 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
 
 
+def test_an_evaluation_of_earlier_weights_is_stale_and_a_cut_one_is_resumed(tmp_path):
+    from iaat.sweep import stale_evaluation
+
+    path = tmp_path / "eval" / "sweep-abc.json"
+    assert not stale_evaluation(path, 2, retrained=False)  # none yet: evaluate (a cut one's state is kept)
+    assert stale_evaluation(path, 2, retrained=True)
+    path.parent.mkdir()
+    path.write_text(json.dumps({"clean": 0.5, "attacks": {}, "epoch": 2}))
+    assert not stale_evaluation(path, 2, retrained=False)
+    assert stale_evaluation(path, 3, retrained=False)  # extended by hand since: evaluate again
+
+
 def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
     """Reports made again from the same runs change no file (no date, fixed ids in the SVGs)."""
     from iaat.reporting.figures import pyplot, save

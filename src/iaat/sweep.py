@@ -356,12 +356,15 @@ def _same_config(saved: dict, planned: dict) -> Optional[str]:
     return None
 
 
-def _evaluated_epoch(path: Path) -> Optional[int]:
-    """The epoch of the weights an evaluation file was made of (None if unreadable)."""
+def stale_evaluation(path: Path, epochs: int, retrained: bool) -> bool:
+    """Whether the evaluation at ``path`` (with its markdown and a cut evaluation's state) is of other weights than
+    the run's last: it was trained further in this call, or the file holds another epoch than ``epochs``."""
     from .engine.rundir import read_evaluation
 
-    ev = read_evaluation(path)
-    return ev.get("epoch") if ev is not None else None
+    if retrained:
+        return True
+    ev = read_evaluation(path) if path.is_file() else None
+    return path.is_file() and (ev is None or ev.get("epoch") != epochs)
 
 
 def eval_path(run_dir: Path, key: str, raw: bool = False) -> Path:
@@ -475,11 +478,13 @@ class SweepRunner:
         trained_now = status.trained in ("done", "resumed")
         for raw in (False, True) if cfg.train.ema else (False,):
             out = self.eval_path(name, raw)
-            if out.is_file() and not trained_now and _evaluated_epoch(out) == cfg.train.epochs:
+            stale = stale_evaluation(out, cfg.train.epochs, trained_now)
+            if out.is_file() and not stale:
                 status.evaluated = status.evaluated or "skipped"
                 continue
-            for old in (out, out.with_suffix(".md"), out.with_name(out.name + ".state.npz")):  # of earlier weights
-                old.unlink(missing_ok=True)
+            if stale:  # of earlier weights (e.g. before --epochs N); else a cut evaluation's state is resumed
+                for old in (out, out.with_suffix(".md"), out.with_name(out.name + ".state.npz")):
+                    old.unlink(missing_ok=True)
             if self.stopping:
                 break
             self.log(f"[{name}] evaluating{' the raw weights' if raw else ''} ({' '.join(self.plan.eval.args())})")
