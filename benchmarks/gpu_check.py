@@ -58,7 +58,9 @@ class Kit:
     def __init__(self, out: Path, work: Path, budget: float, smoke: bool) -> None:
         self.out, self.work, self.smoke = out, work, smoke
         self.deadline = time.monotonic() + budget
+        self.reserve = 0.0  #: seconds no command of the current stage may take: the paper stage's minimum
         self.sections: dict[str, str] = {}
+        self.speed_parts: dict[str, str] = {}  #: per speed plan, its markdown (the compile plan runs last)
         self.log_file = open(out / "log.txt", "a", buffering=1)
 
     def left(self) -> float:
@@ -83,7 +85,7 @@ class Kit:
     def run(self, cmd: list[str], cap: float, log_name: str | None = None) -> tuple[int | None, float, str]:
         """Run ``cmd`` (its output to the log) for at most ``cap`` seconds or what is left of the budget;
         ``(exit code or None when cut, seconds, output)``."""
-        limit = max(1.0, min(cap, self.left()))
+        limit = max(1.0, min(cap, self.left() - self.reserve))
         self.log(f"$ {' '.join(cmd)}   [at most {limit:.0f} s]")
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
@@ -267,28 +269,31 @@ def stage_env(kit: Kit) -> None:
 
 # --- stage 2: speed ----------------------------------------------------------------------------------------------
 
-def speed_plans(kit: Kit, data_dir: Path) -> list[tuple[str, list[str], float]]:
-    """``(model, speed.py arguments, cap in seconds)`` per model, in order."""
+def speed_plans(kit: Kit, data_dir: Path, late: bool = False) -> list[tuple[str, list[str], float]]:
+    """``(model, speed.py arguments, cap in seconds)`` per model, in order; ``late``: the plans run after the
+    paper stage, with the time it left."""
     if kit.smoke:
-        return [("small_cnn", ["--model", "small_cnn", "--width", "8", "--batch-size", "32", "--images", "64",
-                               "--methods", "pgd_at", "iaat", "gairat", "--fast-paths", "fp32", "--rounds", "1",
-                               "--steps", "1", "--device", "cpu"], 60)]
+        return [] if late else [
+            ("small_cnn", ["--model", "small_cnn", "--width", "8", "--batch-size", "32", "--images", "64", "--methods",
+                           "pgd_at", "iaat", "gairat", "--fast-paths", "fp32", "--rounds", "1", "--steps", "1",
+                           "--device", "cpu"], 60)]
     common = ["--device", "cuda", "--amp", "bf16", "--channels-last", "--rounds", "2", "--steps", "3", "--warmup", "2"]
-    # Compiling ResNet-18 for the attack and the training step takes a while: its own process, last, so that a
-    # compile cut short by the budget costs nothing else (pgd_at bf16+channels_last is timed beside it again).
+    if late:  # compiling ResNet-18 for the attack and the training step takes long and the CUDA tests check
+        # compile already: its speed comes after the paper stage (pgd_at bf16+channels_last is timed beside it)
+        return [("resnet18-compile", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common,
+                                      "--methods", "pgd_at", "--fast-paths", "bf16+cl+compile"], 150)]
     return [("resnet18", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common, "--methods",
                           "pgd_at", "iaat", "iaat:alg2_schedule=conditional", "iaat:selection=online", "gairat",
                           "trades", "mart", "mma", "cat", "mail", "pgd_at:train.awp=auto", "pgd_at:train.ema=0.999",
-                          "--fast-paths", "fp32", "bf16"], 120),
+                          "--fast-paths", "fp32", "bf16"], 100),
             ("wrn-34-10", ["--model", "wrn-34-10", "--batch-size", "128", "--images", "1024", *common, "--methods",
-                           "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 100),
-            ("resnet18-compile", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common,
-                                  "--methods", "pgd_at", "--fast-paths", "bf16+cl+compile"], 100)]
+                           "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 80)]
 
 
-def stage_speed(kit: Kit, data_dir: Path) -> dict:
-    results, lines = {}, ["## 2. Training speed (benchmarks/speed.py)\n"]
-    for model, args, cap in speed_plans(kit, data_dir):
+def stage_speed(kit: Kit, data_dir: Path, results: dict, late: bool = False) -> dict:
+    """Run the speed plans (``late``: those after the paper stage) into ``results`` (model → speed.py's result)."""
+    for model, args, cap in speed_plans(kit, data_dir, late):
+        lines: list[str] = []
         out = kit.out / f"2-speed-{model}.json"
         out.unlink(missing_ok=True)
         code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", "--data-dir", str(data_dir),
@@ -306,7 +311,8 @@ def stage_speed(kit: Kit, data_dir: Path) -> dict:
         else:
             lines.append(f"### {model}: {'cut by the budget' if code is None else f'failed (exit {code})'} after "
                          f"{seconds:.0f} s; its printed lines:\n\n```\n{text[-3000:]}\n```\n")
-        kit.section("speed", "\n".join(lines))
+        kit.speed_parts[model] = "\n".join(lines)
+        kit.section("speed", "\n".join(["## 2. Training speed (benchmarks/speed.py)\n", *kit.speed_parts.values()]))
     return results
 
 
@@ -337,6 +343,9 @@ PAPER_SETTINGS = ["--batch-size", "512", "--set", "optim.lr=0.2", "--set", "opti
 IAAT_COST = 2.5  # an Alg. 2 epoch over a PGD-AT epoch at most, before any is measured at this scale
 EVAL_RESERVE = 45  # seconds kept for each run's evaluation (PGD-20 and AutoAttack's two APGDs on 1,000 images)
 START_UP = 15  # seconds for a training process to start (torch, CUDA, data onto the GPU)
+#: seconds the stages before it leave the paper stage: two epochs of each method, their evaluations and start-ups
+#: at the 3,000 images/s assumed without a measurement (``paper_epochs``), and a margin
+PAPER_MIN = 250
 
 
 def paper_epochs(seconds: float, pgd_images_per_s: float, fixed: float) -> tuple[int, float]:
@@ -522,18 +531,22 @@ def main(argv: list[str] | None = None) -> int:
     kit.log(f"data: {data_dir} ({time.monotonic() - t0:.1f} s); {kit.left():.0f} s of budget left")
     speed: dict = {}
     paper = None
-    for stage in args.stages:
+    steps = [*args.stages] + (["speed-late"] if "speed" in args.stages else [])
+    for stage in steps:
         t0 = time.monotonic()
+        # the stages before the paper stage leave it the time for two short epochs of each method
+        kit.reserve = (15 if args.smoke else PAPER_MIN) if stage in ("env", "speed") and "paper" in steps else 0
         try:
             if stage == "env":
                 stage_env(kit)
-            elif stage == "speed":
-                speed = stage_speed(kit, data_dir)
+            elif stage in ("speed", "speed-late"):
+                stage_speed(kit, data_dir, speed, late=stage == "speed-late")
             else:
                 paper = stage_paper(kit, data_dir, speed)
         except Exception as e:  # noqa: BLE001 -- a broken stage must not cost the later ones
+            name = stage.split("-")[0]
             kit.log(f"stage {stage} failed: {type(e).__name__}: {e}")
-            kit.section(stage, kit.sections.get(stage, f"## {stage}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
+            kit.section(name, kit.sections.get(name, f"## {name}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
         kit.log(f"stage {stage}: {time.monotonic() - t0:.0f} s; {kit.left():.0f} s of budget left")
     if speed:
         kit.section("plan", plan_section(speed, paper))

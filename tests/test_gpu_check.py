@@ -92,6 +92,17 @@ def test_a_line_begun_and_never_ended_does_not_hold_the_kit_past_its_cap(tmp_pat
     assert code is None and seconds < 12 and text == "first\nbegun "
 
 
+def test_the_stages_before_the_paper_stage_leave_it_its_minimum(tmp_path):
+    kit = gpu_check.Kit(tmp_path, tmp_path, budget=20, smoke=True)
+    kit.reserve = 18  # a command asking for 10 s gets the 2 s left above the reserve
+    code, seconds, _ = kit.run([sys.executable, "-c", "import time; time.sleep(30)"], cap=10)
+    assert code is None and 1.5 < seconds < 8
+    # without a GPU's figures, two epochs of each method at the assumed 3,000 images/s still fit in the minimum
+    epochs, _ = gpu_check.paper_epochs(gpu_check.PAPER_MIN - 20, 3000.0,
+                                       fixed=2 * (gpu_check.EVAL_RESERVE + gpu_check.START_UP))
+    assert epochs >= 2
+
+
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
