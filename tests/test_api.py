@@ -234,16 +234,21 @@ def test_evaluate_returns_the_protocol_numbers_as_a_plain_dict():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_evaluate_takes_a_model_kept_in_another_float_type(dtype):
-    """The attack's iterates stay float32; the model gets them cast to its own type (float16 on the CPU too)."""
+    """The attack's iterates stay float32: cast to a float64 model's type, or a float16 model evaluated as a float32
+    copy of its weights (its own float16 gradients would underflow on confident samples)."""
     torch.manual_seed(0)
     model, (x, y) = _linear(), _batch(24)
     other = copy.deepcopy(model).to(dtype)
     kw = dict(attacks=["pgd:steps=5"], eps=8 / 255, checks=False)
     res, res_other = iaat.evaluate(model, x, y, **kw), iaat.evaluate(other, x, y, **kw)
     assert res_other["clean"] == res["clean"] > 0
-    tolerance = 0 if dtype == torch.float64 else 2 / 24  # float16 logits may flip a close call
+    tolerance = 0 if dtype == torch.float64 else 2 / 24  # float16 weights may flip a close call
     assert abs(res_other["attacks"]["PGD-5@8/255"]["accuracy"] - res["attacks"]["PGD-5@8/255"]["accuracy"]) <= tolerance
     assert next(other.parameters()).dtype == dtype  # the model itself is left as it was
+    if dtype == torch.float16:  # the same numbers as the float32 model with the float16 model's weights
+        same = iaat.evaluate(copy.deepcopy(other).float(), x, y, **kw)
+        assert same["attacks"] == {k: {**a, "seconds": same["attacks"][k]["seconds"]}
+                                   for k, a in res_other["attacks"].items()}
 
 
 @pytest.mark.parametrize("call, message", [

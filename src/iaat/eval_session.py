@@ -15,7 +15,6 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError
-from .evaluation.attacks import spec_key
 from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 
 
@@ -189,10 +188,11 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
         if spec.kind == "transfer" and spec.source not in surrogates:
             surrogates[spec.source] = _surrogate(Path(spec.source), source, splits, device)
 
-    stages = [spec_key(spec) for spec in req.plan.stages()]
+    stages = [spec.label for spec in req.plan.stages()]
     fingerprint = {"checkpoint": source.digest, "split": req.split, "n": len(data), "data_source": splits.source,
                    "seed": req.seed, "batch_size": batch_size, "stages": stages, "corruptions": req.plan.corruptions,
-                   "eps_sweep": req.plan.eps_sweep, "steps_sweep": req.plan.steps_sweep}
+                   "eps_sweep": req.plan.eps_sweep, "steps_sweep": req.plan.steps_sweep,
+                   **({"surrogates": sorted(surrogates)} if surrogates else {})}  # the labels do not name them
     out = req.out or _default_output(req, source, fingerprint, len(data))
     state_path = out.with_name(out.name + ".state.npz")
     corruption_sets = None

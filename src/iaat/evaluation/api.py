@@ -13,7 +13,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..models.precision import float32_view
 from ..units import check_size
-from .attacks import AttackSpec, spec_key
+from .attacks import AttackSpec
 from .presets import PROTOCOLS
 from .protocol import build_plan, run_evaluation
 
@@ -31,7 +31,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
     Args:
         model: maps images in [0, 1] to logits (normalisation inside, e.g. :class:`iaat.NormalizedModel`); weights
-            in float64 or float16 are fine (attacked in float32, cast at the model's input).
+            in float64 are fine (attacked in float32, cast at the model's input), and so are float16 and bfloat16
+            ones (evaluated as a float32 copy of the same weights, whose gradients do not underflow).
         x: images in [0, 1], float (B, C, H, W), or uint8 pixels.
         y: labels (B,).
         attacks: attack specs as ``iaat eval --attack`` writes them (``"pgd:steps=100,restarts=5"``, ``"cw"``,
@@ -86,7 +87,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         attacks = [] if protocol else list(PROTOCOLS["quick"])
     plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, eps_sweep=sweep,
                       steps_sweep=steps_sweep, checks=checks)
-    fingerprint = {"n": len(data), "seed": seed, "stages": [spec_key(s) for s in plan.stages()]}
+    fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
     return run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint, batch_size=batch_size,
                           device=device, seed=seed, progress=progress)
 

@@ -8,7 +8,6 @@ and resume after any batch.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
@@ -112,13 +111,15 @@ class AttackSpec:
             extra = ("" if self.candidates == 10 else f"-c{self.candidates}") + (
                 "" if self.overshoot == 0.02 else f"-overshoot{self.overshoot:g}")
             return f"DeepFool{steps}{extra}{eps}"
+        # what the kernel's options change, where they differ from the kind's defaults (a spec string's)
+        start = self.random_start != (self.kind != "mifgsm")
+        extra = ("-targeted" if self.targeted else "") + (("-start" if self.random_start else "-nostart") * start)
         if self.kind == "mifgsm":
             mu = "" if self.momentum == 1.0 else f"-mu{self.momentum:g}"
-            return f"MI-FGSM-{self.steps}{reps}{mu}{eps}"
+            return f"MI-FGSM-{self.steps}{reps}{mu}{extra}{'-margin' * (self.loss == 'margin')}{eps}"
         if self.kind == "transfer":
-            return f"transfer-PGD-{self.steps}{reps}{eps}"
+            return f"transfer-PGD-{self.steps}{reps}{extra}{'-margin' * (self.loss == 'margin')}{eps}"
         name = "CW" if self.loss == "margin" else "PGD"
-        extra = ("-targeted" if self.targeted else "") + ("" if self.random_start else "-nostart")
         return f"{name}-{self.steps}{reps}{extra}{eps}"
 
 
@@ -249,8 +250,3 @@ def spec_summary(spec: AttackSpec) -> dict:
     keep = {"eps", "norm", "kind"} | _KEYS[spec.kind]
     return {k: v for k, v in asdict(spec).items() if k in keep}
 
-
-def spec_key(spec: AttackSpec) -> str:
-    """Every option of the spec that changes its results, as text: what an evaluation's fingerprint records, so a
-    resumed evaluation never mixes batches of two attacks that share a label (e.g. two transfer sources)."""
-    return json.dumps(spec_summary(spec), sort_keys=True)

@@ -24,7 +24,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError
 from ..models.precision import float32_view
 from ..units import format_size
-from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_key, spec_summary
+from .attacks import AttackSpec, parse_attack, require_autoattack, run_attack, spec_summary
 from .checks import check_model_fits, probe_model, run_checks
 from .presets import DEFAULT_EPS_SWEEP, DEFAULT_STEPS_SWEEP, PROTOCOLS
 from .state import EvalState
@@ -106,9 +106,9 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
         for e in ([spec.eps] if spec.eps is not None else eps):
             s = spec.at(e)
             same = next((r for r in resolved if r.label == s.label), None)
-            if same is not None and spec_key(same) != spec_key(s):
-                raise ConfigError(f"two attacks would both be reported as {s.label}: {spec_key(same)} and "
-                                  f"{spec_key(s)}; evaluate them in separate commands (e.g. one surrogate each).")
+            if same is not None and _surrogate(same) != _surrogate(s):  # the label has every other option
+                raise ConfigError(f"two attacks would both be reported as {s.label}, transfers from {same.source} and "
+                                  f"from {s.source}: evaluate one surrogate per command.")
             if s.eps > 0 and same is None:
                 resolved.append(s)
     if any(s.kind == "autoattack" for s in resolved):
@@ -120,6 +120,10 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
         steps_sweep=sorted(set(steps_sweep)) if steps_sweep is not None else (
             list(DEFAULT_STEPS_SWEEP) if sweeps else []),
         corruptions=corruptions, checks=checks, protocol=protocol)
+
+
+def _surrogate(spec: AttackSpec) -> Optional[str]:
+    return str(Path(spec.source).resolve()) if spec.source else None
 
 
 def _batch_seed(seed: int, label: str, batch: int) -> int:
