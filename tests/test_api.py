@@ -92,8 +92,8 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.pgd(nn.Sequential(m, _Pair()), x, y, 8 / 255), "logits of shape .B, classes., got tuple"),
     (lambda m, x, y: iaat.PGD(m, eps=8 / 255, stepz=3), "unknown option.s. stepz"),
     (lambda m, x, y: iaat.PGDAT(eps=8 / 255, step_size=0), "step_size must be positive"),
-    (lambda m, x, y: iaat.TRADES(beta=float("inf")), "method.beta must be a finite number, got inf"),
-    (lambda m, x, y: iaat.IAAT(num_train=6, beta=float("nan")), "method.beta must be a finite number, got nan"),
+    (lambda m, x, y: iaat.TRADES(beta=float("inf")), "method.beta must be finite, got inf"),
+    (lambda m, x, y: iaat.IAAT(num_train=6, beta=float("nan")), "method.beta must be a number, got nan"),
 ])
 def test_the_attack_names_the_mistake(call, message):
     model, (x, y) = _linear(), _batch()
@@ -172,7 +172,8 @@ def test_iaat_memory_round_trips_through_state_dict():
     assert torch.equal(a.memory, b.memory) and not torch.all(a.memory == 4 / 255)
     with pytest.raises(ConfigError, match="11 samples"):
         iaat.IAAT(num_train=11).load_state_dict(a.state_dict())
-    with pytest.raises(ConfigError, match=r"memory holds 8, larger than 1.*pass the saved per-sample memory/255"):
+    with pytest.raises(ConfigError, match=r"saved per-sample memory of method iaat: memory holds 8, larger than 1.*"
+                                          r"pass memory/255"):
         b.load_state_dict({"memory": torch.full((10,), 8.0)})  # radii in pixel levels
     with pytest.raises(ConfigError, match="finite sizes >= 0"):
         b.load_state_dict({"memory": torch.full((10,), float("nan"))})

@@ -160,6 +160,8 @@ def test_eval_of_a_model_file_says_what_it_needs(exported, tiny_cifar, tmp_path)
         ([script, "--split", "val", "--eps", "8"], "--split val is the held-out part of a run's training split"),
         (["--model", "mynets:small", "--dataset", "cifar10", "--num-classes", "7", "--eps", "8"],
          "the data has 10 classes: it needs one logit per class"),
+        ([script, "--ema", "--eps", "8"], "holds the raw weights of its run, not the ema ones"),
+        (["--model", "mynets:small", "--dataset", "cifar10", "--eps", "8", "--raw"], "--raw and --ema choose among"),
     ]
     import os
 

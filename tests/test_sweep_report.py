@@ -64,16 +64,21 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
 
 
-def test_an_evaluation_of_earlier_weights_is_stale_and_a_cut_one_is_resumed(tmp_path):
+def test_an_evaluation_of_other_weights_than_the_newest_checkpoint_is_stale(tmp_path):
     from iaat.sweep import stale_evaluation
 
-    path = tmp_path / "eval" / "sweep-abc.json"
-    assert not stale_evaluation(path, 2, retrained=False)  # none yet: evaluate (a cut one's state is kept)
-    assert stale_evaluation(path, 2, retrained=True)
+    run = tmp_path / "run"
+    path = run / "eval" / "sweep-abc.json"
+    (run / "checkpoints").mkdir(parents=True)
     path.parent.mkdir()
+    assert not stale_evaluation(path, run)  # none yet: evaluate (a cut one's state is resumed)
     path.write_text(json.dumps({"clean": 0.5, "attacks": {}, "epoch": 2}))
-    assert not stale_evaluation(path, 2, retrained=False)
-    assert stale_evaluation(path, 3, retrained=False)  # extended by hand since: evaluate again
+    (run / "checkpoints" / "epoch_0002.pt").write_bytes(b"")
+    assert not stale_evaluation(path, run)
+    (run / "checkpoints" / "epoch_0003.pt").write_bytes(b"")  # trained further, by the sweep or by hand
+    assert stale_evaluation(path, run)
+    path.write_text("{")  # unreadable
+    assert stale_evaluation(path, run)
 
 
 def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):

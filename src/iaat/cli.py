@@ -19,11 +19,6 @@ from .errors import ConfigError, IaatError, TrainingInterrupted
 
 SIZE_HELP = "pixel units over 255 (8 means 8/255), or a fraction such as '8/255' or '0.031/1'"
 
-# Keys a resumed run may change; anything else must match the saved config.yaml.
-_RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
-                      ("train", "deterministic"), ("train", "channels_last"), ("train", "compile"),
-                      ("train", "tensorboard"), ("train", "threads"),
-                      ("data", "data_dir"), ("data", "download")}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -132,8 +127,8 @@ def _new_config(args: argparse.Namespace):
 
 
 def _resumed_config(args: argparse.Namespace, out: Path):
-    """The run's saved config with the changes a resume may make (``_RESUMABLE_CHANGES``); any other is refused."""
-    from .config import config_from_dict
+    """The run's saved config with the changes a resume may make (``config.RESUMABLE_KEYS``); any other is refused."""
+    from .config import RESUMABLE_KEYS, config_from_dict
     from .engine.rundir import CONFIG, check_resumable, read_config
 
     check_resumable(out)
@@ -153,7 +148,7 @@ def _resumed_config(args: argparse.Namespace, out: Path):
     for section in after:
         for key in set(after[section]) | set(before.get(section, {})):
             old, new = before.get(section, {}).get(key), after[section].get(key)
-            if (section, key) not in _RESUMABLE_CHANGES and old != new:
+            if (section, key) not in RESUMABLE_KEYS and old != new:
                 raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
                                   f"asked {new!r}); start a new run with another --out instead.")
     if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":

@@ -236,9 +236,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key} applies to data.dataset=imagefolder only and must be >= 8, got {value} "
                               f"for {cfg.data.dataset}.")
     for name, seed in (("train.seed", cfg.train.seed), ("data.split_seed", cfg.data.split_seed)):
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ConfigError(f"{name} must be a whole number in [0, 2**32 - 1] (the range the random number "
-                              f"generators use), got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise ConfigError(f"{name} must be a whole number from -2**63 to 2**64 - 1 (what torch's random number "
+                              f"generators take), got {seed!r}.")
     if cfg.data.val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0, got {cfg.data.val_size}.")
     if cfg.train.epochs < 1:
@@ -281,6 +281,14 @@ def validate(cfg: Config) -> None:
                                                or cfg.train.device == "mps"):
         raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}.")
     build_method(cfg, num_train=1)  # last: the method's own keys (names, types, units, values)
+
+
+#: Keys a resumed run may change (where and how it runs, how long); anything else must match its config.yaml.
+#: A sweep compares its runs' configs with its plan without them.
+RESUMABLE_KEYS = frozenset({
+    ("train", "epochs"), ("train", "device"), ("train", "progress"), ("train", "log_interval"),
+    ("train", "deterministic"), ("train", "channels_last"), ("train", "compile"), ("train", "tensorboard"),
+    ("train", "threads"), ("data", "data_dir"), ("data", "download")})
 
 
 def notes(cfg: Config) -> list[str]:

@@ -77,6 +77,8 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
             raise ConfigError("give either a model file or run (PATH) or --model module:factory, not both.")
         if dataset is None:
             raise ConfigError(f"--model {model}: say which data set to evaluate on with --dataset.")
+        if raw or ema:
+            raise ConfigError("--raw and --ema choose among a run's weights; with --model the weights are --weights.")
         weights = Path(weights) if weights is not None else None
         digest = hashlib.sha256(model.encode() + (weights.read_bytes() if weights and weights.is_file() else b""))
         net = factory_model(model, weights, num_classes)
@@ -89,9 +91,10 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
         raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
     _refuse_sweep_folder(path)
     kind = file_format(path)
+    which = "raw" if raw else "ema" if ema else "auto"
     if kind in ("run", "checkpoint"):
-        return _run_source(path, device, "raw" if raw else "ema" if ema else "auto")
-    net, meta = read_model_file(path, device)
+        return _run_source(path, device, which)
+    net, meta = read_model_file(path, device, which)  # a file holds one set: --raw/--ema must match it
     training = meta.get("training") or {}
     shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
     label = {"torchscript": "TorchScript", "export": "torch.export"}.get(kind, "exported")
@@ -99,7 +102,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
                        hashlib.sha256(path.read_bytes()).hexdigest(), path.parent, path.stem, meta.get("dataset"),
                        eps=training.get("eps"), shape=shape,
                        info={"epoch": training.get("epochs"), "model": (meta.get("architecture") or {}).get("name"),
-                             "method": training.get("method")})
+                             "method": training.get("method"), "weights": meta.get("weights")})
 
 
 def _refuse_sweep_folder(path: Path) -> None:
@@ -228,7 +231,8 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
             raise ConfigError(f"--model {req.model}: say which data set to evaluate on with --dataset.")
         resolve_factory(req.model)  # a typo fails before the data loads
         splits = load_dataset(req.dataset, req.data_dir, False)
-        source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes)
+        source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes,
+                             raw=req.raw, ema=req.ema)
     else:
         source = open_source(req.path, device, weights=req.weights, raw=req.raw, ema=req.ema)
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)

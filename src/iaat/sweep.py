@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from .config import SECTIONS, config_from_dict, load_yaml, method_params
+from .config import RESUMABLE_KEYS, SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
 from .threads import user_thread_count
 
@@ -85,9 +85,6 @@ BUILTIN_RUNS: dict[str, dict] = {
 }
 DEFAULT_ATTACKS = ("pgd:steps=10", "pgd:steps=100")
 DEFAULT_SWEEP_EPS = (0, 2, 4, 6, 8, 10, 12, 14, 16)
-# Keys a finished or interrupted run may differ in from the plan (where the data is, which device).
-_FREE_KEYS = {("data", "data_dir"), ("data", "download"), ("train", "device"), ("train", "progress"),
-              ("train", "threads")}
 
 
 @dataclass
@@ -349,22 +346,23 @@ def _same_config(saved: dict, planned: dict) -> Optional[str]:
     a, b = identity(saved), identity(planned)
     for section in b:
         for key in sorted(set(a.get(section, {})) | set(b[section])):
-            if (section, key) in _FREE_KEYS or (section, key) == ("train", "epochs"):
+            if (section, key) in RESUMABLE_KEYS:  # where and how it runs, how long: a resume may change them
                 continue
             if a.get(section, {}).get(key) != b[section].get(key):
                 return f"{section}.{key} ({a.get(section, {}).get(key)!r} there, {b[section].get(key)!r} planned)"
     return None
 
 
-def stale_evaluation(path: Path, epochs: int, retrained: bool) -> bool:
-    """Whether the evaluation at ``path`` (with its markdown and a cut evaluation's state) is of other weights than
-    the run's last: it was trained further in this call, or the file holds another epoch than ``epochs``."""
-    from .engine.rundir import read_evaluation
+def stale_evaluation(path: Path, run_dir: Path) -> bool:
+    """Whether the evaluation at ``path`` is of other weights than the run's newest epoch checkpoint (it was trained
+    further since, by the sweep or by hand), or unreadable."""
+    from .engine.checkpoint import newest_epoch
+    from .engine.rundir import CHECKPOINTS, read_evaluation
 
-    if retrained:
-        return True
-    ev = read_evaluation(path) if path.is_file() else None
-    return path.is_file() and (ev is None or ev.get("epoch") != epochs)
+    if not path.is_file():
+        return False
+    ev = read_evaluation(path)
+    return ev is None or ev.get("epoch") != newest_epoch(run_dir / CHECKPOINTS)
 
 
 def eval_path(run_dir: Path, key: str, raw: bool = False) -> Path:
@@ -478,13 +476,15 @@ class SweepRunner:
         trained_now = status.trained in ("done", "resumed")
         for raw in (False, True) if cfg.train.ema else (False,):
             out = self.eval_path(name, raw)
-            stale = stale_evaluation(out, cfg.train.epochs, trained_now)
+            stale = stale_evaluation(out, run_dir)
             if out.is_file() and not stale:
                 status.evaluated = status.evaluated or "skipped"
                 continue
-            if stale:  # of earlier weights (e.g. before --epochs N); else a cut evaluation's state is resumed
-                for old in (out, out.with_suffix(".md"), out.with_name(out.name + ".state.npz")):
-                    old.unlink(missing_ok=True)
+            if stale:  # of earlier weights: the run was trained further since
+                out.unlink()
+                out.with_suffix(".md").unlink(missing_ok=True)
+            if stale or trained_now:  # else a cut evaluation's state is resumed
+                out.with_name(out.name + ".state.npz").unlink(missing_ok=True)
             if self.stopping:
                 break
             self.log(f"[{name}] evaluating{' the raw weights' if raw else ''} ({' '.join(self.plan.eval.args())})")

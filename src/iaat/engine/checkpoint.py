@@ -149,6 +149,12 @@ def epoch_checkpoints(folder: Union[str, Path]) -> list[Path]:
     return [p for _, p in _numbered_epoch_checkpoints(Path(folder))]
 
 
+def newest_epoch(folder: Union[str, Path]) -> Optional[int]:
+    """The number of the newest epoch checkpoint in ``folder`` (by name; None when there is none)."""
+    found = _numbered_epoch_checkpoints(Path(folder))
+    return found[0][0] if found else None
+
+
 def checkpoint_path(folder: Union[str, Path], epoch: int) -> Path:
     """Where the checkpoint of epoch ``epoch`` (1-based) lives in ``folder``."""
     return Path(folder) / f"epoch_{epoch:04d}.pt"

@@ -344,10 +344,11 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
         size = rundir.metrics_size(s.run_dir)
         rundir.append_metrics(s.run_dir, row)
         try:
-            _save(s, checkpoint_path(s.ckpt_dir, epoch + 1), state)
+            save_checkpoint(checkpoint_path(s.ckpt_dir, epoch + 1), state)
         except BaseException:
             rundir.rollback_metrics(s.run_dir, size)
             raise
+        _save_config(s)
         remove_checkpoint(interrupt_path(s.ckpt_dir))  # now older than the newest epoch checkpoint
         prune(s.ckpt_dir, cfg.train.keep_checkpoints)
     distributed.barrier(info)
@@ -513,16 +514,16 @@ def _save_interrupt(s: _Session, epoch: int, step: int, sums: _EpochSums, lr: fl
     state["partial"] = sums.state_dict(sums.seconds + time.perf_counter() - t0)
     path = interrupt_path(s.ckpt_dir)
     if info.is_main:
-        _save(s, path, state)
+        save_checkpoint(path, state)
+        _save_config(s)
     distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
     raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of {len(s.loader)}; "
                               f"state saved to {path}; {stop.resume_hint}", stop.signum)
 
 
-def _save(s: _Session, path: Path, state: dict) -> None:
-    """Save a checkpoint; a resumed run's first also rewrites config.yaml with what the resume changed (epochs,
-    threads, ...), after the checkpoint, so that a resume that fails before it leaves the folder as it was."""
-    save_checkpoint(path, state)
+def _save_config(s: _Session) -> None:
+    """After a resumed run's first checkpoint, rewrite config.yaml with what the resume changed (epochs, threads,
+    ...): after it, so that a resume that fails before it leaves the folder as it was."""
     if not s.config_saved:
         rundir.write_config(s.run_dir, s.cfg)
         s.config_saved = True

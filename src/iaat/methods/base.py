@@ -118,7 +118,8 @@ class Method:
             if isinstance(value, float) and not math.isfinite(value) and not (
                     math.isinf(value) and f.metadata.get("infinite")):
                 where = f.name if f.name in BASE_FIELDS else f"method.{f.name}"
-                raise ConfigError(f"{where} must be a finite number, got {value}.")
+                raise ConfigError(f"{where} must be a number, got nan." if math.isnan(value) else
+                                  f"{where} must be finite, got {value}.")
         for f in dataclasses.fields(self):
             if f.metadata.get("size") and getattr(self, f.name) is not None:
                 setattr(self, f.name, check_size(getattr(self, f.name), f.name, norm=self.norm))

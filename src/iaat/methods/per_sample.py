@@ -111,5 +111,8 @@ class PerSampleState(Method):
             raise ConfigError(f"the saved per-sample {key} has {saved.shape[0] if saved.ndim else 'no'} entries but "
                               f"the training set has {mine.shape[0]} samples.")
         if key in self.size_keys and len(saved):  # e.g. radii saved in pixel levels by another tool
-            check_size_range(f"the saved per-sample {key}", *map(float, torch.aminmax(saved)), self.norm)
+            try:
+                check_size_range(key, *map(float, torch.aminmax(saved)), self.norm)
+            except ConfigError as e:
+                raise ConfigError(f"the saved per-sample {key} of method {self.name}: {e}") from None
         return saved.to(mine.device)

@@ -110,11 +110,12 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
 
 
 def _readable_radii(path: Path, length: Optional[int]) -> bool:
-    """Whether ``path`` holds one finite radius per sample (``length`` of them when given); a damaged file is
-    left out of the figures with a warning."""
+    """Whether ``path`` holds one finite radius per sample (``length`` of them when given: the first readable
+    epoch's); a damaged file is left out of the figures with a warning."""
     try:
         radii = np.load(path, mmap_mode="r")
-        ok = radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii))
+        ok = (radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii))
+              and bool(np.isfinite(radii).all()))
     except (OSError, ValueError, EOFError):
         ok = False
     if not ok:
