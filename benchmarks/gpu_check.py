@@ -8,7 +8,8 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
 
 1. ``env``: the GPU, driver, torch and CUDA (``1-env.json``) and the CUDA-only tests
    (``pytest -m cuda``: fast path on CUDA, compile recompiles over IAAT epochs, deterministic runs,
-   torchrun with NCCL, the PGD loop without host syncs, exported model files on the GPU), log in
+   torchrun on one GPU, an NCCL process group, the PGD loop without host syncs, exported model files on
+   the GPU), log in
    ``1-cuda-tests.log``;
 2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
    bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
@@ -17,7 +18,8 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
 3. ``paper``: ResNet-18 on all 50,000 training images, PGD-AT at 8/255 against IAAT on the same short
    schedule, sized to the time left from the throughput just measured; each evaluated on the first
    1,000 test images with PGD-20 and, when ``pyautoattack`` imports, AutoAttack's APGD-CE + APGD-T
-   (``3-paper-scale.json``; an evaluation the budget cuts keeps the attacks it went through).
+   (``3-paper-scale.json``; an evaluation the budget cuts keeps the attacks it went through). The
+   stages before it leave it ``PAPER_MIN`` seconds; the ResNet-18 compile speed runs after it.
 
 At most 8 files: those, ``summary.md`` and ``log.txt``. The data set is built from the JPEG-75
 CIFAR-10 archive (``--data``, default ``.gpu/cifar10_jpeg75.npz``; ``benchmarks/gpu_pack.sh``
@@ -412,13 +414,16 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
                                        *attacks, "--no-checks", "--no-progress", "--out", str(ev)],
                                       cap=kit.left() - later - 5)
             entry.update(eval_exit_code=code, eval_seconds=round(eval_s, 1))
-            if code == 0:
-                entry["eval"] = _eval_summary(json.loads(ev.read_text()))
-            elif state.is_file():  # cut or failed midway: keep the attacks it went through
-                from iaat.evaluation.protocol import finished_part
+            try:  # reading one run's results must not cost the next run
+                if code == 0:
+                    entry["eval"] = _eval_summary(json.loads(ev.read_text()))
+                elif state.is_file():  # cut or failed midway: keep the attacks it went through
+                    from iaat.evaluation.protocol import finished_part
 
-                entry["eval"] = finished_part(state)
-                entry["eval_cut"] = True
+                    entry["eval"] = finished_part(state)
+                    entry["eval_cut"] = True
+            except Exception as e:  # noqa: BLE001 -- recorded; the next method still trains
+                entry["eval_error"] = f"{type(e).__name__}: {e}"
         result["runs"][name] = entry
         result["iaat_epoch_ratio"] = iaat_epoch_ratio(result)
         kit.write_json("3-paper-scale.json", result)
@@ -432,10 +437,9 @@ def _has_autoattack() -> bool:
 
 
 def _epoch_rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from iaat.engine.rundir import read_metrics  # a line cut by the budget's kill is skipped
+
+    rows = read_metrics(run)
     keep = ("epoch", "seconds", "train_loss", "train_acc", "train_clean_acc", "radius_mean", "lr")
     return [{k: r[k] for k in keep if k in r} for r in rows]
 

@@ -232,11 +232,12 @@ def main(argv=None) -> int:
     times = {id(r): [] for r in runners}
     for done in range(1, args.rounds + 1):
         for r in runners:
-            if device.type == "cuda":
+            if device.type == "cuda":  # its own memory: what it keeps, plus what its steps add above all runners'
                 torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
             times[id(r)] += [timed(r, device) for _ in range(args.steps)]
             if device.type == "cuda":
-                peaks[id(r)] = max(peaks[id(r)], torch.cuda.max_memory_allocated(device))
+                peaks[id(r)] = max(peaks[id(r)], r.resident + torch.cuda.max_memory_allocated(device) - base)
         rows = result_rows(runners, times, peaks, flops, peak_flops, args.batch_size, device)
         header = {**run_header("training_speed", device, argv, __file__), "model": args.model,
                   "batch_size": args.batch_size, "data": data_name, "rounds_done": done, "rounds": args.rounds}
@@ -269,11 +270,17 @@ def build_runners(args, model, data, splits, device, init, train: dict, radii, p
                                                                init, s, radii)) for name, settings in paths.items()]
     runners = []
     for spec, make in makers:
+        before = _allocated(device)
         runner = attempt(spec, failed, device, make)
         if runner is not None:
             runner.spec = spec
+            runner.resident = _allocated(device) - before  # its model, data copy, ...; warm_up adds the rest
             runners.append(runner)
     return runners
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def attempt(spec: str, failed: dict, device: torch.device, work: Callable, *args: Any) -> Any:
@@ -293,7 +300,9 @@ def warm_up(runner, steps: int, device: torch.device, flops: dict, count_flops: 
     """Untimed steps (a compiled runner at least 3: shapes, modes; their wall time, compiling included, is kept
     as ``runner.warmup``), then one eager step's FLOPs counted; the runner."""
     count = steps if not runner.compiled else max(steps, 3)
+    before = _allocated(device)
     runner.warmup = {"warmup_steps": count, "warmup_seconds": sum(timed(runner, device) for _ in range(count))}
+    runner.resident += _allocated(device) - before  # gradients, optimiser state, averaged weights: kept between steps
     if count_flops and not runner.compiled:  # counting inside a compiled graph is not supported
         flops[runner.spec] = step_flops(runner, device)
     return runner
@@ -334,7 +343,10 @@ def settings_record(args, train: dict, paths: dict, radii, clean_acc, flops: dic
                  "eager count of the same method)" if flops else "not counted",
         **({"bf16_peak_tflops_measured": peak_flops / 1e12} if peak_flops else {}),
         "reference_settings": "fp32, default memory layout, eager, DataLoader with per-sample augmentation",
-        "peak_memory": "torch.cuda.max_memory_allocated per method" if device.type == "cuda"
+        "peak_memory": ("per method: the memory it keeps between steps (model, data copy, gradients, optimiser "
+                        "state, averaged weights; measured as it was built and warmed up) plus the most its steps "
+                        "allocated above what all runners held (torch.cuda.max_memory_allocated); the CUDA "
+                        "context and the allocator's cache are not counted") if device.type == "cuda"
                        else "not measured on CPU (no per-method allocator statistics)",
         "date": time.strftime("%Y-%m-%d"),
     }

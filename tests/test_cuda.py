@@ -117,14 +117,49 @@ def test_an_exported_model_runs_on_the_gpu(tiny_run, tmp_path, fmt, name):
 
 
 @needs_cuda
-def test_torchrun_with_nccl_on_one_gpu(tiny_cifar, tmp_path):
+def test_torchrun_trains_on_one_gpu(tiny_cifar, tmp_path):
+    """torchrun's launch and environment on a GPU (one process: no process group is needed, so none is made)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "iaat",
            *tiny_train_args(tiny_cifar, out, 1, "--device", "cuda")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=child_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "checkpoints" / "epoch_0001.pt").is_file()
-    assert torch.distributed.is_nccl_available()
+
+
+_NCCL_PROGRAM = """
+import torch, torch.distributed as dist
+device = torch.device("cuda", 0)
+dist.init_process_group("nccl", device_id=device)
+total, peak = torch.full((3,), 2.0, device=device), torch.tensor([1.5], device=device)
+dist.all_reduce(total)
+dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+gathered = [None]
+dist.all_gather_object(gathered, {"rank": dist.get_rank()})
+dist.barrier()
+dist.destroy_process_group()
+print("ok", total.tolist(), peak.item(), gathered)
+"""
+
+
+@needs_cuda
+def test_nccl_process_group_on_one_gpu():
+    """NCCL itself, which a one-process torchrun never starts (iaat makes no process group for one rank): a
+    one-rank group on the GPU and the collectives the trainer uses (sum, max, gathering objects, barrier)."""
+    env = {**child_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-c", _NCCL_PROGRAM], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok [2.0, 2.0, 2.0] 1.5 [{'rank': 0}]", proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # The compiling tests come last: compiling takes longest, and a run cut short by the kit's time cap keeps the
