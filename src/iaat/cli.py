@@ -213,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, seed=args.seed,
                       out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
-                      num_classes=args.num_classes, raw=args.raw, ema=args.ema)
+                      num_classes=args.num_classes, run_weights=_run_weights(args))
     if eps is None:  # the model's own training radius
         eps = [default_eps(req)]
     req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
@@ -339,11 +339,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_weights(args: argparse.Namespace) -> str:
+    """A run's weights as --raw / --ema choose them: ``raw``, ``ema``, else ``auto``."""
+    return "raw" if args.raw else "ema" if args.ema else "auto"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .model_files import export_model
 
-    weights = "ema" if args.ema else "raw" if args.raw else "auto"
-    out, meta = export_model(Path(args.run), Path(args.out), args.format, weights, overwrite=args.overwrite)
+    out, meta = export_model(Path(args.run), Path(args.out), args.format, _run_weights(args),
+                             overwrite=args.overwrite)
     card = json.loads(meta.read_text())
     acc = card.get("accuracy") or {}
     print(f"{card['training']['method']} / {card['architecture']['name']} ({card['weights']} weights, epoch "

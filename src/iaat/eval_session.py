@@ -36,8 +36,9 @@ class EvalRequest:
     weights: Optional[Path] = None  #: the weights of ``model``
     dataset: Optional[str] = None  #: where the model file does not say
     num_classes: Optional[int] = None  #: passed to ``model``'s factory (default: the data set's)
-    raw: bool = False  #: a run's trained weights even where it keeps averaged ones (train.ema)
-    ema: bool = False  #: a run's averaged weights, an error where it keeps none
+    #: a run's weights: auto (the averaged ones of train.ema where it keeps them), raw (the trained ones) or ema
+    #: (the averaged ones, an error where it keeps none); a model file's must match what it holds
+    run_weights: str = "auto"
 
 
 @dataclass
@@ -66,10 +67,10 @@ def _file_digest(path: Path) -> str:
 
 def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
                 weights: Optional[Path] = None, dataset: Optional[str] = None,
-                num_classes: Optional[int] = None, raw: bool = False, ema: bool = False) -> ModelSource:
+                num_classes: Optional[int] = None, run_weights: str = "auto") -> ModelSource:
     """The model behind ``path`` (a run, a checkpoint, an exported, TorchScript or .pt2 file), or ``model``
     (``module:factory``) with ``weights``, on ``device`` in eval mode. A run's averaged weights
-    (``train.ema``) are used where it keeps them, unless ``raw``; ``ema`` insists on them."""
+    (``train.ema``) are used where it keeps them (``run_weights="auto"``); ``raw`` or ``ema`` choose."""
     from .model_files import factory_model, file_format, read_model_file
 
     if model is not None:
@@ -77,7 +78,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
             raise ConfigError("give either a model file or run (PATH) or --model module:factory, not both.")
         if dataset is None:
             raise ConfigError(f"--model {model}: say which data set to evaluate on with --dataset.")
-        if raw or ema:
+        if run_weights != "auto":
             raise ConfigError("--raw and --ema choose among a run's weights; with --model the weights are --weights.")
         weights = Path(weights) if weights is not None else None
         digest = hashlib.sha256(model.encode() + (weights.read_bytes() if weights and weights.is_file() else b""))
@@ -91,10 +92,9 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
         raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
     _refuse_sweep_folder(path)
     kind = file_format(path)
-    which = "raw" if raw else "ema" if ema else "auto"
     if kind in ("run", "checkpoint"):
-        return _run_source(path, device, which)
-    net, meta = read_model_file(path, device, which)  # a file holds one set: --raw/--ema must match it
+        return _run_source(path, device, run_weights)
+    net, meta = read_model_file(path, device, run_weights)  # a file holds one set: --raw/--ema must match it
     training = meta.get("training") or {}
     shape = (meta["num_classes"], list(meta["input_shape"])) if meta.get("input_shape") else None
     label = {"torchscript": "TorchScript", "export": "torch.export"}.get(kind, "exported")
@@ -232,9 +232,9 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
         resolve_factory(req.model)  # a typo fails before the data loads
         splits = load_dataset(req.dataset, req.data_dir, False)
         source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes,
-                             raw=req.raw, ema=req.ema)
+                             run_weights=req.run_weights)
     else:
-        source = open_source(req.path, device, weights=req.weights, raw=req.raw, ema=req.ema)
+        source = open_source(req.path, device, weights=req.weights, run_weights=req.run_weights)
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
     check_same_data(source.shape, splits, source.what)
     cfg = source.cfg

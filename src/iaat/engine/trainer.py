@@ -46,7 +46,7 @@ from ..methods.base import StepOutput
 from ..units import format_size
 from ..models.state import load_model_state
 from . import rundir
-from .checkpoint import (checkpoint_path, interrupt_path, prune, remove_checkpoint, resume_point,
+from .checkpoint import (checkpoint_path, interrupt_path, newest_epoch, prune, remove_checkpoint, resume_point,
                          save_checkpoint)
 from .rng import rng_state, seed_everything, set_rng_state
 
@@ -533,7 +533,7 @@ def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:
     bad = int(distributed.all_reduce_(sums.first_bad.clone(), s.info, "max"))
     if bad > 0:
         bar.close()
-        saved = (f"The last good checkpoint in {s.ckpt_dir} is intact." if any(s.ckpt_dir.glob("epoch_*.pt"))
+        saved = (f"The last good checkpoint in {s.ckpt_dir} is intact." if newest_epoch(s.ckpt_dir) is not None
                  else "No checkpoint had been written yet.")
         raise IaatError(f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad}; stopping "
                         f"without saving. {saved} Try a lower learning rate or train.amp=off (or check the "

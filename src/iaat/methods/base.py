@@ -110,16 +110,15 @@ class Method:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             where = f.name if f.name in BASE_FIELDS else f"method.{f.name}"
-            setattr(self, f.name, check_type(getattr(self, f.name), hints[f.name], where))
-        if self.norm not in ("linf", "l2"):
-            raise ConfigError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
-        for f in dataclasses.fields(self):  # NaN never; inf only where a field says so (GAIR's lambdas)
-            value = getattr(self, f.name)
+            value = check_type(getattr(self, f.name), hints[f.name], where)
+            # NaN never; inf only where a field says so (GAIR's lambdas)
             if isinstance(value, float) and not math.isfinite(value) and not (
                     math.isinf(value) and f.metadata.get("infinite")):
-                where = f.name if f.name in BASE_FIELDS else f"method.{f.name}"
                 raise ConfigError(f"{where} must be a number, got nan." if math.isnan(value) else
                                   f"{where} must be finite, got {value}.")
+            setattr(self, f.name, value)
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
         for f in dataclasses.fields(self):
             if f.metadata.get("size") and getattr(self, f.name) is not None:
                 setattr(self, f.name, check_size(getattr(self, f.name), f.name, norm=self.norm))

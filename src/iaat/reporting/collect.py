@@ -109,18 +109,17 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
     return (best[1], best[2]) if best else (None, None)
 
 
-def _readable_radii(path: Path, length: Optional[int]) -> bool:
-    """Whether ``path`` holds one finite radius per sample (``length`` of them when given: the first readable
-    epoch's); a damaged file is left out of the figures with a warning."""
+def _radii_count(path: Path, length: Optional[int]) -> Optional[int]:
+    """How many radii ``path`` holds, if it holds one finite radius per sample (``length`` of them when given: the
+    first readable epoch's); else None, and a warning that the report leaves the damaged file out."""
     try:
         radii = np.load(path, mmap_mode="r")
-        ok = (radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii))
-              and bool(np.isfinite(radii).all()))
+        if radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii)) and np.isfinite(radii).all():
+            return len(radii)
     except (OSError, ValueError, EOFError):
-        ok = False
-    if not ok:
-        warnings.warn(f"{path} is not an array of radii (damaged?); the report leaves it out.", stacklevel=2)
-    return ok
+        pass
+    warnings.warn(f"{path} is not an array of radii (damaged?); the report leaves it out.", stacklevel=2)
+    return None
 
 
 def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Path] = None) -> RunRecord:
@@ -133,9 +132,9 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
         length = None  # every epoch's array has one radius per training sample
         for f in sorted((path / "radii").iterdir()):
             m = _RADII.match(f.name)
-            if m and _readable_radii(f, length):
-                radii[int(m.group(1))] = f
-                length = len(np.load(f, mmap_mode="r"))
+            count = _radii_count(f, length) if m else None
+            if count is not None:
+                radii[int(m.group(1))], length = f, count
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
                      evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group,
