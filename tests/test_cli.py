@@ -280,5 +280,22 @@ def test_extending_a_cosine_run_says_that_its_schedule_stretches(tiny_run, tmp_p
     shutil.copytree(tiny_run, run)
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("schedule: step", "schedule: cosine"))
-    code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "3", "--print-config")
-    assert code == 0 and "the cosine learning-rate schedule now spans 3 epochs" in err, err
+    code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "2")
+    assert code == 0 and "the cosine learning-rate schedule now spans 2 epochs" in err, err
+
+
+def test_resuming_from_python_refuses_what_the_command_line_refuses(tiny_run, tmp_path):
+    """engine.train(resume=True) checks the config against the run's as ``iaat train --resume`` does."""
+    from iaat.config import config_from_dict
+    from iaat.engine import train
+    from iaat.engine.rundir import read_config
+    from iaat.errors import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = config_from_dict(read_config(run))
+    cfg.attack.eps = 4
+    with pytest.raises(ConfigError, match="cannot change attack.eps when resuming"):
+        train(cfg, run, resume=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tiny_run / "checkpoints").iterdir())  # untouched

@@ -128,8 +128,8 @@ def _new_config(args: argparse.Namespace):
 
 def _resumed_config(args: argparse.Namespace, out: Path):
     """The run's saved config with the changes a resume may make (``config.RESUMABLE_KEYS``); any other is refused."""
-    from .config import RESUMABLE_KEYS, config_from_dict
-    from .engine.rundir import CONFIG, check_resumable, read_config
+    from .config import config_from_dict
+    from .engine.rundir import check_resumable, check_resume_config, read_config
 
     check_resumable(out)
     if args.config:
@@ -144,18 +144,7 @@ def _resumed_config(args: argparse.Namespace, out: Path):
     for section, values in raw.items():
         merged.setdefault(section, {}).update(values)
     cfg = config_from_dict(merged)
-    before, after = config_from_dict(saved).to_dict(), cfg.to_dict()
-    for section in after:
-        for key in set(after[section]) | set(before.get(section, {})):
-            old, new = before.get(section, {}).get(key), after[section].get(key)
-            if (section, key) not in RESUMABLE_KEYS and old != new:
-                raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {out / CONFIG}, "
-                                  f"asked {new!r}); start a new run with another --out instead.")
-    if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":
-        warnings.warn(f"train.epochs {before['train']['epochs']} -> {cfg.train.epochs}: the cosine learning-rate "
-                      f"schedule now spans {cfg.train.epochs} epochs from here on; the epochs already trained "
-                      f"followed the old one, so the run differs from one trained for {cfg.train.epochs} epochs "
-                      f"from the start.", stacklevel=1)
+    check_resume_config(out, cfg)  # here too: --print-config shows only what a resume would run
     return cfg
 
 

@@ -15,8 +15,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ..config import Config, dump_yaml, load_yaml
-from ..errors import CheckpointError
+from ..config import RESUMABLE_KEYS, Config, config_from_dict, dump_yaml, load_yaml
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import TEMPORARY_FILE, atomic_write_bytes, remove_temporaries, write_failure
 
 CONFIG = "config.yaml"
@@ -81,6 +81,24 @@ def read_config(run_dir: Path) -> dict:
         raise CheckpointError(f"{run_dir / CONFIG} is not a run's config (it lacks the data, model or method section"
                               f"{'; the file is empty' if not raw else ''}); restore it, or start a new run.")
     return raw
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> Optional[str]:
+    """Refuse to continue ``run_dir`` with ``cfg`` where it changes more than a resume may (``RESUMABLE_KEYS``: where
+    and how it runs, how long); returns a note when the change makes the run differ from one trained with ``cfg``
+    from the start (more epochs on a cosine schedule), else None."""
+    before, after = config_from_dict(read_config(run_dir)).to_dict(), cfg.to_dict()
+    for section in after:
+        for key in sorted(set(after[section]) | set(before.get(section, {}))):
+            old, new = before.get(section, {}).get(key), after[section].get(key)
+            if (section, key) not in RESUMABLE_KEYS and old != new:
+                raise ConfigError(f"cannot change {section}.{key} when resuming ({old!r} in {run_dir / CONFIG}, "
+                                  f"asked {new!r}); start a new run in another folder instead.")
+    if before["train"]["epochs"] != cfg.train.epochs and cfg.optim.schedule == "cosine":
+        return (f"train.epochs {before['train']['epochs']} -> {cfg.train.epochs}: the cosine learning-rate schedule "
+                f"now spans {cfg.train.epochs} epochs from here on; the epochs already trained followed the old one, "
+                f"so the run differs from one trained for {cfg.train.epochs} epochs from the start.")
+    return None
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,7 +62,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); returns the last metrics row.
 
     Everything that can fail on user input (data, model, method, existing folder) is
-    checked before the run folder is created or touched.
+    checked before the run folder is created or touched. A resume may change only
+    ``config.RESUMABLE_KEYS`` (epochs, device, threads, the data's folder, ...) from the
+    run's ``config.yaml``; any other change is refused.
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM, after saving the state (see the module docstring).
@@ -73,6 +76,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
     try:
         if resume:
             rundir.check_resumable(run_dir)
+            note = rundir.check_resume_config(run_dir, cfg)
+            if note and info.is_main:
+                warnings.warn(note, stacklevel=2)
         else:
             rundir.check_new_run_dir(run_dir)
         distributed.barrier(info)  # every rank has looked at the folder before rank 0 creates it
