@@ -115,9 +115,12 @@ def epoch_lines(log: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sweep_then_report_end_to_end(tmp_path, capsys):
+def test_sweep_then_report_end_to_end(tmp_path, capsys, monkeypatch):
     spec = write_spec(tmp_path)
     out = tmp_path / "sweep"
+    # Two runs at once, a thread each: as the sweep splits the cores itself (this suite's OMP_NUM_THREADS is kept).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
     assert main(["sweep", str(spec), "--out", str(out), "--jobs", "2"]) == 0
     hint = capsys.readouterr().out.strip().splitlines()[-1]
     command = hint.split(" with: ")[1].split()  # the closing hint's command, run as printed
@@ -259,10 +262,12 @@ def test_a_run_keeps_the_thread_count_of_the_sweeps_environment():
     assert child_env(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     import doctest
 
+    import iaat.sweep
     import iaat.threads  # the rule shared with train's own thread choice
 
-    result = doctest.testmod(iaat.threads)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (iaat.threads, iaat.sweep):  # iaat.sweep: child_env, and the warning when runs share too few cores
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
 
 
 def test_report_errors(tmp_path, capsys, monkeypatch):

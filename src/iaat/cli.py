@@ -545,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, metavar="N", help="evaluate on the first N test images (default all)")
     p.add_argument("--eval-attack", action="append", metavar="SPEC",
                    help="evaluation attacks (repeatable; default pgd:steps=10 and pgd:steps=100), as in iaat eval")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split; default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (the CPU cores are split between them unless "
+                   "OMP_NUM_THREADS sets each run's count; default 1)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the plan")
     p.add_argument("--dry-run", action="store_true", help="print the runs and the evaluation, run nothing")
     p.set_defaults(func=cmd_sweep)

@@ -305,6 +305,24 @@ def child_env(threads: int, environ: Optional[Mapping[str, str]] = None) -> dict
     return env
 
 
+def oversubscription(jobs: int, running: int, environ: Optional[Mapping[str, str]] = None,
+                     cpus: Optional[int] = None) -> Optional[str]:
+    """What to tell a user whose thread count (``OMP_NUM_THREADS``, kept for every run) times the runs at once
+    exceeds the CPU cores: each run's threads then wait on the others', many times slower than one run at a time.
+
+    >>> oversubscription(2, 2, {"OMP_NUM_THREADS": "2"}, cpus=2)[:40]
+    'OMP_NUM_THREADS=2 gives each of 2 runs a'
+    >>> oversubscription(2, 2, {}, cpus=2) is None  # unset: the sweep splits the cores itself
+    True
+    """
+    count, cpus = user_thread_count(os.environ if environ is None else environ), cpus or os.cpu_count() or 1
+    if running < 2 or count is None or not count.isdigit() or int(count) * running <= cpus:
+        return None
+    return (f"OMP_NUM_THREADS={count} gives each of {running} runs at once {count} threads on {cpus} CPU cores: "
+            f"they will wait on each other's threads. Unset it (the sweep then splits the cores between the runs) "
+            f"or lower it or --jobs.")
+
+
 def _lock(out: Path) -> Any:
     """Hold ``OUT/sweep.lock`` for the sweep's lifetime; a second sweep on the same folder is refused."""
     try:
@@ -560,6 +578,9 @@ def _run_locked(runner: SweepRunner, plan: SweepPlan, out: Path, jobs: int, only
                 log: Callable[[str], None]) -> int:
     chosen = f"{len(only)} of its {len(plan.runs)} runs (--only)" if only else f"{len(plan.runs)} runs"
     log(f"sweep of {chosen} into {out} ({jobs} at a time); plan in {out / PLAN}")
+    note = oversubscription(jobs, min(jobs, len(only or plan.runs)))
+    if note:
+        _err(f"warning: {note}")
 
     def handler(signum: int, frame: object) -> None:
         os.write(2, f"iaat: {signal.Signals(signum).name} received; stopping the running trainings (they save "
