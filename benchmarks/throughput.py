@@ -87,6 +87,11 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
     return data, splits, label or "random uint8 images, 3x32x32"
 
 
+#: Environment variables that change what a benchmark measures; those set are part of its recorded command.
+RESULT_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
+              "CUBLAS_WORKSPACE_CONFIG")
+
+
 def run_header(benchmark: str, device: torch.device, argv: list[str] | None, script: str = __file__) -> dict:
     """What every result file starts with: the benchmark, the exact command, the machine and the software.
 
@@ -97,9 +102,10 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None, scr
         script, argv = sys.argv[0], sys.argv[1:]
     else:  # main(argv) called from Python: the script as one would run it from here
         script = os.path.relpath(script)
+    settings = [f"{k}={shlex.quote(os.environ[k])}" for k in RESULT_ENV if os.environ.get(k)]
     return {
         "benchmark": benchmark,
-        "command": "python " + " ".join(shlex.quote(a) for a in [script, *argv]),
+        "command": " ".join([*settings, "python", *(shlex.quote(a) for a in [script, *argv])]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
@@ -261,7 +267,8 @@ class Runner:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
-    p.add_argument("--data-label", help="how to name the data in the results (default: from the files)")
+    p.add_argument("--data-label", help="the data set's name in the results (default: from the files); which of "
+                   "its images were timed is added to it")
     p.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"])
     p.add_argument("--methods", nargs="+", default=["pgd_at"],
                    help="method specs, e.g. pgd_at iaat iaat:selection=online (ratios are to pgd_at)")

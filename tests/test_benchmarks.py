@@ -25,8 +25,9 @@ def run_script(module, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([module.__file__, *argv], *call_main(module.main, argv))
 
 
-def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):
+def test_throughput_benchmark_runs_and_reports_ratios(tmp_path, monkeypatch):
     out = tmp_path / "t.json"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/a b")  # part of the recorded command, as a shell takes it
     res = run_script(throughput, "--models", "small_cnn", "--methods", "pgd_at", "iaat:selection=online", "--steps",
                      "1", "--warmup", "0", "--batch-size", "16", "--device", "cpu", "--out", str(out))
     assert res.returncode == 0, res.stderr
@@ -34,8 +35,9 @@ def test_throughput_benchmark_runs_and_reports_ratios(tmp_path):
     rows = {r["method"]: r for r in result["results"]}
     assert rows["pgd_at"]["time_ratio_to_pgd_at"] == 1.0
     assert rows["iaat:selection=online"]["images_per_second"] > 0
-    assert result["torch"] and result["command"].startswith("python ") and "throughput.py --models small_cnn" in \
-        result["command"]
+    assert result["torch"] and result["command"].startswith("OMP_NUM_THREADS=")  # this suite sets it
+    assert " TORCHINDUCTOR_CACHE_DIR='/tmp/a b' python " in result["command"]
+    assert "throughput.py --models small_cnn" in result["command"]
 
 
 def test_speed_benchmark_times_the_plain_reference_loop_too(tmp_path):
