@@ -425,3 +425,24 @@ def test_the_report_shows_only_evaluations_that_compare(tmp_path):
     other = _fake_run(tmp_path / "c", "cifar10", {"e.json": {"clean": 0.4, "n": 100, "eps": 8 / 255, "norm": "linf"}})
     _warn_if_evaluated_differently(collect_runs([run, other]), said.append)
     assert len(said) == 1 and "eps 2/255" in said[0] and "eps 8/255 linf, 100 images: c" in said[0]
+
+
+def test_a_damaged_first_radius_file_does_not_decide_the_sample_count(tiny_run, tmp_path):
+    """The report keeps the epochs whose radius files agree on the sample count, whichever epoch is damaged."""
+    import numpy as np
+
+    from iaat.reporting.collect import collect_runs
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "radii").mkdir()
+    np.save(run / "radii" / "epoch_0001.npy", np.full(5, 0.03, np.float32))  # a wrong length, finite: damaged
+    for epoch in (2, 3):
+        np.save(run / "radii" / f"epoch_{epoch:04d}.npy", np.full(10, 0.03, np.float32))
+    np.save(run / "radii" / "epoch_0004.npy", np.array([0.03, np.nan] * 5, np.float32))
+    with pytest.warns(UserWarning) as caught:
+        (record,) = collect_runs([run])
+    assert sorted(record.radii) == [2, 3]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "epoch_0001.npy holds 5 radii where the run's other epochs hold 10" in messages
+    assert "epoch_0004.npy is not an array of radii" in messages

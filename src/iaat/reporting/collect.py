@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -109,16 +110,30 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
     return (best[1], best[2]) if best else (None, None)
 
 
-def _radii_count(path: Path, length: Optional[int]) -> Optional[int]:
-    """How many radii ``path`` holds, if it holds one finite radius per sample (``length`` of them when given: the
-    first readable epoch's); else None, and a warning that the report leaves the damaged file out."""
+def _radius_files(folder: Path) -> dict[int, Path]:
+    """Each epoch's radius file (``epoch_NNNN.npy``) that holds one finite radius per training sample, by epoch; the
+    others are left out with a warning. The sample count is the one most files agree on, so that a damaged file
+    does not decide it wherever it lies."""
+    counts = {int(m.group(1)): (f, _radii_count(f)) for f in sorted(folder.iterdir()) if (m := _RADII.match(f.name))}
+    lengths = Counter(n for _, n in counts.values() if n is not None)
+    length = max(lengths, key=lambda n: (lengths[n], n)) if lengths else None
+    for f, n in counts.values():
+        if n is not None and n != length:
+            warnings.warn(f"{f} holds {n} radii where the run's other epochs hold {length} (damaged?); the report "
+                          f"leaves it out.", stacklevel=3)
+    return {epoch: f for epoch, (f, n) in sorted(counts.items()) if n is not None and n == length}
+
+
+def _radii_count(path: Path) -> Optional[int]:
+    """How many radii ``path`` holds, if it holds one finite radius per sample; else None, and a warning that the
+    report leaves the damaged file out."""
     try:
         radii = np.load(path, mmap_mode="r")
-        if radii.ndim == 1 and radii.dtype.kind == "f" and length in (None, len(radii)) and np.isfinite(radii).all():
+        if radii.ndim == 1 and radii.dtype.kind == "f" and np.isfinite(radii).all():
             return len(radii)
     except (OSError, ValueError, EOFError):
         pass
-    warnings.warn(f"{path} is not an array of radii (damaged?); the report leaves it out.", stacklevel=2)
+    warnings.warn(f"{path} is not an array of radii (damaged?); the report leaves it out.", stacklevel=3)
     return None
 
 
@@ -127,17 +142,10 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     if not config.is_file():
         raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
     cfg = config_from_dict(rundir.read_config(path))
-    radii = {}
-    if (path / "radii").is_dir():
-        length = None  # every epoch's array has one radius per training sample
-        for f in sorted((path / "radii").iterdir()):
-            m = _RADII.match(f.name)
-            count = _radii_count(f, length) if m else None
-            if count is not None:
-                radii[int(m.group(1))], length = f, count
+    radii = _radius_files(path / "radii") if (path / "radii").is_dir() else {}
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
-                     evaluation_path=chosen, radii=dict(sorted(radii.items())), group=group,
+                     evaluation_path=chosen, radii=radii, group=group,
                      weights=(evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained")
 
 
