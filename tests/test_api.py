@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import iaat
@@ -330,3 +331,40 @@ def test_an_objective_gives_the_same_loss_each_time_it_is_called(name):
 @pytest.mark.parametrize("name", sorted(iaat.METHODS))
 def test_end_epoch_before_any_epoch_returns_numbers_not_a_type_error(name):
     assert isinstance(iaat.METHODS[name](num_train=4, epochs=2).end_epoch(), dict)
+
+
+def test_train_from_python_writes_a_run_that_the_command_line_continues(tmp_path, capsys):
+    """iaat.train's example (a run, then its resume), then the same folder with `iaat train --resume`."""
+    from helpers import run_main
+    import iaat.training
+
+    result = doctest.testmod(iaat.training, extraglobs={"iaat": iaat, "folder": tmp_path})
+    assert result.attempted > 0 and result.failed == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"]["name"] == "iaat" and saved["train"]["epochs"] == 2 and saved["train"]["threads"] >= 1
+    code, _, err = run_main("train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "3", "--no-progress")
+    assert code == 0, err
+    assert [int(row["epoch"]) for row in iaat.engine.rundir.read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda out: iaat.train(out, {"attack": {"eps": 0.03}}), "looks like a value already in"),
+    (lambda out: iaat.train(out, overrides={"train_epochs": 2}), "'section.key' names"),
+    (lambda out: iaat.train(out, overrides={"trian.epochs": 2}), "unknown config section 'trian'"),
+    (lambda out: iaat.train(out, 42), "config must be a YAML file, a dict or an iaat.config.Config"),
+    (lambda out: iaat.train(out, {"method": {"name": "iaat"}}, resume=True), "leave config out"),
+    (lambda out: iaat.train(out, resume=True), "nothing to resume"),
+])
+def test_train_names_the_mistake_before_touching_the_folder(tmp_path, call, message):
+    out = tmp_path / "run"
+    with pytest.raises(iaat.errors.IaatError, match=message):
+        call(out)
+    assert not out.exists()
+
+
+def test_train_refuses_a_resume_that_changes_the_method(tmp_path):
+    spec = {"data": {"dataset": "digits", "train_subset": 200}, "model": {"name": "small_cnn", "width": 4},
+            "train": {"epochs": 1, "progress": False}}
+    iaat.train(tmp_path / "run", spec, log=lambda line: None)
+    with pytest.raises(ConfigError, match="cannot change attack.eps when resuming"):
+        iaat.train(tmp_path / "run", resume=True, overrides={"attack.eps": 4})

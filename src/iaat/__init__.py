@@ -14,6 +14,9 @@ The public API; every size is a float in [0, 1] image units (8/255, not 8)::
     x_adv = iaat.PGD(model, eps=8 / 255, steps=10)(x, y)
     print(iaat.evaluate(model, x_test, y_test, attacks=["pgd:steps=20,restarts=5", "cw"], eps=8 / 255))
 
+    # or the whole trainer of `iaat train` (checkpoints, resume, metrics.csv), its config as in config files:
+    iaat.train("runs/iaat", "configs/cifar10_resnet18_iaat.yaml", overrides={"train.epochs": 10})
+
 Submodules are imported when first used, so ``import iaat`` stays light (the command line reads
 its help without loading torch).
 """
@@ -38,8 +41,8 @@ _EXPORTS = {
     "IndexedDataset": "data.indexed",
     # evaluation
     "evaluate": "evaluation.api", "AttackSpec": "evaluation.attacks",
-    # model files
-    "load_model": "model_files", "export_model": "model_files",
+    # runs (the trainer behind `iaat train`) and model files
+    "train": "training", "load_model": "model_files", "export_model": "model_files",
     # units
     "check_size": "units", "format_size": "units",
 }

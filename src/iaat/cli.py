@@ -105,10 +105,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ConfigError("iaat train needs --out RUN_DIR, the run folder to create (or to continue with --resume).")
-    from .engine.setup import choose_threads, resolve_device
-
-    on_cpu = resolve_device(cfg.train.device).type == "cpu" and not _rank_prefix() and "WORLD_SIZE" not in os.environ
-    cfg.train.threads = choose_threads(cfg.train.threads, on_cpu)
     train(cfg, Path(args.out), resume=args.resume)
     if not _rank_prefix():
         print(f"run saved in {args.out}")
@@ -128,8 +124,8 @@ def _new_config(args: argparse.Namespace):
 
 def _resumed_config(args: argparse.Namespace, out: Path):
     """The run's saved config with the changes a resume may make (``config.RESUMABLE_KEYS``); any other is refused."""
-    from .config import config_from_dict
-    from .engine.rundir import check_resumable, check_resume_config, read_config
+    from .engine.rundir import check_resumable
+    from .training import resumed_config
 
     check_resumable(out)
     if args.config:
@@ -138,14 +134,7 @@ def _resumed_config(args: argparse.Namespace, out: Path):
     if args.init_from:
         raise ConfigError("--init-from starts a new run from other weights; --resume continues this run from "
                           "its own checkpoint. Drop one of them.")
-    saved = read_config(out)
-    raw = _raw_config(argparse.Namespace(**{**vars(args), "config": None}))
-    merged = {s: dict(saved.get(s) or {}) for s in saved}
-    for section, values in raw.items():
-        merged.setdefault(section, {}).update(values)
-    cfg = config_from_dict(merged)
-    check_resume_config(out, cfg)  # here too: --print-config shows only what a resume would run
-    return cfg
+    return resumed_config(out, _raw_config(argparse.Namespace(**{**vars(args), "config": None})))
 
 
 def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:

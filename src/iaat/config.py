@@ -427,14 +427,17 @@ def apply_override(raw: dict, assignment: str) -> None:
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set expects section.key=value (e.g. attack.eps=8), got {assignment!r}.")
-    section, key = parts
-    if section not in SECTIONS:
-        raise ConfigError(f"unknown config section '{section}' in --set {assignment!r}."
-                          f"{did_you_mean(section, SECTIONS)}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    set_key(raw, *parts, value, f"--set {assignment!r}")
+
+
+def set_key(raw: dict, section: str, key: str, value: Any, where: str) -> None:
+    """Set ``raw[section][key] = value`` (None included: the default); ``where`` names the override in errors."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}' in {where}.{did_you_mean(section, SECTIONS)}")
     _section(raw, section)[key] = value
 
 

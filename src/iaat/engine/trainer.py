@@ -21,10 +21,11 @@ writes files, and the ranks agree after every step on whether to stop.
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,8 +54,8 @@ from .rng import rng_state, seed_everything, set_rng_state
 
 from .board import Board, require_tensorboard
 from .schedule import lr_at
-from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, compile_model, deterministic_cuda,
-                    model_from_config, prepare_data, prepare_model, resolve_device)
+from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, choose_threads, compile_model,
+                    deterministic_cuda, model_from_config, prepare_data, prepare_model, resolve_device)
 from .stopping import StopOnSignal
 
 
@@ -83,6 +84,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
             rundir.check_new_run_dir(run_dir)
         distributed.barrier(info)  # every rank has looked at the folder before rank 0 creates it
         device = dist_device or resolve_device(cfg.train.device)
+        # train.threads (None: all cores, or one on a busy machine); config.yaml records the count it ran with
+        on_cpu = device.type == "cpu" and "WORLD_SIZE" not in os.environ  # torchrun's ranks keep their own
+        cfg = replace(cfg, train=replace(cfg.train, threads=choose_threads(cfg.train.threads, on_cpu, log)))
         with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
             return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info)
     except Exception as e:
