@@ -17,11 +17,12 @@ from helpers import run_in_process, tiny_train_args
 from iaat.errors import ConfigError
 
 #: Modules whose docstring examples are part of the public API's documentation.
-DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.models.registry", "iaat.models.normalize",
-              "iaat.models.precision", "iaat.attacks.pgd", "iaat.methods.base", "iaat.methods.standard", "iaat.methods.iaat",
-              "iaat.methods.reweighted", "iaat.methods.trades", "iaat.methods.mart", "iaat.methods.gair",
-              "iaat.methods.mma", "iaat.methods.cat", "iaat.methods.mail", "iaat.methods.per_sample",
-              "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp", "iaat.plugins"]
+DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.data.imageset", "iaat.models.registry",
+              "iaat.models.normalize", "iaat.models.precision", "iaat.attacks.pgd", "iaat.methods.base",
+              "iaat.methods.standard", "iaat.methods.iaat", "iaat.methods.reweighted", "iaat.methods.trades",
+              "iaat.methods.mart", "iaat.methods.gair", "iaat.methods.mma", "iaat.methods.cat", "iaat.methods.mail",
+              "iaat.methods.per_sample", "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp",
+              "iaat.plugins"]
 
 
 @pytest.mark.parametrize("module", DOCUMENTED)
@@ -95,6 +96,16 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.PGDAT(eps=8 / 255, step_size=0), "step_size must be positive"),
     (lambda m, x, y: iaat.TRADES(beta=float("inf")), "method.beta must be finite, got inf"),
     (lambda m, x, y: iaat.IAAT(num_train=6, beta=float("nan")), "method.beta must be a number, got nan"),
+    (lambda m, x, y: iaat.pgd(m, x * float("nan"), y, 8 / 255), "images holding NaN values"),  # class 0 "robust"
+    (lambda m, x, y: iaat.pgd(m, x.bfloat16(), y, 8 / 255), "float32 or float64 images, got torch.bfloat16"),
+    (lambda m, x, y: iaat.pgd(m.double(), x, y, 8 / 255), r"weights are torch.float64, the images torch.float32"),
+    (lambda m, x, y: iaat.pgd(lambda t: m(t), x, y, 8 / 255), "must be a torch.nn.Module.*got function"),
+    (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, target=y.float()), "target must be integer class indices"),
+    (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, target=y + 3), "target classes go up to 5, but the model has 3"),
+    (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, autocast_dtype="bf16"), "autocast_dtype must be torch.bfloat16"),
+    (lambda m, x, y: iaat.PGDAT(attack_dtype=torch.int8), "attack_dtype must be torch.bfloat16"),
+    (lambda m, x, y: iaat.AttackSpec(kind="cw"), "CW is PGD with the margin loss"),
+    (lambda m, x, y: iaat.build_model("small_cnn", 10, mean=(0.5,) * 3), "give both mean and std"),
 ])
 def test_the_attack_names_the_mistake(call, message):
     model, (x, y) = _linear(), _batch()
@@ -114,6 +125,8 @@ def _first_epoch(method):
     (lambda m, x, y: iaat.PGDAT().loss(m, (x * 255).to(torch.uint8), y), "float images in .0, 1.*divide 8-bit"),
     (lambda m, x, y: iaat.PGDAT().loss(m, x, y.float()), r"integer class labels \(torch.long\)"),
     (lambda m, x, y: iaat.MMA(num_train=6).loss(m, x, y - 1, torch.arange(6)), "class labels >= 0, got -1"),
+    (lambda m, x, y: iaat.PGDAT().loss(m.double(), x, y), "weights are torch.float64, the images torch.float32"),
+    (lambda m, x, y: iaat.TRADES().loss(m, x * float("nan"), y), "images holding NaN values"),
 ])
 def test_a_method_names_the_mistake_on_the_first_batch(call, message):
     model, (x, y) = _linear(), _batch()
@@ -130,6 +143,45 @@ def test_int32_labels_and_numpy_step_counts_are_accepted():
     torch.manual_seed(0)
     b = iaat.pgd(model, x, y, 8 / 255, steps=3, check_inputs=False)  # the checks draw no random numbers
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.kappa, b.kappa) and a.first_miss.dtype == torch.long
+
+
+def test_numpy_scalars_and_0d_tensors_are_sizes_and_per_sample_radii_go_through_pgd():
+    import numpy as np
+
+    model, (x, y) = _linear(), _batch()
+    torch.manual_seed(0)
+    a = iaat.PGD(model, eps=np.float32(8 / 255), steps=3)(x, y)
+    torch.manual_seed(0)
+    b = iaat.PGD(model, eps=torch.full((len(y),), float(np.float32(8 / 255))), steps=3)(x, y)  # one radius each
+    assert torch.equal(a, b)
+    assert iaat.PGDAT(eps=np.float64(4 / 255), steps=np.int64(2)).steps == 2
+    res = iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=torch.tensor(8 / 255), checks=False)
+    assert list(res["attacks"]) == ["PGD-2@8/255"]
+
+
+def test_indexed_dataset_takes_list_items_and_the_librarys_own_image_sets():
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return [torch.zeros(1, 2, 2), i % 2]  # a list, as many datasets return
+
+    x, y, index = next(iter(torch.utils.data.DataLoader(iaat.IndexedDataset(Pairs()), batch_size=4)))
+    assert x.shape == (4, 1, 2, 2) and y.tolist() == [0, 1, 0, 1] and index.tolist() == [0, 1, 2, 3]
+    digits = iaat.data.load_dataset("digits", None, download=False).train
+    x, y, index = next(iter(torch.utils.data.DataLoader(iaat.IndexedDataset(digits), batch_size=8)))
+    assert x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1 and index.tolist() == list(range(8))
+    assert torch.equal(y, digits.y[:8])
+
+
+def test_awp_leaves_out_a_layer_frozen_after_it_was_built():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 3))
+    awp = iaat.AWP(model)
+    model[1].requires_grad_(False)
+    v = awp.perturbation(iaat.PGDAT(steps=1).objective(model, *_batch()))
+    assert float(v[0].abs().max()) == 0 and float(v[1].abs().max()) > 0
 
 
 def test_l2_sizes_may_exceed_one():
@@ -246,7 +298,10 @@ def test_evaluate_takes_a_model_kept_in_another_float_type(dtype):
     assert res_other["clean"] == res["clean"] > 0
     tolerance = 0 if dtype == torch.float64 else 2 / 24  # float16 weights may flip a close call
     assert abs(res_other["attacks"]["PGD-5@8/255"]["accuracy"] - res["attacks"]["PGD-5@8/255"]["accuracy"]) <= tolerance
-    assert next(other.parameters()).dtype == dtype  # the model itself is left as it was
+    assert next(other.parameters()).dtype == dtype  # the model itself is left as it was, in its mode
+    for training in (False, True):
+        iaat.evaluate(other.train(training), x, y, **kw)
+        assert other.training == training
     if dtype == torch.float16:  # the same numbers as the float32 model with the float16 model's weights
         same = iaat.evaluate(copy.deepcopy(other).float(), x, y, **kw)
         assert same["attacks"] == {k: {**a, "seconds": same["attacks"][k]["seconds"]}

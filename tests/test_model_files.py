@@ -350,6 +350,7 @@ def test_a_module_from_your_own_loop_exports_loads_and_evaluates(tmp_path):
         assert (card["num_classes"], card["input_shape"], card["training"]) == (10, [1, 8, 8], None)
         assert card["normalization_inside"] == {"mean": [pytest.approx(0.3)], "std": [pytest.approx(0.4)]}
         torch.testing.assert_close(iaat.load_model(path)(x), net(x))
+        assert net.training  # exported from a copy: the module stays as the training loop left it
     code, _, err = run_main("eval", str(tmp_path / "mine.pt2"), "--dataset", "digits", "--eps", "32", "--n", "16",
                             "--attack", "pgd:steps=2", "--no-checks", "--no-progress")
     assert code == 0, err
@@ -357,3 +358,5 @@ def test_a_module_from_your_own_loop_exports_loads_and_evaluates(tmp_path):
         iaat.export_model(net, tmp_path / "mine.safetensors", input_shape=(1, 8, 8))
     with pytest.raises(ConfigError, match=r"needs input_shape=\(C, H, W\)"):
         iaat.export_model(net, tmp_path / "x.pt2", "export")
+    with pytest.raises(ConfigError, match=r"fails on a batch of float32 images of shape \(2, 3, 32, 32\)"):
+        iaat.export_model(net, tmp_path / "x.pt2", "export", input_shape=(3, 32, 32))

@@ -98,9 +98,11 @@ class AWP:
         (evaluated through ``net``, by default the model: e.g. its compiled form, never a DDP wrapper)."""
         net = self.model if net is None else net
         buffers = [b.detach().clone() for b in self.model.buffers()]
+        trained = [w for w in self.params if w.requires_grad]  # a layer frozen since construction: not perturbed
         try:
             loss = objective(net).loss
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            found = dict(zip(map(id, trained), torch.autograd.grad(loss, trained, allow_unused=True) if trained else ()))
+            grads = [found.get(id(w)) for w in self.params]
         finally:
             with torch.no_grad():  # BatchNorm's running statistics as they were: the ascent pass is not a step
                 for b, saved in zip(self.model.buffers(), buffers):

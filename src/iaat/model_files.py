@@ -19,6 +19,7 @@ own architecture (``module:factory``) and loads weights into it, so ``iaat eval`
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import io
@@ -186,9 +187,13 @@ def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tu
         raise ConfigError(f"exporting a module needs input_shape=(C, H, W) of its images, got {input_shape!r}.")
     from .attacks.pgd import check_logits
 
-    model = model.cpu().eval()
-    with torch.no_grad():
-        logits = model(torch.rand(2, *input_shape))
+    model = copy.deepcopy(model).cpu().eval()  # the caller's module keeps its device and mode
+    try:
+        with torch.no_grad():
+            logits = model(torch.rand(2, *input_shape))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"the module fails on a batch of float32 images of shape (2, {', '.join(map(str, input_shape))}) "
+                          f"({type(e).__name__}: {first_line(e, 200)}); check input_shape=(C, H, W).") from None
     check_logits(logits, torch.zeros(2, dtype=torch.long), labels=False)
     return model, _card(model, {"name": type(model).__name__}, logits.shape[1], list(input_shape), dataset=None,
                         training=None, weights="given", accuracy=None)

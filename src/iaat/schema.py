@@ -12,7 +12,7 @@ import typing
 from typing import Any, Iterable, Union
 
 from .errors import ConfigError
-from .units import PixelSize
+from .units import PixelSize, python_scalar
 
 
 def did_you_mean(key: str, options: Iterable[str]) -> str:
@@ -22,7 +22,9 @@ def did_you_mean(key: str, options: Iterable[str]) -> str:
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:
-    """Check (and lightly coerce: integral floats to int, numbers to float) one value against a type hint."""
+    """Check (and lightly coerce: integral floats to int, numbers to float, NumPy scalars to Python's) one value
+    against a type hint."""
+    value = python_scalar(value)
     origin = typing.get_origin(hint)
     if origin is Union:
         args = typing.get_args(hint)

@@ -96,6 +96,18 @@ def _is_linf(norm: str) -> bool:
     return norm == "linf"
 
 
+def python_scalar(value: Any) -> Any:
+    """A NumPy scalar or a one-element 0-d tensor or array as the Python number it holds; anything else as it is.
+
+    >>> import numpy as np
+    >>> python_scalar(np.float32(0.5)), python_scalar(np.int64(3)), python_scalar("8/255")
+    (0.5, 3, '8/255')
+    """
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def check_size(value: Any, name: str = "eps", *, norm: str = "linf", allow_zero: bool = True) -> float:
     """Check a size passed to the Python API, in [0, 1] image units; returns it as a float.
 
@@ -110,6 +122,7 @@ def check_size(value: Any, name: str = "eps", *, norm: str = "linf", allow_zero:
         ...
         iaat.errors.ConfigError: eps=8 is larger than 1, the whole [0, 1] pixel range: ... write eps=8/255.
     """
+    value = python_scalar(value)  # np.float32(8 / 255), torch.tensor(8 / 255)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number in [0, 1] image units (e.g. 8/255), got {value!r}.")
     unit = float(value)

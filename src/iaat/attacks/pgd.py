@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import unwrap
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..units import check_size, check_size_range, format_size
 
 Radius = Union[float, torch.Tensor]
@@ -84,21 +85,44 @@ class AttackResult:
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch.Tensor] = None
+                ) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), then restore its mode.
 
     Yields the model to attack: the module itself, taken out of a DistributedDataParallel wrapper
     (an attack needs input gradients only, and must not sync parameter gradients or buffers:
-    the ranks may run different numbers of attacks per step).
+    the ranks may run different numbers of attacks per step). With ``inputs``, a model that fails on
+    them because its weights are of another float type or on another device is an error that says so.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the model must be a torch.nn.Module (an attack puts it in eval mode and back), got "
+                          f"{type(model).__name__}; wrap a function in an nn.Module.")
     model = unwrap(model)
     was_training = model.training
     if eval_mode:
         model.eval()
     try:
         yield model
+    except RuntimeError as e:
+        mismatch = _weights_mismatch(model, inputs)
+        if mismatch is None:
+            raise
+        raise ConfigError(f"{mismatch} (the model failed with: {first_line(e, 160)})") from None
     finally:
         model.train(was_training)
+
+
+def _weights_mismatch(model: nn.Module, x: Optional[torch.Tensor]) -> Optional[str]:
+    """What keeps ``model`` from taking ``x``: weights on another device or of another float type (or None)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None or x is None:
+        return None
+    if weight.device != x.device:
+        return f"the model's weights are on {weight.device}, the images on {x.device}: move one to the other"
+    if weight.dtype != x.dtype:
+        return (f"the model's weights are {weight.dtype}, the images {x.dtype}: convert the images "
+                f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
+    return None
 
 
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = False) -> torch.Tensor:
@@ -261,6 +285,8 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
             logits = model(x + delta)
         if k == 0:
             check_logits(logits, y, s.check_labels)
+            if target is not None:
+                check_logits(logits, target, s.check_labels, "target classes")
         objective = _objective(logits, y, target, s.loss, reference)
         (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
@@ -358,6 +384,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     """
     _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
                      early_stop_tau)
+    check_autocast_dtype(autocast_dtype, "autocast_dtype")
     if check_inputs:
         check_batch_values(x, y, "pgd", (("eps", eps), ("step_size", step_size)), norm)
     batch = x.shape[0]
@@ -372,7 +399,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     final_check = final_check or restarts > 1
 
     best: Optional[AttackResult] = None
-    with attack_mode(model, eval_mode) as model, torch.enable_grad():
+    with attack_mode(model, eval_mode, inputs=x) as model, torch.enable_grad():
         for _ in range(restarts):
             x_adv, kappa, run_miss = _one_run(model, x, y, eps_t, alpha, target, reference, run)
             if stop_on_miss:
@@ -422,6 +449,10 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
     if not callable(loss) and loss not in ("ce", "margin", "kl"):
         raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin', 'kl' or a function.")
+    if target is not None and not (torch.is_tensor(target) and target.shape == y.shape and not (
+            target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)):
+        raise ConfigError(f"target must be integer class indices of shape ({len(y)},) like y, got "
+                          f"{getattr(target, 'dtype', type(target).__name__)} of {getattr(target, 'shape', '')}.")
     if callable(loss) and target is not None:
         raise ConfigError("an attack loss given as a function is untargeted: pass target=None")
     if loss == "kl" and reference is None:
@@ -430,21 +461,36 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
         raise ConfigError("stop_on_miss is for one untargeted run without early_stop_tau")
 
 
-def check_logits(logits: object, y: torch.Tensor, labels: bool) -> None:
-    """Logits of shape (B, classes) (shapes only); with ``labels``, also labels below ``classes`` (a host sync, and
-    before the loss: on a GPU a label out of range is a device-side assert, not an error)."""
+def check_autocast_dtype(value: object, name: str) -> None:
+    """An attack's autocast dtype: ``torch.bfloat16``, ``torch.float16`` or None (full precision)."""
+    if value is not None and value not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"{name} must be torch.bfloat16, torch.float16 or None (full precision), got {value!r}.")
+
+
+def check_logits(logits: object, y: torch.Tensor, labels: bool, what: str = "labels") -> None:
+    """Logits of shape (B, classes) (shapes only); with ``labels``, also labels (``what``) in [0, classes) (a host
+    sync, and before the loss: on a GPU a label out of range is a device-side assert, not an error)."""
     if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == len(y)):
         what = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
         raise ConfigError(f"the model must return logits of shape (B, classes), got {what}; wrap a model that "
                           f"returns a tuple or dict in a module that returns the logits alone.")
-    if labels and len(y) and int(y.max()) >= logits.shape[1]:
-        raise ConfigError(f"labels go up to {int(y.max())}, but the model has {logits.shape[1]} outputs.")
+    if not (labels and len(y)):
+        return
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync
+    if hi >= logits.shape[1]:
+        raise ConfigError(f"{what} go up to {hi}, but the model has {logits.shape[1]} outputs.")
+    if lo < 0:
+        raise ConfigError(f"{what} must be >= 0, got {lo}.")
 
 
 def check_batch_types(x: torch.Tensor, y: torch.Tensor, who: str) -> None:
     """Float images and integer labels (dtypes only: no host synchronisation); ``who`` names the caller."""
     if not x.is_floating_point():
         raise ConfigError(f"{who} takes float images in [0, 1], got {x.dtype}: divide 8-bit images by 255 first.")
+    if x.dtype in (torch.float16, torch.bfloat16):  # x + delta would round past the eps ball: 8/255 is not a step
+        raise ConfigError(f"{who} takes float32 or float64 images, got {x.dtype}, in which x + delta rounds outside "
+                          f"the eps ball; pass x.float() and run the model in half precision under autocast "
+                          f"(autocast_dtype=torch.bfloat16, or train.amp).")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ConfigError(f"{who} takes integer class labels (torch.long), got {y.dtype}.")
 
@@ -458,13 +504,21 @@ def check_batch_values(x: torch.Tensor, y: torch.Tensor, who: str, sizes: tuple 
     sizes = [(name, v) for name, v in sizes if torch.is_tensor(v) and v.numel()]
     stats = [x.min(), x.max(), y.min()] + [f(v.detach()) for _, v in sizes for f in (torch.min, torch.max)]
     lo, hi, label, *bounds = torch.stack([t.float().to(x.device) for t in stats]).tolist()
-    if lo < 0 or hi > 1:
-        raise ConfigError(f"{who} takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise inside the "
-                          f"model (iaat.NormalizedModel(net, mean, std)), not in the data.")
+    check_image_range(lo, hi, who)
     if label < 0:
         raise ConfigError(f"{who} takes class labels >= 0, got {int(label)}.")
     for (name, _), (smallest, largest) in zip(sizes, zip(bounds[::2], bounds[1::2])):
         check_size_range(name, smallest, largest, norm)
+
+
+def check_image_range(lo: float, hi: float, who: str) -> None:
+    """Refuse images whose smallest and largest values ``lo``, ``hi`` leave [0, 1] or are NaN (NaN logits would
+    classify as class 0, and count as correct and robust wherever the label is 0)."""
+    if math.isnan(lo) or math.isnan(hi):
+        raise ConfigError(f"{who} got images holding NaN values; images must be finite values in [0, 1].")
+    if lo < 0 or hi > 1:
+        raise ConfigError(f"{who} takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: normalise inside the "
+                          f"model (iaat.NormalizedModel(net, mean, std)), not in the data.")
 
 
 class PGD:
@@ -491,9 +545,9 @@ class PGD:
             raise ConfigError(f"PGD got unknown option(s) {', '.join(unknown)}; it takes those of iaat.pgd: "
                               f"{', '.join(sorted(_PGD_OPTIONS))}.")
         norm = options.get("norm", "linf")
-        check_size(eps, "eps", norm=norm)
-        if step_size is not None:
-            check_size(step_size, "step_size", norm=norm)
+        for name, value in (("eps", eps), ("step_size", step_size)):
+            if value is not None and not torch.is_tensor(value):  # per-sample radii: checked by pgd, per batch
+                check_size(value, name, norm=norm)
         self.model, self.eps, self.steps, self.step_size, self.options = model, eps, steps, step_size, options
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
@@ -505,7 +559,8 @@ class PGD:
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"PGD(eps={format_size(self.eps)}, steps={self.steps}, step_size={self.step_size}{extra})"
+        eps = f"<{tuple(self.eps.shape)} radii>" if torch.is_tensor(self.eps) else format_size(self.eps)
+        return f"PGD(eps={eps}, steps={self.steps}, step_size={self.step_size}{extra})"
 
 
 #: the keyword arguments :class:`PGD` passes on to :func:`pgd`

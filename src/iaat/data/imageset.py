@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DataError
+from .batch import to_unit
 
 
 @dataclass
@@ -14,6 +15,14 @@ class ImageSet:
     """Images as uint8 (N, C, H, W) and int64 labels (N,); x may be lazy (:class:`~iaat.data.folder.FolderImages`).
 
     Evaluation also takes float images in [0, 1] (:func:`iaat.evaluate` on a user's tensors); training needs uint8.
+    As a map-style dataset, ``images[i]`` is ``(image in [0, 1] as float32, label)``, so it can be wrapped in
+    :class:`iaat.IndexedDataset` for a plain DataLoader.
+
+    Example:
+        >>> images = ImageSet(torch.full((2, 1, 2, 2), 255, dtype=torch.uint8), torch.tensor([3, 5]))
+        >>> x, y = images[1]
+        >>> x.dtype, float(x.max()), int(y)
+        (torch.float32, 1.0, 5)
     """
 
     x: torch.Tensor
@@ -28,6 +37,10 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.x[index] if torch.is_tensor(self.x) else self.x[index][0]  # lazy images decode a batch of one
+        return to_unit(image), self.y[index]
 
     def subset(self, indices: torch.Tensor) -> "ImageSet":
         if not torch.is_tensor(self.x):  # lazy images (an image folder): select without decoding

@@ -11,7 +11,7 @@ class IndexedDataset(Dataset):
     """Wrap a map-style dataset so that ``dataset[i]`` is ``(x, y, i)``: a plain DataLoader then yields
     ``(x, y, index)`` batches, the index being what IAAT's radius memory (any per-sample state) is keyed by.
 
-    An item that is a tuple ``(x, y, ...)`` gets ``i`` appended; any other item ``v`` becomes ``(v, i)``.
+    An item that is a tuple or list ``(x, y, ...)`` gets ``i`` appended; any other item ``v`` becomes ``(v, i)``.
 
     Example:
         >>> import iaat, torch
@@ -33,4 +33,4 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         item = self.dataset[index]
-        return (*item, index) if isinstance(item, tuple) else (item, index)
+        return (*item, index) if isinstance(item, (tuple, list)) else (item, index)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from ..attacks import attack_mode
-from ..attacks.pgd import check_logits
+from ..attacks.pgd import check_image_range, check_logits
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..models.precision import float32_view
-from ..units import check_size
+from ..units import check_size, python_scalar
 from .attacks import AttackSpec
 from .presets import PROTOCOLS
 from .protocol import build_plan, run_evaluation
@@ -59,7 +59,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         >>> res["attacks"]["PGD-10@8/255"]["accuracy"] <= res["clean"]
         True
     """
-    radii = [eps] if isinstance(eps, (int, float, str)) else list(eps)  # a string: one (wrong) value
+    eps = python_scalar(eps)  # torch.tensor(8 / 255), np.float32(8 / 255)
+    radii = [eps] if isinstance(eps, (int, float, str)) or not hasattr(eps, "__iter__") else list(eps)
     radii = [check_size(e, "eps", norm=norm) for e in radii]
     sweep = [check_size(e, "eps_sweep", norm=norm) for e in eps_sweep] if eps_sweep is not None else None
     if isinstance(attacks, (str, AttackSpec)):
@@ -102,8 +103,5 @@ def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ConfigError(f"labels y must be integer class indices, got {y.dtype}.")
     if x.is_floating_point():
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise ConfigError(f"evaluate takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; if they are "
-                              f"normalised, put the normalisation inside the model (iaat.NormalizedModel).")
+        check_image_range(float(x.min()), float(x.max()), "evaluate")
     return ImageSet(x.detach().cpu(), y.detach().cpu().long())

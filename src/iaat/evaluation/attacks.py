@@ -70,8 +70,12 @@ class AttackSpec:
     stop_on_miss: bool = False
 
     def __post_init__(self) -> None:
+        if self.kind == "cw":  # a name of attack strings only: the spec is PGD's with the margin loss
+            raise ConfigError("CW is PGD with the margin loss: AttackSpec(loss='margin', steps=40), or the string "
+                              "'cw'.")
         if self.kind not in KINDS:
-            raise ConfigError(f"unknown attack kind {self.kind!r}; choose from {', '.join(KINDS)}.")
+            raise ConfigError(f"unknown attack kind {self.kind!r}; choose from "
+                              f"{', '.join(k for k in KINDS if k != 'cw')}.")
         if self.norm not in ("linf", "l2"):
             raise ConfigError(f"attack norm must be linf or l2, got {self.norm!r}.")
         if self.loss not in ("ce", "margin"):

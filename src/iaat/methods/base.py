@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackResult, pgd
-from ..attacks.pgd import attack_mode, check_batch_types, check_batch_values, check_logits
+from ..attacks.pgd import attack_mode, check_autocast_dtype, check_batch_types, check_batch_values, check_logits
 from ..errors import ConfigError
 from ..schema import check_type
 from ..units import check_size
@@ -119,6 +119,7 @@ class Method:
             setattr(self, f.name, value)
         if self.norm not in ("linf", "l2"):
             raise ConfigError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
+        check_autocast_dtype(self.attack_dtype, "attack_dtype")
         for f in dataclasses.fields(self):
             if f.metadata.get("size") and getattr(self, f.name) is not None:
                 setattr(self, f.name, check_size(getattr(self, f.name), f.name, norm=self.norm))
@@ -163,7 +164,7 @@ class Method:
         """
         self._check_call(x, y, index)
         if not self._model_checked and len(x):  # once: logits, and labels below their number (eval mode, no grad:
-            with torch.no_grad(), attack_mode(model) as plain:  # no BatchNorm update, no random number drawn)
+            with torch.no_grad(), attack_mode(model, inputs=x) as plain:  # no BatchNorm update, no random draw)
                 check_logits(plain(x), y, labels=True)
             self._model_checked = True
         return self.prepare(model, x, y, index)

@@ -95,7 +95,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
         raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}.")
     check_model_args(name, depth, width)
     net = MODELS[name](num_classes, in_channels, depth, width)
-    if mean is None or std is None:
+    if (mean is None) != (std is None):
+        raise ConfigError("give both mean and std (the model normalises its input with both), or neither.")
+    if mean is None:
         mean, std = (0.0,) * in_channels, (1.0,) * in_channels
     for what, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, in_channels):
