@@ -106,6 +106,8 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.PGDAT(attack_dtype=torch.int8), "attack_dtype must be torch.bfloat16"),
     (lambda m, x, y: iaat.AttackSpec(kind="cw"), "CW is PGD with the margin loss"),
     (lambda m, x, y: iaat.build_model("small_cnn", 10, mean=(0.5,) * 3), "give both mean and std"),
+    (lambda m, x, y: iaat.gair_weights(torch.zeros(3), 10, 0.0, fn="relu"), "choose tanh, sigmoid or discrete"),
+    (lambda m, x, y: iaat.AWP(m).perturbation(m(x).sum()), "objective, a function of the weights"),
 ])
 def test_the_attack_names_the_mistake(call, message):
     model, (x, y) = _linear(), _batch()

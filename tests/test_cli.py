@@ -48,6 +48,7 @@ def test_eval_writes_json(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     assert result["n"] == 64 and result["split"] == "test"
+    assert result["command"] == f"iaat eval {tiny_run} --n 64 --eps 8 16 --restarts 2 --out {out} --no-progress"
     accs = [a["accuracy"] for a in result["attacks"].values()]
     assert len(accs) == 2 and all(a <= result["clean"] for a in accs)
     assert "clean accuracy" in res.stdout

@@ -60,8 +60,10 @@ def test_plan_names_dedup_and_errors(tmp_path):
         build_plan({"base": BASE, "runs": {"mine": {"attack.eps": 4}}})
     with pytest.raises(ConfigError, match="sweep 'base' must be a train config"):
         build_plan({"base": [1, 2]})
-    with pytest.raises(ConfigError, match="grid"):
+    with pytest.raises(ConfigError, match="grid' is of 'nope', which is not a named run.*--with nope"):
         build_plan({"base": BASE, "grid": {"of": "nope", "params": {"method.gamma": [1]}}})
+    with pytest.raises(ConfigError, match="grid' needs 'of: RUN'"):
+        build_plan({"base": BASE, "grid": {"of": "iaat", "params": []}})
 
 
 def test_an_evaluation_of_other_weights_than_the_newest_checkpoint_is_stale(tmp_path):

@@ -14,7 +14,7 @@ The public API; every size is a float in [0, 1] image units (8/255, not 8)::
     x_adv = iaat.PGD(model, eps=8 / 255, steps=10)(x, y)
     print(iaat.evaluate(model, x_test, y_test, attacks=["pgd:steps=20,restarts=5", "cw"], eps=8 / 255))
 
-    # or the whole trainer of `iaat train` (checkpoints, resume, metrics.csv), its config as in config files:
+    # or the whole trainer of `iaat train` (checkpoints, resume, metrics.jsonl), its config as in config files:
     iaat.train("runs/iaat", "configs/cifar10_resnet18_iaat.yaml", overrides={"train.epochs": 10})
 
 Submodules are imported when first used, so ``import iaat`` stays light (the command line reads

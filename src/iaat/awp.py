@@ -96,6 +96,9 @@ class AWP:
     def perturbation(self, objective: Objective, net: Optional[nn.Module] = None) -> list[torch.Tensor]:
         """Each perturbed parameter's ``v_l = gamma * ||w_l|| * g_l / (||g_l|| + EPS)`` for the loss ``objective``
         (evaluated through ``net``, by default the model: e.g. its compiled form, never a DDP wrapper)."""
+        if not callable(objective):
+            raise ConfigError(f"AWP takes the step's objective, a function of the weights "
+                              f"(method.objective(model, x, y, index)), not its value; got {type(objective).__name__}.")
         net = self.model if net is None else net
         buffers = [b.detach().clone() for b in self.model.buffers()]
         trained = [w for w in self.params if w.requires_grad]  # a layer frozen since construction: not perturbed

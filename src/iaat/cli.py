@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -191,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, seed=args.seed,
                       out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
-                      num_classes=args.num_classes, run_weights=_run_weights(args))
+                      num_classes=args.num_classes, run_weights=_run_weights(args), command=args.command_line)
     if eps is None:  # the model's own training radius
         eps = [default_eps(req)]
     req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
@@ -601,6 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stop_with_parent()  # a child of `iaat sweep` stops (saving its state) when the sweep dies
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["iaat", *(sys.argv[1:] if argv is None else argv)])  # recorded with results
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -39,6 +39,8 @@ class EvalRequest:
     #: a run's weights: auto (the averaged ones of train.ema where it keeps them), raw (the trained ones) or ema
     #: (the averaged ones, an error where it keeps none); a model file's must match what it holds
     run_weights: str = "auto"
+    command: Optional[str] = None  #: the command line that asked for it, recorded in the results
+
 
 
 @dataclass
@@ -207,7 +209,8 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     res = run_evaluation(source.model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
                          state_path=state_path, batch_size=batch_size, device=device, seed=req.seed,
                          progress=req.progress, surrogates=surrogates, corruption_sets=corruption_sets)
-    result = {"iaat_version": __version__, "torch_version": torch.__version__, "device": str(device),
+    result = {**({"command": req.command} if req.command else {}),
+              "iaat_version": __version__, "torch_version": torch.__version__, "device": str(device),
               "model_source": source.what, "checkpoint": source.info.get("checkpoint", str(req.path or req.weights)),
               "epoch": source.info.get("epoch"), "model": source.info.get("model"),
               "method": source.info.get("method"), "weights": source.info.get("weights"),

@@ -201,9 +201,12 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     if grid:
         of = grid.get("of", "iaat") if isinstance(grid, dict) else None
         params = grid.get("params") if isinstance(grid, dict) else None
-        if of not in named or not isinstance(params, dict) or not params:
+        if not isinstance(params, dict) or not params or not isinstance(of, str):
             raise ConfigError("sweep 'grid' needs 'of: RUN' (a named run of the sweep) and 'params: {section.key: "
                               "[values]}'.")
+        if of not in named:
+            raise ConfigError(f"sweep 'grid' is of '{of}', which is not a named run of this sweep (named runs: "
+                              f"{', '.join(named)}); add it to 'runs' (iaat sweep --with {of}).")
         keys = list(params)
         for key in keys:
             if not isinstance(params[key], list) or not params[key]:

@@ -1,5 +1,5 @@
 """Runs trained from Python: :func:`train` takes what ``iaat train`` takes and writes the same run folder
-(config.yaml, checkpoints, metrics.csv, per-sample radii), so ``iaat eval``, ``iaat report`` and a later
+(config.yaml, checkpoints, metrics.jsonl, per-sample radii), so ``iaat eval``, ``iaat report`` and a later
 ``--resume`` work on it as on any run."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ConfigLike = Union[str, Path, Mapping, Config, None]
 def train(out: Union[str, Path], config: ConfigLike = None, *, overrides: Optional[Mapping[str, Any]] = None,
           resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Train a run into the folder ``out`` (or continue it with ``resume``), as ``iaat train --out OUT`` does;
-    returns the last epoch's metrics row (as in ``metrics.csv``).
+    returns the last epoch's metrics row (as in ``metrics.jsonl``).
 
     Args:
         out: the run folder; a new run refuses one that already holds a run.

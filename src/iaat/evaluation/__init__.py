@@ -14,7 +14,13 @@ _EXPORTS = {"AttackSpec": "attacks", "evaluate": "api", "accuracy": "robustness"
 __all__ = sorted(_EXPORTS)
 
 
+#: Subpackages reachable as attributes (``iaat.evaluation.corruptions.mce``) without importing them first.
+_SUBPACKAGES = ("corruptions",)
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -87,7 +87,7 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
     elif fn == "discrete":
         raw = (steps + 1 - k) / (steps + 1)
     else:
-        raise ValueError(f"unknown GAIR weight function {fn!r}")
+        raise ConfigError(f"unknown GAIR weight function {fn!r}; choose tanh, sigmoid or discrete.")
     return mean_one(raw)
 
 
