@@ -107,6 +107,8 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.AttackSpec(kind="cw"), "CW is PGD with the margin loss"),
     (lambda m, x, y: iaat.build_model("small_cnn", 10, mean=(0.5,) * 3), "give both mean and std"),
     (lambda m, x, y: iaat.gair_weights(torch.zeros(3), 10, 0.0, fn="relu"), "choose tanh, sigmoid or discrete"),
+    (lambda m, x, y: iaat.GAIRAT().start_epoch(1.5), r"a whole number >= 0\), got 1.5"),
+    (lambda m, x, y: iaat.PGDAT().start_epoch(-1), r"a whole number >= 0\), got -1"),
     (lambda m, x, y: iaat.AWP(m).perturbation(m(x).sum()), "objective, a function of the weights"),
 ])
 def test_the_attack_names_the_mistake(call, message):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
@@ -138,7 +139,9 @@ class Method:
     # -- what a training loop calls ----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
         """Call before each epoch's first batch, with the 0-based epoch number."""
-        self.epoch = epoch
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ConfigError(f"start_epoch takes the 0-based epoch number (a whole number >= 0), got {epoch!r}.")
+        self.epoch = int(epoch)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              index: Optional[torch.Tensor] = None) -> torch.Tensor:
