@@ -99,6 +99,7 @@ class _Pair(nn.Module):
     (lambda m, x, y: iaat.pgd(m, x * float("nan"), y, 8 / 255), "images holding NaN values"),  # class 0 "robust"
     (lambda m, x, y: iaat.pgd(m, x.bfloat16(), y, 8 / 255), "float32 or float64 images, got torch.bfloat16"),
     (lambda m, x, y: iaat.pgd(m.double(), x, y, 8 / 255), r"weights are torch.float64, the images torch.float32"),
+    (lambda m, x, y: iaat.pgd(m.half(), x, y, 8 / 255), r"keep the images float32 and run the model under autocast"),
     (lambda m, x, y: iaat.pgd(lambda t: m(t), x, y, 8 / 255), "must be a torch.nn.Module.*got function"),
     (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, target=y.float()), "target must be integer class indices"),
     (lambda m, x, y: iaat.pgd(m, x, y, 8 / 255, target=y + 3), "target classes go up to 5, but the model has 3"),
@@ -149,6 +150,35 @@ def test_int32_labels_and_numpy_step_counts_are_accepted():
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.kappa, b.kappa) and a.first_miss.dtype == torch.long
 
 
+def test_a_models_own_error_is_not_taken_for_a_type_mismatch():
+    """Only torch's complaint about weights and inputs of different types becomes the type-mismatch error: a float64
+    model that evaluate attacks through its float32 view, failing on its own, fails with its own error."""
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = _linear().double(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 2:  # after the clean pass: inside the attack
+                raise RuntimeError("expected scalar type Float in my own layer")
+            return self.net(x)
+
+    x, y = _batch()
+    with pytest.raises(RuntimeError, match="in my own layer") as caught:
+        iaat.evaluate(Failing(), x, y, attacks=["pgd:steps=2"], checks=False)
+    assert not isinstance(caught.value, ConfigError)
+
+
+def test_int32_targets_are_class_indices_as_int32_labels_are():
+    model, (x, y) = _linear(), _batch()
+    torch.manual_seed(0)
+    a = iaat.pgd(model, x, y, 8 / 255, steps=3, target=((y + 1) % 3).int())
+    torch.manual_seed(0)
+    b = iaat.pgd(model, x, y, 8 / 255, steps=3, target=(y + 1) % 3)
+    assert torch.equal(a.x_adv, b.x_adv)
+
+
 def test_numpy_scalars_and_0d_tensors_are_sizes_and_per_sample_radii_go_through_pgd():
     import numpy as np
 
@@ -158,7 +188,9 @@ def test_numpy_scalars_and_0d_tensors_are_sizes_and_per_sample_radii_go_through_
     torch.manual_seed(0)
     b = iaat.PGD(model, eps=torch.full((len(y),), float(np.float32(8 / 255))), steps=3)(x, y)  # one radius each
     assert torch.equal(a, b)
-    assert iaat.PGDAT(eps=np.float64(4 / 255), steps=np.int64(2)).steps == 2
+    method = iaat.PGDAT(eps=np.float64(4 / 255), steps=np.int64(2))
+    method.start_epoch(torch.tensor(2))
+    assert (method.steps, method.epoch) == (2, 2) and type(method.epoch) is int
     res = iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=torch.tensor(8 / 255), checks=False)
     assert list(res["attacks"]) == ["PGD-2@8/255"]
 
@@ -423,7 +455,10 @@ def test_train_names_the_mistake_before_touching_the_folder(tmp_path, call, mess
 
 def test_train_refuses_a_resume_that_changes_the_method(tmp_path):
     spec = {"data": {"dataset": "digits", "train_subset": 200}, "model": {"name": "small_cnn", "width": 4},
-            "train": {"epochs": 1, "progress": False}}
+            "train": {"epochs": 1, "progress": False, "threads": 1}}
+    before = torch.get_num_threads()
     iaat.train(tmp_path / "run", spec, log=lambda line: None)
+    assert torch.get_num_threads() == before  # the run's count applied while it trained, the caller's kept
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["threads"] == 1
     with pytest.raises(ConfigError, match="cannot change attack.eps when resuming"):
         iaat.train(tmp_path / "run", resume=True, overrides={"attack.eps": 4})

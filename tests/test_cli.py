@@ -281,8 +281,10 @@ def test_extending_a_cosine_run_says_that_its_schedule_stretches(tiny_run, tmp_p
     shutil.copytree(tiny_run, run)
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("schedule: step", "schedule: cosine"))
+    code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "3", "--print-config")
+    assert code == 0 and "the cosine learning-rate schedule now spans 3 epochs" in err, err
     code, _, err = run_main("train", "--out", str(run), "--resume", "--epochs", "2")
-    assert code == 0 and "the cosine learning-rate schedule now spans 2 epochs" in err, err
+    assert code == 0 and err.count("the cosine learning-rate schedule now spans 2 epochs") == 1, err
 
 
 def test_resuming_from_python_refuses_what_the_command_line_refuses(tiny_run, tmp_path):
@@ -300,3 +302,19 @@ def test_resuming_from_python_refuses_what_the_command_line_refuses(tiny_run, tm
         train(cfg, run, resume=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
         p.name for p in (tiny_run / "checkpoints").iterdir())  # untouched
+
+
+def test_demo_threads_reach_both_runs_on_a_busy_machine(monkeypatch):
+    """--threads N decides, however busy the machine: the count goes into both runs' configs."""
+    import iaat.demo
+    from iaat.engine import setup
+
+    seen = {}
+    monkeypatch.setattr(setup.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(setup.torch, "set_num_threads", lambda n: seen.setdefault("set", n))
+    monkeypatch.setattr(setup.torch, "get_num_threads", lambda: seen.get("set", 4))
+    monkeypatch.setattr(iaat.demo, "run_demo", lambda **kw: seen.update(kw))
+    code, _, err = run_main("demo", "--threads", "2")
+    assert code == 0, err
+    assert seen["threads"] == 2 and "busy" not in err
+    assert iaat.demo.demo_config("pgd_at", 1, "64", 0, seen["threads"])["train"]["threads"] == 2

@@ -360,3 +360,9 @@ def test_a_module_from_your_own_loop_exports_loads_and_evaluates(tmp_path):
         iaat.export_model(net, tmp_path / "x.pt2", "export")
     with pytest.raises(ConfigError, match=r"fails on a batch of float32 images of shape \(2, 3, 32, 32\)"):
         iaat.export_model(net, tmp_path / "x.pt2", "export", input_shape=(3, 32, 32))
+    import threading
+
+    net.lock = threading.Lock()  # a module that cannot be copied is exported in place, then put back as it was
+    path, _ = iaat.export_model(net, tmp_path / "locked.pt", "torchscript", input_shape=(1, 8, 8))
+    assert net.training
+    torch.testing.assert_close(iaat.load_model(path)(x), net.eval()(x))

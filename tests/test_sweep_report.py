@@ -437,14 +437,29 @@ def test_a_damaged_first_radius_file_does_not_decide_the_sample_count(tiny_run, 
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    samples = len(np.load(run / "data_split.npz")["train_indices"])
     (run / "radii").mkdir()
     np.save(run / "radii" / "epoch_0001.npy", np.full(5, 0.03, np.float32))  # a wrong length, finite: damaged
     for epoch in (2, 3):
-        np.save(run / "radii" / f"epoch_{epoch:04d}.npy", np.full(10, 0.03, np.float32))
-    np.save(run / "radii" / "epoch_0004.npy", np.array([0.03, np.nan] * 5, np.float32))
+        np.save(run / "radii" / f"epoch_{epoch:04d}.npy", np.full(samples, 0.03, np.float32))
+    np.save(run / "radii" / "epoch_0004.npy", np.array([0.03, np.nan] * (samples // 2), np.float32))
     with pytest.warns(UserWarning) as caught:
         (record,) = collect_runs([run])
     assert sorted(record.radii) == [2, 3]
     messages = " ".join(str(w.message) for w in caught)
-    assert "epoch_0001.npy holds 5 radii where the run's other epochs hold 10" in messages
+    assert f"epoch_0001.npy holds 5 radii where the run has {samples} training samples" in messages
     assert "epoch_0004.npy is not an array of radii" in messages
+    # Without its data split, the count most epochs agree on decides
+    (run / "data_split.npz").unlink()
+    with pytest.warns(UserWarning, match="epoch_0001.npy holds 5 radii"):
+        (record,) = collect_runs([run])
+    assert sorted(record.radii) == [2, 3]
+
+
+def test_a_sweep_warns_when_its_runs_would_share_too_few_cores(tmp_path, capsys, monkeypatch):
+    import iaat.sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(2 * (os.cpu_count() or 1)))  # each run alone takes every core twice
+    monkeypatch.setattr(iaat.sweep.SweepRunner, "run", lambda self, only=None: [])  # the warning, not the runs
+    assert main(["sweep", str(write_spec(tmp_path)), "--out", str(tmp_path / "sweep"), "--jobs", "2"]) == 0
+    assert "gives each of 2 runs at once" in capsys.readouterr().err

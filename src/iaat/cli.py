@@ -102,6 +102,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the run in --out RUN_DIR; give that folder.")
     cfg = _resumed_config(args, Path(args.out)) if args.resume else _new_config(args)
     if args.print_config:  # with --resume: the run's config, as resuming would use it
+        from .engine.rundir import check_resume_config
+
+        note = check_resume_config(Path(args.out), cfg) if args.resume else None
+        if note:  # what training would warn about (a stretched cosine schedule)
+            warnings.warn(note, stacklevel=1)
         print(describe(cfg), end="")
         return 0
     if not args.out:
@@ -379,8 +384,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .engine.setup import choose_threads
 
-    choose_threads(args.threads, True)
-    run_demo(out=Path(args.out) if args.out else None, epochs=args.epochs, eps=args.eps, seed=args.seed)
+    threads = choose_threads(args.threads, True)  # once for both runs: a busy machine's note is printed once
+    run_demo(out=Path(args.out) if args.out else None, epochs=args.epochs, eps=args.eps, seed=args.seed,
+             threads=threads)
     return 0
 
 
@@ -536,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-attack", action="append", metavar="SPEC",
                    help="evaluation attacks (repeatable; default pgd:steps=10 and pgd:steps=100), as in iaat eval")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (the CPU cores are split between them unless "
-                   "OMP_NUM_THREADS sets each run's count; default 1)")
+                   "OMP_NUM_THREADS or MKL_NUM_THREADS sets each run's count; default 1)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the plan")
     p.add_argument("--dry-run", action="store_true", help="print the runs and the evaluation, run nothing")
     p.set_defaults(func=cmd_sweep)

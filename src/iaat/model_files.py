@@ -19,13 +19,15 @@ own architecture (``module:factory``) and loads weights into it, so ``iaat eval`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import io
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -150,17 +152,18 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     for path in (out, meta_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
-    model, card = _module_card(run, fmt, input_shape) if isinstance(run, nn.Module) else _run_card(Path(run), weights)
-    text = json.dumps(card, indent=2)
-    if fmt == "safetensors":
-        from safetensors.torch import save
+    with _cpu_eval(run) if isinstance(run, nn.Module) else contextlib.nullcontext() as module:
+        model, card = _module_card(module, fmt, input_shape) if module is not None else _run_card(Path(run), weights)
+        text = json.dumps(card, indent=2)
+        if fmt == "safetensors":
+            from safetensors.torch import save
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        payload = save(tensors, metadata={"iaat": text})
-    elif fmt == "torchscript":
-        payload = _torchscript_bytes(model, card["input_shape"], text)
-    else:
-        payload = _program_bytes(model, card["input_shape"], text)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            payload = save(tensors, metadata={"iaat": text})
+        elif fmt == "torchscript":
+            payload = _torchscript_bytes(model, card["input_shape"], text)
+        else:
+            payload = _program_bytes(model, card["input_shape"], text)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, payload)
     card["file"] = {"name": out.name, "format": fmt, "sha256": hashlib.sha256(payload).hexdigest()}
@@ -177,6 +180,28 @@ def _run_card(run: Path, weights: str) -> tuple[nn.Module, dict]:
     return model, card
 
 
+@contextlib.contextmanager
+def _cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` on the CPU in eval mode, to export; the caller's module keeps its device and mode: a copy is
+    exported, or, where the module cannot be copied (it holds a lock or an open file), the module itself, put back
+    afterwards."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception:  # whatever deepcopy raises (a lock, an open file): exporting in place still works
+        copied = None
+    if copied is not None:
+        yield copied.cpu().eval()
+        return
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    was_training = model.training
+    try:
+        yield model.cpu().eval()
+    finally:
+        model.train(was_training)
+        if len(devices) == 1:
+            model.to(devices.pop())
+
+
 def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tuple[nn.Module, dict]:
     """A module from elsewhere: its description says what can be known without a run (classes, input shape)."""
     if fmt == "safetensors":
@@ -187,7 +212,6 @@ def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tu
         raise ConfigError(f"exporting a module needs input_shape=(C, H, W) of its images, got {input_shape!r}.")
     from .attacks.pgd import check_logits
 
-    model = copy.deepcopy(model).cpu().eval()  # the caller's module keeps its device and mode
     try:
         with torch.no_grad():
             logits = model(torch.rand(2, *input_shape))

@@ -310,20 +310,28 @@ def child_env(threads: int, environ: Optional[Mapping[str, str]] = None) -> dict
 
 def oversubscription(jobs: int, running: int, environ: Optional[Mapping[str, str]] = None,
                      cpus: Optional[int] = None) -> Optional[str]:
-    """What to tell a user whose thread count (``OMP_NUM_THREADS``, kept for every run) times the runs at once
-    exceeds the CPU cores: each run's threads then wait on the others', many times slower than one run at a time.
+    """What to tell a user whose thread count (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, kept for every run) times
+    the runs at once exceeds the CPU cores: each run's threads then wait on the others', many times slower than one
+    run at a time.
 
     >>> oversubscription(2, 2, {"OMP_NUM_THREADS": "2"}, cpus=2)[:40]
     'OMP_NUM_THREADS=2 gives each of 2 runs a'
+    >>> oversubscription(2, 2, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "8"}, cpus=2)[:20]
+    'MKL_NUM_THREADS=8 gi'
     >>> oversubscription(2, 2, {}, cpus=2) is None  # unset: the sweep splits the cores itself
     True
     """
-    count, cpus = user_thread_count(os.environ if environ is None else environ), cpus or os.cpu_count() or 1
-    if running < 2 or count is None or not count.isdigit() or int(count) * running <= cpus:
+    env, cpus = os.environ if environ is None else environ, cpus or os.cpu_count() or 1
+    counts = {name: int(env[name]) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+              if env.get(name, "").strip().isdigit()}
+    if running < 2 or not counts:
         return None
-    return (f"OMP_NUM_THREADS={count} gives each of {running} runs at once {count} threads on {cpus} CPU cores: "
-            f"they will wait on each other's threads. Unset it (the sweep then splits the cores between the runs) "
-            f"or lower it or --jobs.")
+    name = max(counts, key=counts.get)  # the larger count is the one some library uses
+    if counts[name] * running <= cpus:
+        return None
+    return (f"{name}={counts[name]} gives each of {running} runs at once {counts[name]} threads on {cpus} CPU "
+            f"cores: they will wait on each other's threads. Unset it (the sweep then splits the cores between the "
+            f"runs) or lower it or --jobs.")
 
 
 def _lock(out: Path) -> Any:

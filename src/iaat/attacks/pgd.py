@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
@@ -104,7 +105,7 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
     try:
         yield model
     except RuntimeError as e:
-        mismatch = _weights_mismatch(model, inputs)
+        mismatch = _weights_mismatch(model, inputs, e)
         if mismatch is None:
             raise
         raise ConfigError(f"{mismatch} (the model failed with: {first_line(e, 160)})") from None
@@ -112,13 +113,24 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
         model.train(was_training)
 
 
-def _weights_mismatch(model: nn.Module, x: Optional[torch.Tensor]) -> Optional[str]:
-    """What keeps ``model`` from taking ``x``: weights on another device or of another float type (or None)."""
+#: What torch says when a layer's weights and its input differ in type or device.
+_MISMATCH = re.compile(r"dtype|scalar type|type \(|same device", re.IGNORECASE)
+
+
+def _weights_mismatch(model: nn.Module, x: Optional[torch.Tensor], error: RuntimeError) -> Optional[str]:
+    """What keeps ``model`` from taking ``x``, where ``error`` is torch's complaint about that: weights on another
+    device or of another float type (or None: the error is another one, or the model converts its input itself)."""
+    from ..models.precision import Float32View
+
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if weight is None or x is None:
+    if (weight is None or x is None or isinstance(model, Float32View) or isinstance(error, torch.cuda.OutOfMemoryError)
+            or not _MISMATCH.search(str(error))):
         return None
     if weight.device != x.device:
         return f"the model's weights are on {weight.device}, the images on {x.device}: move one to the other"
+    if weight.dtype in (torch.float16, torch.bfloat16) and x.dtype != weight.dtype:
+        return (f"the model's weights are {weight.dtype}, the images {x.dtype}: keep the images float32 and run the "
+                f"model under autocast (autocast_dtype={weight.dtype}), or attack a float32 copy of the model")
     if weight.dtype != x.dtype:
         return (f"the model's weights are {weight.dtype}, the images {x.dtype}: convert the images "
                 f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
@@ -389,6 +401,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         check_batch_values(x, y, "pgd", (("eps", eps), ("step_size", step_size)), norm)
     batch = x.shape[0]
     x, y = x.detach(), y.long()  # cross-entropy and gather take int64 labels
+    target = None if target is None else target.long()
     eps_t = _as_radius(eps, batch, x)
     alpha = 2.5 * eps_t / max(steps, 1) if step_size is None else _as_radius(step_size, batch, x)
     run = _run_settings(x.device.type, steps=steps, norm=norm, random_start=random_start, clamp_start=clamp_start,

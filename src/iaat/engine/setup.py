@@ -48,7 +48,7 @@ def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], 
         if cores > 1 and load >= cores:
             torch.set_num_threads(1)
             log(f"iaat: the machine is busy (load {load:.1f} on {cores} cores): using 1 CPU thread, faster on a "
-                f"busy machine; choose with --threads N")
+                f"busy machine; choose with --threads N (train.threads)")
     return torch.get_num_threads() if on_cpu else None
 
 

@@ -72,6 +72,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         IaatError: on bad input, a non-finite loss, or a failed write (:class:`~iaat.errors.OutputError`).
     """
     run_dir = Path(run_dir)
+    threads_before = torch.get_num_threads()  # a caller's process gets its own count back
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info, dist_device = distributed.init(cfg.train.device)
     try:
@@ -96,6 +97,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
                               f"--resume --set train.compile=false.") from None
         raise
     finally:
+        torch.set_num_threads(threads_before)
         if owns_group:
             distributed.shutdown()
 

@@ -37,7 +37,7 @@ from ..attacks import AttackResult, pgd
 from ..attacks.pgd import attack_mode, check_autocast_dtype, check_batch_types, check_batch_values, check_logits
 from ..errors import ConfigError
 from ..schema import check_type
-from ..units import check_size
+from ..units import check_size, python_scalar
 
 #: Field metadata of a size: [0, 1] units here, pixel units over 255 in configs.
 SIZE = {"size": True}
@@ -139,6 +139,7 @@ class Method:
     # -- what a training loop calls ----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
         """Call before each epoch's first batch, with the 0-based epoch number."""
+        epoch = python_scalar(epoch)  # torch.tensor(2), np.int64(2)
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
             raise ConfigError(f"start_epoch takes the 0-based epoch number (a whole number >= 0), got {epoch!r}.")
         self.epoch = int(epoch)

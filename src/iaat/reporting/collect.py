@@ -110,18 +110,27 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
     return (best[1], best[2]) if best else (None, None)
 
 
-def _radius_files(folder: Path) -> dict[int, Path]:
+def _radius_files(folder: Path, samples: Optional[int]) -> dict[int, Path]:
     """Each epoch's radius file (``epoch_NNNN.npy``) that holds one finite radius per training sample, by epoch; the
-    others are left out with a warning. The sample count is the one most files agree on, so that a damaged file
-    does not decide it wherever it lies."""
+    others are left out with a warning. ``samples`` is the run's training set size (from its data split); where that
+    is unknown, the count most files agree on, so that a damaged file does not decide it wherever it lies."""
     counts = {int(m.group(1)): (f, _radii_count(f)) for f in sorted(folder.iterdir()) if (m := _RADII.match(f.name))}
     lengths = Counter(n for _, n in counts.values() if n is not None)
-    length = max(lengths, key=lambda n: (lengths[n], n)) if lengths else None
+    length = samples or (max(lengths, key=lambda n: (lengths[n], n)) if lengths else None)
     for f, n in counts.values():
         if n is not None and n != length:
-            warnings.warn(f"{f} holds {n} radii where the run's other epochs hold {length} (damaged?); the report "
+            warnings.warn(f"{f} holds {n} radii where the run has {length} training samples (damaged?); the report "
                           f"leaves it out.", stacklevel=3)
     return {epoch: f for epoch, (f, n) in sorted(counts.items()) if n is not None and n == length}
+
+
+def _training_samples(run_dir: Path) -> Optional[int]:
+    """How many training samples the run has (its data split file), or None where that file cannot be read."""
+    try:
+        with np.load(run_dir / rundir.SPLIT) as split:
+            return len(split["train_indices"])
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
 
 
 def _radii_count(path: Path) -> Optional[int]:
@@ -142,7 +151,7 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     if not config.is_file():
         raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
     cfg = config_from_dict(rundir.read_config(path))
-    radii = _radius_files(path / "radii") if (path / "radii").is_dir() else {}
+    radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
     evaluation, chosen = pick_evaluation(path, eval_path)
     return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
                      evaluation_path=chosen, radii=radii, group=group,
