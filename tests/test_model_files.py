@@ -7,6 +7,7 @@ import doctest
 import json
 import shutil
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +367,51 @@ def test_a_module_from_your_own_loop_exports_loads_and_evaluates(tmp_path):
     path, _ = iaat.export_model(net, tmp_path / "locked.pt", "torchscript", input_shape=(1, 8, 8))
     assert net.training
     torch.testing.assert_close(iaat.load_model(path)(x), net.eval()(x))
+
+
+OWN_NETS = '''
+from torch import nn
+
+
+def tiny(num_classes, in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def needs_depth(depth):
+    return nn.Linear(2, 2)
+
+
+def not_a_module(num_classes):
+    return "resnet"
+'''
+
+
+def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch):
+    """iaat train --model module:factory: the trainer, its resume, eval and export with any architecture; a model
+    file of it loads where its module can be imported."""
+    from helpers import run_main
+
+    (tmp_path / "own_nets_train.py").write_text(OWN_NETS)
+    monkeypatch.chdir(tmp_path)  # imported from the working folder, as `iaat train` is run from a project's
+    common = ("--dataset", "digits", "--method", "iaat", "--eps", "32", "--no-progress", "--set",
+              "method.warmup_epochs=1", "--set", "data.train_subset=300")
+    code, _, err = run_main("train", "--model", "own_nets_train:tiny", *common, "--epochs", "1", "--out", "run")
+    assert code == 0, err
+    code, _, err = run_main("train", "--out", "run", "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    code, _, err = run_main("eval", "run", "--n", "32", "--attack", "pgd:steps=3", "--no-progress", "--no-checks",
+                            "--out", "e.json")
+    assert code == 0, err
+    assert json.loads(Path("e.json").read_text())["model"] == "own_nets_train:tiny"
+    path, _ = iaat.export_model("run", "own.safetensors")
+    model, x = iaat.load_model(path), torch.rand(3, 1, 8, 8)
+    run_model = iaat.engine.runs.load_run(Path("run"))[0]
+    torch.testing.assert_close(model(x), run_model(x))  # the same weights, its normalisation around it
+    for name, phrase in [("own_nets_train:nope", "own_nets_train has no nope"),
+                         ("no_such_module_here:f", "cannot import no_such_module_here"),
+                         ("own_nets_train:needs_depth", "calling it failed"),
+                         ("own_nets_train:not_a_module", "returned a str, not a torch.nn.Module")]:
+        code, _, err = run_main("train", "--model", name, *common, "--epochs", "1", "--out", f"bad-{name[-4:]}")
+        assert code == 2 and phrase in err, (name, err)
+        assert not Path(f"bad-{name[-4:]}").exists()

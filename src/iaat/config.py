@@ -42,7 +42,8 @@ class DataConfig:
 class ModelConfig:
     """Architecture by registry name; inputs are always images in [0, 1]."""
 
-    #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10; resnet50 | resnet101 | resnet152
+    #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10; resnet50 | resnet101 | resnet152;
+    #: or your own as module:factory (called with num_classes and in_channels where it takes them)
     name: str = "resnet18"
     depth: Optional[int] = None  #: WideResNet depth (6n+4)
     width: Optional[int] = None  #: WideResNet widen factor, or small_cnn base width
@@ -218,9 +219,14 @@ def validate(cfg: Config) -> None:
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{did_you_mean(cfg.data.dataset, DATASETS)} "
                           f"Known: {', '.join(sorted(DATASETS))}.")
-    if cfg.model.name not in MODELS:
+    if ":" in cfg.model.name:  # a user's module:factory: importable and callable (called when the run builds it)
+        from .plugins import resolve
+
+        if not callable(resolve(cfg.model.name, "model.name", "mypkg.nets:resnet18")):
+            raise ConfigError(f"model.name {cfg.model.name}: {cfg.model.name.partition(':')[2]} is not callable.")
+    elif cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.model.name}'.{did_you_mean(cfg.model.name, MODELS)} "
-                          f"Known: {', '.join(sorted(MODELS))}.")
+                          f"Known: {', '.join(sorted(MODELS))}, or your own as module:factory.")
     check_model_args(cfg.model.name, cfg.model.depth, cfg.model.width)
     method_class(cfg.method.name)  # an unknown name first; its keys are checked last
     if cfg.attack.norm not in ("linf", "l2"):

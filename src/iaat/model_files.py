@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import io
 import itertools
 import json
@@ -315,11 +314,9 @@ def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_cla
     """A user's own architecture: ``module:factory`` (importable, e.g. ``mypkg.nets:wide_resnet``) called with
     ``num_classes`` when it takes that argument, then ``weights`` loaded into it (a ``.safetensors`` file, or a
     ``.pt`` state dict read with ``weights_only=True``)."""
-    factory = resolve_factory(spec)
-    takes_classes = "num_classes" in inspect.signature(factory).parameters
-    model = factory(num_classes=num_classes) if takes_classes and num_classes is not None else factory()
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    from .models.registry import factory_net
+
+    model = factory_net(spec, num_classes, what="--model")
     if weights is not None:
         load_model_state(model, state_dict_file(weights), str(weights), spec, "")
     return model.eval()

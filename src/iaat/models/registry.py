@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -81,7 +82,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
     """Build ``name`` for ``num_classes``; with ``mean``/``std`` the model normalises its [0, 1] input.
 
     Names: ``small_cnn``, ``resnet18``, ``preact_resnet18``, ``wideresnet`` (``depth``, ``width``),
-    ``wrn-32-10``, ``wrn-34-10`` (32-px images); ``resnet50``, ``resnet101``, ``resnet152`` (ImageNet-sized).
+    ``wrn-32-10``, ``wrn-34-10`` (32-px images); ``resnet50``, ``resnet101``, ``resnet152`` (ImageNet-sized);
+    or your own architecture as ``module:factory`` (imported from the current folder or the path, called with
+    ``num_classes`` and ``in_channels`` where it takes them), which is how ``iaat train --model`` trains it.
     Any other ``nn.Module`` can be trained and attacked too: wrap it in :class:`NormalizedModel`.
 
     Example:
@@ -90,11 +93,18 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
         ...                          std=(0.2470, 0.2435, 0.2616))
         >>> model(torch.rand(2, 3, 32, 32)).shape  # inputs: images in [0, 1]
         torch.Size([2, 10])
+        >>> own = iaat.build_model("iaat.models.small_cnn:SmallCNN", 10)  # module:factory, as your own would be
+        >>> own(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}.")
-    check_model_args(name, depth, width)
-    net = MODELS[name](num_classes, in_channels, depth, width)
+    if ":" in name:
+        check_model_args(name, depth, width)  # no effect on a factory: a warning where given
+        net = factory_net(name, num_classes, in_channels)
+    elif name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}, or module:factory.")
+    else:
+        check_model_args(name, depth, width)
+        net = MODELS[name](num_classes, in_channels, depth, width)
     if (mean is None) != (std is None):
         raise ConfigError("give both mean and std (the model normalises its input with both), or neither.")
     if mean is None:
@@ -104,3 +114,27 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
             raise ConfigError(f"{what} has {len(values)} values for {in_channels}-channel images: give one per "
                               f"channel (or one for all).")
     return NormalizedModel(net, mean, std)
+
+
+def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
+                what: str = "model.name") -> nn.Module:
+    """The module a user's ``module:factory`` returns, called with ``num_classes`` and ``in_channels`` where it takes
+    them (and they are given); ``what`` names the option in errors."""
+    from ..plugins import resolve
+
+    factory = resolve(spec, what, "mypkg.nets:resnet18")
+    if not callable(factory):
+        raise ConfigError(f"{what} {spec}: {spec.partition(':')[2]} is not callable.")
+    try:
+        takes = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: called with num_classes alone
+        takes = {"num_classes": None}
+    given = {"num_classes": num_classes, "in_channels": in_channels}
+    try:
+        model = factory(**{k: v for k, v in given.items() if k in takes and v is not None})
+    except TypeError as e:  # its arguments: it is called with num_classes and in_channels where it names them
+        raise ConfigError(f"{what} {spec}: calling it failed ({e}); a factory takes num_classes (and in_channels) "
+                          f"by those names, or no arguments.") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{what} {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
