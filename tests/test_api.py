@@ -438,6 +438,11 @@ def test_train_from_python_writes_a_run_that_the_command_line_continues(tmp_path
     assert [int(row["epoch"]) for row in iaat.engine.rundir.read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def _yaml(path, text):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda out: iaat.train(out, {"attack": {"eps": 0.03}}), "looks like a value already in"),
     (lambda out: iaat.train(out, overrides={"train_epochs": 2}), "'section.key' names"),
@@ -445,6 +450,8 @@ def test_train_from_python_writes_a_run_that_the_command_line_continues(tmp_path
     (lambda out: iaat.train(out, 42), "config must be a YAML file, a dict or an iaat.config.Config"),
     (lambda out: iaat.train(out, {"method": {"name": "iaat"}}, resume=True), "leave config out"),
     (lambda out: iaat.train(out, resume=True), "nothing to resume"),
+    (lambda out: iaat.train(out, overrides=["train.epochs=2"]), "overrides must be a dict"),
+    (lambda out: iaat.train(out, _yaml(out.parent / "c.yaml", "attack:\n  eps: 0.03\n")), "c.yaml, line 2: attack.eps"),
 ])
 def test_train_names_the_mistake_before_touching_the_folder(tmp_path, call, message):
     out = tmp_path / "run"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-from .config import SECTIONS, Config, config_from_dict, load_yaml, set_key
+from .config import SECTIONS, Config, config_from_dict, load_yaml, locate, set_key
 from .errors import ConfigError
 
 ConfigLike = Union[str, Path, Mapping, Config, None]
@@ -64,7 +64,11 @@ def new_config(config: ConfigLike = None, overrides: Optional[Mapping[str, Any]]
                for section, values in (config or {}).items()}
     else:
         raise ConfigError(f"config must be a YAML file, a dict or an iaat.config.Config, got {type(config).__name__}.")
-    return config_from_dict(with_overrides(raw, overrides))
+    raw = with_overrides(raw, overrides)  # an override's own mistake is not the file's
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:  # a mistake in the file: say where
+        raise (locate(e, config, raw) if isinstance(config, (str, Path)) else e) from None
 
 
 def resumed_config(out: Path, changes: Optional[Mapping[str, Any]] = None) -> Config:
@@ -87,6 +91,8 @@ def with_overrides(raw: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
     >>> with_overrides({"train": {"epochs": 3}}, {"train.epochs": 5, "method.name": "iaat"})
     {'train': {'epochs': 5}, 'method': {'name': 'iaat'}}
     """
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must be a dict of {{'section.key': value}}, got {type(overrides).__name__}.")
     for name, value in (overrides or {}).items():
         if isinstance(value, Mapping) and name in SECTIONS:  # a whole section: {"train": {"epochs": 5}}
             for key, item in value.items():
