@@ -192,6 +192,9 @@ def test_l2_radius_may_exceed_one():
     assert cfg.eps == 0.5
     cfg = config_from_dict({"attack": {"norm": "l2", "eps": "2/1", "step_size": "0.1/1"}})
     assert cfg.eps == 2.0
+    assert config_from_dict({"attack": {"norm": "l2", "eps": 127.5, "step_size": 25.5}}).eps == 0.5
+    with pytest.raises(ConfigError, match=r"attack.eps=0.5 means 0.5/255.*Write 127.5"):  # the usual L2 radius
+        config_from_dict({"attack": {"norm": "l2", "eps": 0.5, "step_size": "0.1/1"}})
 
 
 # --------------------------------------------------------------------------- overrides

@@ -384,6 +384,22 @@ def needs_depth(depth):
 
 def not_a_module(num_classes):
     return "resnet"
+
+
+def torchvision_style(*, weights=None, **kwargs):  # num_classes through **kwargs, as torchvision's and timm's
+    return tiny(kwargs.pop("num_classes", 1000), 1)
+
+
+def rgb_only(num_classes):
+    return tiny(num_classes, 3)
+
+
+def thousand_classes(in_channels):
+    return tiny(1000, in_channels)
+
+
+def float64(num_classes, in_channels):
+    return tiny(num_classes, in_channels).double()
 '''
 
 
@@ -393,6 +409,7 @@ def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch)
     from helpers import run_main
 
     (tmp_path / "own_nets_train.py").write_text(OWN_NETS)
+    (tmp_path / "own_nets_needs_missing_dep.py").write_text("import not_an_installed_package\n")
     monkeypatch.chdir(tmp_path)  # imported from the working folder, as `iaat train` is run from a project's
     common = ("--dataset", "digits", "--method", "iaat", "--eps", "32", "--no-progress", "--set",
               "method.warmup_epochs=1", "--set", "data.train_subset=300")
@@ -408,10 +425,37 @@ def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch)
     model, x = iaat.load_model(path), torch.rand(3, 1, 8, 8)
     run_model = iaat.engine.runs.load_run(Path("run"))[0]
     torch.testing.assert_close(model(x), run_model(x))  # the same weights, its normalisation around it
-    for name, phrase in [("own_nets_train:nope", "own_nets_train has no nope"),
-                         ("no_such_module_here:f", "cannot import no_such_module_here"),
-                         ("own_nets_train:needs_depth", "calling it failed"),
-                         ("own_nets_train:not_a_module", "returned a str, not a torch.nn.Module")]:
-        code, _, err = run_main("train", "--model", name, *common, "--epochs", "1", "--out", f"bad-{name[-4:]}")
+    code, _, err = run_main("eval", "--model", "own_nets_train:tiny", "--dataset", "digits", "--eps", "32", "--n",
+                            "16", "--attack", "pgd:steps=2", "--no-progress", "--no-checks", "--out", "f.json")
+    assert code == 0, err  # built with the data set's channels, as training builds it
+    code, _, err = run_main("train", "--model", "own_nets_train:torchvision_style", *common, "--epochs", "1",
+                            "--out", "tv")
+    assert code == 0, err  # num_classes reached it through **kwargs
+    for i, (name, phrase) in enumerate([
+            ("own_nets_train:nope", "own_nets_train has no nope"),
+            ("no_such_module_here:f", "cannot import no_such_module_here"),
+            ("own_nets_needs_missing_dep:f", "it needs not_an_installed_package, which is not installed"),
+            ("__main__:tiny", "a script's own code cannot be imported again"),
+            ("own_nets_train:needs_depth", "cannot be called with no arguments (missing a required argument: 'depth')"),
+            ("own_nets_train:not_a_module", "returned a str, not a torch.nn.Module"),
+            ("own_nets_train:rgb_only", "fails on the data set's images of shape (1, 8, 8)"),
+            ("own_nets_train:thousand_classes", "gives 1000 logits per image, but the data set has 10 classes"),
+            ("own_nets_train:float64", "weights are torch.float64, the images torch.float32")]):
+        code, _, err = run_main("train", "--model", name, *common, "--epochs", "1", "--out", f"bad{i}")
         assert code == 2 and phrase in err, (name, err)
-        assert not Path(f"bad-{name[-4:]}").exists()
+        assert not Path(f"bad{i}").exists()  # checked before the run folder is made
+    # Starting from the run or from its TorchScript export: the same weights, so the same training
+    iaat.export_model("run", "own.pt", "torchscript")
+    losses = []
+    for i, source in enumerate(("run", "own.pt")):
+        code, _, err = run_main("train", "--model", "own_nets_train:tiny", *common, "--epochs", "1", "--init-from",
+                                source, "--out", f"ft{i}")
+        assert code == 0, err
+        losses.append(iaat.engine.rundir.read_metrics(Path(f"ft{i}"))[0]["train_loss"])
+    assert losses[0] == losses[1]
+    # A report reads saved files only: it needs no import of the architecture (here: run from another folder)
+    pytest.importorskip("matplotlib")
+    (tmp_path / "elsewhere").mkdir()
+    res = run_cli("report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), cwd=tmp_path / "elsewhere")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "report" / "report.md").is_file()

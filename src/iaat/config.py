@@ -219,11 +219,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.data.dataset}'.{did_you_mean(cfg.data.dataset, DATASETS)} "
                           f"Known: {', '.join(sorted(DATASETS))}.")
-    if ":" in cfg.model.name:  # a user's module:factory: importable and callable (called when the run builds it)
-        from .plugins import resolve
+    if ":" in cfg.model.name:  # a user's module:factory, imported where the model is built (a saved run's config
+        from .plugins import check_spec  # reads without it: reports, metrics)
 
-        if not callable(resolve(cfg.model.name, "model.name", "mypkg.nets:resnet18")):
-            raise ConfigError(f"model.name {cfg.model.name}: {cfg.model.name.partition(':')[2]} is not callable.")
+        check_spec(cfg.model.name, "model.name")
     elif cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.model.name}'.{did_you_mean(cfg.model.name, MODELS)} "
                           f"Known: {', '.join(sorted(MODELS))}, or your own as module:factory.")
@@ -441,7 +440,8 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def set_key(raw: dict, section: str, key: str, value: Any, where: str) -> None:
-    """Set ``raw[section][key] = value`` (None included: the default); ``where`` names the override in errors."""
+    """Set ``raw[section][key] = value`` (None included, as an empty ``--set`` value gives: right for the keys that
+    may be null); ``where`` names the override in errors."""
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section '{section}' in {where}.{did_you_mean(section, SECTIONS)}")
     _section(raw, section)[key] = value

@@ -69,7 +69,8 @@ def _file_digest(path: Path) -> str:
 
 def open_source(path: Optional[Path], device: torch.device, model: Optional[str] = None,
                 weights: Optional[Path] = None, dataset: Optional[str] = None,
-                num_classes: Optional[int] = None, run_weights: str = "auto") -> ModelSource:
+                num_classes: Optional[int] = None, run_weights: str = "auto",
+                in_channels: Optional[int] = None) -> ModelSource:
     """The model behind ``path`` (a run, a checkpoint, an exported, TorchScript or .pt2 file), or ``model``
     (``module:factory``) with ``weights``, on ``device`` in eval mode. A run's averaged weights
     (``train.ema``) are used where it keeps them (``run_weights="auto"``); ``raw`` or ``ema`` choose."""
@@ -84,7 +85,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
             raise ConfigError("--raw and --ema choose among a run's weights; with --model the weights are --weights.")
         weights = Path(weights) if weights is not None else None
         digest = hashlib.sha256(model.encode() + (weights.read_bytes() if weights and weights.is_file() else b""))
-        net = factory_model(model, weights, num_classes)
+        net = factory_model(model, weights, num_classes, in_channels)
         return ModelSource(net.to(device), model + (f" with {weights.name}" if weights else ""), digest.hexdigest(),
                            weights.parent if weights else Path("."),
                            weights.stem if weights else model.replace(":", "-"), dataset, info={"model": model})
@@ -235,7 +236,7 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
         resolve_factory(req.model)  # a typo fails before the data loads
         splits = load_dataset(req.dataset, req.data_dir, False)
         source = open_source(None, device, req.model, req.weights, req.dataset, req.num_classes or splits.num_classes,
-                             run_weights=req.run_weights)
+                             run_weights=req.run_weights, in_channels=splits.image_shape[0])
     else:
         source = open_source(req.path, device, weights=req.weights, run_weights=req.run_weights)
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)

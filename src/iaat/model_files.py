@@ -309,14 +309,14 @@ def resolve_factory(spec: str) -> Any:
     return factory
 
 
-def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None
-                  ) -> nn.Module:
+def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None,
+                  in_channels: Optional[int] = None) -> nn.Module:
     """A user's own architecture: ``module:factory`` (importable, e.g. ``mypkg.nets:wide_resnet``) called with
-    ``num_classes`` when it takes that argument, then ``weights`` loaded into it (a ``.safetensors`` file, or a
-    ``.pt`` state dict read with ``weights_only=True``)."""
+    ``num_classes`` and ``in_channels`` where it takes them (see :func:`iaat.models.registry.factory_net`), then
+    ``weights`` loaded into it (a ``.safetensors`` file, or a ``.pt`` state dict read with ``weights_only=True``)."""
     from .models.registry import factory_net
 
-    model = factory_net(spec, num_classes, what="--model")
+    model = factory_net(spec, num_classes, in_channels, what="--model")
     if weights is not None:
         load_model_state(model, state_dict_file(weights), str(weights), spec, "")
     return model.eval()

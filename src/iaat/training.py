@@ -14,7 +14,7 @@ ConfigLike = Union[str, Path, Mapping, Config, None]
 
 
 def train(out: Union[str, Path], config: ConfigLike = None, *, overrides: Optional[Mapping[str, Any]] = None,
-          resume: bool = False, log: Callable[[str], None] = print) -> dict:
+          resume: bool = False, log: Optional[Callable[[str], None]] = print) -> dict:
     """Train a run into the folder ``out`` (or continue it with ``resume``), as ``iaat train --out OUT`` does;
     returns the last epoch's metrics row (as in ``metrics.jsonl``).
 
@@ -26,7 +26,7 @@ def train(out: Union[str, Path], config: ConfigLike = None, *, overrides: Option
         overrides: ``{"section.key": value}`` set over ``config``, as ``--set section.key=value``; with
             ``resume``, only what a resume may change (``train.epochs``, ``train.device``, ``data.data_dir``...).
         resume: continue the run in ``out`` from its newest checkpoint.
-        log: where the run's progress lines go (the progress bar follows ``train.progress``).
+        log: where the run's progress lines go (None: nowhere; the progress bar follows ``train.progress``).
 
     Raises:
         IaatError: on bad input (before ``out`` is created or touched), a non-finite loss or a failed write.
@@ -49,7 +49,7 @@ def train(out: Union[str, Path], config: ConfigLike = None, *, overrides: Option
                           "what a resume may change with overrides, e.g. {'train.epochs': 20}).")
     out = Path(out)
     cfg = resumed_config(out, overrides) if resume else new_config(config, overrides)
-    return train_run(cfg, out, resume=resume, log=log)
+    return train_run(cfg, out, resume=resume, log=log or (lambda line: None))
 
 
 def new_config(config: ConfigLike = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:

@@ -22,6 +22,8 @@ PixelSize = Union[int, float, str]
 # A bare number below this many pixel units is almost surely a value already in
 # [0, 1] units (e.g. 0.031 meant as 8/255), which would silently attack at 0.03/255.
 _SMALLEST_PLAUSIBLE_PIXELS = 0.5
+#: L2 radii in pixel units are large (0.5 in [0, 1] units is 127.5): below 2 a value in [0, 1] units is meant
+_SMALLEST_PLAUSIBLE_L2_PIXELS = 2.0
 
 
 def parse_size(value: PixelSize, name: str = "eps", *, allow_zero: bool = True, max_unit: float = 1.0) -> float:
@@ -69,7 +71,8 @@ def parse_size(value: PixelSize, name: str = "eps", *, allow_zero: bool = True, 
         raise ConfigError(f"{name}={value!r} is negative; perturbation sizes must be >= 0.")
     if unit == 0 and not allow_zero:
         raise ConfigError(f"{name} must be positive, got {value!r}.")
-    if not explicit and 0 < unit * 255.0 < _SMALLEST_PLAUSIBLE_PIXELS:
+    smallest = _SMALLEST_PLAUSIBLE_PIXELS if max_unit <= 1.0 else _SMALLEST_PLAUSIBLE_L2_PIXELS
+    if not explicit and 0 < unit * 255.0 < smallest:
         raise ConfigError(
             f"{name}={value!r} means {unit * 255:g}/255 in pixel units, which looks like a value already in "
             f"[0, 1] units. Write {unit * 255 * 255:g} (pixel units over 255) or '{value}/1' if you really mean it."

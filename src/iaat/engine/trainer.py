@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import distributed
+from ..attacks.pgd import attack_mode, check_logits
 from ..awp import AWP, awp_settings
 from ..config import Config, build_method
 from ..config import notes as config_notes
@@ -377,6 +378,7 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     model, net, method = build_step(cfg, data, device, info)
+    _probe_model(model, data, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
@@ -388,6 +390,30 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
     return _Session(cfg, run_dir, device, info, log, data, model, net, method, optimizer, scaler, loader,
                     loader.global_batch_sizes(), ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
                     awp=build_awp(cfg, model))
+
+
+def _probe_model(model: torch.nn.Module, data, device: torch.device) -> None:
+    """Classify two training images before anything is written: a model that cannot take the data set's images or
+    gives another number of logits than it has classes is an error naming the mismatch (eval mode, no gradient: no
+    statistic changes and no random number is drawn)."""
+    from ..data import to_unit
+
+    x = to_unit(data.train.x[:2], device)
+    shape, classes = tuple(x.shape[1:]), data.splits.num_classes
+    try:
+        with torch.no_grad(), attack_mode(model, inputs=x) as plain:
+            logits = plain(x)
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, (torch.cuda.OutOfMemoryError, ConfigError)):
+            raise
+        raise ConfigError(f"the model fails on the data set's images of shape {shape} ({type(e).__name__}: "
+                          f"{first_line(e, 200)}); check that it takes {shape[0]}-channel {shape[1]}x{shape[2]} "
+                          f"images.") from None
+    check_logits(logits, torch.zeros(len(x), dtype=torch.long), labels=False)
+    if logits.shape[1] != classes:
+        raise ConfigError(f"the model gives {logits.shape[1]} logits per image, but the data set has {classes} "
+                          f"classes: it needs one logit per class (a factory is called with num_classes={classes} "
+                          f"where it takes that argument).")
 
 
 def build_awp(cfg: Config, model: torch.nn.Module) -> Optional[AWP]:
@@ -438,11 +464,12 @@ def _init_from(s: _Session, path: Path) -> None:
     from ..models.files import file_format, load_exported
     from .runs import load_run
 
-    if file_format(path) in ("run", "checkpoint"):
-        source, cfg, _, _ = load_run(path)
-        meta = {"architecture": {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width}}
-    else:
-        source, meta = load_exported(path)
+    with torch.random.fork_rng(devices=[]):  # rebuilding a model draws its initial weights: not from the run's stream
+        if file_format(path) in ("run", "checkpoint"):
+            source, cfg, _, _ = load_run(path)
+            meta = {"architecture": {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width}}
+        else:
+            source, meta = load_exported(path)
     arch = meta.get("architecture") or {}
     m = s.cfg.model
     theirs, ours = (arch.get("name"), arch.get("depth"), arch.get("width")), (m.name, m.depth, m.width)

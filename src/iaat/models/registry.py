@@ -118,23 +118,30 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
 
 def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
                 what: str = "model.name") -> nn.Module:
-    """The module a user's ``module:factory`` returns, called with ``num_classes`` and ``in_channels`` where it takes
-    them (and they are given); ``what`` names the option in errors."""
+    """The module a user's ``module:factory`` returns, called with ``num_classes`` where it takes it (by that name,
+    or through ``**kwargs`` as torchvision's and timm's factories do) and ``in_channels`` where it names it (and
+    they are given); ``what`` names the option in errors."""
     from ..plugins import resolve
 
     factory = resolve(spec, what, "mypkg.nets:resnet18")
     if not callable(factory):
         raise ConfigError(f"{what} {spec}: {spec.partition(':')[2]} is not callable.")
     try:
-        takes = inspect.signature(factory).parameters
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin without a signature: called with num_classes alone
-        takes = {"num_classes": None}
+        signature = None
+    params = signature.parameters if signature else {"num_classes": None}
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     given = {"num_classes": num_classes, "in_channels": in_channels}
+    kwargs = {k: v for k, v in given.items()
+              if v is not None and (k in params or (k == "num_classes" and any_keyword))}
     try:
-        model = factory(**{k: v for k, v in given.items() if k in takes and v is not None})
-    except TypeError as e:  # its arguments: it is called with num_classes and in_channels where it names them
-        raise ConfigError(f"{what} {spec}: calling it failed ({e}); a factory takes num_classes (and in_channels) "
-                          f"by those names, or no arguments.") from None
+        if signature:
+            signature.bind(**kwargs)
+    except TypeError as e:  # the names it is called with: the factory's own errors are its own
+        raise ConfigError(f"{what} {spec}: it cannot be called with {kwargs or 'no arguments'} ({e}); a factory "
+                          f"takes num_classes (and in_channels) by those names, or no arguments.") from None
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{what} {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model
