@@ -23,6 +23,10 @@ import iaat
 
 def small(num_classes=10):
     return iaat.build_model("small_cnn", num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=8)
+
+
+def bare(num_classes=10):  # the same network without the normalisation around it: other tensor names
+    return iaat.models.small_cnn.SmallCNN(num_classes, 3, 8)
 '''
 
 
@@ -163,6 +167,9 @@ def test_eval_of_a_model_file_says_what_it_needs(exported, tiny_cifar, tmp_path)
          "the data has 10 classes: it needs one logit per class"),
         ([script, "--ema", "--eps", "8"], "holds the raw weights of its run, not the ema ones"),
         (["--model", "mynets:small", "--dataset", "cifar10", "--eps", "8", "--raw"], "--raw and --ema choose among"),
+        (["--model", "mynets:bare", "--weights", str(exported["safetensors"][0]), "--dataset", "cifar10", "--eps",
+          "8"], f"is a model exported by iaat (its architecture and normalisation inside): evaluate it without "
+                f"--model, as iaat eval {exported['safetensors'][0]}"),
     ]
     import os
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from . import __version__
 from .ema import EMA_KEY
-from .errors import ConfigError, first_line
-from .models.files import CARD_ENTRY, file_format, json_path, load_exported, state_dict_file
+from .errors import CheckpointError, ConfigError, first_line
+from .models.files import CARD_ENTRY, file_format, json_path, load_exported, safetensors_metadata, state_dict_file
 from .models.state import load_model_state
 
 FORMATS = ("safetensors", "torchscript", "export")
@@ -318,5 +318,11 @@ def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_cla
 
     model = factory_net(spec, num_classes, in_channels, what="--model")
     if weights is not None:
-        load_model_state(model, state_dict_file(weights), str(weights), spec, "")
+        try:
+            load_model_state(model, state_dict_file(weights), str(weights), spec, "")
+        except CheckpointError:
+            if Path(weights).suffix == ".safetensors" and "iaat" in safetensors_metadata(Path(weights).read_bytes()):
+                raise CheckpointError(f"{weights} is a model exported by iaat (its architecture and normalisation "
+                                      f"inside): evaluate it without --model, as iaat eval {weights}.") from None
+            raise
     return model.eval()
