@@ -398,6 +398,8 @@ def _probe_model(model: torch.nn.Module, data, device: torch.device) -> None:
     statistic changes and no random number is drawn)."""
     from ..data import to_unit
 
+    if not len(data.train):
+        return
     x = to_unit(data.train.x[:2], device)
     shape, classes = tuple(x.shape[1:]), data.splits.num_classes
     try:
