@@ -106,8 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:  # with --resume: the run's config, as resuming would use it
         from .engine.rundir import check_resume_config
 
+        # the trainer's resume check: what a resume may not change is refused, a stretched schedule noted
         note = check_resume_config(Path(args.out), cfg) if args.resume else None
-        if note:  # what training would warn about (a stretched cosine schedule)
+        if note:
             warnings.warn(note, stacklevel=1)
         print(describe(cfg), end="")
         return 0
@@ -131,7 +132,7 @@ def _new_config(args: argparse.Namespace):
 
 
 def _resumed_config(args: argparse.Namespace, out: Path):
-    """The run's saved config with the changes a resume may make (``config.RESUMABLE_KEYS``); any other is refused."""
+    """The run's saved config with the flags' changes (the trainer refuses those outside ``config.RESUMABLE_KEYS``)."""
     from .engine.rundir import check_resumable
     from .training import resumed_config
 

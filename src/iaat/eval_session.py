@@ -42,7 +42,6 @@ class EvalRequest:
     command: Optional[str] = None  #: the command line that asked for it, recorded in the results
 
 
-
 @dataclass
 class ModelSource:
     """A model to evaluate and what is known about it."""
@@ -229,7 +228,7 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
     from .data import load_dataset, make_train_val
 
     if req.model is not None:  # the factory is told the data set's number of classes
-        from .model_files import resolve_factory
+        from .models.registry import resolve_factory
 
         if req.dataset is None:
             raise ConfigError(f"--model {req.model}: say which data set to evaluate on with --dataset.")

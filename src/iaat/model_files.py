@@ -299,16 +299,6 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
     return read_model_file(path, device, weights)[0]
 
 
-def resolve_factory(spec: str) -> Any:
-    """The callable named by ``module:factory`` (the module imported from the current folder or the path)."""
-    from .plugins import resolve
-
-    factory = resolve(spec, "--model", "mypkg.nets:resnet18")
-    if not callable(factory):
-        raise ConfigError(f"--model {spec}: {spec.partition(':')[2]} is not callable.")
-    return factory
-
-
 def factory_model(spec: str, weights: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None,
                   in_channels: Optional[int] = None) -> nn.Module:
     """A user's own architecture: ``module:factory`` (importable, e.g. ``mypkg.nets:wide_resnet``) called with

@@ -73,15 +73,13 @@ def new_config(config: ConfigLike = None, overrides: Optional[Mapping[str, Any]]
 
 def resumed_config(out: Path, changes: Optional[Mapping[str, Any]] = None) -> Config:
     """The saved config of the run in ``out`` with ``changes`` set over it (``{"section.key": value}`` or a nested
-    dict); a change a resume may not make (``config.RESUMABLE_KEYS``) is refused."""
-    from .engine.rundir import check_resumable, check_resume_config, read_config
+    dict); a change a resume may not make (``config.RESUMABLE_KEYS``) is refused by the trainer when it resumes
+    (:func:`iaat.engine.rundir.check_resume_config`)."""
+    from .engine.rundir import check_resumable, read_config
 
     check_resumable(out)
     saved = read_config(out)
-    merged = with_overrides({s: dict(saved.get(s) or {}) for s in saved}, changes)
-    cfg = config_from_dict(merged)
-    check_resume_config(out, cfg)
-    return cfg
+    return config_from_dict(with_overrides({s: dict(saved.get(s) or {}) for s in saved}, changes))
 
 
 def with_overrides(raw: dict, overrides: Optional[Mapping[str, Any]]) -> dict:

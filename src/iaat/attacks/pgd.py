@@ -484,8 +484,8 @@ def check_logits(logits: object, y: torch.Tensor, labels: bool, what: str = "lab
     """Logits of shape (B, classes) (shapes only); with ``labels``, also labels (``what``) in [0, classes) (a host
     sync, and before the loss: on a GPU a label out of range is a device-side assert, not an error)."""
     if not (torch.is_tensor(logits) and logits.ndim == 2 and len(logits) == len(y)):
-        what = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
-        raise ConfigError(f"the model must return logits of shape (B, classes), got {what}; wrap a model that "
+        got = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
+        raise ConfigError(f"the model must return logits of shape (B, classes), got {got}; wrap a model that "
                           f"returns a tuple or dict in a module that returns the logits alone.")
     if not (labels and len(y)):
         return

@@ -121,11 +121,7 @@ def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optio
     """The module a user's ``module:factory`` returns, called with ``num_classes`` where it takes it (by that name,
     or through ``**kwargs`` as torchvision's and timm's factories do) and ``in_channels`` where it names it (and
     they are given); ``what`` names the option in errors."""
-    from ..plugins import resolve
-
-    factory = resolve(spec, what, "mypkg.nets:resnet18")
-    if not callable(factory):
-        raise ConfigError(f"{what} {spec}: {spec.partition(':')[2]} is not callable.")
+    factory = resolve_factory(spec, what)
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin without a signature: called with num_classes alone
@@ -145,3 +141,13 @@ def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optio
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{what} {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+def resolve_factory(spec: str, what: str = "--model") -> Callable[..., nn.Module]:
+    """The callable named by ``module:factory`` (the module imported from the current folder or the path)."""
+    from ..plugins import resolve
+
+    factory = resolve(spec, what, "mypkg.nets:resnet18")
+    if not callable(factory):
+        raise ConfigError(f"{what} {spec}: {spec.partition(':')[2]} is not callable.")
+    return factory
