@@ -460,6 +460,35 @@ def test_train_names_the_mistake_before_touching_the_folder(tmp_path, call, mess
     assert not out.exists()
 
 
+def test_ctrl_c_in_train_passes_through_except_exception(tmp_path):
+    """A script that trains several runs and carries on past failed ones still stops at Ctrl-C: the interrupt
+    is a KeyboardInterrupt (state saved, exit code 130), not an Exception its ``except`` would swallow."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal, iaat
+spec = {{"data": {{"dataset": "digits", "train_subset": 200}}, "model": {{"name": "small_cnn", "width": 4}},
+        "train": {{"epochs": 3, "progress": False, "threads": 1}}}}
+def log(line):  # the first epoch's row: Ctrl-C
+    if line.startswith("epoch"):
+        os.kill(os.getpid(), signal.SIGINT)
+try:
+    for name in ("a", "b"):
+        try:
+            iaat.train(os.path.join({str(tmp_path)!r}, name), spec, log=log)
+        except Exception as e:
+            print("carried on past", type(e).__name__)
+except KeyboardInterrupt as e:
+    print("stopped:", type(e).__name__, e.exit_code, e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "carried on" not in out.stdout, out.stdout
+    assert out.stdout.startswith("stopped: TrainingInterrupted 130 interrupted (SIGINT) after epoch 1"), out.stdout
+    assert (tmp_path / "a" / "checkpoints").is_dir() and not (tmp_path / "b").exists()
+
+
 def test_train_refuses_a_resume_that_changes_the_method(tmp_path):
     spec = {"data": {"dataset": "digits", "train_subset": 200}, "model": {"name": "small_cnn", "width": 4},
             "train": {"epochs": 1, "progress": False, "threads": 1}}

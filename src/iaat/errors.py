@@ -35,10 +35,13 @@ class OutputError(IaatError):
     """A file of a run or an evaluation could not be written (disk full, read-only folder, no permission)."""
 
 
-class TrainingInterrupted(IaatError):
+class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM; the message says where the state was saved and how to resume.
 
-    ``exit_code`` follows the shell convention 128 + signal number (130 for SIGINT, 143 for SIGTERM).
+    A :class:`KeyboardInterrupt`, not an :class:`IaatError`: like Ctrl-C anywhere in Python it passes through
+    ``except Exception:``, so a script that trains several runs and carries on past failed ones still stops
+    at the first Ctrl-C instead of starting the next run. ``exit_code`` follows the shell convention 128 +
+    signal number (130 for SIGINT, 143 for SIGTERM).
     """
 
     def __init__(self, message: str, signum: int) -> None:

@@ -30,7 +30,8 @@ def train(out: Union[str, Path], config: ConfigLike = None, *, overrides: Option
 
     Raises:
         IaatError: on bad input (before ``out`` is created or touched), a non-finite loss or a failed write.
-        TrainingInterrupted: on SIGINT/SIGTERM, after saving what resuming needs.
+        TrainingInterrupted: on SIGINT/SIGTERM, after saving what resuming needs; a ``KeyboardInterrupt``, so
+            ``except Exception:`` does not swallow it.
 
     Example (one epoch on scikit-learn's digits, then a second by resuming)::
 
