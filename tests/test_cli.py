@@ -237,6 +237,28 @@ def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
     assert setup.choose_threads(None, False, said.append) is None and threads == [4]  # not on a CPU: untouched
 
 
+def test_busy_machine_note_waits_for_the_setup_checks(monkeypatch, tmp_path):
+    """The one-thread note comes with the run's other notes, not just before an error about the model."""
+    import iaat
+    from iaat.engine import setup
+
+    threads = [4]
+    monkeypatch.setattr(setup.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(setup.torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(setup.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    spec = {"data": {"dataset": "digits", "train_subset": 200, "val_size": 100}, "model": {"name": "torch.nn:Identity"},
+            "train": {"epochs": 1, "progress": False, "eval_steps": 1}}
+    said: list = []
+    with pytest.raises(iaat.errors.IaatError, match="the model"):
+        iaat.train(tmp_path / "bad", spec, log=said.append)
+    assert said == []
+    spec["model"] = {"name": "small_cnn", "width": 4}
+    iaat.train(tmp_path / "good", spec, log=said.append)
+    assert "busy (load 64.0 on 4 cores)" in said[1], said  # after the run's summary line
+
+
 def test_print_config_shows_every_key_and_round_trips(tmp_path):
     res = run_in_process("train", "--method", "iaat", "--eps", "4", "--set", "method.gamma=2", "--threads", "1",
                          "--print-config")

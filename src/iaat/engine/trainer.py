@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -88,9 +88,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         device = dist_device or resolve_device(cfg.train.device)
         # train.threads (None: all cores, or one on a busy machine); config.yaml records the count it ran with
         on_cpu = device.type == "cpu" and "WORLD_SIZE" not in os.environ  # torchrun's ranks keep their own
-        cfg = replace(cfg, train=replace(cfg.train, threads=choose_threads(cfg.train.threads, on_cpu, log)))
+        notes: list[str] = []  # the busy-machine note waits until the setup's checks have passed
+        cfg = replace(cfg, train=replace(cfg.train, threads=choose_threads(cfg.train.threads, on_cpu, notes.append)))
         with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
-            return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info)
+            return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info, notes)
     except Exception as e:
         if cfg.train.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise ConfigError(f"train.compile: torch.compile failed ({type(e).__name__}: {first_line(e, 300)}). Set "
@@ -216,7 +217,7 @@ class _Session:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
-           info: distributed.DistInfo = distributed.SINGLE) -> dict:
+           info: distributed.DistInfo = distributed.SINGLE, notes: Sequence[str] = ()) -> dict:
     s = _setup(cfg, run_dir, device, info, log)
     if resume:
         _restore(s)
@@ -232,7 +233,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
     log(_summary(s))
-    for note in config_notes(cfg) + s.method.notes():
+    for note in [*notes, *config_notes(cfg), *s.method.notes()]:
         log(note)
     if cfg.train.tensorboard and info.is_main:
         s.board = Board(run_dir, purge_step=s.start_epoch + 1)
