@@ -134,6 +134,28 @@ def test_perturbation_and_gradient_equal_the_authors(style):
             assert torch.allclose(theirs.state_dict()[key].double(), ours.state_dict()[key].double(), atol=1e-12), key
 
 
+def test_the_perturbed_forward_under_autocast_runs_at_the_perturbed_weights():
+    """Autocast caches its bf16 copy of each weight for the whole region: the step's forward inside the same region
+    as the attack and the ascent pass must still see w + v, and a forward after the restore w again."""
+    model = tiny_model().float().train()
+    x, x_adv, y = (t.float() if t.is_floating_point() else t for t in batch())
+
+    def objective(net):
+        logits = net(x_adv)
+        return StepOutput(F.cross_entropy(logits, y), logits)
+
+    awp = AWP(model, gamma=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unperturbed = objective(model).loss.item()  # fills the cache with the bf16 copies of w
+        with awp.applied(objective):
+            perturbed = objective(model).loss.item()
+        restored = objective(model).loss.item()
+    with awp.applied(objective), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = objective(model).loss.item()  # w + v in a region of its own: no cache to go stale
+    assert perturbed == pytest.approx(fresh, rel=1e-2) and abs(perturbed - unperturbed) > 0.1
+    assert restored == unperturbed
+
+
 def test_bad_settings_are_clear():
     model = tiny_model()
     with pytest.raises(ConfigError, match="in \\(0, 1\\)"):

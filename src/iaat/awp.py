@@ -126,11 +126,15 @@ class AWP:
         with torch.no_grad():
             for w, dv in zip(self.params, v):
                 w.add_(dv)
+        # Autocast keeps its bf16/fp16 copies of the weights for the whole region, blind to changes in place:
+        # without this the step's forward would run at the cached unperturbed weights.
+        torch.clear_autocast_cache()
 
         def restore() -> None:
             with torch.no_grad():
                 for w, s in zip(self.params, saved):
                     w.copy_(s)
+            torch.clear_autocast_cache()
         return restore
 
     @contextmanager
