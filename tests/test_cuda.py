@@ -101,6 +101,48 @@ def test_pgd_step_loop_never_waits_for_the_host(batch):
     assert kappa.shape == first_miss.shape == y.shape
 
 
+@pytest.mark.parametrize("method", ["pgd_at", "gairat", "trades", "mart", "cat"])
+def test_training_step_never_waits_for_the_host(batch, tiny_cifar, method):
+    """After the first batch's checks, a method's step (attack, loss, backward, optimiser step) is queued without a
+    host synchronisation, as the README says: the host runs ahead of the GPU."""
+    from iaat.engine.setup import autocast_context
+
+    data, x, y, idx = batch
+    cfg = step_config_for(tiny_cifar, method, amp="bf16")
+    model, net, method_obj = build_step(cfg, data, GPU)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y, idx = x.to(GPU), y.to(GPU), idx.to(GPU)
+    method_obj.start_epoch(0)
+
+    def step():
+        with autocast_context(GPU, "bf16")():
+            loss = method_obj.compute(net, x, y, idx).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # the first batch: its checks sync, as documented
+    on_gpu = GPU.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def step_config_for(data_dir, method: str, **train):
+    """The fast-path tests' config with another method (its defaults) and random starts on."""
+    from test_fast_path import step_config
+
+    cfg = step_config(data_dir, **train)
+    return config_from_dict({**cfg.to_dict(), "method": {"name": method},
+                             "attack": {**cfg.to_dict()["attack"], "random_start": True}})
+
+
 @pytest.mark.parametrize("fmt, name", [("safetensors", "model.safetensors"), ("torchscript", "model.pt"),
                                        ("export", "model.pt2")])
 def test_an_exported_model_runs_on_the_gpu(tiny_run, tmp_path, fmt, name):

@@ -270,6 +270,24 @@ def test_model_mode_buffers_and_grads_untouched(training, norm, restarts):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_parameters_are_frozen_during_the_attack_and_restored_after():
+    """An attack differentiates w.r.t. its input only: the weights are frozen meanwhile (a compiled backward would
+    compute their gradients too), frozen layers of the caller stay frozen, and a graph built before the attack
+    still trains the weights after it."""
+    model = _bn_model().train()
+    first = next(model.parameters())
+    first.requires_grad_(False)  # the caller's frozen layer
+    seen: list = []
+    model.register_forward_hook(lambda m, i, o: seen.append(any(p.requires_grad for p in m.parameters())))
+    x, y = _batch()
+    clean_loss = F.cross_entropy(model(x), y)  # built before the attack, backpropagated after it
+    pgd(model, x, y, 0.05, steps=2)
+    clean_loss.backward()
+    assert seen[0] and not any(seen[1:]) and len(seen) >= 3  # the clean forward, then the attack's
+    assert not first.requires_grad and first.grad is None
+    assert all(p.requires_grad and p.grad is not None for p in list(model.parameters())[1:])
+
+
 def test_eval_mode_false_uses_train_mode_statistics():
     """Control for the test above: attacking in train mode does move BatchNorm statistics."""
     model = _bn_model().train()

@@ -88,21 +88,27 @@ class AttackResult:
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch.Tensor] = None
                 ) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), then restore its mode.
+    """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), with its parameters frozen,
+    then restore both.
 
     Yields the model to attack: the module itself, taken out of a DistributedDataParallel wrapper
     (an attack needs input gradients only, and must not sync parameter gradients or buffers:
-    the ranks may run different numbers of attacks per step). With ``inputs``, a model that fails on
-    them because its weights are of another float type or on another device is an error that says so.
+    the ranks may run different numbers of attacks per step). The parameters' ``requires_grad`` is off
+    meanwhile: eager autograd would skip their gradients anyway, but a ``torch.compile``d backward computes
+    every gradient its graph has, which made each attack step a third dearer. With ``inputs``, a model that fails
+    on them because its weights are of another float type or on another device is an error that says so.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the model must be a torch.nn.Module (an attack puts it in eval mode and back), got "
                           f"{type(model).__name__}; wrap a function in an nn.Module.")
     model = unwrap(model)
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if eval_mode:
         model.eval()
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         yield model
     except RuntimeError as e:
         mismatch = _weights_mismatch(model, inputs, e)
@@ -110,6 +116,8 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
             raise
         raise ConfigError(f"{mismatch} (the model failed with: {first_line(e, 160)})") from None
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
 
 
@@ -182,9 +190,11 @@ def random_targets(y: torch.Tensor, num_classes: int, generator: Optional[torch.
 
 def _as_radius(value: Radius, batch: int, like: torch.Tensor) -> torch.Tensor:
     """A (B, 1, 1, 1) float tensor from a float or a (B,) tensor."""
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(batch)
+    if isinstance(value, torch.Tensor):
+        t = value.to(dtype=like.dtype, device=like.device)
+        t = t.expand(batch) if t.ndim == 0 else t
+    else:  # a fill: a number copied to the GPU as a tensor would make the host wait for the device
+        t = torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
     if t.shape != (batch,):
         raise ValueError(f"per-sample radius must have shape ({batch},), got {tuple(t.shape)}")
     return t.view(batch, *([1] * (like.ndim - 1)))

@@ -101,7 +101,8 @@ def mean_one(raw: torch.Tensor) -> torch.Tensor:
         >>> mean_one(torch.tensor([1.0, 3.0]))
         tensor([0.5000, 1.5000])
     """
-    stats = distributed.global_sum(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]))
+    count = torch.full((), float(len(raw)), dtype=raw.dtype, device=raw.device)  # a fill: no copy that syncs
+    stats = distributed.global_sum(torch.stack([count, raw.sum()]))
     # every weight 0 (underflowed): no sample weighs more than another as far as float32 tells, so all weigh 1
     return torch.where(stats[1] > 0, raw * (stats[0] / stats[1]), torch.ones_like(raw))
 

@@ -20,11 +20,13 @@ from .base import Method
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def checked_rows(index: torch.Tensor, num_train: int, device: torch.device) -> torch.Tensor:
+def checked_rows(index: torch.Tensor, num_train: int, device: torch.device, values: bool = True) -> torch.Tensor:
     """The positions ``index`` on ``device``; positions outside the training set are a clear error, not an
-    indexing crash in torch (one host sync)."""
+    indexing crash in torch (with ``values``: one host sync when ``index`` is on a GPU)."""
     if index.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"index must hold integer positions in the training set, got {index.dtype}.")
+    if not values:
+        return index.to(device)
     lo, hi = torch.stack(torch.aminmax(index)).tolist()
     if lo < 0 or hi >= num_train:
         raise ConfigError(f"index holds positions {lo}..{hi}, outside the training set of num_train="
@@ -72,8 +74,12 @@ class PerSampleState(Method):
         self.touched = torch.zeros(self.num_train, dtype=torch.bool)  #: rows this rank wrote since a merge
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The batch's rows of the per-sample arrays (see :func:`checked_rows`)."""
-        return checked_rows(index, self.num_train, self.touched.device)
+        """The batch's rows of the per-sample arrays (see :func:`checked_rows`): indices on the CPU (a DataLoader's)
+        checked every batch, indices already on a GPU (iaat's own loader) on the first, to keep the step sync-free."""
+        values = index.device.type == "cpu" or not getattr(self, "_gpu_rows_checked", False)
+        rows = checked_rows(index, self.num_train, self.touched.device, values)
+        self._gpu_rows_checked = True
+        return rows
 
     def write(self, key: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         getattr(self, key)[rows] = values.to(torch.float32)
