@@ -67,10 +67,13 @@ class EMA:
                                   "from those of the model the EMA was built from: pass that same model.")
             self._checked = True
         d = self.current_decay()
-        for avg, w in zip(self.module.parameters(), model.parameters()):
-            avg.mul_(d).add_(w.detach(), alpha=1 - d)
-        for avg, b in zip(self.module.buffers(), model.buffers()):
-            avg.copy_(b)
+        averaged = list(self.module.parameters())
+        if averaged:  # one kernel per dtype and device on a GPU, not three per tensor
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, [w.detach() for w in model.parameters()], alpha=1 - d)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
         self.updates += 1
 
     def state_dict(self) -> dict:
