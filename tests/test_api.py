@@ -22,7 +22,7 @@ DOCUMENTED = ["iaat.units", "iaat.data.batch", "iaat.data.indexed", "iaat.data.i
               "iaat.methods.standard", "iaat.methods.iaat", "iaat.methods.reweighted", "iaat.methods.trades",
               "iaat.methods.mart", "iaat.methods.gair", "iaat.methods.mma", "iaat.methods.cat", "iaat.methods.mail",
               "iaat.methods.per_sample", "iaat.evaluation.api", "iaat.evaluation.attacks", "iaat.ema", "iaat.awp",
-              "iaat.plugins"]
+              "iaat.plugins", "iaat.evaluation.protocol"]
 
 
 @pytest.mark.parametrize("module", DOCUMENTED)

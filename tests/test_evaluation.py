@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import iaat
 import torch.nn.functional as F
 from helpers import run_in_process, run_main
 from torch import nn
@@ -163,6 +164,21 @@ def test_mifgsm_on_a_linear_model_moves_like_fgsm_steps():
     torch.testing.assert_close(mi.x_adv, plain.x_adv)
 
 
+def test_long_attacks_keep_the_usual_step_instead_of_shrinking_it():
+    """The default step is 2.5 * eps / steps up to 10 steps and eps / 4 beyond: PGD-100 and PGD-1000 take the 2/255
+    steps of the usual evaluations at 8/255 (not 0.2/255 and 0.02/255), and the JSON says which step ran."""
+    torch.manual_seed(0)
+    model = _Linear(torch.randn(3, 12), torch.zeros(3))
+    x, y = torch.rand(5, 3, 2, 2) * 0.5 + 0.25, torch.randint(0, 3, (5,))
+    for steps, step in [(4, 2.5 * 0.05 / 4), (10, 2.5 * 0.05 / 10), (100, 0.05 / 4)]:
+        default = pgd(model, x, y, 0.05, steps=steps, random_start=False, final_check=False)
+        given = pgd(model, x, y, 0.05, steps=steps, step_size=step, random_start=False, final_check=False)
+        assert torch.equal(default.x_adv, given.x_adv), steps
+    res = iaat.evaluate(model, x, y, attacks=["pgd:steps=100", "cw", "mifgsm", "pgd:steps=5"], eps=8 / 255)
+    steps = {label: round(255 * a["step"], 6) for label, a in res["attacks"].items()}
+    assert steps == {"PGD-100@8/255": 2.0, "CW-40@8/255": 2.0, "MI-FGSM-10@8/255": 0.8, "PGD-5@8/255": 4.0}
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_deepfool_finds_the_exact_distance_to_a_linear_boundary(norm):
     torch.manual_seed(1)
@@ -227,7 +243,23 @@ def test_checks_stay_quiet_on_an_adversarially_trained_model(digits_eval):
     assert not digits_eval["suspicious"] and not failed, failed
     names = {c["name"] for c in digits_eval["checks"]}
     assert {"deterministic", "useful input gradients", "near zero at a very large eps", "non-increasing in eps",
-            "stronger PGD not higher", "robust <= clean"} <= names
+            "stronger PGD not higher"} <= names
+
+
+@pytest.mark.parametrize("autoattack, passed", [(0.46, True), (0.38, False)])
+def test_autoattack_far_below_pgd_flags_the_pgd_numbers(autoattack, passed):
+    """Croce & Hein's sign of gradient masking: AutoAttack more than 10 points below the strongest PGD."""
+    from iaat.evaluation.checks import run_checks
+
+    e = 8 / 255
+    result = {"n": 1000, "clean": 0.8, "num_classes": 10, "attacks": {
+        "PGD-10@8/255": {"kind": "pgd", "accuracy": 0.5, "eps": e, "norm": "linf", "loss": "ce", "steps": 10,
+                         "restarts": 1},
+        "AutoAttack-standard@8/255": {"kind": "autoattack", "accuracy": autoattack, "eps": e, "norm": "linf"}}}
+    probe = {"max_logit_change": 0.0, "buffers_changed": [], "zero_gradient_share": 0.0,
+             "outputs_are_probabilities": False}
+    check = next(c for c in run_checks(result, probe) if c["name"] == "PGD close to AutoAttack")
+    assert check["passed"] == passed and ("gradient masking" in check["detail"]) != passed, check
 
 
 def test_deepfool_reports_the_size_it_needed(digits_eval):
@@ -461,4 +493,19 @@ def test_imagenet_c_folder_flows_into_the_report(tmp_path):
                          corruption_sets=lambda: sets)
     assert res["clean"] == 1.0 and res["corruptions"]["imagenet_c"] and res["corruptions"]["mCE"] is None
     md = markdown_report(res)
-    assert "Corruption (ImageNet-C)" in md and "ImageNet-C mCE: n/a" in md
+    assert "Corruption (ImageNet-C, " in md and "ImageNet-C mCE: n/a" in md
+
+
+@pytest.mark.parametrize("corr, column, value", [
+    ({"comparable_with_cifar_c": True, "mean": 0.55, "benchmark_mean": 0.6, "per_corruption": dict.fromkeys("abc")},
+     "Corruption (15 benchmark corruptions)", "60.00"),
+    ({"comparable_with_cifar_c": False, "mean": 0.55, "benchmark_mean": None, "per_corruption": dict.fromkeys("ab")},
+     "Corruption (generated, 2 corruptions)", "55.00"),
+])
+def test_the_corruption_column_gives_the_benchmark_mean_where_it_has_one(corr, column, value):
+    """CIFAR-10-C's usual figure is the mean over its 15 benchmark corruptions, not over all 19 of the folder."""
+    from iaat.evaluation.protocol import markdown_report
+
+    md = markdown_report({"n": 10, "eps": 8 / 255, "norm": "linf", "clean": 0.9, "attacks": {}, "corruptions": corr})
+    header, _, row = md.splitlines()[4:7]
+    assert header.split(" | ")[-1].rstrip(" |") == column and row.split(" | ")[-1].rstrip(" |") == value

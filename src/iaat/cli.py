@@ -439,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="protocols:\n" + "\n".join(f"  {k:<8}{v}" for k, v in PROTOCOL_HELP.items())
                        + "\n\nattack specs (--attack KIND[:key=value,...]; sizes in pixel units over 255):\n"
                        "  pgd         steps, restarts, step_size, loss=ce|margin, targeted=true, random_start, eps, norm\n"
+                       "              (default step: 2.5*eps/steps up to 10 steps, eps/4 beyond)\n"
                        "  cw          PGD on the CW margin loss, 40 steps by default\n"
                        "  mifgsm      MI-FGSM: steps (10), step_size (eps/steps), momentum (1.0)\n"
                        "  deepfool    steps (50), candidates (10), overshoot (0.02); accuracy at eps after clipping\n"
-                       "  autoattack  version=standard|quick (APGD-CE + APGD-T); needs pip install pyautoattack\n"
+                       "  autoattack  version=standard|quick (APGD-CE x5 + APGD-T); needs pip install pyautoattack\n"
                        "  transfer    PGD crafted on source=RUN (or --surrogate RUN), tested on this model\n"
                        "e.g. iaat eval runs/x --protocol paper --surrogate runs/x2 --corruptions generated --n 1000")
     p.add_argument("path", metavar="MODEL", nargs="?",
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageNet-C folder (<name>/<severity>/<wnid>/*.JPEG; adds mCE), or 'generated' for an "
                         "offline copy at CIFAR severities (not comparable with CIFAR-10-C)")
     p.add_argument("--sweep-eps", nargs="+", metavar="EPS",
-                   help="accuracy curve over these radii with PGD-10 (paper/full default: 0 2 4 ... 16)")
+                   help="accuracy curve over these radii with PGD-10 (paper/full default: 0 2 4 ... 16; under "
+                        "--norm l2 0 to twice --eps in quarters of it)")
     p.add_argument("--sweep-steps", nargs="+", type=int, metavar="K",
                    help="accuracy curve over PGD steps, from one run of max(K) steps at step eps/4 "
                         "(paper/full default: 1 2 5 10 20 50 100 200 500 1000)")
@@ -481,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="single-attack mode: PGD steps (default 10)")
     p.add_argument("--restarts", type=int, help="single-attack mode: random restarts; a sample must survive all "
                                                 "(default 1)")
-    p.add_argument("--step-size", help=f"single-attack mode: PGD step, {SIZE_HELP} (default 2.5 * eps / steps)")
+    p.add_argument("--step-size", help=f"single-attack mode: PGD step, {SIZE_HELP} (default 2.5 * eps / steps up to "
+                                       f"10 steps, eps / 4 beyond)")
     p.add_argument("--loss", choices=["ce", "margin"], help="single-attack mode: cross-entropy (default) or CW margin")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model (default linf)")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default all)")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..attacks import pgd, random_targets
 from ..attacks.deepfool import deepfool
-from ..attacks.pgd import project
+from ..attacks.pgd import default_step_size, project
 from ..errors import ConfigError
 from ..units import check_size, format_size, parse_size
 
@@ -54,7 +54,9 @@ class AttackSpec:
     eps: Optional[float] = None
     steps: int = 10
     restarts: int = 1
-    step_size: Optional[float] = None  #: default 2.5 * eps / steps (Madry et al.); MI-FGSM: eps / steps
+    #: default 2.5 * eps / steps up to 10 steps, eps / 4 beyond (:func:`~iaat.attacks.pgd.default_step_size`);
+    #: MI-FGSM: eps / steps
+    step_size: Optional[float] = None
     norm: str = "linf"
     loss: str = "ce"
     kind: str = "pgd"
@@ -63,7 +65,9 @@ class AttackSpec:
     momentum: float = 1.0  #: MI-FGSM's decay mu
     candidates: int = 10  #: DeepFool's candidate classes
     overshoot: float = 0.02  #: DeepFool
-    version: str = "standard"  #: AutoAttack: standard | quick (APGD-CE + APGD-T)
+    #: AutoAttack: standard | quick (APGD-CE with 5 restarts, the default of AutoAttack's custom runs, + APGD-T on
+    #: 9 target classes: standard without FAB-T and Square, and with more APGD-CE restarts)
+    version: str = "standard"
     source: Optional[str] = None  #: transfer: the surrogate run folder or checkpoint
     #: stop attacking each sample at its first misclassified iterate (same verdicts, less work; one untargeted
     #: run without momentum only); not part of the label, since the results do not change
@@ -195,7 +199,7 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         step = spec.step_size
         momentum = 0.0
         if spec.kind == "mifgsm":
-            step = step if step is not None else eps / spec.steps
+            step = attack_step(spec)
             momentum = spec.momentum
         stop = spec.stop_on_miss and spec.restarts == 1 and target is None and not momentum
         res = pgd(model, x, y, eps, steps=spec.steps, step_size=step, norm=spec.norm, restarts=spec.restarts,
@@ -250,7 +254,18 @@ def _autoattack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Te
 
 
 def spec_summary(spec: AttackSpec) -> dict:
-    """The spec's fields for JSON, without options that do not apply to its kind."""
+    """The spec's fields for JSON, without options that do not apply to its kind; for the PGD kernel's attacks
+    also ``step``, the step it ran with (``step_size`` is ``None`` where that was the default)."""
     keep = {"eps", "norm", "kind"} | _KEYS[spec.kind]
-    return {k: v for k, v in asdict(spec).items() if k in keep}
+    out = {k: v for k, v in asdict(spec).items() if k in keep}
+    if "step_size" in keep and spec.eps is not None:
+        out["step"] = attack_step(spec)
+    return out
+
+
+def attack_step(spec: AttackSpec) -> float:
+    """The step a PGD-kernel attack of ``spec`` (at its eps) takes: its own, or the default."""
+    if spec.step_size is not None:
+        return spec.step_size
+    return spec.eps / spec.steps if spec.kind == "mifgsm" else default_step_size(spec.eps, spec.steps)
 

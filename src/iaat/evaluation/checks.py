@@ -25,6 +25,10 @@ LARGE_EPS_MAX_ACCURACY = 0.05
 ZERO_GRADIENT_MAX_SHARE = 0.1
 
 
+#: AutoAttack this far below the strongest PGD: PGD is misled (Croce & Hein's sign of gradient masking). Sound models
+#: show a few points (the README's CPU PGD-AT model: 3.6).
+AUTOATTACK_MAX_GAP = 0.10
+
 #: A model whose accuracy rises by this much when its inputs are standardised expects normalised inputs.
 NORMALISED_INPUT_GAIN = 0.25
 
@@ -123,10 +127,7 @@ def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> 
                "the model outputs " + ("probabilities (softmax saturates the attack loss)"
                                        if probe["outputs_are_probabilities"] else "unnormalised logits")),
     ]
-    above = [k for k, a in attacks.items() if a["accuracy"] > clean + 1e-12]
-    checks.append(_check("robust <= clean", not above,
-                         "every attack at or below clean accuracy" if not above
-                         else f"above clean accuracy: {', '.join(above)}"))
+    # (no "attacks at or below clean" check: only clean-correct images are attacked, so it could not fail)
     checks += _stronger_not_higher(attacks, tol)
     checks += _against_whitebox(attacks, tol)
     eps_curve = result.get("curves", {}).get("eps")
@@ -184,6 +185,12 @@ def _against_whitebox(attacks: dict, tol: float) -> list[dict]:
         if a["kind"] == "autoattack":
             out.append(_check("AutoAttack not above PGD", a["accuracy"] <= ref + tol,
                               f"{k} {100 * a['accuracy']:.1f}% vs strongest PGD at {eps} {100 * ref:.1f}%"))
+            gap = ref - a["accuracy"]
+            out.append(_check("PGD close to AutoAttack", gap <= AUTOATTACK_MAX_GAP + tol,
+                              f"{k} is {100 * gap:.1f} points below the strongest PGD at {eps}"
+                              + ("" if gap <= AUTOATTACK_MAX_GAP + tol else
+                                 " (PGD's gradients mislead it: gradient masking, or too weak a PGD; trust AutoAttack, "
+                                 "not PGD, for this model)")))
         if a["kind"] == "transfer":
             out.append(_check("transfer not below white-box", a["accuracy"] >= ref - tol,
                               f"{k} {100 * a['accuracy']:.1f}% vs strongest PGD at {eps} {100 * ref:.1f}%"

@@ -11,7 +11,8 @@ PROTOCOLS: dict[str, list[str]] = {
 PROTOCOLS["full"] = PROTOCOLS["paper"] + ["cw", "mifgsm", "deepfool", "pgd:steps=100,targeted=true",
                                           "autoattack:version=standard"]
 PROTOCOL_HELP = {
-    "paper": "PGD-10 x5, PGD-100 x5, PGD-1000 x2 (IAAT Table 1), eps sweep 0-16/255, steps sweep 1-1000",
+    "paper": "PGD-10 x5, PGD-100 x5, PGD-1000 x2 (IAAT Table 1), eps sweep 0-16/255 (L2: 0-2x eps), steps sweep "
+             "1-1000",
     "quick": "PGD-20 and CW-40",
     "full": "paper + CW-40, MI-FGSM, DeepFool, targeted PGD-100, AutoAttack standard",
 }

@@ -116,10 +116,21 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     sweeps = protocol in ("paper", "full")
     return EvalPlan(
         attacks=resolved, eps=eps[0], norm=norm,
-        eps_sweep=list(eps_sweep) if eps_sweep is not None else (list(DEFAULT_EPS_SWEEP) if sweeps else []),
+        eps_sweep=list(eps_sweep) if eps_sweep is not None else (default_eps_sweep(eps[0], norm) if sweeps else []),
         steps_sweep=sorted(set(steps_sweep)) if steps_sweep is not None else (
             list(DEFAULT_STEPS_SWEEP) if sweeps else []),
         corruptions=corruptions, checks=checks, protocol=protocol)
+
+
+def default_eps_sweep(eps: float, norm: str) -> list[float]:
+    """The eps sweep of the ``paper`` and ``full`` protocols: 0-16/255 in steps of 2/255 under L-inf (the IAAT paper's
+    figure), 0 to twice the evaluation's radius in quarters of it under L2, where pixel radii would mean nothing.
+
+    >>> from iaat.evaluation.protocol import default_eps_sweep
+    >>> [round(255 * e) for e in default_eps_sweep(8 / 255, "linf")], default_eps_sweep(0.5, "l2")
+    ([0, 2, 4, 6, 8, 10, 12, 14, 16], [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
+    """
+    return list(DEFAULT_EPS_SWEEP) if norm == "linf" else [eps * k / 4 for k in range(9)]
 
 
 def _surrogate(spec: AttackSpec) -> Optional[str]:
@@ -321,10 +332,12 @@ def markdown_report(result: dict, title: str = "") -> str:
         vals.append(result["worst_case"]["accuracy"])
     corr = result.get("corruptions")
     if corr:
-        kind = ("" if corr.get("comparable_with_cifar_c") else " (ImageNet-C)" if corr.get("imagenet_c")
-                else " (generated)")
-        cols.append("Corruption" + kind)
-        vals.append(corr["mean"])
+        kind = ([] if corr.get("comparable_with_cifar_c") else ["ImageNet-C"] if corr.get("imagenet_c")
+                else ["generated"])
+        benchmark = corr.get("benchmark_mean") is not None  # the usual figure: the 15 corruptions of the benchmark
+        mean_of = "15 benchmark corruptions" if benchmark else f"{len(corr['per_corruption'])} corruptions"
+        cols.append(f"Corruption ({', '.join(kind + [mean_of])})")
+        vals.append(corr["benchmark_mean"] if benchmark else corr["mean"])
     lines = [f"# {title}" if title else "# Evaluation", "",
              f"{result['n']} images, eps {format_size(result['eps'])} ({result['norm']}); accuracy in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..attacks import AttackResult, pgd
-from ..attacks.pgd import attack_mode, check_autocast_dtype, check_batch_types, check_batch_values, check_logits
+from ..attacks.pgd import (attack_mode, check_autocast_dtype, check_batch_types, check_batch_values, check_logits,
+                           default_step_size)
 from ..errors import ConfigError
 from ..schema import check_type
 from ..units import check_size, python_scalar
@@ -74,8 +75,8 @@ class Method:
 
     Args:
         eps: radius of the training attack, [0, 1] units (8/255).
-        step_size: PGD step, [0, 1] units (default 2.5 * eps / steps, as :func:`iaat.pgd`: 2/255 at 8/255 and
-            10 steps, the papers' setting; a fixed 2/255 could not cross a larger radius in few steps).
+        step_size: PGD step, [0, 1] units (default as :func:`iaat.pgd`: 2.5 * eps / steps up to 10 steps, 2/255
+            at 8/255 and 10 steps, the papers' setting; eps / 4 beyond).
         steps: PGD iterations (10).
         norm: ``"linf"`` or ``"l2"``.
         random_start: start each attack uniformly inside the ball.
@@ -127,7 +128,7 @@ class Method:
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}.")
         if self.step_size is None:
-            self.step_size = 2.5 * self.eps / max(self.steps, 1)
+            self.step_size = default_step_size(self.eps, self.steps)
         elif self.step_size == 0 and self.steps > 0:
             raise ConfigError("step_size must be positive: a step of 0 leaves the attack at its random start.")
         for key in ("num_train", "epochs"):
