@@ -328,11 +328,13 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         correct = logits.detach().argmax(1) == y
         kappa += correct
         first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
-        if s.stop_on_miss and not bool(correct.all()):
-            gone = (~correct).nonzero().squeeze(1)
+        missed = int((~correct).sum()) if s.stop_on_miss else 0  # the step's one host sync
+        if missed:
+            # missed rows first, each part in row order (a stable sort): both index lists from that one count
+            order = torch.argsort(correct.to(torch.uint8), stable=True)
+            gone, keep = order[:missed], order[missed:]
             out_x[rows[gone]] = x[gone] + delta[gone]
             out_kappa[rows[gone]], out_miss[rows[gone]] = kappa[gone], first_miss[gone]
-            keep = correct.nonzero().squeeze(1)
             if len(keep) == 0:
                 return out_x, out_kappa, out_miss
             x, y, eps, alpha, delta, grad, kappa, first_miss, rows = (
