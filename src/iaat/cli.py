@@ -560,8 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Reads only files of the runs (config, metrics, radii, evaluations, checkpoints); "
                                    "needs matplotlib (pip install 'iaat[report]').")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run folders and/or sweep folders")
-    p.add_argument("--out", metavar="DIR", help="report folder (created; files in it are replaced); default: "
-                                                 "FOLDER/report for one run or sweep folder")
+    p.add_argument("--out", metavar="DIR", help="report folder (created; the report's files in it are replaced, and "
+                                                 "figures and tables of an earlier report that this one does not "
+                                                 "write are removed); default: FOLDER/report for one run or sweep "
+                                                 "folder")
     p.add_argument("--data-dir", metavar="DIR", help="data folder for the image grids (default: the run's)")
     p.add_argument("--image-eps", default="16", help=f"radius of the perturbed images shown beside the smallest/"
                                                       f"largest-radius images, {SIZE_HELP} (default 16)")

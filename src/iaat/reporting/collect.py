@@ -15,8 +15,11 @@ import numpy as np
 from ..config import Config, config_from_dict, load_yaml, method_params
 from ..engine import rundir
 from ..errors import CheckpointError, ConfigError
+from ..evaluation.checks import at_chance
 
 _RADII = re.compile(r"epoch_(\d+)\.npy$")
+#: Classes of the data sets whose evaluations predate the evaluation JSON's num_classes.
+_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 #: Methods that train each sample at its own radius (kept in RUN/radii): IAAT's radii, MMA's margins, CAT's radii.
 RADIUS_METHODS = ("iaat", "mma", "cat")
 
@@ -35,6 +38,7 @@ class RunRecord:
     group: str = "run"  #: frontier | run | grid (from the sweep plan) or run
     #: the weights evaluated: trained (no train.ema), ema (the average, what iaat eval uses) or raw (of an EMA run)
     weights: str = "trained"
+    sweep: Optional[Path] = None  #: the sweep folder the run was read from, None for a run given on its own
 
     @property
     def method(self) -> str:
@@ -66,6 +70,33 @@ class RunRecord:
     @property
     def train_seconds(self) -> float:
         return float(sum(row.get("train_seconds", 0.0) for row in self.metrics))
+
+    @property
+    def epochs_done(self) -> int:
+        """The last epoch metrics.jsonl records (0 before the first)."""
+        return max((int(row.get("epoch", 0)) for row in self.metrics), default=0)
+
+    @property
+    def finished(self) -> bool:
+        """Trained all the epochs its config plans (an interrupted or still running run has not)."""
+        return self.epochs_done >= self.cfg.train.epochs
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The number of classes the run's evaluation scored (from its JSON, else from the data set's name)."""
+        return (self.evaluation or {}).get("num_classes") or _KNOWN_CLASSES.get(self.cfg.data.dataset)
+
+    @property
+    def at_chance(self) -> bool:
+        """Evaluated, and its clean accuracy is no better than guessing: its robust accuracy means nothing."""
+        ev = self.evaluation
+        return ev is not None and at_chance(ev.get("clean", 0.0), int(ev.get("n") or 0), self.num_classes)
+
+    @property
+    def worst_case_over(self) -> list[str]:
+        """The attacks the evaluation's worst case is over (those at its main radius); [] for evaluations without
+        one."""
+        return list(((self.evaluation or {}).get("worst_case") or {}).get("over") or [])
 
     def accuracy(self, attack: Optional[str] = None) -> Optional[float]:
         """Clean accuracy (attack None), an attack's accuracy by label, or the worst case ("worst")."""
@@ -162,7 +193,7 @@ def _raw_copy(record: RunRecord, eval_path: Path) -> RunRecord:
     """The point of an EMA run's raw weights (``NAME:raw``): its own evaluation, no radius figures of its own."""
     return RunRecord(name=f"{record.name}:raw", path=record.path, cfg=record.cfg, metrics=record.metrics,
                      evaluation=json.loads(eval_path.read_text()), evaluation_path=eval_path, group=record.group,
-                     weights="raw")
+                     weights="raw", sweep=record.sweep)
 
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
@@ -184,6 +215,7 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
                 if run_dir.resolve() not in seen:
                     seen.add(run_dir.resolve())
                     records.append(_load_run(run_dir, name, groups.get(name, "run"), eval_path(run_dir, key)))
+                    records[-1].sweep = path
                     raw = eval_path(run_dir, key, raw=True)
                     if records[-1].weights == "ema" and raw.is_file():
                         records.append(_raw_copy(records[-1], raw))

@@ -51,21 +51,67 @@ _OTHERS = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": 
            "clean": ("tab:gray", "X")}
 
 
+#: The markers a method's further runs take in turn, after the method's own.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "p", "h", "<", ">", "*")
+
+
+def _shade(color: Any, i: int) -> tuple:
+    """The ``i``-th shade of a colour: the colour itself, then alternately darker and lighter, further each time."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.array(to_rgb(color))
+    step = min(0.22 * ((i + 1) // 2), 0.66)
+    return tuple(float(c) for c in (rgb * (1 - step) if i % 2 else rgb + (1 - rgb) * step))
+
+
+def _marker(base: str, i: int) -> str:
+    """The ``i``-th marker of a method whose first run has ``base``."""
+    start = _MARKERS.index(base) if base in _MARKERS else 0
+    return _MARKERS[(start + i) % len(_MARKERS)]
+
+
 def styles(records: list[RunRecord]) -> dict:
-    """Colour and marker per run (by id), the same in every figure: blues from light to dark for the
-    fixed-eps frontier by radius, a distinct colour per IAAT run (stars), a fixed one per other method."""
+    """Colour and marker per run (by id), the same in every figure, no two legend entries alike: blues from
+    mid to dark for plain PGD-AT by radius (other markers for its EMA / AWP runs), a distinct colour per
+    radius-adaptive run (stars), a colour per other method with a shade and a marker per run of it; an EMA run's
+    ``:raw`` point is its average's style, hollow."""
     plt = pyplot()
-    out = {}
-    front = sorted([r for r in records if r.method == "pgd_at"], key=lambda r: r.cfg.eps)
+    out: dict = {}
+    own = [r for r in records if r.weights != "raw"]
+    front = sorted([r for r in own if r.method == "pgd_at" and not r.parts], key=lambda r: r.cfg.eps)
     for i, r in enumerate(front):
-        out[id(r)] = {"color": plt.cm.Blues(0.35 + 0.6 * i / max(1, len(front) - 1)), "marker": "o"}
-    for i, r in enumerate([r for r in records if r.adaptive]):
-        out[id(r)] = {"color": _ADAPTIVE_COLORS[i % len(_ADAPTIVE_COLORS)], "marker": "*"}
-    for r in records:
+        out[id(r)] = {"color": plt.cm.Blues(0.5 + 0.45 * i / max(1, len(front) - 1)), "marker": "o"}
+    for i, r in enumerate([r for r in own if r.method == "pgd_at" and r.parts]):
+        out[id(r)] = {"color": _shade(plt.cm.Blues(0.75), i // (len(_MARKERS) - 1)),
+                      "marker": _MARKERS[1 + i % (len(_MARKERS) - 1)]}
+    for i, r in enumerate([r for r in own if r.adaptive]):
+        turn, k = divmod(i, len(_ADAPTIVE_COLORS))
+        out[id(r)] = {"color": _ADAPTIVE_COLORS[k], "marker": _marker("*", turn)}
+    seen: dict = {}  # runs of each other method so far (methods without a style of their own share one count)
+    for r in own:
         if id(r) not in out:
+            family = r.method if r.method in _OTHERS else None
+            i = seen[family] = seen.get(family, -1) + 1
             color, marker = _OTHERS.get(r.method, ("black", "^"))
-            out[id(r)] = {"color": color, "marker": marker}
+            out[id(r)] = {"color": _shade(color, i // len(_MARKERS)), "marker": _marker(marker, i)}
+    for r in records:
+        if r.weights == "raw":
+            parent = next((p for p in own if p.path == r.path), None)
+            base = out[id(parent)] if parent is not None else {"color": "black", "marker": "^"}
+            out[id(r)] = {**base, "markerfacecolor": "none", "markeredgecolor": base["color"],
+                          "markeredgewidth": 1.5}
     return out
+
+
+#: Fig. 3's style of a run at chance level: hollow and grey (its robust accuracy means nothing).
+CHANCE_STYLE = {"color": "0.55", "markerfacecolor": "none", "markeredgecolor": "0.45", "markeredgewidth": 1.2}
+
+
+def point_style(r: RunRecord, style: dict) -> tuple[dict, str]:
+    """A run's marker keywords in Fig. 3 and its legend label: grey, hollow and "(chance)" at chance level."""
+    if r.at_chance:
+        return {**style, **CHANCE_STYLE}, f"{r.name} (chance)"
+    return {"markeredgecolor": "black", "markeredgewidth": 0.5, **style}, r.name
 
 
 def _frontier(records: list[RunRecord]) -> list[RunRecord]:
@@ -97,7 +143,7 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
     front = _frontier(records)
     if len(front) > 1:
         ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "--",
-                color="tab:blue", alpha=0.8, lw=1.5, zorder=4, label="fixed-eps PGD-AT frontier")
+                color="tab:blue", alpha=0.8, lw=1.5, zorder=1.5, label="fixed-eps PGD-AT frontier")  # under the points
     points = []
     for r in records:
         if r.evaluation is None or r.accuracy(attack) is None:
@@ -105,14 +151,14 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
         n = int(r.evaluation.get("n") or 0)
         x, y = r.accuracy(attack), r.accuracy()
         (x_lo, x_hi), (y_lo, y_hi) = wilson(x, n), wilson(y, n)
-        style = style_of[id(r)]
+        style, label = point_style(r, style_of[id(r)])
         ax.errorbar([100 * x], [100 * y], xerr=[[100 * (x - x_lo)], [100 * (x_hi - x)]],
-                    yerr=[[100 * (y - y_lo)], [100 * (y_hi - y)]], fmt="none", ecolor=style["color"], alpha=0.45,
+                    yerr=[[100 * (y - y_lo)], [100 * (y_hi - y)]], fmt="none", ecolor=style["color"], alpha=0.7,
                     lw=1, capsize=2, zorder=2)
-        ax.plot([100 * x], [100 * y], linestyle="none", markersize=14 if style["marker"] == "*" else 8,
-                markeredgecolor="black", markeredgewidth=0.5, label=r.name, zorder=3, **style)
+        ax.plot([100 * x], [100 * y], linestyle="none", markersize=14 if style["marker"] == "*" else 8, label=label,
+                zorder=3, **style)
         points.append({"run": r.name, "robust": x, "clean": y, "n": n, "robust_interval": [x_lo, x_hi],
-                       "clean_interval": [y_lo, y_hi], "labelled": r.group != "grid"})
+                       "clean_interval": [y_lo, y_hi], "at_chance": r.at_chance, "labelled": r.group != "grid"})
     _keep_span(ax, [100 * v for p in points for v in p["robust_interval"]],
                [100 * v for p in points for v in p["clean_interval"]])
     _place_labels(ax, [(100 * p["robust"], 100 * p["clean"], p["run"]) for p in points if p["labelled"]])
@@ -161,33 +207,31 @@ def _place_labels(ax: Any, points: list) -> None:
 
 
 def accuracy_over_eps(records: list[RunRecord], stem: Path) -> list[dict]:
-    """Fig. 4: accuracy over the test radius (the evaluation's eps sweep), one line per run (grid runs left out)."""
+    """Fig. 4: accuracy over the test radius (the evaluation's eps sweep), one line per run (grid runs left out).
+    Nothing is written when no evaluation has an eps sweep (returns [])."""
+    shown = [r for r in records if r.group != "grid"] or records
+    with_curve = [(r, r.evaluation["curves"]["eps"]) for r in shown
+                  if ((r.evaluation or {}).get("curves") or {}).get("eps")]
+    if not with_curve:
+        return []
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     style_of = styles(records)
     curves = []
-    shown = [r for r in records if r.group != "grid"] or records
-    for r in shown:
-        curve = (r.evaluation or {}).get("curves", {}).get("eps")
-        if not curve:
-            continue
+    for r, curve in with_curve:
         xs = [p["eps"] * 255 for p in curve["points"]]
         ys = [100 * p["accuracy"] for p in curve["points"]]
         style = style_of[id(r)]
         ax.plot(xs, ys, "-", marker=style["marker"], color=style["color"], markersize=5,
-                lw=2.2 if r.adaptive else 1.4, label=r.name)
-        curves.append({"run": r.name, "eps": [p["eps"] for p in curve["points"]], "accuracy": [y / 100 for y in ys],
-                       "attack": curve.get("attack")})
-    attack = curves[0]["attack"] if curves else "PGD"
+                markerfacecolor=style.get("markerfacecolor", style["color"]), lw=2.2 if r.adaptive else 1.4,
+                label=r.name)
+        curves.append({"run": r.name, "eps": [p["eps"] for p in curve["points"]],
+                       "accuracy": [p["accuracy"] for p in curve["points"]], "attack": curve.get("attack")})
     ax.set_xlabel("test radius ε (pixel units, /255)")
-    ax.set_ylabel(f"accuracy under {attack} (%)")
+    ax.set_ylabel(f"accuracy under {curves[0]['attack'] or 'PGD'} (%)")
     ax.set_title("Robust accuracy over the test radius")
     ax.set_ylim(bottom=0)
-    if curves:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    else:
-        ax.text(0.5, 0.5, "no evaluation has an eps sweep\n(iaat eval RUN --sweep-eps 0 2 4 8)",
-                transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save(fig, stem)
     return curves
 
@@ -204,11 +248,19 @@ def pick_trajectories(stack: np.ndarray, k: int = 8) -> tuple[np.ndarray, np.nda
     return chosen, np.array([share[i] for i in chosen.tolist()])
 
 
+def trajectory_label(position: int, final: float, count: int) -> str:
+    """Fig. 7's legend entry of one trajectory: its sample's position in the training set, its final radius (pixel
+    units, two decimals: IAAT's radii move in steps of γ·β, often below 0.1/255) and how many samples share it."""
+    shared = f" (same as {count - 1} other{'s' if count > 2 else ''})" if count > 1 else ""
+    return f"training position {position}: {final:.2f}/255{shared}"
+
+
 def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
     """Fig. 7: the mean radius per epoch with quantile bands, and the trajectories of a few samples."""
     plt = pyplot()
     rows = [m for m in record.metrics if "radius_mean" in m]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    # each panel its own y axis: one outlying sample would squash the mean and its bands
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = [m["epoch"] for m in rows]
     pixels = lambda key: [m[key] * 255 for m in rows]  # noqa: E731 -- metrics hold [0, 1] units
     if rows:
@@ -239,35 +291,79 @@ def radius_over_epochs(record: RunRecord, stem: Path, k: int = 8) -> dict:
         cmap = plt.cm.viridis
         for j, (i, count) in enumerate(zip(chosen, shared.tolist())):
             right.plot(ep, stack[:, i], "-", color=cmap(j / max(1, len(chosen) - 1)), lw=1.5, marker=".",
-                       label=f"sample {i}: {stack[-1, i]:.1f}/255" + (f" (same as {count - 1} others)" if count > 1 else ""))
+                       label=trajectory_label(i, stack[-1, i], count))
         right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="final radius")
     right.set_xlabel("epoch")
+    right.set_ylabel("radius ε_i (pixel units, /255)")
     right.set_title(f"{len(chosen)} distinct trajectories (spread over the final radii)")
     save(fig, stem)
     return {"run": record.name, "epochs": epochs, "trajectories": chosen}
 
 
+#: Up to this many distinct radii, Fig. 8 draws one bar per radius: IAAT's radii move in steps of γ·β (e.g.
+#: 0.19/255), which equal-width bins would merge.
+MAX_DISTINCT_BARS = 40
+#: When a panel's largest bar is more than this many times the median of its other bars, Fig. 8 counts on a log axis,
+#: so that a spike (e.g. every misclassified sample at radius 0) does not flatten the rest.
+LOG_RATIO = 20
+
+
+def histogram_layout(values: list[np.ndarray], bins: int = 30) -> dict:
+    """The bars Fig. 8 draws for each panel's radii (pixel units), shared by the panels: one bar per distinct radius
+    (to 1e-4/255) when there are at most MAX_DISTINCT_BARS (``centers``, ``width``), else ``bins`` equal bins over
+    [min, max] (``edges``); ``counts`` per panel, and ``log`` when a largest bar dwarfs the rest."""
+    rounded = [np.round(np.asarray(v, dtype=float), 4) for v in values]
+    distinct = np.unique(np.concatenate(rounded))
+    if len(distinct) <= MAX_DISTINCT_BARS:
+        span = float(distinct[-1] - distinct[0])
+        gap = float(np.diff(distinct).min()) if len(distinct) > 1 else 1.0
+        width = max(0.8 * gap, span / 150)  # no thinner than a line, however close two radii are
+        layout: dict = {"centers": distinct, "width": width,
+                        "counts": [np.array([int((v == d).sum()) for d in distinct]) for v in rounded]}
+    else:
+        edges = np.linspace(distinct[0], distinct[-1], bins + 1)
+        layout = {"edges": edges, "counts": [np.histogram(v, bins=edges)[0] for v in rounded]}
+    layout["log"] = any(_dwarfs(c) for c in layout["counts"])
+    return layout
+
+
+def _dwarfs(counts: np.ndarray) -> bool:
+    """The largest bar is more than LOG_RATIO times the median of the other (non-empty) bars."""
+    top = np.sort(counts[counts > 0])[::-1]
+    return len(top) > 1 and top[0] > LOG_RATIO * float(np.median(top[1:]))
+
+
 def radius_histograms(record: RunRecord, stem: Path, panels: int = 4) -> dict:
-    """Fig. 8: histograms of the radii at a few epochs, on one shared axis."""
+    """Fig. 8: histograms of the radii at a few epochs, on shared axes (see :func:`histogram_layout`)."""
     plt = pyplot()
     warmup = record.params.get("warmup_epochs", 0)
     ep = [e for e in sorted(record.radii) if e >= warmup] or sorted(record.radii)  # from the last warmup epoch on
     pick = sorted({ep[i] for i in np.linspace(0, len(ep) - 1, min(panels, len(ep))).round().astype(int)})
     fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 3.2), sharex=True, sharey=True, squeeze=False)
-    values = {e: record.radii_at(e) * 255 for e in pick}
-    top = max(float(v.max()) for v in values.values())
-    bins = np.linspace(0, max(top, 1e-3) * 1.02, 31)
-    for ax, e in zip(axes[0], pick):
-        v = values[e]
-        ax.hist(v, bins=bins, color="tab:red", alpha=0.8, edgecolor="white", linewidth=0.4)
-        ax.axvline(v.mean(), color="black", lw=1, ls="--", label="mean")
-        ax.set_title(f"epoch {e}: mean {v.mean():.2f}/255", fontsize=9)
+    values = [record.radii_at(e) * 255 for e in pick]
+    layout = histogram_layout(values)
+    for ax, e, v, counts in zip(axes[0], pick, values, layout["counts"]):
+        if "centers" in layout:
+            ax.bar(layout["centers"], counts, width=layout["width"], color="tab:red", alpha=0.8)
+        else:
+            edges = layout["edges"]
+            ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:red", alpha=0.8,
+                   edgecolor="white", linewidth=0.4)
+        ax.axvline(v.mean(), color="black", lw=1, ls="--")
+        ax.set_title(f"epoch {e}: mean {v.mean():.2f}/255 (dashed)", fontsize=9)
         ax.set_xlabel("radius (pixel units, /255)")
-    axes[0][0].set_ylabel("training samples")
-    axes[0][0].legend(loc="upper right")
-    fig.suptitle(f"{record.name}: distribution of the per-sample radii", y=1.03)
+    if "centers" in layout and len(layout["centers"]) == 1:  # one radius: a bar of some width around it
+        axes[0][0].set_xlim(layout["centers"][0] - 1, layout["centers"][0] + 1)
+    if layout["log"]:
+        axes[0][0].set_yscale("log")
+    axes[0][0].set_ylabel("training samples" + (" (log scale)" if layout["log"] else ""))
+    fig.suptitle(f"{record.name}: distribution of the per-sample radii"
+                 + (", one bar per radius" if "centers" in layout else ""), y=1.03)
     save(fig, stem)
-    return {"run": record.name, "epochs": pick}
+    bars = ({"centers": layout["centers"].tolist(), "width": layout["width"]} if "centers" in layout
+            else {"edges": layout["edges"].tolist()})
+    return {"run": record.name, "epochs": pick, **bars, "counts": [c.tolist() for c in layout["counts"]],
+            "log_y": layout["log"]}
 
 
 def image_grid(images: np.ndarray, adversarial: np.ndarray, captions: list[str], adv_captions: list[str],
@@ -275,7 +371,7 @@ def image_grid(images: np.ndarray, adversarial: np.ndarray, captions: list[str],
     """Figs. 2, 5, 6: each image above its perturbed version, captions under each."""
     plt = pyplot()
     k = len(images)
-    fig, axes = plt.subplots(2, k, figsize=(1.45 * k, 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, k, figsize=(1.45 * k, 4.0), squeeze=False)
     for j in range(k):
         for row, (batch, text) in enumerate(((images, captions), (adversarial, adv_captions))):
             ax = axes[row][j]
@@ -296,6 +392,18 @@ def image_grid(images: np.ndarray, adversarial: np.ndarray, captions: list[str],
 
 def class_name(label: int, dataset: str) -> str:
     return CIFAR10_CLASSES[label] if dataset == "cifar10" and 0 <= label < 10 else str(label)
+
+
+def grid_weights(record: RunRecord) -> str:
+    """The weights (load_run's ``weights=``) the image grids use: those the run is reported with, the average of
+    an EMA run (unless its evaluation is of its raw weights), else the trained ones."""
+    return "ema" if record.weights == "ema" else "raw"
+
+
+def prediction_caption(clean: int, adversarial: int, dataset: str) -> str:
+    """Under a perturbed image: the prediction on the clean image and on the perturbed one, so that a sample
+    misclassified when clean is not blamed on the attack."""
+    return f"clean: {class_name(clean, dataset)}\nadv: {class_name(adversarial, dataset)}"
 
 
 def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], image_eps: float, device: str,
@@ -320,8 +428,10 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     splits = load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir, False, image_size=cfg.data.image_size,
                           resize=cfg.data.resize)
     dev = resolve_device(device)
-    model, _, _, _ = load_run(record.path, dev)
-    drawn = {}
+    weights = grid_weights(record)
+    model, _, _, _ = load_run(record.path, dev, weights=weights)
+    named = "EMA weights" if weights == "ema" else "trained weights"
+    drawn: dict = {"weights": "EMA" if weights == "ema" else "trained"}
     for which, rows in groups.items():
         idx = torch.as_tensor(train_idx[rows], dtype=torch.long)
         subset = splits.train.subset(idx)
@@ -332,15 +442,17 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
         res = pgd(model, x, y, image_eps, steps=20, step_size=image_eps / 4)
         torch.random.set_rng_state(gen_state)
         with torch.no_grad():
-            pred = model(res.x_adv).argmax(1).cpu()
+            clean_pred = model(x).argmax(1).cpu().tolist()
+            pred = model(res.x_adv).argmax(1).cpu().tolist()
         labels = y.cpu().tolist()
         captions = [f"{class_name(c, cfg.data.dataset)}\n{final[r] * 255:.2f}/255" for c, r in zip(labels, rows)]
-        adv_captions = [f"→ {class_name(int(p), cfg.data.dataset)}" for p in pred]
-        title = (f"{record.name}: the {k} training images with the {which} final radii (class, radius); "
-                 f"below, PGD-20 at {image_eps * 255:g}/255 (→ prediction)")
+        adv_captions = [prediction_caption(c, a, cfg.data.dataset) for c, a in zip(clean_pred, pred)]
+        title = (f"{record.name} ({named}): the {k} training images with the {which} final radii (class, radius)"
+                 f"\nbelow: PGD-20 at {image_eps * 255:g}/255, with the predictions on the clean and the perturbed image")
         image_grid(x.cpu().numpy(), res.x_adv.detach().cpu().numpy(), captions, adv_captions, title,
                    stem.with_name(f"{stem.name}_{which}"))
         edge = final[rows[-1]]  # ties at the edge of the group: which of them are shown is training-set order
         drawn[which] = {"train_positions": rows.tolist(), "radii": final[rows].tolist(), "labels": labels,
+                        "clean_predictions": clean_pred, "adversarial_predictions": pred,
                         "tied_at_edge": int((final == edge).sum())}
     return {"run": record.name, **drawn}

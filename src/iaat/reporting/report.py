@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import CheckpointError, ConfigError, DataError
-from ..evaluation.checks import at_chance
 from ..units import format_size, parse_size
 from . import figures, tables
 from .collect import RunRecord, collect_runs
-
-#: Classes of the data sets whose evaluations predate the evaluation JSON's num_classes.
-_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
 FIGURE_NOTES = {
     "fig3_tradeoff": "Fig. 3 — clean accuracy against robust accuracy; the fixed-eps PGD-AT runs trace the "
@@ -23,48 +20,106 @@ FIGURE_NOTES = {
 
 
 def _main_attack(records: list[RunRecord]) -> tuple[str, str]:
-    """The attack the tradeoff and the small tables use: the worst case over all attacks when there are
-    several, else the one attack; with a caption naming it and the radius."""
-    labels = tables.attack_labels(records)
+    """The attack the tradeoff and the small tables use, with a caption naming it: the worst case over the
+    attacks at the evaluation's radius (its ``worst_case["over"]``) when there are several, else the one attack.
+    Evaluations without a worst case (older ones) fall back to the lowest accuracy of all their attacks."""
     evaluated = [r for r in records if r.evaluation]
     eps = format_size(evaluated[0].evaluation["eps"]) if evaluated else "?"
+    overs = list(dict.fromkeys(tuple(r.worst_case_over) for r in evaluated if r.worst_case_over))
+    if len(overs) > 1:
+        return "worst", f"worst case of each run's own attacks at ε = {eps}, which differ between the runs"
+    if overs:
+        return "worst", f"worst case of {', '.join(overs[0])}" if len(overs[0]) > 1 else overs[0][0]
+    labels = tables.attack_labels(records)
     if len(labels) > 1:
-        return "worst", f"worst case of {', '.join(labels)}"
+        return "worst", f"lowest accuracy of {', '.join(labels)}"
     if labels:
         return labels[0], labels[0]
     return "worst", f"ε = {eps}"
 
 
-def _warn_if_evaluated_differently(evaluated: list, log: Callable[[str], None]) -> None:
-    """The runs of one report should share their evaluation (radius, norm, images); say which differ."""
+def _attack_set(r: RunRecord) -> str:
+    """The attacks a run's robust accuracy is the worst case over (all of its attacks for an evaluation without a
+    worst case)."""
+    return ", ".join(r.worst_case_over or (r.evaluation or {}).get("attacks", {}))
+
+
+def _warn_if_evaluated_differently(evaluated: list, log: Callable[[str], None]) -> list[str]:
+    """The runs of one report should share their evaluation (radius, norm, images, attacks); say which differ.
+    Returns the warning (without the console prefix), for report.md; none when they all agree."""
     groups: dict = {}
     for r in evaluated:
         ev = r.evaluation
         eps = ev.get("eps")
-        key = (format_size(eps) if isinstance(eps, (int, float)) else "?", ev.get("norm"), ev.get("n"))
+        key = (format_size(eps) if isinstance(eps, (int, float)) else "?", ev.get("norm"), ev.get("n"), _attack_set(r))
         groups.setdefault(key, []).append(r.name)
-    if len(groups) > 1:
-        log("iaat: warning: the runs were evaluated differently, so their numbers do not compare across these "
-            "groups: " + "; ".join(f"eps {e} {norm}, {n} images: {', '.join(names)}"
-                                   for (e, norm, n), names in groups.items()))
+    if len(groups) < 2:
+        return []
+    text = ("the runs were evaluated differently, so their numbers do not compare across these groups: "
+            + "; ".join(f"eps {e} {norm}, {n} images{f', attacks {attacks}' if attacks else ''}: {', '.join(names)}"
+                        for (e, norm, n, attacks), names in groups.items()))
+    log(f"iaat: warning: {text}")
+    return [text]
+
+
+def _run_warnings(records: list[RunRecord], log: Callable[[str], None]) -> list[str]:
+    """What a reader must know about single runs (not evaluated, not trained to the end, at chance level): said on
+    the console and returned for report.md."""
+    said = []
+    for r in records:
+        if r.evaluation is None:
+            radius_figs = (f"; its radius figures (Figs. {'2, ' if r.group != 'grid' else ''}7, 8) are drawn"
+                           if r.adaptive and r.radii else "")
+            said.append(f"{r.name} has no test evaluation yet: Table 1 lists it as not evaluated, and it is left out "
+                        f"of Figs. 3 and 4 and of the comparison tables{radius_figs}. To evaluate it: "
+                        f"{tables.how_to_evaluate([r])}")
+        elif r.at_chance:
+            said.append(f"{r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on {r.num_classes} "
+                        f"classes): its robustness numbers mean nothing (hollow grey in Fig. 3, "
+                        f"{tables.CHANCE_MARK} in the tables)")
+        if not r.finished and r.weights != "raw":  # an EMA run's :raw point is the same run: said once
+            said.append(f"{r.name} trained {r.epochs_done} of its {r.cfg.train.epochs} planned epochs (interrupted, "
+                        f"or still training): its numbers are of a model trained for less than planned")
+    for line in said:
+        log(f"iaat: warning: {line}")
+    return said
+
+
+#: The files a report writes besides report.md and report.json. Only files named like these are ever removed from
+#: --out (those an earlier report wrote that this one did not), nothing else in the folder.
+REPORT_FILE = re.compile(r"fig(2_images_.+_(smallest|largest)|3_tradeoff|4_accuracy_over_eps|7_radius_over_epochs_.+"
+                         r"|8_radius_histograms_.+)\.(png|svg)|table(1_robustness|5_warmup|7_line_search|8_mixup"
+                         r"|9_sensitivity|_parts|_family)\.md")
+
+
+def remove_stale_files(out: Path, written: set[str], log: Callable[[str], None]) -> list[str]:
+    """Remove from ``out`` the figure and table files of an earlier report that this report did not write (a run
+    left out, a figure omitted), so that the folder shows one report; returns their names."""
+    stale = sorted(p.name for p in out.iterdir()
+                   if REPORT_FILE.fullmatch(p.name) and p.name not in written and p.is_file() and not p.is_symlink())
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        log(f"iaat: removed {len(stale)} file(s) of an earlier report in {out} that this report does not write: "
+            f"{', '.join(stale)}")
+    return stale
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, image_eps: str = "16",
                 device: str = "auto", log: Callable[[str], None] = print) -> Path:
-    """Write the figures (PNG, SVG), the tables (markdown), report.json and report.md into ``out``."""
+    """Write the figures (PNG, SVG), the tables (markdown), report.json and report.md into ``out``; figure and
+    table files of an earlier report in ``out`` that this one does not write are removed."""
     figures.pyplot()  # a missing matplotlib is reported before anything is read
     eps_images = parse_size(image_eps, "--image-eps", allow_zero=False)
     records = collect_runs(paths)
     if not records:
         raise CheckpointError("no runs to report: the sweep folders hold no started runs yet.")
     evaluated = [r for r in records if r.evaluation]
-    for r in records:
-        if r.evaluation is None:
-            log(f"iaat: warning: {r.name} has no test evaluation yet; it is left out of the figures and tables")
-        elif at_chance(r.evaluation.get("clean", 0.0), int(r.evaluation.get("n") or 0), _classes(r)):
-            log(f"iaat: warning: {r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on "
-                f"{_classes(r)} classes): its robustness numbers mean nothing")
-    _warn_if_evaluated_differently(evaluated, log)
+    warned = _run_warnings(records, log) + _warn_if_evaluated_differently(evaluated, log)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -75,12 +130,15 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         summary["runs"].append({"name": r.name, "path": str(r.path), "method": r.method, "group": r.group,
                                 "train_eps": r.train_eps, "clean": r.accuracy(), "robust": r.accuracy(attack),
                                 "evaluation": str(r.evaluation_path) if r.evaluation_path else None,
-                                "train_seconds": r.train_seconds, "epochs": len(r.metrics),
+                                "train_seconds": r.train_seconds, "epochs": r.epochs_done,
+                                "epochs_planned": r.cfg.train.epochs, "at_chance": r.at_chance,
                                 "eval_seconds": ((r.evaluation or {}).get("seconds") or {}).get("this_run")})
     fig_md: list[str] = []
+    written: set[str] = set()
 
     def figure(stem: str, title: str, note: str = "") -> None:
         summary["figures"].setdefault(stem, [])
+        written.update({f"{stem}.png", f"{stem}.svg"})
         fig_md.append(f"### {title}\n\n{note + chr(10) + chr(10) if note else ''}![{title}]({stem}.png)\n")
 
     if evaluated:
@@ -90,7 +148,13 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         if curves:
             summary["figures"]["fig4_accuracy_over_eps"] = curves
             figure("fig4_accuracy_over_eps", "Accuracy over the test radius", FIGURE_NOTES["fig4_accuracy_over_eps"])
+        else:
+            fig_md.append(OMITTED["fig4"])
+    else:
+        fig_md.append(OMITTED["fig3"])
     adaptive = [r for r in records if r.adaptive and r.radii]
+    if not adaptive:
+        fig_md.append(OMITTED["radii"])
     for r in adaptive:
         stem = f"fig7_radius_over_epochs_{r.name}".replace("/", "_")
         summary["figures"][stem] = figures.radius_over_epochs(r, out / stem)
@@ -108,56 +172,80 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
             continue
         summary["figures"][stem] = drawn
         for which in ("smallest", "largest"):
+            written.update({f"{stem}_{which}.png", f"{stem}_{which}.svg"})
             tied = drawn[which]["tied_at_edge"]
             first = "first" if which == "smallest" else "last"  # the largest are the sorted order read backwards
             ties = (f" {tied} samples share the radius at the edge of this group; those shown come {first} in "
                     f"training-set order." if tied > 1 else "")
             fig_md.append(f"### {r.name}: training images with the {which} radii\n\nFigs. 2, 5, 6 — each image "
-                          f"above its PGD-20 perturbation at {format_size(eps_images)}, with class, final radius "
-                          f"and the prediction on the perturbed image.{ties}\n\n![{which}]({stem}_{which}.png)\n")
+                          f"above its PGD-20 perturbation at {format_size(eps_images)} ({drawn['weights']} weights), "
+                          f"with class and final radius, and the model's prediction on the clean and on the "
+                          f"perturbed image.{ties}\n\n![{which}]({stem}_{which}.png)\n")
 
     table_specs = {
         "table1_robustness": ("Table 1 — clean and robust accuracy (%)", tables.robustness_table(records)),
-        "table5_warmup": ("Table 5 — IAAT with and without warmup", tables.warmup_table(evaluated)),
+        "table5_warmup": ("Table 5 — IAAT with and without warmup", tables.warmup_table(records)),
         "table7_line_search": ("Table 7 — Alg. 2 against the exact line search over ε",
-                               tables.line_search_table(evaluated)),
-        "table8_mixup": ("Table 8 — Mixup-AT against IAAT", tables.mixup_table(evaluated)),
+                               tables.line_search_table(records)),
+        "table8_mixup": ("Table 8 — Mixup-AT against IAAT", tables.mixup_table(records)),
         "table9_sensitivity": ("Table 9 — sensitivity of IAAT to γ and β (clean / robust %)",
-                               tables.sensitivity_table(evaluated, attack)),
-        "table_parts": ("Weight averaging (EMA), AWP and MART beside PGD-AT", tables.parts_table(evaluated)),
-        "table_family": ("The instance-adaptive family beside PGD-AT", tables.family_table(evaluated)),
+                               tables.sensitivity_table(records, attack)),
+        "table_parts": ("Weight averaging (EMA), AWP and MART beside PGD-AT", tables.parts_table(records)),
+        "table_family": ("The instance-adaptive family beside PGD-AT", tables.family_table(records)),
     }
     table_md = []
     for stem, (title, body) in table_specs.items():
         (out / f"{stem}.md").write_text(f"## {title}\n\n{body}")
+        written.add(f"{stem}.md")
         summary["tables"][stem] = body
         table_md.append(f"### {title}\n\n{body}")
+    remove_stale_files(out, written, log)
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_report_md(records, evaluated, caption, fig_md, table_md))
+    (out / "report.md").write_text(_report_md(records, evaluated, caption, warned, fig_md, table_md))
     return out / "report.md"
 
 
-def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: str, fig_md: list[str],
-               table_md: list[str]) -> str:
+#: report.md's line for a figure that is not drawn, and why.
+OMITTED = {
+    "fig3": "_Figs. 3 and 4 are omitted: no run is evaluated yet._\n",
+    "fig4": "_Fig. 4 (accuracy over the test radius) is omitted: no evaluation has an eps sweep (a sweep's "
+            "`eval: sweep_eps`, or `iaat eval RUN --sweep-eps 0 2 4 8`)._\n",
+    "radii": "_Figs. 2, 7 and 8 (the per-sample radii) are omitted: no run keeps per-sample radii (IAAT, MMA and CAT "
+             "runs save them in RUN/radii)._\n",
+}
+
+
+def _epochs_text(records: list[RunRecord]) -> str:
+    """The header's epochs: one number when every run plans the same, else the range; never claims a run finished
+    that did not."""
+    planned = sorted({r.cfg.train.epochs for r in records})
+    text = _plural(planned[0], "epoch") if len(planned) == 1 else f"{planned[0]}-{planned[-1]} epochs (by run)"
+    unfinished = [r for r in records if not r.finished and r.weights != "raw"]
+    if unfinished:
+        text += f" planned, {len(unfinished)} of the runs not trained to the end (see the warnings)"
+    return text
+
+
+def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: str, warned: list[str],
+               fig_md: list[str], table_md: list[str]) -> str:
     lines = ["# Report", ""]
     if evaluated:
         ev = evaluated[0].evaluation
         cfg = evaluated[0].cfg
-        lines += [f"{len(records)} runs ({len(evaluated)} evaluated); {cfg.model.name} on {cfg.data.dataset} "
-                  f"({ev.get('data_source', '')}), training subset {cfg.data.train_subset or 'all'}, "
-                  f"{cfg.train.epochs} epochs. Evaluation: the first {ev['n']} {ev.get('split', 'test')} images at "
+        lines += [f"{_plural(len(records), 'run')} ({len(evaluated)} evaluated); {cfg.model.name} on "
+                  f"{cfg.data.dataset} ({ev.get('data_source', '')}), training subset {cfg.data.train_subset or 'all'}"
+                  f", {_epochs_text(records)}. Evaluation: the first {ev['n']} {ev.get('split', 'test')} images at "
                   f"ε = {format_size(ev['eps'])}; robust accuracy in the figures and small tables is the {caption} "
                   f"(a sample counts as robust only if no attack iterate misclassifies it).", ""]
+    if warned:
+        lines += ["## Warnings", ""] + [f"- {line}." for line in warned] + [""]
     if evaluated:
         lines += ["| run | clean % | robust % |", "|---|---|---|"]
-        lines += [f"| {r.name} | {100 * r.accuracy():.1f} | {100 * (r.accuracy('worst') or 0):.1f} |"
+        lines += [f"| {r.name} | {tables.clean_cell(r)} | {100 * (r.accuracy('worst') or 0):.1f} |"
                   for r in evaluated]
+        if any(r.at_chance for r in evaluated):
+            lines += ["", tables.CHANCE_NOTE.strip()]
         lines.append("")
     lines += ["## Figures", ""] + fig_md + ["## Tables", ""] + table_md
     lines += ["", "Made by `iaat report` from the saved run folders: " + ", ".join(f"`{r.path}`" for r in records)]
     return "\n".join(lines) + "\n"
-
-
-def _classes(record: RunRecord) -> Optional[int]:
-    """The number of classes the run's evaluation scored (from its JSON, else from the data set's name)."""
-    return (record.evaluation or {}).get("num_classes") or _KNOWN_CLASSES.get(record.cfg.data.dataset)
