@@ -169,6 +169,19 @@ def test_compiled_step_matches_plain_loop(batch, tiny_cifar):
     assert cosine(fast_grads, plain_grads) > 0.999
 
 
+@pytest.mark.parametrize("method, dynamic", [("pgd_at", False), ("trades", False), ("iaat", None), ("mma", None)])
+def test_compile_keeps_static_shapes_unless_the_method_attacks_sub_batches(tiny_cifar, monkeypatch, method, dynamic):
+    """Static graphs where every batch keeps its shape (the last, smaller batch gets its own instead of turning every
+    later step's graph into a dynamic-shape one); torch's automatic dynamic shapes where sub-batches vary."""
+    import iaat.engine.setup as setup
+
+    seen: list = []
+    monkeypatch.setattr(setup.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    cfg = config_from_dict({**step_config(tiny_cifar, compile=True).to_dict(), "method": {"name": method}})
+    build_step(cfg, prepare_data(cfg), CPU)
+    assert seen == [{"dynamic": dynamic}]
+
+
 def test_resume_may_switch_layout_but_not_precision(tiny_cifar, tmp_path):
     from helpers import run_main, tiny_train_args
 

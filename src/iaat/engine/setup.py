@@ -75,9 +75,15 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
     return model
 
 
-def compile_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """``torch.compile(model)`` when ``train.compile`` is on (the returned wrapper shares its weights), else ``model``."""
-    return torch.compile(model) if cfg.train.compile else model
+def compile_model(model: nn.Module, cfg: Config, dynamic: Optional[bool] = None) -> nn.Module:
+    """``torch.compile(model, dynamic=dynamic)`` when ``train.compile`` is on (the returned wrapper shares its
+    weights), else ``model``.
+
+    ``dynamic=False`` suits methods whose batches keep their shape: the epoch's last, smaller batch then gets
+    static graphs of its own, where torch's automatic dynamic shapes would recompile for it with a symbolic batch
+    size and run every later step through those more general graphs. Methods that attack sub-batches of
+    data-dependent size (IAAT, MMA) need ``None``, torch's default."""
+    return torch.compile(model, dynamic=dynamic) if cfg.train.compile else model
 
 
 @contextlib.contextmanager

@@ -125,7 +125,9 @@ def build_step(cfg: Config, data, device: torch.device, info: distributed.DistIn
     model = prepare_model(model, cfg, device)
     method = build_method(cfg, len(data.train), attack_dtype=attack_autocast_dtype(cfg),
                           compiled=cfg.train.compile).to(device)
-    net = _wrap_ddp(compile_model(model, cfg), info, device)  # same initial weights everywhere: seeds, DDP broadcast
+    shapes = None if method.varying_batches else False  # see compile_model
+    # same initial weights everywhere: seeds, DDP broadcast
+    net = _wrap_ddp(compile_model(model, cfg, dynamic=shapes), info, device)
     return model, net, method
 
 

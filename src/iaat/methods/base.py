@@ -97,6 +97,8 @@ class Method:
     needs_index: ClassVar[bool] = False  #: keeps per-sample state: ``loss`` needs each sample's index
     needs_epoch: ClassVar[bool] = False  #: depends on the epoch: ``start_epoch`` must come first
     log_keys: ClassVar[tuple] = ()  #: metrics worth the console line of every epoch (e.g. IAAT's mean radius)
+    #: attacks sub-batches of data-dependent size (a compiled model then needs dynamic shapes)
+    varying_batches: ClassVar[bool] = False
 
     eps: float = size(8 / 255)
     step_size: Optional[float] = size(None)

@@ -172,6 +172,7 @@ class IAAT(PerSampleState, GairParams, CompatParams):
     """
 
     name = "iaat"
+    varying_batches = True  # selection and training attacks on the samples still standing
     needs_epoch = True
     state_keys = ("memory",)  # exported as RUN/radii/ (epoch_arrays)
     size_keys = ("memory",)

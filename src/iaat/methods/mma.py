@@ -119,6 +119,7 @@ class MMA(PerSampleState):
     """
 
     name = "mma"
+    varying_batches = True  # the margin search on the misclassified samples only
     log_keys = ("radius_mean", "train_hinged")
     state_keys = ("radii",)
     size_keys = ("radii",)
