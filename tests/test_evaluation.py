@@ -509,3 +509,24 @@ def test_the_corruption_column_gives_the_benchmark_mean_where_it_has_one(corr, c
     md = markdown_report({"n": 10, "eps": 8 / 255, "norm": "linf", "clean": 0.9, "attacks": {}, "corruptions": corr})
     header, _, row = md.splitlines()[4:7]
     assert header.split(" | ")[-1].rstrip(" |") == column and row.split(" | ")[-1].rstrip(" |") == value
+
+
+def test_end_of_epoch_accuracy_attacks_only_what_it_can_count(monkeypatch):
+    """The trainer's held-out evaluation counts a sample robust only if it is classified correctly when clean, so it
+    attacks those alone (at CPU scale two thirds of the images are misclassified: most of its attack time)."""
+    from iaat.data import ImageSet
+    from iaat.evaluation import robustness
+
+    torch.manual_seed(0)
+    model = _Linear(torch.randn(3, 12), torch.zeros(3))
+    x = (torch.rand(40, 3, 2, 2) * 255).to(torch.uint8)
+    with torch.no_grad():
+        clean = model(x.float() / 255).argmax(1)
+    y = torch.where(torch.arange(40) % 2 == 0, clean, (clean + 1) % 3)  # every other image misclassified
+    attacked: list = []
+    real = robustness.run_attack
+    monkeypatch.setattr(robustness, "run_attack", lambda spec, m, xs, ys, **kw: attacked.append(ys) or real(
+        spec, m, xs, ys, **kw))
+    res = robustness.accuracy(model, ImageSet(x, y), [AttackSpec(eps=8 / 255, steps=3)], batch_size=16)
+    assert res["clean"] == 0.5 and sum(len(t) for t in attacked) == 20
+    assert res["attacks"]["PGD-3@8/255"]["accuracy"] <= 0.5

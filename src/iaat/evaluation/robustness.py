@@ -45,10 +45,12 @@ def accuracy(model: nn.Module, data: ImageSet, attacks: Sequence[AttackSpec] = (
                 logits = model(x)
             ok = logits.argmax(1) == y
             clean_correct += ok.sum()
-            for spec in attacks:
-                out = run_attack(spec, model, x, y, num_classes=num_classes or logits.shape[1],
-                                 autocast_dtype=autocast_dtype)
-                robust[spec.label] += (ok & out["robust"]).sum()
+            hit = ok.nonzero().squeeze(1) if attacks else None  # only these can count as robust: attack them alone
+            if attacks and len(hit):
+                for spec in attacks:
+                    out = run_attack(spec, model, x[hit], y[hit], num_classes=num_classes or logits.shape[1],
+                                     autocast_dtype=autocast_dtype)
+                    robust[spec.label] += out["robust"].sum()
     out = {"n": n, "clean": clean_correct.item() / max(n, 1), "attacks": {}}
     for spec in attacks:
         out["attacks"][spec.label] = {"accuracy": robust[spec.label].item() / max(n, 1), **spec_summary(spec)}
