@@ -226,6 +226,19 @@ def test_l2_sizes_may_exceed_one():
     assert torch.all((res.x_adv - x).flatten(1).norm(dim=1) <= 2.0 + 1e-5)
 
 
+def test_indices_already_on_the_device_are_checked_without_waiting_for_it_after_the_first_batch():
+    """The first batch's indices get the clear error; later ones a device-side assert (no host sync on a GPU), never a
+    silent wrap-around of -1 onto the last sample's radius. (Run here on CPU tensors through the GPU path.)"""
+    from iaat.methods.per_sample import checked_rows
+
+    good, bad = torch.tensor([0, 5]), torch.tensor([-1, 5])
+    assert torch.equal(checked_rows(good, 6, torch.device("cpu"), values=False), good)
+    with pytest.raises(RuntimeError):
+        checked_rows(bad, 6, torch.device("cpu"), values=False)
+    with pytest.raises(ConfigError, match="outside the training set"):
+        checked_rows(bad, 6, torch.device("cpu"))
+
+
 def test_iaat_loss_needs_start_epoch_and_indices():
     model, (x, y) = _linear(), _batch()
     method = iaat.IAAT(num_train=6, eps=8 / 255, steps=2)

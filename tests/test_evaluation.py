@@ -530,3 +530,32 @@ def test_end_of_epoch_accuracy_attacks_only_what_it_can_count(monkeypatch):
     res = robustness.accuracy(model, ImageSet(x, y), [AttackSpec(eps=8 / 255, steps=3)], batch_size=16)
     assert res["clean"] == 0.5 and sum(len(t) for t in attacked) == 20
     assert res["attacks"]["PGD-3@8/255"]["accuracy"] <= 0.5
+
+
+def test_a_cut_evaluation_of_the_old_long_step_starts_afresh(tiny_run, tmp_path, monkeypatch):
+    """A state written before eps/4 became the default step of attacks over 10 steps is this evaluation but for that:
+    it is neither resumed (mixing steps) nor refused (stopping a sweep); the evaluation starts afresh with a note."""
+    import iaat.eval_session as session
+    from iaat.evaluation.state import EvalState
+
+    out = tmp_path / "ev.json"
+    args = ("eval", str(tiny_run), "--attack", "pgd:steps=12", "--n", "20", "--no-checks", "--out", str(out),
+            "--no-progress")
+    seen = {}
+
+    def cut(*a, fingerprint, state_path, **kw):
+        seen.update(fingerprint=fingerprint, state_path=state_path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "run_evaluation", cut)
+    assert run_in_process(*args).returncode == 130
+    monkeypatch.undo()
+    assert seen["fingerprint"]["long_attack_step"] == "eps/4"
+    older = {k: v for k, v in seen["fingerprint"].items() if k != "long_attack_step"}
+    old = EvalState(seen["state_path"], older)
+    old.meta["progress"]["PGD-12@8/255"] = 1  # one batch done at the old step
+    old.save()
+    res = run_in_process(*args)
+    assert res.returncode == 0, res.stderr
+    assert "starts afresh instead of mixing the two steps" in res.stderr
+    assert json.loads(out.read_text())["attacks"]["PGD-12@8/255"]["step"] == pytest.approx(2 / 255)

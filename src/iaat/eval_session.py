@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from . import __version__
 from .errors import ConfigError, DataError
 from .evaluation.attacks import AttackSpec
 from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
+from .evaluation.state import EvalState
 
 
 @dataclass
@@ -203,6 +205,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
         fingerprint["long_attack_step"] = "eps/4"
     out = req.out or _default_output(req, source, fingerprint, len(data))
     state_path = out.with_name(out.name + ".state.npz")
+    _drop_state_of_tiny_steps(state_path, fingerprint)
     corruption_sets = None
     if req.plan.corruptions:
         corruption_sets = _corruption_source(req.plan.corruptions, data, req.n, req.seed,
@@ -261,6 +264,22 @@ def _long_default_step(spec: AttackSpec) -> bool:
     """A PGD attack of over 10 steps at the default step: eps / 4, where states written before that default took
     2.5 * eps / steps (0.2/255 for PGD-100 at 8/255)."""
     return spec.kind in ("pgd", "transfer") and spec.step_size is None and spec.steps > 10
+
+
+def _drop_state_of_tiny_steps(state_path: Path, fingerprint: dict) -> None:
+    """Start afresh, with a note, where a cut evaluation's state was this very evaluation but for the old default
+    step of its long attacks: resuming it would mix steps, refusing it would stop a sweep that could just redo it."""
+    if "long_attack_step" not in fingerprint or not state_path.is_file():
+        return
+    try:
+        saved = EvalState.read(state_path).meta.get("fingerprint")
+    except ConfigError:
+        return  # a damaged state: the evaluation's own load says so
+    older = {k: v for k, v in fingerprint.items() if k != "long_attack_step"}
+    if saved == json.loads(json.dumps(older)):
+        state_path.unlink()
+        warnings.warn(f"{state_path} was written before the default step of attacks over 10 steps became eps/4; "
+                      f"this evaluation starts afresh instead of mixing the two steps.", stacklevel=2)
 
 
 def _default_output(req: EvalRequest, source: ModelSource, fingerprint: dict, n: int) -> Path:

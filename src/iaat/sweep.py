@@ -39,6 +39,7 @@ import yaml
 
 from .config import RESUMABLE_KEYS, SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
+from .evaluation.presets import STEP_RULE
 from .threads import user_thread_count
 
 PLAN = "sweep.yaml"
@@ -110,7 +111,8 @@ class EvalSpec:
         return out
 
     def key(self) -> str:
-        text = json.dumps([str(self.eps), self.n, self.attacks, [str(e) for e in self.sweep_eps], self.checks])
+        text = json.dumps([str(self.eps), self.n, self.attacks, [str(e) for e in self.sweep_eps], self.checks,
+                           STEP_RULE])
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

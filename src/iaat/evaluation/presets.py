@@ -17,4 +17,7 @@ PROTOCOL_HELP = {
     "full": "paper + CW-40, MI-FGSM, DeepFool, targeted PGD-100, AutoAttack standard",
 }
 DEFAULT_EPS_SWEEP = tuple(i / 255 for i in range(0, 17, 2))
+#: The default PGD step's rule: 2 = 2.5 * eps / steps up to 10 steps and eps / 4 beyond (1: 2.5 * eps / steps at any
+#: length). Part of a sweep's evaluation key, so that results of the old rule are not reused as the new one's.
+STEP_RULE = 2
 DEFAULT_STEPS_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

@@ -25,7 +25,8 @@ def checked_rows(index: torch.Tensor, num_train: int, device: torch.device, valu
     indexing crash in torch (with ``values``: one host sync when ``index`` is on a GPU)."""
     if index.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"index must hold integer positions in the training set, got {index.dtype}.")
-    if not values:
+    if not values:  # a device-side assert instead: no wait for the GPU, but no silent wrap-around of -1 either
+        torch._assert_async(((index >= 0) & (index < num_train)).all())
         return index.to(device)
     lo, hi = torch.stack(torch.aminmax(index)).tolist()
     if lo < 0 or hi >= num_train:
@@ -75,7 +76,8 @@ class PerSampleState(Method):
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The batch's rows of the per-sample arrays (see :func:`checked_rows`): indices on the CPU (a DataLoader's)
-        checked every batch, indices already on a GPU (iaat's own loader) on the first, to keep the step sync-free."""
+        checked every batch, indices already on a GPU (iaat's own loader) with a clear error on the first and by a
+        device-side assert after it, to keep the step sync-free."""
         values = index.device.type == "cpu" or not getattr(self, "_gpu_rows_checked", False)
         rows = checked_rows(index, self.num_train, self.touched.device, values)
         self._gpu_rows_checked = True

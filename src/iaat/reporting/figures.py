@@ -46,7 +46,7 @@ def save(fig: Any, stem: Path) -> list[Path]:
 
 
 _ADAPTIVE_COLORS = ("tab:red", "tab:orange", "tab:pink", "gold", "tab:cyan", "tab:olive", "magenta", "sienna")
-_OTHERS = {"gairat": ("tab:green", "D"), "gair_fat": ("tab:olive", "D"), "fat": ("tab:olive", "v"),
+_OTHERS = {"gairat": ("tab:green", "D"), "gair_fat": ("yellowgreen", "D"), "fat": ("tab:olive", "v"),
            "trades": ("tab:purple", "s"), "mixup_at": ("tab:brown", "P"), "mart": ("teal", "h"),
            "clean": ("tab:gray", "X")}
 
@@ -100,7 +100,28 @@ def styles(records: list[RunRecord]) -> dict:
             base = out[id(parent)] if parent is not None else {"color": "black", "marker": "^"}
             out[id(r)] = {**base, "markerfacecolor": "none", "markeredgecolor": base["color"],
                           "markeredgewidth": 1.5}
+    _make_distinct(records, out)
     return out
+
+
+def _make_distinct(records: list[RunRecord], out: dict) -> None:
+    """Give a run whose colour, marker and fill an earlier run already has the next free marker (then shade): the
+    rules above keep a method's own runs apart, not every method from every other."""
+    from matplotlib.colors import to_rgb
+
+    taken: set = set()
+    for r in records:
+        style = out[id(r)]
+        base_color, base_marker = style["color"], style["marker"]
+        for i in range(len(_MARKERS) * 8):
+            look = (tuple(np.round(to_rgb(style["color"]), 3)), style["marker"], style.get("markerfacecolor"))
+            if look not in taken:
+                break
+            color = _shade(base_color, (i + 1) // len(_MARKERS))
+            style = {**style, "color": color, "marker": _marker(base_marker, i + 1),
+                     **({"markeredgecolor": color} if "markeredgecolor" in style else {})}
+        taken.add(look)
+        out[id(r)] = style
 
 
 #: Fig. 3's style of a run at chance level: hollow and grey (its robust accuracy means nothing).

@@ -40,8 +40,12 @@ def _main_attack(records: list[RunRecord]) -> tuple[str, str]:
 
 def _attack_set(r: RunRecord) -> str:
     """The attacks a run's robust accuracy is the worst case over (all of its attacks for an evaluation without a
-    worst case)."""
-    return ", ".join(r.worst_case_over or (r.evaluation or {}).get("attacks", {}))
+    worst case), marked where its attacks over 10 steps took the old default step (their labels are the same)."""
+    attacks = (r.evaluation or {}).get("attacks", {})
+    old = any(a.get("kind") in ("pgd", "transfer") and a.get("steps", 0) > 10 and a.get("step_size") is None
+              and "step" not in a for a in attacks.values())
+    return ", ".join(r.worst_case_over or attacks) + (" (before eps/4 became the default step of longer attacks)"
+                                                      if old else "")
 
 
 def _warn_if_evaluated_differently(evaluated: list, log: Callable[[str], None]) -> list[str]:
@@ -85,18 +89,32 @@ def _run_warnings(records: list[RunRecord], log: Callable[[str], None]) -> list[
     return said
 
 
-#: The files a report writes besides report.md and report.json. Only files named like these are ever removed from
-#: --out (those an earlier report wrote that this one did not), nothing else in the folder.
+#: The files a report writes besides report.md and report.json. Only files named like these, and listed by the
+#: earlier report's report.json, are ever removed from --out (those it wrote that this one did not).
 REPORT_FILE = re.compile(r"fig(2_images_.+_(smallest|largest)|3_tradeoff|4_accuracy_over_eps|7_radius_over_epochs_.+"
                          r"|8_radius_histograms_.+)\.(png|svg)|table(1_robustness|5_warmup|7_line_search|8_mixup"
                          r"|9_sensitivity|_parts|_family)\.md")
 
 
+def _earlier_report_files(out: Path) -> set[str]:
+    """The figure and table files the report before this one in ``out`` wrote, by its report.json (none without)."""
+    try:
+        earlier = json.loads((out / "report.json").read_text())
+        stems = list(earlier.get("figures", {})) + list(earlier.get("tables", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    names = {f"{stem}{end}" for stem in stems if isinstance(stem, str)
+             for end in (".png", ".svg", ".md", "_smallest.png", "_smallest.svg", "_largest.png", "_largest.svg")}
+    return {name for name in names if REPORT_FILE.fullmatch(name)}
+
+
 def remove_stale_files(out: Path, written: set[str], log: Callable[[str], None]) -> list[str]:
-    """Remove from ``out`` the figure and table files of an earlier report that this report did not write (a run
-    left out, a figure omitted), so that the folder shows one report; returns their names."""
+    """Remove from ``out`` the figure and table files that the earlier report there wrote (its report.json says which)
+    and this report did not (a run left out, a figure omitted), so that the folder shows one report; a file of the
+    same kind of name that no report listed (yours, another report's) stays. Returns the names removed."""
+    earlier = _earlier_report_files(out)
     stale = sorted(p.name for p in out.iterdir()
-                   if REPORT_FILE.fullmatch(p.name) and p.name not in written and p.is_file() and not p.is_symlink())
+                   if p.name in earlier and p.name not in written and p.is_file() and not p.is_symlink())
     for name in stale:
         (out / name).unlink()
     if stale:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..config import RESUMABLE_KEYS
 from .collect import RunRecord
 
 
@@ -263,6 +264,8 @@ def sensitivity_table(records: list[RunRecord], attack: str) -> str:
         params = {k: v for k, v in r.params.items() if k not in ("gamma", "beta")}
         cfg = r.cfg.to_dict()
         cfg.pop("method")
+        for section, key in RESUMABLE_KEYS - {("train", "epochs")}:  # how and where it ran, not what it trained
+            cfg[section].pop(key, None)
         return repr((sorted(params.items()), cfg))
 
     groups: dict = {}
