@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError
-from .evaluation.attacks import AttackSpec
+from .evaluation.attacks import long_default_step
 from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 from .evaluation.state import EvalState
 
@@ -201,7 +201,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
                    "seed": req.seed, "batch_size": batch_size, "stages": stages, "corruptions": req.plan.corruptions,
                    "eps_sweep": req.plan.eps_sweep, "steps_sweep": req.plan.steps_sweep,
                    **({"surrogates": sorted(surrogates)} if surrogates else {})}  # the labels do not name them
-    if any(_long_default_step(spec) for spec in req.plan.stages()):  # not resumed from a state of tiny steps
+    if any(long_default_step(s.kind, s.steps, s.step_size) for s in req.plan.stages()):  # no state of tiny steps
         fingerprint["long_attack_step"] = "eps/4"
     out = req.out or _default_output(req, source, fingerprint, len(data))
     state_path = out.with_name(out.name + ".state.npz")
@@ -258,12 +258,6 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
     if req.n is not None:
         data = data.subset(torch.arange(min(req.n, len(data))))
     return source, splits, data
-
-
-def _long_default_step(spec: AttackSpec) -> bool:
-    """A PGD attack of over 10 steps at the default step: eps / 4, where states written before that default took
-    2.5 * eps / steps (0.2/255 for PGD-100 at 8/255)."""
-    return spec.kind in ("pgd", "transfer") and spec.step_size is None and spec.steps > 10
 
 
 def _drop_state_of_tiny_steps(state_path: Path, fingerprint: dict) -> None:

@@ -263,6 +263,17 @@ def spec_summary(spec: AttackSpec) -> dict:
     return out
 
 
+def long_default_step(kind: str, steps: int, step_size: Optional[float]) -> bool:
+    """A PGD attack of over 10 steps at the default step: eps / 4, where evaluations made before that default took
+    2.5 * eps / steps (0.2/255 for PGD-100 at 8/255). Takes a spec's fields or those of its JSON entry.
+
+    >>> from iaat.evaluation.attacks import long_default_step
+    >>> long_default_step("pgd", 100, None), long_default_step("pgd", 10, None), long_default_step("mifgsm", 20, None)
+    (True, False, False)
+    """
+    return kind in ("pgd", "transfer") and step_size is None and steps > 10
+
+
 def attack_step(spec: AttackSpec) -> float:
     """The step a PGD-kernel attack of ``spec`` (at its eps) takes: its own, or the default."""
     if spec.step_size is not None:

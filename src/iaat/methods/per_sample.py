@@ -73,12 +73,13 @@ class PerSampleState(Method):
         for key in self.state_keys:
             setattr(self, key, torch.full((self.num_train,), float(initial[key]), dtype=torch.float32))
         self.touched = torch.zeros(self.num_train, dtype=torch.bool)  #: rows this rank wrote since a merge
+        self._gpu_rows_checked = False  # see rows()
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The batch's rows of the per-sample arrays (see :func:`checked_rows`): indices on the CPU (a DataLoader's)
         checked every batch, indices already on a GPU (iaat's own loader) with a clear error on the first and by a
         device-side assert after it, to keep the step sync-free."""
-        values = index.device.type == "cpu" or not getattr(self, "_gpu_rows_checked", False)
+        values = index.device.type == "cpu" or not self._gpu_rows_checked
         rows = checked_rows(index, self.num_train, self.touched.device, values)
         self._gpu_rows_checked = True
         return rows

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.attacks import long_default_step
 from ..units import format_size, parse_size
 from . import figures, tables
 from .collect import RunRecord, collect_runs
@@ -42,8 +43,8 @@ def _attack_set(r: RunRecord) -> str:
     """The attacks a run's robust accuracy is the worst case over (all of its attacks for an evaluation without a
     worst case), marked where its attacks over 10 steps took the old default step (their labels are the same)."""
     attacks = (r.evaluation or {}).get("attacks", {})
-    old = any(a.get("kind") in ("pgd", "transfer") and a.get("steps", 0) > 10 and a.get("step_size") is None
-              and "step" not in a for a in attacks.values())
+    old = any(long_default_step(a.get("kind"), a.get("steps", 0), a.get("step_size")) and "step" not in a
+              for a in attacks.values())  # an entry of the new rule records its step
     return ", ".join(r.worst_case_over or attacks) + (" (before eps/4 became the default step of longer attacks)"
                                                       if old else "")
 

@@ -63,7 +63,7 @@ def robustness_table(records: list[RunRecord]) -> str:
             continue
         rows.append([r.name, r.method, _radius(r), epochs_cell(r), clean_cell(r)]
                     + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), f"{r.train_seconds:.0f}"])
-    notes = CHANCE_NOTE if any(r.at_chance for r in records) else ""
+    notes = _chance_note(records)
     unfinished = [r for r in records if not r.finished]
     if unfinished:
         notes += (f"\n_Not trained to the end (epochs done/planned below plan: interrupted or still training): "
