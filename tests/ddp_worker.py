@@ -5,10 +5,14 @@ which fixes that, needs CUDA), so only a BatchNorm-free model can end a 2-proces
 same weights as a 1-process run. Run as ``python tests/ddp_worker.py train ...`` or under
 ``torchrun ... tests/ddp_worker.py train ...``.
 
+With ``IAAT_TEST_HANG_DUMP_S`` set, a worker still running after that many seconds prints every thread's
+stack to stderr (the test kills a hung job a little later and shows it).
+
 It also checks the process group's teardown: once the CLI returns, no gloo thread may be left
 (Linux), since threads that live into interpreter shutdown can abort a finished run (SIGABRT).
 """
 
+import faulthandler
 import os
 import sys
 
@@ -51,6 +55,8 @@ def _thread_names() -> list[str]:
 
 
 if __name__ == "__main__":
+    if os.environ.get("IAAT_TEST_HANG_DUMP_S"):
+        faulthandler.dump_traceback_later(float(os.environ["IAAT_TEST_HANG_DUMP_S"]), exit=False)
     # Adversarial training amplifies rounding: a 1e-7 difference in an all-reduced gradient flips a sign() in
     # PGD or a kept/dropped radius a few hundred steps later. In float64 the rounding of the gradient sum over
     # ranks (the one thing that differs from one process) is 1e-16, far below anything that can flip.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,8 +33,9 @@ BASE = ["--dataset", "digits", "--epochs", "3", "--batch-size", "63", "--device"
 COMMON = [*BASE, "--method", "iaat", "--set", "method.warmup_epochs=1", "--set", "method.eps_warmup=16"]
 
 
-def _env(float64: bool = False) -> dict:
-    env = {**child_env(), "OMP_NUM_THREADS": "1", "IAAT_TEST_FLOAT64": "1" if float64 else "0"}
+def _env(float64: bool = False, timeout: float = 300) -> dict:
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "IAAT_TEST_FLOAT64": "1" if float64 else "0",
+           "IAAT_TEST_HANG_DUMP_S": str(max(timeout - 30, 1))}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     return env
@@ -48,9 +50,23 @@ def _command(args: list[str], nproc: int) -> list[str]:
 
 def _run(args: list[str], nproc: int, timeout: float = 300, float64: bool = False) -> subprocess.CompletedProcess:
     cmd = _command(args, nproc)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(float64), cwd=REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(float64, timeout), cwd=REPO, start_new_session=True)
+    out, err = _communicate(proc, timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{out}\n{err}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc``'s output once it ends; past ``timeout``, its whole process group is killed (torchrun's workers too,
+    which a kill of torchrun alone would leave running) and the test fails with what the job printed, the
+    workers' stack dumps included (tests/ddp_worker.py dumps them 30 s before the timeout)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(proc.args)} still ran after {timeout:.0f} s\n{out[-4000:]}\n{err[-8000:]}")
 
 
 def _final(run: Path, epochs: int) -> dict:
@@ -105,14 +121,16 @@ def test_resume_under_torchrun_is_exact(tmp_path):
     # SIGTERM to torchrun mid-epoch: the agent forwards it, every rank stops at the same step, rank 0 saves.
     term = tmp_path / "term"
     proc = subprocess.Popen(_command(["train", "--out", str(term), *args], 2), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=_env(timeout=240), cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 240
     while not (term / "checkpoints" / "epoch_0001.pt.sha256").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        assert proc.poll() is None, proc.communicate()
+        if time.monotonic() > deadline:
+            _communicate(proc, 0)
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 2
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    _, err = _communicate(proc, 240)
     assert proc.returncode != 0
     assert err.count("interrupted (SIGTERM) at epoch 2 step") == 1, err  # rank 0 speaks for the job
     ckpt = torch.load(term / "checkpoints" / "interrupt.pt", map_location="cpu", weights_only=False)
@@ -136,11 +154,13 @@ def test_a_bad_distributed_setting_is_a_clear_error_from_every_rank(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "iaat",
            "train", "--out", str(tmp_path / "r"), "--dataset", "digits", "--model", "small_cnn", "--device", "cpu",
            "--no-progress", "--batch-size", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                            start_new_session=True)
+    _, stderr = _communicate(proc, 300)
     assert proc.returncode != 0
     # the two ranks write to the same pipe, so their lines may run into each other
-    assert "iaat: error: train.batch_size is the global batch" in proc.stderr, proc.stderr  # rank 0's, unlabelled
-    assert "iaat: error: [rank 1] " in proc.stderr  # rank 1's copy is labelled
+    assert "iaat: error: train.batch_size is the global batch" in stderr, stderr  # rank 0's, unlabelled
+    assert "iaat: error: [rank 1] " in stderr  # rank 1's copy is labelled
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
