@@ -390,7 +390,8 @@ def test_early_stop_tau(tau, steps):
     if tau is None:
         expected = torch.full_like(m, steps)
     else:
-        # Sample i is first misclassified at iterate m_i, then moves tau more steps.
+        # Sample i is first misclassified at iterate m_i and stays so: it moves tau more steps (one per
+        # misclassified iterate it may step on from; the test above has iterates that flip back).
         expected = torch.clamp(m + tau, max=steps)
     assert torch.equal(applied, expected), (applied, expected)
     assert torch.equal(kappa, torch.clamp(m, max=steps))
@@ -402,6 +403,55 @@ def test_early_stopped_sample_is_frozen_across_step_counts():
     runs = [_applied_steps(first_wrong, steps, tau)[0] for steps in (6, 9, 15)]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
     assert torch.equal(runs[0], torch.tensor(first_wrong) + tau)
+
+
+class PathStub(nn.Module):
+    """Classifies sample i correctly at iterate x_n iff ``pattern[i][n]``, n the number of +ALPHA steps x has taken
+    from 0.5 (so a stopped sample's frozen iterate keeps its class); the slope term as in :class:`ScheduledStub`."""
+
+    def __init__(self, labels: torch.Tensor, pattern: list, num_classes: int = 4, slope: float = 1e-3):
+        super().__init__()
+        self.labels, self.pattern, self.c, self.slope = labels, torch.tensor(pattern), num_classes, slope
+
+    def forward(self, x):
+        n = ((x.flatten(1).mean(1) - 0.5) / ALPHA).round().long().clamp(max=self.pattern.shape[1] - 1)
+        other = (self.labels + 1) % self.c
+        pred = torch.where(self.pattern.gather(1, n[:, None]).squeeze(1), self.labels, other)
+        return 5.0 * F.one_hot(pred, self.c).float() + self.slope * x.flatten(1).sum(1, keepdim=True) * F.one_hot(
+            other, self.c).float()
+
+
+def _authors_pgd_k_tau(correct_at: list, steps: int, tau: int) -> tuple[int, int]:
+    """Steps taken and kappa of one sample under the stopping rule of FAT's ``earlystop`` (ported from
+    zjfheart/Friendly-Adversarial-Training, earlystop.py; GAIRAT's ``GA_earlystop`` counts kappa the same way):
+    ``control`` starts at tau, a misclassified iterate with ``control == 0`` ends the attack, any other
+    misclassified iterate spends one, a correct one adds to kappa."""
+    control, kappa, n = tau, 0, 0
+    for _ in range(steps):
+        if not correct_at[n]:
+            if control == 0:
+                break
+            control -= 1
+        else:
+            kappa += 1
+        n += 1
+    return n, kappa
+
+
+@FEW
+@given(pattern=st.lists(st.lists(st.booleans(), min_size=13, max_size=13), min_size=1, max_size=6),
+       steps=st.integers(0, 12), tau=st.integers(0, 4))
+def test_early_stop_tau_counts_misclassified_iterates_as_the_authors_code(pattern, steps, tau):
+    """FAT's PGD-K-tau when iterates flip between correct and wrong: a sample stops at its (tau + 1)-th
+    misclassified iterate, not tau steps after its first one, and a stopped sample adds nothing to kappa."""
+    labels = torch.arange(len(pattern)) % 4
+    x = torch.full((len(pattern), 3, 4, 4), 0.5)
+    res = pgd(PathStub(labels, pattern), x, labels, 0.45, steps=steps, step_size=ALPHA, random_start=False,
+              early_stop_tau=tau, final_check=False)
+    taken = ((res.x_adv - x).flatten(1).mean(1) / ALPHA).round().long()
+    expected = torch.tensor([_authors_pgd_k_tau(row, steps, tau) for row in pattern])
+    assert torch.equal(taken, expected[:, 0])
+    assert torch.equal(res.kappa, expected[:, 1])
 
 
 # --------------------------------------------------------------------------- targeted attacks and losses

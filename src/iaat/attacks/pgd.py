@@ -311,6 +311,9 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
     first_miss = torch.full((batch,), steps + 1, dtype=torch.long, device=x.device)
     velocity = torch.zeros_like(x) if s.momentum else None
+    if s.early_stop_tau is not None:  # FAT: misclassified iterates a sample may still step from; stopped for good
+        budget = torch.full((batch,), s.early_stop_tau, dtype=torch.long, device=x.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=x.device)
     if s.stop_on_miss:  # results of the samples that left; ``rows``: where the still-attacked ones belong
         out_x, out_kappa, out_miss = x.clone(), kappa.clone(), first_miss.clone()
         rows = torch.arange(batch, device=x.device)
@@ -326,8 +329,15 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         (grad,) = torch.autograd.grad(objective.sum() * s.objective_scale, delta)
         delta = delta.detach()
         correct = logits.detach().argmax(1) == y
-        kappa += correct
         first_miss = torch.where(~correct & (first_miss > steps), torch.full_like(first_miss, k), first_miss)
+        if s.early_stop_tau is not None:
+            # FAT's PGD-K-tau: a misclassified iterate spends one of tau; one with none left ends the sample's
+            # attack there. A stopped sample's later (frozen) iterates count no more.
+            wrong = ~correct & ~stopped
+            stopped = stopped | (wrong & (budget == 0))
+            budget = budget - (wrong & (budget > 0)).long()
+            correct = correct & ~stopped
+        kappa += correct
         missed = int((~correct).sum()) if s.stop_on_miss else 0  # the step's one host sync
         if missed:
             # missed rows first, each part in row order (a stable sort): both index lists from that one count
@@ -344,10 +354,7 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
         if velocity is not None:  # MI-FGSM: accumulate the L1-normalised gradient
             velocity = s.momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
             grad = velocity
-        moving = None
-        if s.early_stop_tau is not None:
-            # FAT: a sample keeps moving for tau steps after it is first misclassified, then stops.
-            moving = (first_miss > steps) | (k - first_miss < s.early_stop_tau)
+        moving = ~stopped if s.early_stop_tau is not None else None
         delta = s.advance(delta, grad, x, eps, alpha, s.norm, moving)
     if not s.stop_on_miss:
         return (x + delta).detach(), kappa, first_miss
@@ -384,7 +391,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         loss: ``"ce"`` (cross-entropy), ``"margin"`` (Carlini-Wagner), ``"kl"`` (TRADES: KL divergence
             from the softmax of ``reference`` logits, usually the clean logits), or a function
             ``loss(logits, y) -> (B,)`` of a method's own per-sample objective (untargeted; logits in fp32).
-        early_stop_tau: friendly AT (FAT): stop a sample ``tau`` steps after its first misclassification.
+        early_stop_tau: friendly AT's PGD-K-tau (Zhang et al., 2020, Alg. 1): a sample may step on from ``tau``
+            misclassified iterates; at a misclassified iterate with none left, its attack ends there (that
+            iterate is its ``x_adv``; ``kappa`` counts its correct iterates up to then).
         final_check: classify the final iterate (needed for ``correct``; forced with restarts > 1).
         eval_mode: attack the model in eval mode (default; BatchNorm statistics stay untouched).
         reference: logits the ``"kl"`` loss compares against.

@@ -2,8 +2,22 @@
 
 All three craft their training examples with the one PGD kernel; kappa comes from that
 same attack (never a second attack), and FAT's early stopping is the kernel's per-sample
-``early_stop_tau`` mask (no loop over samples). Labels stay paired with their own
-examples throughout (the official GAIR-FAT code pairs labels with reordered logits).
+``early_stop_tau`` mask (no loop over samples): FAT's PGD-K-tau, as in the authors'
+``earlystop``, where a misclassified iterate spends one of tau and a sample stops at a
+misclassified iterate with none left (an iterate classified correctly again costs nothing).
+
+Differences from the authors' code (zjfheart/Friendly-Adversarial-Training and the GAIRAT
+repository's GAIR_FAT.py), each deliberate:
+
+1. Labels stay paired with their own examples throughout; GAIR_FAT.py's early stop removes
+   stopped samples from the batch and then compares later predictions with the labels of the
+   full batch, and its loss pairs labels with reordered logits.
+2. No noise is added to the steps: FAT.py adds ``omega`` * N(0, 1) per step (omega 0.001 by
+   default, 0.26/255, beside a 2/255 step; GAIR_FAT.py's default is 0).
+3. Defaults: ``tau`` 0 and no schedule, GAIR's ``lam`` -1 for GAIR-FAT too. The authors' scripts
+   grow tau over training (FAT.py: 0, 1, 2 up to 1-based epochs 50 / 90 / after; GAIR_FAT.py: 0, 3, 6
+   up to 40 / 70 / after, with lambda 0): ``tau_schedule: [[50, 1], [90, 2]]`` and
+   ``[[40, 3], [70, 6]]`` (0-based epochs), and ``lam``.
 """
 
 from __future__ import annotations
@@ -21,9 +35,9 @@ from .gair import GairParams, GairWeighting, weighted_ce
 
 @dataclass(kw_only=True)
 class FatParams:
-    """Friendly AT: stop each sample tau steps after it is first misclassified."""
+    """Friendly AT: each sample's attack stops at its (tau + 1)-th misclassified iterate (FAT's PGD-K-tau)."""
 
-    tau: int = 0  #: steps a sample keeps moving after its first misclassification
+    tau: int = 0  #: misclassified iterates a sample may still step on from
     tau_schedule: list = field(default_factory=list)  #: [[epoch, tau], ...]: tau from that 0-based epoch on
 
 
