@@ -94,9 +94,10 @@ def authors_lr(lr: float, epoch: int) -> float:
     return lr
 
 
-@pytest.mark.parametrize("name, model, beta, lr, epochs", [("cifar10_resnet18_mart", "resnet18", 5.0, 0.01, 120),
-                                                           ("cifar10_wrn34_10_mart", "wrn-34-10", 6.0, 0.1, 76)])
-def test_presets_run_as_the_authors_code(name, model, beta, lr, epochs):
+@pytest.mark.parametrize("name, model, beta, lr, weight_decay, epochs", [
+    ("cifar10_resnet18_mart", "resnet18", 5.0, 0.01, 3.5e-3, 120),
+    ("cifar10_wrn34_10_mart", "wrn-34-10", 6.0, 0.1, 7e-4, 90)])  # train_wideresnet.py's defaults since 99b19ea
+def test_presets_run_as_the_authors_code(name, model, beta, lr, weight_decay, epochs):
     from pathlib import Path
 
     from iaat.config import build_method, config_from_dict, load_yaml
@@ -107,6 +108,7 @@ def test_presets_run_as_the_authors_code(name, model, beta, lr, epochs):
     assert (cfg.model.name, cfg.model.normalize, cfg.train.epochs, cfg.train.batch_size) == (model, False, epochs, 128)
     assert isinstance(method, iaat.MART) and method.beta == beta and method.init_std == 0.001
     assert (method.eps, method.step_size, method.steps) == pytest.approx((0.031, 0.007, 10))
+    assert (cfg.optim.momentum, cfg.optim.weight_decay) == pytest.approx((0.9, weight_decay))
     for epoch in range(epochs):  # ours 0-based, theirs 1-based
         assert lr_at(cfg.optim, epoch, epochs) == pytest.approx(authors_lr(lr, epoch + 1), rel=1e-12), epoch
 

@@ -1,4 +1,4 @@
-"""MAIL: margin-aware instance reweighting learning (Liu, Han, Liu, Gong, Niu, Zhou, Sugiyama, NeurIPS 2021).
+"""MAIL: margin-aware instance reweighting learning (Wang, Liu, Han, Liu, Gong, Niu, Zhou, Sugiyama, NeurIPS 2021).
 
 Like GAIRAT, MAIL weighs each sample's adversarial loss by how vulnerable the sample is; it replaces
 GAIRAT's count of attack steps (discrete, and dependent on the attack's path) by the probabilistic margin
@@ -6,11 +6,14 @@ of the adversarial example, ``PM = p_y(x') - max_{k != y} p_k(x')``, and the wei
 
     w = scale * sigmoid(-slope * (PM - bias))          (the authors' code: scale 3, no normalisation)
 
-Samples that are misclassified or barely correct under attack (PM near -1) weigh close to ``scale``; those
-confidently correct, close to 0. The weights are detached and come from the same train-mode forward as the
-loss. ``train_loss: at`` trains ``mean_i w_i * CE(f(x'_i), y_i)`` on PGD examples (cross-entropy from a
-0.001-std Gaussian start); ``trades`` trains ``CE(f(x), y) + trades_beta * mean_i w_i * KL(f(x_i) || f(x'_i))``
-on TRADES' KL examples (MAIL-TRADES). The first ``burn_in_epochs`` train the plain loss (weights 1); the
+Samples misclassified under attack by a wide margin (PM near -1) weigh close to ``scale``; barely correct
+ones (PM near 0) little (0.02 at the MAIL-AT bias -0.5), confidently correct ones close to 0. The weights are
+detached and come from the same train-mode forward as the loss.
+
+``train_loss: at`` trains ``mean_i w_i * CE(f(x'_i), y_i)`` on PGD examples (cross-entropy from a 0.001-std
+Gaussian start, projected into [0, 1] before the first gradient, where the authors' code clamps after each step
+only); ``trades`` trains ``CE(f(x), y) + trades_beta * mean_i w_i * KL(f(x_i) || f(x'_i))`` on TRADES' KL
+examples (MAIL-TRADES). The first ``burn_in_epochs`` train the plain loss (weights 1); the
 authors' script trains plain AT for 76 of its 120 epochs (``epoch <= 75``, 0-based) first.
 
 The weights are the authors' ``weight_assign`` (QizhouWang/MAIL, mail_loss.py); a port of it and of their

@@ -32,7 +32,11 @@ class TRADES(KLRegularised):
     """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL inside the eps ball.
 
     The inner maximisation is the shared PGD kernel with its ``kl`` loss, started from
-    ``init_std`` * N(0, 1) noise as in the authors' code.
+    ``init_std`` * N(0, 1) noise as in the authors' code. Two differences from their ``trades_loss``
+    (yaodongyu/TRADES), neither of which changes the loss: the start is projected into [0, 1] before the
+    first gradient (theirs clamps after each step only), and the clean batch goes through the model in train
+    mode once (theirs twice, for the cross-entropy and for the KL's target, so their BatchNorm running
+    statistics take in the clean batch twice per step).
 
     Args:
         beta: weight of the robustness (KL) term; 6 in the TRADES paper.
