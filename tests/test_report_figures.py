@@ -328,3 +328,29 @@ def test_table9_groups_runs_that_differ_only_in_how_they_ran():
     runs[2].cfg.train.threads = 1  # the same training, resumed with one thread
     table = tables.sensitivity_table(runs, "worst")
     assert "a, c share this cell" in table, table
+
+
+def test_a_run_trained_on_after_its_evaluation_shows_its_current_evaluation_or_warns(tmp_path):
+    """An evaluation without attacks, or of older weights (the run was resumed and trained further), loses to one of
+    the current weights with attacks, whatever their sizes; where an old one is shown, the report says so."""
+    run = write_run(tmp_path / "run", config(), ev=evaluation(clean=0.25, robust=(0.11, 0.1), n=100, epoch=1))
+    (run / "eval" / "clean_only.json").write_text(json.dumps({**evaluation(clean=0.795, n=200, epoch=3),
+                                                               "attacks": {}, "worst_case": None}))
+    said: list = []
+    make_report([run], tmp_path / "r1", log=said.append)
+    md = (tmp_path / "r1" / "report.md").read_text()
+    assert "| run | 25.0 | 10.0 |" in md  # the epoch-3 evaluation has no attacks
+    assert "run's evaluation is of its epoch-1 weights, but it has trained 3 epochs since" in md
+    assert any("epoch-1 weights" in s for s in said)
+
+    (run / "eval" / "current.json").write_text(json.dumps(evaluation(clean=0.82, robust=(0.46, 0.47), n=50, epoch=3)))
+    make_report([run], tmp_path / "r2", log=lambda _: None)
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "| run | 82.0 | 46.0 |" in md and "epoch-1 weights" not in md
+
+    (run / "eval" / "e.json").unlink()
+    (run / "eval" / "current.json").unlink()
+    make_report([run], tmp_path / "r3", log=lambda _: None)
+    md = (tmp_path / "r3" / "report.md").read_text()
+    assert "| run | 79.5 | – |" in md  # no attack ran: no robust number, and no empty Fig. 3
+    assert "Fig. 3 (accuracy against robustness) is omitted" in md and not list((tmp_path / "r3").glob("fig3_*"))

@@ -77,6 +77,11 @@ class RunRecord:
         return max((int(row.get("epoch", 0)) for row in self.metrics), default=0)
 
     @property
+    def evaluated_epoch(self) -> Optional[int]:
+        """The epoch whose weights the evaluation scored (None: not evaluated, or not recorded)."""
+        return (self.evaluation or {}).get("epoch")
+
+    @property
     def finished(self) -> bool:
         """Trained all the epochs its config plans (an interrupted or still running run has not)."""
         return self.epochs_done >= self.cfg.train.epochs
@@ -118,11 +123,14 @@ class RunRecord:
         return np.load(self.radii[epoch])
 
 
-def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Optional[dict], Optional[Path]]:
+def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None, epoch: Optional[int] = None
+                    ) -> tuple[Optional[dict], Optional[Path]]:
     """The evaluation a report shows for a run: ``preferred`` (a sweep's own evaluation of its runs) when given,
     none while it is missing (another evaluation, at another radius or on other images, would not compare with
-    the sweep's other runs); for a run on its own, the one on the most test images (newest among equals) of
-    ``RUN/eval/*.json`` and ``RUN/*.json`` other than summary.json."""
+    the sweep's other runs); for a run on its own, of ``RUN/eval/*.json`` and ``RUN/*.json`` other than
+    summary.json, one with attacks before a clean-only one, then one of the weights of its last ``epoch`` before
+    one of older weights (a run trained on after it was evaluated: the report warns), then the one on the most
+    test images, the newest among equals."""
     if preferred is not None:
         return (json.loads(preferred.read_text()), preferred) if preferred.is_file() else (None, None)
     best: Optional[tuple] = None
@@ -135,7 +143,8 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None) -> tuple[Op
             continue
         if not isinstance(data, dict) or "clean" not in data or data.get("split", "test") != "test":
             continue
-        key = (data.get("n", 0), path.stat().st_mtime)
+        current = data.get("epoch") in (epoch, None)  # evaluations before the JSON recorded the epoch: unknown
+        key = (bool(data.get("attacks")), current, data.get("n", 0), path.stat().st_mtime)
         if best is None or key > best[0]:
             best = (key, data, path)
     return (best[1], best[2]) if best else (None, None)
@@ -183,8 +192,9 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
         raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
     cfg = config_from_dict(rundir.read_config(path))
     radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
-    evaluation, chosen = pick_evaluation(path, eval_path)
-    return RunRecord(name=name, path=path, cfg=cfg, metrics=rundir.read_metrics(path), evaluation=evaluation,
+    metrics = rundir.read_metrics(path)
+    evaluation, chosen = pick_evaluation(path, eval_path, max((int(row.get("epoch", 0)) for row in metrics), default=0))
+    return RunRecord(name=name, path=path, cfg=cfg, metrics=metrics, evaluation=evaluation,
                      evaluation_path=chosen, radii=radii, group=group,
                      weights=(evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained")
 

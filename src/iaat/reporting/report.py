@@ -78,7 +78,11 @@ def _run_warnings(records: list[RunRecord], log: Callable[[str], None]) -> list[
             said.append(f"{r.name} has no test evaluation yet: Table 1 lists it as not evaluated, and it is left out "
                         f"of Figs. 3 and 4 and of the comparison tables{radius_figs}. To evaluate it: "
                         f"{tables.how_to_evaluate([r])}")
-        elif r.at_chance:
+        elif r.evaluated_epoch is not None and r.evaluated_epoch != r.epochs_done:
+            said.append(f"{r.name}'s evaluation is of its epoch-{r.evaluated_epoch} weights, but it has trained "
+                        f"{r.epochs_done} epochs since: its numbers are of the older model. To evaluate it again: "
+                        f"{tables.how_to_evaluate([r])}")
+        if r.evaluation is not None and r.at_chance:
             said.append(f"{r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on {r.num_classes} "
                         f"classes): its robustness numbers mean nothing (hollow grey in Fig. 3, "
                         f"{tables.CHANCE_MARK} in the tables)")
@@ -161,8 +165,11 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
         fig_md.append(f"### {title}\n\n{note + chr(10) + chr(10) if note else ''}![{title}]({stem}.png)\n")
 
     if evaluated:
-        summary["figures"]["fig3_tradeoff"] = figures.tradeoff(evaluated, out / "fig3_tradeoff", attack, caption)
-        figure("fig3_tradeoff", "Accuracy / robustness tradeoff", FIGURE_NOTES["fig3_tradeoff"])
+        if any(r.accuracy(attack) is not None for r in evaluated):
+            summary["figures"]["fig3_tradeoff"] = figures.tradeoff(evaluated, out / "fig3_tradeoff", attack, caption)
+            figure("fig3_tradeoff", "Accuracy / robustness tradeoff", FIGURE_NOTES["fig3_tradeoff"])
+        else:
+            fig_md.append(OMITTED["fig3_clean"])
         curves = figures.accuracy_over_eps(evaluated, out / "fig4_accuracy_over_eps")
         if curves:
             summary["figures"]["fig4_accuracy_over_eps"] = curves
@@ -227,6 +234,8 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
 #: report.md's line for a figure that is not drawn, and why.
 OMITTED = {
     "fig3": "_Figs. 3 and 4 are omitted: no run is evaluated yet._\n",
+    "fig3_clean": "_Fig. 3 (accuracy against robustness) is omitted: no evaluation ran an attack (`iaat eval RUN` "
+                  "attacks at the training radius by default)._\n",
     "fig4": "_Fig. 4 (accuracy over the test radius) is omitted: no evaluation has an eps sweep (a sweep's "
             "`eval: sweep_eps`, or `iaat eval RUN --sweep-eps 0 2 4 8`)._\n",
     "radii": "_Figs. 2, 7 and 8 (the per-sample radii) are omitted: no run keeps per-sample radii (IAAT, MMA and CAT "
@@ -260,7 +269,7 @@ def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: st
         lines += ["## Warnings", ""] + [f"- {line}." for line in warned] + [""]
     if evaluated:
         lines += ["| run | clean % | robust % |", "|---|---|---|"]
-        lines += [f"| {r.name} | {tables.clean_cell(r)} | {100 * (r.accuracy('worst') or 0):.1f} |"
+        lines += [f"| {r.name} | {tables.clean_cell(r)} | {tables.percent(r.accuracy('worst'))} |"
                   for r in evaluated]
         if any(r.at_chance for r in evaluated):
             lines += ["", tables.CHANCE_NOTE.strip()]

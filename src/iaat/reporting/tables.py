@@ -9,7 +9,8 @@ from ..config import RESUMABLE_KEYS
 from .collect import RunRecord
 
 
-def _pct(value: Optional[float]) -> str:
+def percent(value: Optional[float]) -> str:
+    """An accuracy in per cent with one decimal, "–" where there is none."""
     return "–" if value is None else f"{100 * value:.1f}"
 
 
@@ -44,7 +45,7 @@ CHANCE_NOTE = (f"\n_{CHANCE_MARK} beside a clean accuracy: the run is at chance 
 def clean_cell(r: RunRecord) -> str:
     """A run's clean accuracy (%) as the tables print it: marked when the run is at chance level (the mark is
     beside the number, not the name, so that the name column stays the run's name)."""
-    return f"{_pct(r.accuracy())} {CHANCE_MARK}" if r.at_chance else _pct(r.accuracy())
+    return f"{percent(r.accuracy())} {CHANCE_MARK}" if r.at_chance else percent(r.accuracy())
 
 
 def epochs_cell(r: RunRecord) -> str:
@@ -62,7 +63,7 @@ def robustness_table(records: list[RunRecord]) -> str:
             rows.append([r.name, r.method, _radius(r), epochs_cell(r), "not evaluated"] + [""] * (len(labels) + 2))
             continue
         rows.append([r.name, r.method, _radius(r), epochs_cell(r), clean_cell(r)]
-                    + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), f"{r.train_seconds:.0f}"])
+                    + [percent(r.accuracy(a)) for a in labels] + [percent(r.accuracy("worst")), f"{r.train_seconds:.0f}"])
     notes = _chance_note(records)
     unfinished = [r for r in records if not r.finished]
     if unfinished:
@@ -75,8 +76,8 @@ def robustness_table(records: list[RunRecord]) -> str:
 def _compare(records: list[RunRecord]) -> str:
     """A small table: clean, every attack and the worst case, for the runs a comparison is about."""
     labels = attack_labels(records)
-    rows = [[r.name, r.method, _radius(r), clean_cell(r)] + [_pct(r.accuracy(a)) for a in labels]
-            + [_pct(r.accuracy("worst"))] for r in records]
+    rows = [[r.name, r.method, _radius(r), clean_cell(r)] + [percent(r.accuracy(a)) for a in labels]
+            + [percent(r.accuracy("worst"))] for r in records]
     return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case"], rows) + _chance_note(records)
 
 
@@ -153,7 +154,7 @@ def parts_table(records: list[RunRecord]) -> str:
     for r in ref + [r for r in shown if r not in ref]:
         parts = r.parts + (" (raw weights)" if r.weights == "raw" else "")
         rows.append([r.name, r.method, parts.strip() or "–", clean_cell(r)]
-                    + [_pct(r.accuracy(a)) for a in labels] + [_pct(r.accuracy("worst")), _cost(r, ref)])
+                    + [percent(r.accuracy(a)) for a in labels] + [percent(r.accuracy("worst")), _cost(r, ref)])
     return (_table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows)
             + COST_NOTE + _chance_note(ref + shown) + _pending_note(wanted))
 
@@ -190,8 +191,8 @@ def family_table(records: list[RunRecord]) -> str:
         return not_evaluated("the runs of the instance-adaptive family", wanted)
     ref = [r for r in _reference(records) if not r.parts]
     labels = attack_labels(ref + shown)
-    rows = [[r.name, r.method, clean_cell(r)] + [_pct(r.accuracy(a)) for a in labels]
-            + [_pct(r.accuracy("worst")), _cost(r, ref), per_sample_state(r)] for r in ref + shown]
+    rows = [[r.name, r.method, clean_cell(r)] + [percent(r.accuracy(a)) for a in labels]
+            + [percent(r.accuracy("worst")), _cost(r, ref), per_sample_state(r)] for r in ref + shown]
     return (_table(["run", "method", "clean"] + labels + ["worst case", "train time / PGD-AT", "per-sample state"],
                    rows) + COST_NOTE + _chance_note(ref + shown) + _pending_note(wanted))
 
@@ -290,7 +291,7 @@ def sensitivity_table(records: list[RunRecord], attack: str) -> str:
         row = [f"γ = {g * 255:.3g}/255"]
         for b in betas:
             r = shown.get((g, b))
-            row.append("–" if r is None else f"{clean_cell(r)} / {_pct(r.accuracy(attack))}" if r.evaluation
+            row.append("–" if r is None else f"{clean_cell(r)} / {percent(r.accuracy(attack))}" if r.evaluation
                        else "not evaluated")
         rows.append(row)
     shared = [_shared_cell_note(cell, runs, shown[cell]) for cell, runs in cells.items() if len(runs) > 1]
