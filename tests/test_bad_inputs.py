@@ -456,6 +456,41 @@ def eval_of_zero_images(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--n", "0", "--no-progress"]
 
 
+@case("a .safetensors name says safetensors, but --format is torchscript", "torchscript writes .pt",
+      "pass --format safetensors")
+def export_torchscript_under_a_safetensors_name(c: Ctx) -> list[str]:
+    return ["export", str(c.run()), "--format", "torchscript", "--out", str(c.tmp / "x.safetensors")]
+
+
+@case(".onnx is not an extension of any export format", "name the safetensors file *.safetensors")
+def export_under_an_unknown_extension(c: Ctx) -> list[str]:
+    return ["export", str(c.run()), "--out", str(c.tmp / "x.onnx")]
+
+
+@case("--data-dir", "data_batch_1 is a file, not a folder", absent=("Errno",))
+def data_dir_pointing_at_a_file(c: Ctx) -> list[str]:
+    batch = c.file("data_batch_1", "not a folder")  # download on: the mkdir before it once failed with Errno 17
+    return c.new_run("--data-dir", str(batch), "--set", "data.download=true")
+
+
+@case("unknown method 'IAAT'", "Did you mean 'iaat'")
+def method_name_in_the_wrong_case(c: Ctx) -> list[str]:
+    return c.new_run("--method", "IAAT")
+
+
+@case("data.train_subset must be >= 2", "got 1", absent=("Expected more than 1 value",))
+def a_training_set_of_one_image(c: Ctx) -> list[str]:
+    # resnet18 on 8x8 digits: a batch of one reached BatchNorm at 1x1 and crashed after the run folder was made
+    return ["train", "--dataset", "digits", "--model", "resnet18", "--train-subset", "1", "--epochs", "1",
+            "--out", str(c.tmp / "new"), "--no-progress", "--threads", "1"]
+
+
+@case("data.val_size=1496 leaves 1 training image", "at least 2")
+def a_held_out_set_that_leaves_one_image(c: Ctx) -> list[str]:
+    return ["train", "--dataset", "digits", "--model", "resnet18", "--set", "data.val_size=1496", "--epochs", "1",
+            "--out", str(c.tmp / "new"), "--no-progress", "--threads", "1"]
+
+
 # ---- where output cannot be written -------------------------------------------------------------------------------
 
 def _read_only_folder(c: Ctx) -> Path:

@@ -280,6 +280,14 @@ def test_help_states_units():
     assert "pixel units over 255" in res.stdout and "--set" in res.stdout
 
 
+def test_demo_help_gives_the_readmes_duration():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "(under a minute)" in readme.split("make demo", 2)[1].splitlines()[0]  # the README's first demo line
+    for argv in (["--help"], ["demo", "--help"]):
+        code, out, _ = run_main(*argv)
+        assert code == 0 and "under a minute" in " ".join(out.split()) and "few-minute" not in out, out
+
+
 def test_a_start_that_never_finished_an_epoch_does_not_block_its_folder(tiny_run, tiny_cifar, tmp_path):
     """What a start leaves when it fails in its first epoch (config.yaml, the data split, an empty checkpoints/):
     the same command, corrected, starts there again instead of asking for a --resume of nothing."""

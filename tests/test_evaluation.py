@@ -461,6 +461,21 @@ def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run,
     assert not list(out.parent.glob("*.state.npz"))  # the resume state goes once the result is written
 
 
+def test_cli_eval_generated_corruptions_of_grey_digits_skip_the_rgb_only_ones(tmp_path):
+    run = tmp_path / "digits"
+    code, _, err = run_main("train", "--dataset", "digits", "--model", "small_cnn", "--set", "model.width=8",
+                            "--train-subset", "100", "--set", "data.val_size=50", "--set", "attack.steps=1",
+                            "--epochs", "1", "--no-progress", "--threads", "1", "--out", str(run))
+    assert code == 0, err
+    out = tmp_path / "c.json"
+    code, _, err = run_main("eval", str(run), "--corruptions", "generated", "--n", "8", "--no-checks",
+                            "--no-progress", "--threads", "1", "--out", str(out))
+    assert code == 0, err  # once: "saturate needs RGB images (3 channels), got 1; leave it out of names."
+    assert err.count("saturate skipped, it needs RGB images (3 channels) and these have 1") == 1, err
+    per_corruption = json.loads(out.read_text())["corruptions"]["per_corruption"]
+    assert "saturate" not in per_corruption and len(per_corruption) == 13
+
+
 @pytest.mark.parametrize("args, message", [
     (["--protocol", "quick", "--steps", "20"], "--steps describe the single default PGD attack"),
     (["--attack", "pgd:steps=x"], "is not a valid"),

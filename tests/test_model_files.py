@@ -410,6 +410,17 @@ def float64(num_classes, in_channels):
 '''
 
 
+def test_eval_of_a_factory_without_weights_warns_that_it_keeps_the_factorys(tmp_path, monkeypatch):
+    from helpers import run_main
+
+    (tmp_path / "own_nets_unweighted.py").write_text(OWN_NETS)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main("eval", "--model", "own_nets_unweighted:tiny", "--dataset", "digits", "--eps", "8",
+                            "--n", "8", "--attack", "pgd:steps=1", "--no-progress", "--no-checks", "--out", "e.json")
+    assert code == 0, err
+    assert "iaat: warning: no --weights given" in err and "unless the factory loads trained weights" in err, err
+
+
 def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch):
     """iaat train --model module:factory: the trainer, its resume, eval and export with any architecture; a model
     file of it loads where its module can be imported."""

@@ -235,6 +235,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"attack.steps must be >= 0, got {cfg.attack.steps}.")
     if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
         raise ConfigError(f"data.train_subset must be positive, got {cfg.data.train_subset}.")
+    if cfg.data.train_subset == 1:  # every step would be a batch of one: see train.batch_size below
+        raise ConfigError("data.train_subset must be >= 2 (BatchNorm in train mode needs two samples per step), "
+                          "got 1.")
     for key in ("image_size", "resize"):
         value = getattr(cfg.data, key)
         if value is not None and (cfg.data.dataset != "imagefolder" or value < 8):

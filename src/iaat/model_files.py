@@ -38,6 +38,9 @@ from .models.files import CARD_ENTRY, file_format, json_path, load_exported, saf
 from .models.state import load_model_state
 
 FORMATS = ("safetensors", "torchscript", "export")
+#: The file name extensions of each export format, the usual one first: a name that says another format (or none
+#: known) is refused, since tools pick the loader by the extension.
+EXTENSIONS = {"safetensors": (".safetensors",), "torchscript": (".pt", ".pth", ".ts"), "export": (".pt2",)}
 MODEL_FORMAT = "iaat-model"
 
 
@@ -119,7 +122,8 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     Args:
         run: a run folder (its newest valid checkpoint), a checkpoint file, or a module trained elsewhere (your own
             loop: ``torchscript`` or ``export`` only, since a ``.safetensors`` file holds no code to rebuild it).
-        out: the model file to write; its description goes to ``out`` + ``.json`` beside it.
+        out: the model file to write, named for ``fmt`` (:data:`EXTENSIONS`, or no extension); its description
+            goes to ``out`` + ``.json`` beside it.
         fmt: ``safetensors``, ``torchscript`` or ``export`` (``torch.export``, a ``.pt2`` file).
         weights: ``auto`` (the averaged weights when the run keeps them, else the raw ones), ``raw`` or ``ema``.
         overwrite: replace existing files.
@@ -148,6 +152,7 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     if weights not in ("auto", "raw", "ema"):
         raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
     out, meta_path = Path(out), json_path(out)
+    _check_extension(out, fmt)
     for path in (out, meta_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
@@ -168,6 +173,20 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     card["file"] = {"name": out.name, "format": fmt, "sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write_bytes(meta_path, (json.dumps(card, indent=2) + "\n").encode())
     return out, meta_path
+
+
+def _check_extension(out: Path, fmt: str) -> None:
+    """``out`` must end in an extension of ``fmt`` (or have none): a TorchScript archive named .safetensors
+    misleads every tool and person that opens it."""
+    suffix = out.suffix.lower()
+    if not suffix or suffix in EXTENSIONS[fmt]:
+        return
+    writes = ", ".join(f"{f} writes {'/'.join(EXTENSIONS[f])}" for f in FORMATS)
+    owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
+    problem = (f"a {suffix} name says {owner}, but --format is {fmt}" if owner
+               else f"{out.suffix} is not an extension of any export format")
+    fix = f"pass --format {owner}, or " if owner else ""
+    raise ConfigError(f"--out {out}: {problem} ({writes}); {fix}name the {fmt} file *{EXTENSIONS[fmt][0]}.")
 
 
 def _run_card(run: Path, weights: str) -> tuple[nn.Module, dict]:

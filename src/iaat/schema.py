@@ -16,9 +16,12 @@ from .units import PixelSize, python_scalar
 
 
 def did_you_mean(key: str, options: Iterable[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest option, or an empty string."""
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    """`` Did you mean 'x'?`` for the closest option, or an empty string; case is ignored (``IAAT`` finds ``iaat``)."""
+    by_lower: dict[str, str] = {}
+    for option in options:
+        by_lower.setdefault(option.lower(), option)  # the first of options that differ only in case
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" Did you mean '{by_lower[close[0]]}'?" if close else ""
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:

@@ -59,6 +59,19 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_data_dir(data_dir: Optional[str], expected: str, parent_hint: bool = False) -> None:
+    """``--data-dir`` may be missing (a download creates it) but not a file: say so before a mkdir fails on it
+    (``parent_hint``: name the file's folder, where a file of the data set is the likely mistake)."""
+    if not data_dir:
+        return
+    path = Path(data_dir).expanduser()
+    # the path itself, or a part of it that is a file (where mkdir would fail with "Not a directory")
+    file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise DataError(f"--data-dir {data_dir}: {file} is a file, not a folder; pass {expected}"
+                        + (f" (e.g. {file.parent})." if parent_hint and file == path else "."))
+
+
 def find_folder(name: str, data_dir: Optional[str]) -> tuple[Optional[Path], list[Path]]:
     """Return the folder holding the batch files (``data_dir`` itself or its child) and the places looked."""
     spec = _SPECS[name]
@@ -170,6 +183,7 @@ def load_cifar(name: str, data_dir: Optional[str], download: bool = True) -> Dat
     release (e.g. a re-encoded copy) load with a warning.
     """
     spec = _SPECS[name]
+    check_data_dir(data_dir, f"a '{spec['folder']}' folder or its parent", parent_hint=True)
     folder, looked = find_folder(name, data_dir)
     if folder is None:
         for other in (o for o in _SPECS if o != name):  # the other CIFAR there: a wrong --dataset, not a download

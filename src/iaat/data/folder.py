@@ -271,6 +271,9 @@ def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Op
     if not data_dir:
         raise DataError("data.dataset=imagefolder needs --data-dir ROOT with ROOT/train/<class>/<image> and "
                         "ROOT/val/<class>/<image>.")
+    from .cifar import check_data_dir
+
+    check_data_dir(data_dir, "the folder ROOT that holds train/ and val/")
     root = Path(data_dir).expanduser()
     resize = resize if resize is not None else int(round(image_size * 256 / 224))
     if resize < image_size:

@@ -43,6 +43,9 @@ def make_train_val(labels: torch.Tensor, val_size: int, train_subset: Optional[i
     g = torch.Generator().manual_seed(split_seed)
     if val_size >= len(labels):
         raise DataError(f"data.val_size={val_size} leaves no training images out of {len(labels)}.")
+    if train_subset is None and val_size == len(labels) - 1:  # a batch of one breaks BatchNorm in train mode
+        raise DataError(f"data.val_size={val_size} leaves 1 training image out of {len(labels)}; training needs at "
+                        f"least 2 (BatchNorm in train mode needs two samples per step).")
     val = balanced_indices(labels, val_size, g) if val_size > 0 else torch.zeros(0, dtype=torch.long)
     if train_subset is None:
         mask = torch.ones(len(labels), dtype=torch.bool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 import zlib
 from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -312,6 +313,11 @@ GENERATED_CORRUPTIONS: dict[str, CorruptionFn] = {
 }
 
 
+#: Corruptions defined on colour only (saturate scales the HSV saturation): left out of the default set on
+#: grey images, an error where named.
+RGB_ONLY = ("saturate",)
+
+
 def _seed_for(seed: int, name: str, severity: int) -> int:
     """A seed per (corruption, severity) that does not depend on which other corruptions are generated."""
     state = np.random.SeedSequence([seed, zlib.crc32(name.encode()), severity]).generate_state(2, np.uint32)
@@ -328,7 +334,8 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
 
     Args:
         data: clean images, uint8 (N, C, H, W).
-        names: corruptions to generate (default: all of :data:`GENERATED_CORRUPTIONS`).
+        names: corruptions to generate (default: all of :data:`GENERATED_CORRUPTIONS`, without the
+            :data:`RGB_ONLY` ones on images that are not RGB, with a warning; named, those are an error there).
         n: use the first ``n`` images (all when None or larger than N).
         seed: base seed.
         chunk_size: images corrupted at once (bounds memory; part of what the seed reproduces).
@@ -341,6 +348,7 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
         raise DataError(f"data must be an ImageSet, got {type(data).__name__}.")
     if len(data) == 0:
         raise DataError("data holds no images to corrupt.")
+    chosen = names is not None  # named by the caller: an RGB-only one on other images is an error, not skipped
     names = list(GENERATED_CORRUPTIONS) if names is None else list(names)
     unknown = [name for name in names if name not in GENERATED_CORRUPTIONS]
     if unknown or not names:
@@ -353,8 +361,14 @@ def generated_corruption_sets(data: ImageSet, names: Optional[Iterable[str]] = N
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise DataError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     channels = data.x.shape[1]
-    if "saturate" in names and channels != 3:
-        raise DataError(f"saturate needs RGB images (3 channels), got {channels}; leave it out of names.")
+    rgb_only = [name for name in names if name in RGB_ONLY]
+    if rgb_only and channels != 3:
+        if chosen:
+            raise DataError(f"{', '.join(rgb_only)} needs RGB images (3 channels), got {channels}; leave it out of "
+                            f"names.")
+        names = [name for name in names if name not in RGB_ONLY]
+        warnings.warn(f"generated corruptions: {', '.join(rgb_only)} skipped, it needs RGB images (3 channels) and "
+                      f"these have {channels}.", stacklevel=2)
     if "jpeg_compression" in names:
         _pillow("the jpeg_compression corruption")  # fail now, not after the other corruptions have run
     take = len(data) if n is None else min(n, len(data))
