@@ -254,6 +254,17 @@ def test_init_from_starts_from_the_given_weights(tiny_run, tiny_cifar, exported,
     assert res.returncode == 2 and "--init-from starts a new run" in res.stderr
 
 
+def test_init_from_takes_a_run_whose_architecture_was_given_by_default(tmp_path):
+    """A small_cnn trained without model.width is the width-32 small_cnn that a preset names: the same network."""
+    base = ["--dataset", "digits", "--model", "small_cnn", "--epochs", "1", "--no-progress", "--set",
+            "data.val_size=100", "--set", "attack.steps=1"]
+    res = run_in_process("train", "--out", str(tmp_path / "a"), *base)
+    assert res.returncode == 0, res.stderr
+    res = run_in_process("train", "--out", str(tmp_path / "b"), *base, "--set", "model.width=32", "--init-from",
+                         str(tmp_path / "a"))
+    assert res.returncode == 0 and "starting from the weights of" in res.stdout, res.stderr
+
+
 @pytest.mark.slow
 def test_tensorboard_event_files_hold_the_metrics_and_the_radius_histograms(tiny_cifar, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,8 +15,15 @@ from .small_cnn import SmallCNN
 from .wide_resnet import WideResNet
 
 
+#: the sizes of the models that take ``model.depth`` / ``model.width`` (the others build one fixed architecture),
+#: where none is given
+DEFAULT_SIZES = {"small_cnn": {"width": 32}, "wideresnet": {"depth": 34, "width": 10}}
+#: the models that take ``model.depth`` / ``model.width``, and which
+SIZE_KEYS = {name: tuple(sizes) for name, sizes in DEFAULT_SIZES.items()}
+
+
 def _small_cnn(num_classes: int, in_channels: int, depth: Optional[int], width: Optional[int]) -> nn.Module:
-    return SmallCNN(num_classes, in_channels, 32 if width is None else width)
+    return SmallCNN(num_classes, in_channels, DEFAULT_SIZES["small_cnn"]["width"] if width is None else width)
 
 
 def _resnet18(num_classes, in_channels, depth, width) -> nn.Module:
@@ -28,7 +35,9 @@ def _preact_resnet18(num_classes, in_channels, depth, width) -> nn.Module:
 
 
 def _wideresnet(num_classes, in_channels, depth, width) -> nn.Module:
-    return WideResNet(34 if depth is None else depth, 10 if width is None else width, num_classes, in_channels)
+    default = DEFAULT_SIZES["wideresnet"]
+    return WideResNet(default["depth"] if depth is None else depth, default["width"] if width is None else width,
+                      num_classes, in_channels)
 
 
 def _wrn(depth: int, width: int) -> Callable[..., nn.Module]:
@@ -58,8 +67,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-#: the models that take ``model.depth`` / ``model.width``; the others build one fixed architecture
-SIZE_KEYS = {"small_cnn": ("width",), "wideresnet": ("depth", "width")}
+def architecture(name: str, depth: Optional[int], width: Optional[int]) -> tuple:
+    """``(name, depth, width)`` of the model as built: a size the model does not take is None, one not given its
+    default (two configs that build the same network give the same tuple). Names this registry does not know (a
+    user's factory) keep the sizes given.
+
+    >>> architecture("small_cnn", None, None), architecture("resnet18", 3, 7)
+    (('small_cnn', None, 32), ('resnet18', None, None))
+    """
+    if name not in MODELS:
+        return name, depth, width
+    given, default = {"depth": depth, "width": width}, DEFAULT_SIZES.get(name, {})
+    return (name, *(default[k] if k in default and given[k] is None else given[k] if k in default else None
+                    for k in ("depth", "width")))
 
 
 def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> None:
