@@ -201,6 +201,22 @@ def test_evaluate_refuses_a_model_that_expects_normalised_inputs():
         iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255)
     res = iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255, checks=False)
     assert res["clean"] == pytest.approx(0.5)  # --no-checks / checks=False: evaluated as asked
+    # a model that normalises inside takes [0, 1] images by construction, whatever its accuracy on others says
+    inside = iaat.NormalizedModel(_ExpectsStandardisedInputs(), mean=(0.0,), std=(1.0,))
+    for model in (inside, torch.jit.trace(inside, x[:2])):  # as iaat export writes TorchScript
+        assert iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=8 / 255)["clean"] == pytest.approx(0.5)
+
+
+def test_a_model_that_returns_a_tuple_is_a_clear_error_before_any_attack():
+    from iaat.errors import ConfigError
+    from iaat.evaluation.checks import check_model_fits
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3], x
+
+    with pytest.raises(ConfigError, match="wrap a model that returns a tuple or dict"):
+        check_model_fits(Pair(), torch.rand(4, 3, 4, 4), torch.arange(4) % 3, 3)
 
 
 def test_sanity_attack_stops_at_the_first_miss_with_the_same_verdicts():

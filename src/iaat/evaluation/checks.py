@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.pgd import attack_mode
+from ..attacks.pgd import attack_mode, check_logits
 from ..errors import DataError
 from ..units import format_size
 
@@ -36,17 +36,20 @@ NORMALISED_INPUT_GAIN = 0.25
 def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                      inputs: bool = True) -> None:
     """Before any attack: the model must give one logit per class of the data and, with ``inputs``, must not
-    look as if it expected normalised inputs (much more accurate on standardised images than on [0, 1] ones).
+    look as if it expected normalised inputs (much more accurate on standardised images than on [0, 1] ones;
+    not asked of a model that normalises inside, an :class:`~iaat.NormalizedModel`).
 
     Raises:
+        ConfigError: the model returns no logits tensor (a tuple, a dict).
         DataError: naming what was seen and the fix.
     """
     with attack_mode(model), torch.no_grad():
         logits = model(x)
-        if logits.ndim != 2 or logits.shape[1] != num_classes:
+        check_logits(logits, y, labels=False)
+        if logits.shape[1] != num_classes:
             raise DataError(f"the model outputs shape {tuple(logits.shape)} for {len(x)} images, but the data has "
                             f"{num_classes} classes: it needs one logit per class (check --dataset / --num-classes).")
-        if not inputs or len(x) < 32:
+        if not inputs or len(x) < 32 or normalises_inside(model):
             return
         mean = x.mean(dim=(0, *range(2, x.ndim)), keepdim=True)
         std = x.std(dim=(0, *range(2, x.ndim)), keepdim=True).clamp_min(1e-6)
@@ -57,6 +60,15 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                         f"images but {100 * standardised:.0f}% once they are standardised: it expects normalised "
                         f"inputs. Put the normalisation inside it (iaat.NormalizedModel(net, mean, std)), so that "
                         f"attack radii are in pixel space; or skip this check with --no-checks.")
+
+
+def normalises_inside(model: nn.Module) -> bool:
+    """``model`` holds an :class:`~iaat.NormalizedModel` (also as a TorchScript module): it takes [0, 1] images by
+    construction, whatever a weak model's accuracy on standardised ones suggests."""
+    from ..models.normalize import NormalizedModel
+
+    return any(isinstance(m, NormalizedModel) or getattr(m, "original_name", None) == NormalizedModel.__name__
+               for m in model.modules())
 
 
 def tolerance(n: int) -> float:
