@@ -72,6 +72,17 @@ def test_parse_attack_kinds_and_defaults():
 
 
 
+def test_a_transfer_attack_without_its_source_takes_the_surrogate():
+    """``--attack transfer:steps=20 --surrogate RUN`` is one transfer attack of 20 steps crafted on RUN, as --help
+    says (it was refused for want of source=); without a transfer in the list --surrogate adds the default one."""
+    plan = build_plan(eps=[EPS], attacks=["pgd", "transfer:steps=20"], surrogate="runs/b")
+    assert [(s.kind, s.steps, s.source) for s in plan.attacks] == [("pgd", 10, None), ("transfer", 20, "runs/b")]
+    plan = build_plan(eps=[EPS], attacks=["pgd"], surrogate="runs/b")
+    assert [(s.kind, s.steps, s.source) for s in plan.attacks] == [("pgd", 10, None), ("transfer", 10, "runs/b")]
+    with pytest.raises(ConfigError, match="a transfer attack needs source=RUN"):
+        build_plan(eps=[EPS], attacks=["transfer:steps=20"])
+
+
 def test_every_option_that_changes_results_tells_attacks_apart():
     """Two attacks reported under one label would share results (and resumable state): every option that changes
     what an attack does is in its label, or the plan refuses the pair."""
