@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError, first_line
 from .schema import build_dataclass, check_keys, did_you_mean
-from .units import PixelSize, parse_size
+from .units import PixelSize, format_size, parse_size
 
 SECTIONS = ("data", "model", "method", "attack", "optim", "train")
 
@@ -299,12 +299,30 @@ RESUMABLE_KEYS = frozenset({
     ("train", "threads"), ("data", "data_dir"), ("data", "download")})
 
 
+#: Methods whose attacks take attack.step_size for every radius; IAAT's default step rule grows the step with the
+#: radius, MMA sets its own (step_scale * eps / steps), clean training has no attack.
+_FIXED_STEP_METHODS_EXCLUDED = ("clean", "mma")
+
+
 def notes(cfg: Config) -> list[str]:
-    """What a run with ``cfg`` does that its settings may not have meant (printed when training starts)."""
+    """What a run with ``cfg`` does that its settings may not have meant (printed when training starts).
+
+    >>> from iaat.config import Config, notes
+    >>> cfg = Config(); cfg.attack.eps = 64
+    >>> notes(cfg)[0][:80]
+    'attack: 10 steps of 2/255 cover at most 20/255 of the 64/255 radius, so the trai'
+    """
+    said = []
     if 0 < cfg.train.epochs <= cfg.optim.warmup_epochs:
-        return [f"optim: the learning-rate warmup ({cfg.optim.warmup_epochs} epochs) lasts the whole run "
-                f"({cfg.train.epochs} epochs): the learning rate never reaches optim.lr={cfg.optim.lr:g}"]
-    return []
+        said.append(f"optim: the learning-rate warmup ({cfg.optim.warmup_epochs} epochs) lasts the whole run "
+                    f"({cfg.train.epochs} epochs): the learning rate never reaches optim.lr={cfg.optim.lr:g}")
+    steps, step, eps = cfg.attack.steps, cfg.step_size, cfg.eps
+    proportional = cfg.method.name == "iaat" and cfg.method.params.get("step_rule", "proportional") == "proportional"
+    if cfg.method.name not in _FIXED_STEP_METHODS_EXCLUDED and not proportional and 0 < steps * step < eps:
+        said.append(f"attack: {steps} steps of {format_size(step)} cover at most {format_size(steps * step)} of the "
+                    f"{format_size(eps)} radius, so the training attack stays well inside it; the usual step is "
+                    f"2.5 * eps / steps (--set attack.step_size={255 * 2.5 * eps / steps:.4g})")
+    return said
 
 
 def method_kwargs(cfg: Config) -> dict:
