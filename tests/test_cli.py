@@ -181,6 +181,17 @@ def test_truncated_checkpoint(tiny_run, tmp_path):
     assert snapshot(run) == before
 
 
+def test_evaluating_a_checkpoint_of_a_run_writes_to_the_runs_eval_folder(tiny_run, tmp_path):
+    """Where iaat report and iaat export look for a run's evaluations, not RUN/checkpoints/eval/."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    res = run_in_process("eval", str(run / "checkpoints" / "epoch_0001.pt"), "--n", "8", "--steps", "1",
+                         "--no-checks", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    (written,) = (run / "eval").glob("*.json")
+    assert json.loads(written.read_text())["epoch"] == 1 and not (run / "checkpoints" / "eval").exists()
+
+
 @pytest.mark.slow
 def test_checkpoint_of_a_different_model(tiny_run, tiny_cifar, tmp_path):
     other = tmp_path / "wide"

@@ -110,6 +110,17 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
                              "method": training.get("method"), "weights": meta.get("weights")})
 
 
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint in its ``checkpoints/`` (where its evaluations go, beside the run's own, for
+    iaat report and iaat export to find), else the checkpoint's folder."""
+    from .engine import rundir
+
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name == rundir.CHECKPOINTS and (run / rundir.CONFIG).is_file():
+        return run
+    return checkpoint.parent
+
+
 def _refuse_sweep_folder(path: Path) -> None:
     """A sweep folder holds many runs: say which to evaluate instead of failing to find a config."""
     from .sweep import PLAN, RUNS
@@ -133,7 +144,7 @@ def _run_source(path: Path, device: torch.device, weights: str = "auto") -> Mode
     return ModelSource(model, f"{cfg.method.name} / {cfg.model.name}, epoch {ckpt.get('epoch')}"
                        + (", averaged weights (EMA)" if averaged else ""),
                        _file_digest(Path(ckpt_path)) + (":ema" if averaged else ""),
-                       path if path.is_dir() else path.parent, "eval", cfg.data.dataset, cfg.data.data_dir, cfg.eps,
+                       path if path.is_dir() else _run_of(path), "eval", cfg.data.dataset, cfg.data.data_dir, cfg.eps,
                        shape, cfg, {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
                                     "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
 
