@@ -83,6 +83,13 @@ def test_a_transfer_attack_without_its_source_takes_the_surrogate():
         build_plan(eps=[EPS], attacks=["transfer:steps=20"])
 
 
+def test_a_main_radius_of_zero_is_said_not_silently_dropped():
+    with pytest.warns(UserWarning, match="only the clean accuracy is reported"):
+        assert build_plan(eps=[0.0], attacks=["pgd"]).attacks == []
+    with pytest.warns(UserWarning, match="list a positive radius first"):
+        build_plan(eps=[0.0, EPS], attacks=["pgd"])
+
+
 def test_every_option_that_changes_results_tells_attacks_apart():
     """Two attacks reported under one label would share results (and resumable state): every option that changes
     what an attack does is in its label, or the plan refuses the pair."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -112,6 +113,10 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
                                   f"from {s.source}: evaluate one surrogate per command.")
             if s.eps > 0 and same is None:
                 resolved.append(s)
+    if specs and eps[0] == 0 and any(spec.eps is None for spec in specs):
+        warnings.warn("the first eps, the main radius (its worst case is the headline number), is 0, where an attack "
+                      "leaves the images clean: " + ("list a positive radius first" if any(eps) else
+                                                     "only the clean accuracy is reported"), stacklevel=2)
     if any(s.kind == "autoattack" for s in resolved):
         require_autoattack()  # fail before hours of other attacks, not after
     sweeps = protocol in ("paper", "full")
