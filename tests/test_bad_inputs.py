@@ -169,9 +169,14 @@ def zero_model_width(c: Ctx) -> list[str]:
     return c.new_run("--set", "model.width=0")  # `width or 32` once trained a width-32 model here
 
 
-@case("optim.lr must be a finite number > 0")
+@case("optim.lr must be a finite number > 0, got nan")
 def nan_learning_rate(c: Ctx) -> list[str]:
     return c.new_run("--set", "optim.lr=.nan")
+
+
+@case("optim.momentum must be in [0, 1), got 1.5")
+def momentum_above_one(c: Ctx) -> list[str]:
+    return c.new_run("--set", "optim.momentum=1.5")  # the message names the one setting that is wrong
 
 
 @case("train.eval_steps", "must be >= 0, got -1")

@@ -270,10 +270,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.log_interval must be >= 1.")
     if cfg.optim.schedule not in ("step", "cosine", "constant"):
         raise ConfigError(f"optim.schedule must be step, cosine or constant, got {cfg.optim.schedule!r}.")
-    if not (cfg.optim.lr > 0 and cfg.optim.weight_decay >= 0 and 0 <= cfg.optim.momentum < 1) or not all(
-            math.isfinite(v) for v in (cfg.optim.lr, cfg.optim.weight_decay)):  # written so that NaN fails too
-        raise ConfigError("optim.lr must be a finite number > 0, optim.weight_decay a finite number >= 0 and "
-                          "optim.momentum in [0, 1).")
+    o = cfg.optim
+    for ok, rule, value in ((o.lr > 0 and math.isfinite(o.lr), "optim.lr must be a finite number > 0", o.lr),
+                            (o.weight_decay >= 0 and math.isfinite(o.weight_decay),
+                             "optim.weight_decay must be a finite number >= 0", o.weight_decay),
+                            (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)", o.momentum)):
+        if not ok:  # written so that NaN fails too
+            raise ConfigError(f"{rule}, got {value!r}.")
     if cfg.optim.lr_scaling not in ("none", "linear"):
         raise ConfigError(f"optim.lr_scaling must be none or linear, got {cfg.optim.lr_scaling!r}.")
     if cfg.optim.base_batch_size < 1 or cfg.optim.warmup_epochs < 0:
