@@ -236,7 +236,9 @@ def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
     said.clear()
     monkeypatch.setattr(setup.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     assert setup.choose_threads(None, True, said.append) == 4 and threads == [4] and not said  # quiet: all cores
-    assert setup.choose_threads(3, True, said.append) == 3  # asked for: always
+    monkeypatch.setattr(setup.os, "cpu_count", lambda: 4)
+    assert setup.choose_threads(3, True, said.append) == 3 and not said  # asked for: always
+    assert setup.choose_threads(9, True, said.append) == 9 and "more than this machine's 4 cores" in said.pop()
     threads[:] = [4]
     monkeypatch.setattr(setup.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setenv("OMP_NUM_THREADS", "4")

@@ -41,6 +41,10 @@ def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], 
     if requested is not None and requested < 1:
         raise ConfigError(f"--threads must be >= 1, got {requested}.")
     if requested is not None:
+        cores = os.cpu_count() or requested
+        if on_cpu and requested > cores:  # threads beyond the cores wait for each other: slower, not faster
+            log(f"iaat: warning: --threads {requested} is more than this machine's {cores} cores; "
+                f"--threads {cores} or fewer runs faster")
         torch.set_num_threads(requested)
     elif on_cpu and user_thread_count() is None:
         cores = torch.get_num_threads()
