@@ -361,3 +361,18 @@ def test_demo_threads_reach_both_runs_on_a_busy_machine(monkeypatch):
     assert code == 0, err
     assert seen["threads"] == 2 and "busy" not in err
     assert iaat.demo.demo_config("pgd_at", 1, "64", 0, seen["threads"])["train"]["threads"] == 2
+
+
+def test_an_interrupted_demo_carries_on_in_its_folder(tmp_path):
+    """Running the demo again into its own folder finishes what is missing instead of refusing the folder."""
+    import shutil
+
+    out = tmp_path / "demo"
+    code, first, err = run_main("demo", "--out", str(out), "--epochs", "1")
+    assert code == 0, err
+    shutil.rmtree(out / "pgd_at")  # stopped before the second run began
+    code, again, err = run_main("demo", "--out", str(out), "--epochs", "1")
+    assert code == 0, err
+    assert f"carrying on with the earlier demo's run {out / 'clean'}" in again and "pgd_at" not in again.split(
+        "carrying on")[-1].split("\n")[0]
+    assert first.splitlines()[-2:] == again.splitlines()[-2:]  # the same accuracies

@@ -1,7 +1,7 @@
 """``iaat demo``: clean training vs PGD adversarial training on scikit-learn's digits.
 
 Real data that ships inside an installed package (1,797 handwritten 8x8 digits), a small
-CNN, a couple of minutes on two CPU cores. It shows the trade-off the library is about:
+CNN, about a minute on two CPU cores. It shows the trade-off the library is about:
 clean training is accurate but falls apart under attack; PGD-AT is robust.
 """
 
@@ -16,11 +16,15 @@ import torch
 from .config import config_from_dict
 from .errors import ConfigError
 from .data import load_dataset
-from .engine import train
+from .engine import rundir, train
 from .engine.runs import load_run
 from .evaluation.attacks import AttackSpec
 from .evaluation.robustness import accuracy
 from .units import format_size, parse_size
+
+
+#: the demo's two runs, each in a folder of that name
+METHODS = ("clean", "pgd_at")
 
 
 def demo_config(method: str, epochs: int, eps: str, seed: int, threads: Optional[int] = None) -> dict:
@@ -44,18 +48,22 @@ def run_demo(out: Optional[Path] = None, epochs: int = 20, eps: str = "64", seed
     if eps_unit <= 0:
         raise ConfigError(f"--eps must be positive, got {eps}: the demo compares training at that radius with clean "
                           f"training.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or not {p.name for p in out.iterdir()} <= set(METHODS)):
         raise ConfigError(f"--out {out} already exists{'' if out.is_dir() else ' and is not a folder'}; the demo "
-                          f"writes two new runs there: choose another --out (or leave it out for a fresh one).")
+                          f"writes two new runs there: choose another --out (or leave it out for a fresh one). A "
+                          f"folder of an earlier demo's runs is carried on.")
     test = load_dataset("digits").test
     print(f"iaat demo: small CNN on scikit-learn digits (8x8, {len(test)} test images), "
           f"eps {format_size(eps_unit)} L-inf, {epochs} epochs per method, runs in {out}")
     results = {}
     start = time.perf_counter()
-    for method in ("clean", "pgd_at"):
+    for method in METHODS:
         print(f"\n== training {method} ==")
         cfg = config_from_dict(demo_config(method, epochs, eps, seed, threads))
-        train(cfg, out / method)
+        earlier = (out / method / rundir.CONFIG).is_file()  # an interrupted demo: carry on where it stopped
+        if earlier:
+            print(f"carrying on with the earlier demo's run {out / method}")
+        train(cfg, out / method, resume=earlier)
         model, *_ = load_run(out / method)
         torch.manual_seed(seed)
         spec = AttackSpec(eps_unit, steps=20, restarts=1, step_size=eps_unit / 8)
