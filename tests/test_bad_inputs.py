@@ -371,6 +371,16 @@ def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
             str(c.tmp / "sw"), "--only", "clean", "--eval-attack", "pgd:stepz=2"]  # once failed after training
 
 
+@case("was trained on cifar10; --dataset digits names another data set")
+def eval_of_a_run_on_another_data_set(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--dataset", "digits", "--n", "8", "--no-progress"]  # was: used, or downloaded
+
+
+@case("--num-classes goes with --model")
+def eval_of_a_run_with_num_classes(c: Ctx) -> list[str]:
+    return ["eval", str(c.run()), "--num-classes", "5", "--n", "8", "--no-progress"]  # was: ignored
+
+
 @case("--eps must be positive, got 0")
 def demo_at_radius_zero(c: Ctx) -> list[str]:
     return ["demo", "--eps", "0", "--out", str(c.tmp / "demo")]

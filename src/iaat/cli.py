@@ -196,6 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-classes must be positive, got {args.num_classes}.")
     if args.weights and not args.model:
         raise ConfigError("--weights goes with --model module:factory (a model file holds its own weights).")
+    if args.num_classes is not None and not args.model:
+        raise ConfigError("--num-classes goes with --model module:factory (a run or model file knows its classes).")
     if args.model and not args.weights:  # else a random network's accuracy could pass for a trained one's
         warnings.warn(f"no --weights given: --model {args.model} keeps the weights its factory gives it, random "
                       f"initial ones unless the factory loads trained weights itself; pass --weights FILE to "

@@ -255,6 +255,9 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
                              run_weights=req.run_weights, in_channels=splits.image_shape[0])
     else:
         source = open_source(req.path, device, weights=req.weights, run_weights=req.run_weights)
+        if req.dataset is not None and source.dataset is not None and req.dataset != source.dataset:
+            raise ConfigError(f"{req.path} was trained on {source.dataset}; --dataset {req.dataset} names another "
+                              f"data set (--dataset is for --model and model files that do not say theirs).")
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
     check_same_data(source.shape, splits, source.what)
     cfg = source.cfg
