@@ -351,3 +351,18 @@ def test_every_key_has_a_description_for_print_config():
                kinds.items()}
     assert not any(missing.values()), missing
     assert field_docs(METHODS["mma"])["min_eps"].startswith("smallest radius an attack starts from")
+
+
+def test_notes_say_when_the_training_attack_is_not_what_its_settings_suggest():
+    from iaat.config import Config, notes
+
+    cfg = Config()
+    assert notes(cfg) == []
+    cfg.attack.steps = 0
+    assert "trains on the attack's random start alone" in notes(cfg)[0]
+    cfg.attack.steps, cfg.attack.eps = 10, 64
+    assert "cover at most 20/255 of the 64/255 radius" in notes(cfg)[0] and "step_size=16" in notes(cfg)[0]
+    cfg.attack.step_size = 16
+    assert notes(cfg) == []
+    cfg.attack.step_size, cfg.method.name = 2, "iaat"  # IAAT's default step rule grows the step with the radius
+    assert notes(cfg) == []

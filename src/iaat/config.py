@@ -320,6 +320,9 @@ def notes(cfg: Config) -> list[str]:
         said.append(f"optim: the learning-rate warmup ({cfg.optim.warmup_epochs} epochs) lasts the whole run "
                     f"({cfg.train.epochs} epochs): the learning rate never reaches optim.lr={cfg.optim.lr:g}")
     steps, step, eps = cfg.attack.steps, cfg.step_size, cfg.eps
+    if steps == 0 and cfg.method.name != "clean":
+        said.append("attack: attack.steps=0 trains on the attack's random start alone (noise in the eps ball), "
+                    "without a gradient step")
     proportional = cfg.method.name == "iaat" and cfg.method.params.get("step_rule", "proportional") == "proportional"
     if cfg.method.name not in _FIXED_STEP_METHODS_EXCLUDED and not proportional and 0 < steps * step < eps:
         said.append(f"attack: {steps} steps of {format_size(step)} cover at most {format_size(steps * step)} of the "
