@@ -236,9 +236,11 @@ def test_cpu_threads_default_to_one_on_a_busy_machine(monkeypatch):
     said.clear()
     monkeypatch.setattr(setup.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     assert setup.choose_threads(None, True, said.append) == 4 and threads == [4] and not said  # quiet: all cores
-    monkeypatch.setattr(setup.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(setup.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(setup, "_SAID", set())
     assert setup.choose_threads(3, True, said.append) == 3 and not said  # asked for: always
-    assert setup.choose_threads(9, True, said.append) == 9 and "more than this machine's 4 cores" in said.pop()
+    assert setup.choose_threads(9, True, said.append) == 9 and "more than the 4 cores" in said.pop()
+    assert setup.choose_threads(9, True, said.append) == 9 and not said  # said once
     threads[:] = [4]
     monkeypatch.setattr(setup.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
@@ -376,3 +378,5 @@ def test_an_interrupted_demo_carries_on_in_its_folder(tmp_path):
     assert f"carrying on with the earlier demo's run {out / 'clean'}" in again and "pgd_at" not in again.split(
         "carrying on")[-1].split("\n")[0]
     assert first.splitlines()[-2:] == again.splitlines()[-2:]  # the same accuracies
+    code, _, err = run_main("demo", "--out", str(out), "--epochs", "2")  # another demo: not reported as this one
+    assert code == 2 and "holds another demo's run (clean" in err, err

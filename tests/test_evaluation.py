@@ -81,6 +81,10 @@ def test_a_transfer_attack_without_its_source_takes_the_surrogate():
     assert [(s.kind, s.steps, s.source) for s in plan.attacks] == [("pgd", 10, None), ("transfer", 10, "runs/b")]
     with pytest.raises(ConfigError, match="a transfer attack needs source=RUN"):
         build_plan(eps=[EPS], attacks=["transfer:steps=20"])
+    plan = build_plan(eps=[EPS], attacks=["transfer:steps=20"], surrogate="runs/a,b")  # a path is not parsed
+    assert [s.source for s in plan.attacks] == ["runs/a,b"]
+    with pytest.raises(ConfigError, match="transfers from runs/x and from runs/b"):  # its own source stays
+        build_plan(eps=[EPS], attacks=["transfer:source =runs/x"], surrogate="runs/b")
 
 
 def test_a_main_radius_of_zero_is_said_not_silently_dropped():

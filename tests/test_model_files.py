@@ -201,10 +201,26 @@ def test_evaluate_refuses_a_model_that_expects_normalised_inputs():
         iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255)
     res = iaat.evaluate(_ExpectsStandardisedInputs(), x, y, attacks=["pgd:steps=2"], eps=8 / 255, checks=False)
     assert res["clean"] == pytest.approx(0.5)  # --no-checks / checks=False: evaluated as asked
-    # a model that normalises inside takes [0, 1] images by construction, whatever its accuracy on others says
-    inside = iaat.NormalizedModel(_ExpectsStandardisedInputs(), mean=(0.0,), std=(1.0,))
+    # the identity normalisation iaat.build_model puts around a user's net says nothing: still refused
+    with pytest.raises(DataError, match="once they are standardised"):
+        iaat.evaluate(iaat.NormalizedModel(_ExpectsStandardisedInputs(), mean=(0.0,), std=(1.0,)), x, y,
+                      attacks=["pgd:steps=2"], eps=8 / 255)
+
+
+def test_a_model_that_standardises_inside_is_not_taken_for_one_expecting_normalised_inputs(monkeypatch):
+    """A weak run of iaat's own (a NormalizedModel with its data set's statistics) once tripped the check."""
+    from iaat.evaluation import checks
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (0.5 + (2 * y - 1).view(-1, 1, 1, 1) * 0.1 + 0.05 * torch.randn(64, 1, 4, 4, generator=g)).clamp(0, 1)
+    inside = iaat.NormalizedModel(_ExpectsStandardisedInputs(), mean=(0.0,), std=(0.5,))  # says 1 on every image
     for model in (inside, torch.jit.trace(inside, x[:2])):  # as iaat export writes TorchScript
+        assert checks.normalises_inside(model)
         assert iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=8 / 255)["clean"] == pytest.approx(0.5)
+    monkeypatch.setattr(checks, "normalises_inside", lambda model: False)  # the case the test stands for
+    with pytest.raises(DataError, match="once they are standardised"):
+        iaat.evaluate(inside, x, y, attacks=["pgd:steps=2"], eps=8 / 255)
 
 
 def test_a_model_that_returns_a_tuple_is_a_clear_error_before_any_attack():
@@ -217,6 +233,8 @@ def test_a_model_that_returns_a_tuple_is_a_clear_error_before_any_attack():
 
     with pytest.raises(ConfigError, match="wrap a model that returns a tuple or dict"):
         check_model_fits(Pair(), torch.rand(4, 3, 4, 4), torch.arange(4) % 3, 3)
+    with pytest.raises(DataError, match="it needs one logit per class"):  # a tensor of another shape
+        check_model_fits(nn.Flatten(0), torch.rand(4, 3, 4, 4), torch.arange(4) % 3, 3)
 
 
 def test_sanity_attack_stops_at_the_first_miss_with_the_same_verdicts():

@@ -39,6 +39,18 @@ def demo_config(method: str, epochs: int, eps: str, seed: int, threads: Optional
     }
 
 
+def _check_same_demo(run: Path, cfg) -> None:
+    """``run`` is this demo's run as asked (its epochs too), apart from the threads: else carrying it on would train
+    or report another demo than the one asked for."""
+    saved = config_from_dict(rundir.read_config(run)).to_dict()
+    asked = cfg.to_dict()
+    for d in (saved, asked):
+        d["train"].pop("threads", None)
+    if saved != asked:
+        raise ConfigError(f"--out {run.parent} holds another demo's run ({run.name}: other settings or epochs than "
+                          f"asked); choose another --out, or ask for the same demo.")
+
+
 def run_demo(out: Optional[Path] = None, epochs: int = 20, eps: str = "64", seed: int = 0,
              threads: Optional[int] = None) -> dict:
     """Train ``clean`` and ``pgd_at`` and print clean and PGD-20 test accuracy of both (with ``threads`` CPU threads;
@@ -62,6 +74,7 @@ def run_demo(out: Optional[Path] = None, epochs: int = 20, eps: str = "64", seed
         cfg = config_from_dict(demo_config(method, epochs, eps, seed, threads))
         earlier = (out / method / rundir.CONFIG).is_file()  # an interrupted demo: carry on where it stopped
         if earlier:
+            _check_same_demo(out / method, cfg)
             print(f"carrying on with the earlier demo's run {out / method}")
         train(cfg, out / method, resume=earlier)
         model, *_ = load_run(out / method)

@@ -179,7 +179,7 @@ def _check_extension(out: Path, fmt: str) -> None:
     """``out`` must end in an extension of ``fmt`` (or have none): a TorchScript archive named .safetensors
     misleads every tool and person that opens it."""
     suffix = out.suffix.lower()
-    if not suffix or suffix in EXTENSIONS[fmt]:
+    if not suffix[1:].isalpha() or suffix in EXTENSIONS[fmt]:  # none, or a dot in the name (model_eps0.5)
         return
     writes = ", ".join(f"{f} writes {'/'.join(EXTENSIONS[f])}" for f in FORMATS)
     owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)

@@ -34,6 +34,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: (threads, cores) pairs already warned about in this process (the demo's two runs ask again)
+_SAID: set = set()
+
+
 def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], None] = print) -> Optional[int]:
     """Set PyTorch's CPU threads: ``requested``; else (on a CPU, when neither OMP_NUM_THREADS nor MKL_NUM_THREADS
     sets a count) one thread when the machine is busy (1-minute load average >= cores), where threads that wait
@@ -41,10 +45,11 @@ def choose_threads(requested: Optional[int], on_cpu: bool, log: Callable[[str], 
     if requested is not None and requested < 1:
         raise ConfigError(f"--threads must be >= 1, got {requested}.")
     if requested is not None:
-        cores = os.cpu_count() or requested
-        if on_cpu and requested > cores:  # threads beyond the cores wait for each other: slower, not faster
-            log(f"iaat: warning: --threads {requested} is more than this machine's {cores} cores; "
-                f"--threads {cores} or fewer runs faster")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or requested
+        if on_cpu and requested > cores and (requested, cores) not in _SAID:  # threads beyond the cores wait for
+            _SAID.add((requested, cores))                                  # each other: slower, not faster
+            log(f"iaat: warning: {requested} threads (--threads, train.threads) are more than the {cores} cores this "
+                f"process may use; {cores} or fewer run faster")
         torch.set_num_threads(requested)
     elif on_cpu and user_thread_count() is None:
         cores = torch.get_num_threads()

@@ -151,10 +151,11 @@ def _parse_value(key: str, text: str, norm: str) -> object:
     return text
 
 
-def parse_attack(text: str) -> AttackSpec:
+def parse_attack(text: str, source: Optional[str] = None) -> AttackSpec:
     """Parse ``kind[:key=value,...]``, e.g. ``pgd:steps=100,restarts=5``, ``cw``, ``autoattack:version=quick``.
 
-    Sizes (``eps``, ``step_size``) are pixels over 255 or fractions ``a/b`` like everywhere in the CLI.
+    Sizes (``eps``, ``step_size``) are pixels over 255 or fractions ``a/b`` like everywhere in the CLI. ``source``:
+    the surrogate of a transfer attack that names none (``--surrogate``).
     """
     kind, _, rest = text.strip().partition(":")
     kind = kind.strip().lower()
@@ -175,6 +176,8 @@ def parse_attack(text: str) -> AttackSpec:
     values = {k: _parse_value(k, v, norm) for k, v in raw.items()}
     base = dict(_DEFAULTS.get(kind, {}))
     base.update(values)
+    if kind == "transfer" and source is not None:
+        base.setdefault("source", str(source))
     kind_field = "pgd" if kind == "cw" else kind
     return AttackSpec(kind=kind_field, **base)
 

@@ -37,7 +37,7 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                      inputs: bool = True) -> None:
     """Before any attack: the model must give one logit per class of the data and, with ``inputs``, must not
     look as if it expected normalised inputs (much more accurate on standardised images than on [0, 1] ones;
-    not asked of a model that normalises inside, an :class:`~iaat.NormalizedModel`).
+    not asked of a model that normalises inside with a dataset's statistics, see :func:`normalises_inside`).
 
     Raises:
         ConfigError: the model returns no logits tensor (a tuple, a dict).
@@ -45,8 +45,9 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
     """
     with attack_mode(model), torch.no_grad():
         logits = model(x)
-        check_logits(logits, y, labels=False)
-        if logits.shape[1] != num_classes:
+        if not torch.is_tensor(logits):  # a tuple or dict: the error that says to wrap the model
+            check_logits(logits, y, labels=False)
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
             raise DataError(f"the model outputs shape {tuple(logits.shape)} for {len(x)} images, but the data has "
                             f"{num_classes} classes: it needs one logit per class (check --dataset / --num-classes).")
         if not inputs or len(x) < 32 or normalises_inside(model):
@@ -63,12 +64,26 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
 
 
 def normalises_inside(model: nn.Module) -> bool:
-    """``model`` holds an :class:`~iaat.NormalizedModel` (also as a TorchScript module): it takes [0, 1] images by
-    construction, whatever a weak model's accuracy on standardised ones suggests."""
-    from ..models.normalize import NormalizedModel
+    """``model`` standardises its input itself: it holds an :class:`~iaat.NormalizedModel`'s normalisation (also in
+    a traced TorchScript module) with a mean or std other than 0 and 1. Such a model takes [0, 1] images by
+    construction, whatever a weak model's accuracy on standardised ones suggests; the identity normalisation
+    ``iaat.build_model`` puts around a user's net says nothing about what the net expects.
 
-    return any(isinstance(m, NormalizedModel) or getattr(m, "original_name", None) == NormalizedModel.__name__
-               for m in model.modules())
+    >>> import iaat, torch
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    >>> normalises_inside(iaat.NormalizedModel(net, (0.5,) * 3, (0.25,) * 3))
+    True
+    >>> normalises_inside(iaat.NormalizedModel(net, (0.0,) * 3, (1.0,) * 3)), normalises_inside(net)
+    (False, False)
+    """
+    from ..models.normalize import Normalize
+
+    for m in model.modules():
+        if isinstance(m, Normalize) or getattr(m, "original_name", None) == Normalize.__name__:
+            mean, std = getattr(m, "mean", None), getattr(m, "std", None)
+            if torch.is_tensor(mean) and torch.is_tensor(std) and bool((mean != 0).any() or (std != 1).any()):
+                return True
+    return False
 
 
 def tolerance(n: int) -> float:

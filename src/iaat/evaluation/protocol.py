@@ -98,10 +98,10 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     if not eps:
         raise ConfigError("an evaluation needs at least one eps.")
     texts = list(PROTOCOLS.get(protocol, [])) + list(attacks)
-    filled = [_with_source(t, surrogate) for t in texts] if surrogate else texts
-    specs = [t if isinstance(t, AttackSpec) else parse_attack(t) for t in filled]
+    # a transfer attack of the list that names no source takes the surrogate's, and is then the one it adds
+    specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate) for t in texts]
     specs = [replace(s, norm=norm) if s.eps is None and s.norm != norm else s for s in specs]
-    if surrogate and filled == texts:  # else a transfer attack of the list took the surrogate: it is that one
+    if surrogate and not any(s.kind == "transfer" and s.source == str(surrogate) for s in specs):
         specs.append(AttackSpec(kind="transfer", source=str(surrogate), norm=norm))
     resolved: list[AttackSpec] = []
     for spec in specs:
@@ -126,20 +126,6 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
         steps_sweep=sorted(set(steps_sweep)) if steps_sweep is not None else (
             list(DEFAULT_STEPS_SWEEP) if sweeps else []),
         corruptions=corruptions, checks=checks, protocol=protocol)
-
-
-def _with_source(text: Union[str, AttackSpec], surrogate: str) -> Union[str, AttackSpec]:
-    """A transfer attack written without ``source=`` (``--attack transfer:steps=20 --surrogate RUN``) crafted on
-    ``surrogate``; anything else as it is.
-
-    >>> from iaat.evaluation.protocol import _with_source
-    >>> _with_source("transfer:steps=20", "runs/b"), _with_source("transfer", "runs/b"), _with_source("pgd", "runs/b")
-    ('transfer:steps=20,source=runs/b', 'transfer:source=runs/b', 'pgd')
-    """
-    if not isinstance(text, str) or text.partition(":")[0].strip().lower() != "transfer" or "source=" in text:
-        return text
-    options = text.partition(":")[2].strip(" ,")
-    return f"transfer:{options + ',' if options else ''}source={surrogate}"
 
 
 def default_eps_sweep(eps: float, norm: str) -> list[float]:

@@ -77,7 +77,7 @@ class Method:
         eps: radius of the training attack, [0, 1] units (8/255).
         step_size: PGD step, [0, 1] units (default as :func:`iaat.pgd`: 2.5 * eps / steps up to 10 steps, 2/255
             at 8/255 and 10 steps as in Madry et al. and the IAAT paper; eps / 4 beyond). The TRADES, MART, MAIL,
-            FAT and GAIRAT code trains with 0.007 at eps 0.031 (their presets here say so).
+            FAT and GAIRAT code trains with 0.007 at eps 0.031 (the MART and MAIL presets here say so).
         steps: PGD iterations (10).
         norm: ``"linf"`` or ``"l2"``.
         random_start: start each attack uniformly inside the ball.

@@ -54,13 +54,15 @@ def _imagenet_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+#: the WideResNets of fixed (depth, width) by name
+FIXED_WIDE_RESNETS = {"wrn-32-10": (32, 10), "wrn-34-10": (34, 10)}
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": _small_cnn,
     "resnet18": _resnet18,
     "preact_resnet18": _preact_resnet18,
     "wideresnet": _wideresnet,
-    "wrn-32-10": _wrn(32, 10),
-    "wrn-34-10": _wrn(34, 10),
+    **{name: _wrn(*sizes) for name, sizes in FIXED_WIDE_RESNETS.items()},
     "resnet50": _imagenet_resnet(50),  # ImageNet-style (7x7 stem): for image folders, not 32-px CIFAR
     "resnet101": _imagenet_resnet(101),
     "resnet152": _imagenet_resnet(152),
@@ -69,14 +71,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def architecture(name: str, depth: Optional[int], width: Optional[int]) -> tuple:
     """``(name, depth, width)`` of the model as built: a size the model does not take is None, one not given its
-    default (two configs that build the same network give the same tuple). Names this registry does not know (a
-    user's factory) keep the sizes given.
+    default, a fixed WideResNet the ``wideresnet`` of its sizes (two configs that build the same network give the
+    same tuple). A user's ``module:factory`` takes no sizes.
 
-    >>> architecture("small_cnn", None, None), architecture("resnet18", 3, 7)
-    (('small_cnn', None, 32), ('resnet18', None, None))
+    >>> architecture("small_cnn", None, None), architecture("resnet18", 3, 7), architecture("wrn-34-10", None, None)
+    (('small_cnn', None, 32), ('resnet18', None, None), ('wideresnet', 34, 10))
     """
+    if name in FIXED_WIDE_RESNETS:
+        return ("wideresnet", *FIXED_WIDE_RESNETS[name])
     if name not in MODELS:
-        return name, depth, width
+        return name, None, None
     given, default = {"depth": depth, "width": width}, DEFAULT_SIZES.get(name, {})
     return (name, *(default[k] if k in default and given[k] is None else given[k] if k in default else None
                     for k in ("depth", "width")))

@@ -143,7 +143,7 @@ def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None, epoch: Opti
             continue
         if not isinstance(data, dict) or "clean" not in data or data.get("split", "test") != "test":
             continue
-        current = data.get("epoch") in (epoch, None)  # evaluations before the JSON recorded the epoch: unknown
+        current = epoch is None or data.get("epoch") in (epoch, None)  # no epoch recorded: unknown, not stale
         key = (bool(data.get("attacks")), current, data.get("n", 0), path.stat().st_mtime)
         if best is None or key > best[0]:
             best = (key, data, path)
