@@ -46,9 +46,9 @@ from ..evaluation.attacks import AttackSpec
 from ..evaluation.robustness import accuracy
 from ..methods import Method
 from ..methods.base import StepOutput
-from ..units import format_size
 from ..models.registry import architecture
 from ..models.state import load_model_state
+from ..units import format_size
 from . import rundir
 from .checkpoint import (checkpoint_path, interrupt_path, newest_epoch, prune, remove_checkpoint, resume_point,
                          save_checkpoint)
@@ -478,8 +478,8 @@ def _init_from(s: _Session, path: Path) -> None:
             source, meta = load_exported(path)
     arch = meta.get("architecture") or {}
     m = s.cfg.model
-    theirs, ours = architecture(arch.get("name"), arch.get("depth"), arch.get("width")), architecture(m.name, m.depth,
-                                                                                                        m.width)
+    theirs = architecture(arch.get("name"), arch.get("depth"), arch.get("width"))
+    ours = architecture(m.name, m.depth, m.width)
     if arch and theirs != ours:
         raise CheckpointError(f"train.init_from {path} holds a {_architecture(*theirs)} but this run trains a "
                               f"{_architecture(*ours)}; set --model (and model.depth/width) to the same architecture.")

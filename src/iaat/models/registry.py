@@ -23,7 +23,7 @@ SIZE_KEYS = {name: tuple(sizes) for name, sizes in DEFAULT_SIZES.items()}
 
 
 def _small_cnn(num_classes: int, in_channels: int, depth: Optional[int], width: Optional[int]) -> nn.Module:
-    return SmallCNN(num_classes, in_channels, DEFAULT_SIZES["small_cnn"]["width"] if width is None else width)
+    return SmallCNN(num_classes, in_channels, architecture("small_cnn", depth, width)[2])
 
 
 def _resnet18(num_classes, in_channels, depth, width) -> nn.Module:
@@ -35,9 +35,8 @@ def _preact_resnet18(num_classes, in_channels, depth, width) -> nn.Module:
 
 
 def _wideresnet(num_classes, in_channels, depth, width) -> nn.Module:
-    default = DEFAULT_SIZES["wideresnet"]
-    return WideResNet(default["depth"] if depth is None else depth, default["width"] if width is None else width,
-                      num_classes, in_channels)
+    _, depth, width = architecture("wideresnet", depth, width)
+    return WideResNet(depth, width, num_classes, in_channels)
 
 
 def _wrn(depth: int, width: int) -> Callable[..., nn.Module]:
@@ -82,7 +81,7 @@ def architecture(name: str, depth: Optional[int], width: Optional[int]) -> tuple
     if name not in MODELS:
         return name, None, None
     given, default = {"depth": depth, "width": width}, DEFAULT_SIZES.get(name, {})
-    return (name, *(default[k] if k in default and given[k] is None else given[k] if k in default else None
+    return (name, *((default[k] if given[k] is None else given[k]) if k in default else None
                     for k in ("depth", "width")))
 
 

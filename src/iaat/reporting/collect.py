@@ -74,7 +74,7 @@ class RunRecord:
     @property
     def epochs_done(self) -> int:
         """The last epoch metrics.jsonl records (0 before the first)."""
-        return max((int(row.get("epoch", 0)) for row in self.metrics), default=0)
+        return last_epoch(self.metrics)
 
     @property
     def evaluated_epoch(self) -> Optional[int]:
@@ -121,6 +121,11 @@ class RunRecord:
 
     def radii_at(self, epoch: int) -> np.ndarray:
         return np.load(self.radii[epoch])
+
+
+def last_epoch(metrics: list) -> int:
+    """The last epoch metrics.jsonl's rows record (0 before the first)."""
+    return max((int(row.get("epoch", 0)) for row in metrics), default=0)
 
 
 def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None, epoch: Optional[int] = None
@@ -193,7 +198,7 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     cfg = config_from_dict(rundir.read_config(path))
     radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
     metrics = rundir.read_metrics(path)
-    evaluation, chosen = pick_evaluation(path, eval_path, max((int(row.get("epoch", 0)) for row in metrics), default=0))
+    evaluation, chosen = pick_evaluation(path, eval_path, last_epoch(metrics))
     return RunRecord(name=name, path=path, cfg=cfg, metrics=metrics, evaluation=evaluation,
                      evaluation_path=chosen, radii=radii, group=group,
                      weights=(evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained")
