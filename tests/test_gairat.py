@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import config_method
+from iaat.attacks import pgd
 from iaat.config import config_from_dict
 from iaat.engine import train
 from iaat.errors import ConfigError
@@ -126,8 +127,6 @@ def test_mixup_at_loss_on_identical_images_is_the_mean_cross_entropy():
 
 
 def test_gair_fat_keeps_labels_paired_with_their_own_examples():
-    from iaat.attacks import pgd
-
     model = Linear()
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     method = _method("gair_fat", eps=16, steps=6, tau=1, lam=-1.0)
@@ -140,6 +139,27 @@ def test_gair_fat_keeps_labels_paired_with_their_own_examples():
     ce = F.cross_entropy(model(adv.x_adv), y, reduction="none")  # each example with its own label
     torch.testing.assert_close(out.loss.detach(), (ce * weights).mean().detach())
     assert int(out.stats["kappa"]) == int(adv.kappa.sum())
+
+
+@pytest.mark.parametrize("name", ["fat", "gair_fat"])
+def test_fat_omega_adds_the_kernels_step_noise(name):
+    """``omega`` is a size (pixel units in a config, [0, 1] inside) that reaches the kernel as ``step_noise``."""
+    model = Linear()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    gair = {"lam": -1.0} if name == "gair_fat" else {}
+    method = _method(name, eps=16, steps=6, tau=1, omega="0.01/1", **gair)
+    assert method.omega == 0.01
+    method.start_epoch(0)
+    torch.manual_seed(1)
+    out = method.compute(model, x, y, torch.arange(8))
+    torch.manual_seed(1)
+    adv = pgd(model, x, y, 16 * U, steps=6, step_size=2 * U, early_stop_tau=1, final_check=False, step_noise=0.01)
+    torch.manual_seed(1)
+    quiet = pgd(model, x, y, 16 * U, steps=6, step_size=2 * U, early_stop_tau=1, final_check=False)
+    assert not torch.equal(adv.x_adv, quiet.x_adv)
+    weights = gair_weights(adv.kappa, 6, -1.0, "tanh") if name == "gair_fat" else torch.ones(8)
+    ce = F.cross_entropy(model(adv.x_adv), y, reduction="none")
+    torch.testing.assert_close(out.loss.detach(), (ce * weights).mean().detach())
 
 
 def test_fat_tau_schedule():

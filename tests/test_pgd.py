@@ -11,6 +11,7 @@ from torch import nn
 
 from iaat.attacks import margin_loss, pgd, random_targets
 from iaat.data import ImageSet, load_dataset
+from iaat.errors import ConfigError
 from iaat.evaluation import AttackSpec, accuracy
 from iaat.models import build_model
 
@@ -452,6 +453,34 @@ def test_early_stop_tau_counts_misclassified_iterates_as_the_authors_code(patter
     expected = torch.tensor([_authors_pgd_k_tau(row, steps, tau) for row in pattern])
     assert torch.equal(taken, expected[:, 0])
     assert torch.equal(res.kappa, expected[:, 1])
+
+
+class Flat(nn.Module):
+    """Logits that do not depend on x (zero gradient): the label decides correct (0) or wrong (any other)."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), 4) + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_step_noise_is_gaussian_with_the_given_std_and_spares_stopped_samples():
+    """FAT's omega: with a zero gradient one step moves a sample by the noise alone; a sample stopped by the
+    early stop (wrong from its first iterate, tau 0) is not moved by it."""
+    x, y = torch.full((64, 3, 16, 16), 0.5), torch.zeros(64, dtype=torch.long)
+    y[:8] = 1  # misclassified at once
+    torch.manual_seed(0)
+    res = pgd(Flat(), x, y, 0.3, steps=1, random_start=False, step_noise=0.01, early_stop_tau=0, final_check=False)
+    moved = (res.x_adv - x)[8:]
+    assert abs(float(moved.std()) - 0.01) < 5e-4 and abs(float(moved.mean())) < 5e-4
+    assert torch.equal(res.x_adv[:8], x[:8])
+    plain = pgd(Flat(), x, y, 0.3, steps=1, random_start=False, early_stop_tau=0, final_check=False)
+    assert torch.equal(plain.x_adv, x)  # no noise by default
+
+
+@pytest.mark.parametrize("noise, phrase", [(-0.1, "step_noise"), (2.0, "larger than 1"), (float("nan"), "finite")])
+def test_step_noise_must_be_a_size(noise, phrase):
+    x, y = _batch()
+    with pytest.raises(ConfigError, match=phrase):
+        pgd(Flat(), x, y % 4, 8 / 255, steps=1, step_noise=noise)
 
 
 # --------------------------------------------------------------------------- targeted attacks and losses

@@ -238,12 +238,15 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) 
 
 
 def _advance(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
-             norm: str, moving: Optional[torch.Tensor]) -> torch.Tensor:
-    """One ascent step along the gradient's sign (L-inf) or direction (L2), masked by ``moving``, then projected."""
+             norm: str, moving: Optional[torch.Tensor], noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One ascent step along the gradient's sign (L-inf) or direction (L2) plus ``noise``, masked by ``moving``,
+    then projected."""
     if norm == "linf":
         step = alpha * grad.sign()
     else:
         step = alpha * grad / (_l2_norm(grad) + 1e-12)
+    if noise is not None:
+        step = step + noise
     if moving is not None:
         step = step * moving.view(-1, *([1] * (x.ndim - 1))).to(step.dtype)
     return project(delta + step, x, eps, norm)
@@ -279,13 +282,14 @@ class _Run:
     advance: Callable[..., torch.Tensor]
     stop_on_miss: bool
     check_labels: bool = False  #: labels against the model's outputs at the first step (a host sync)
+    step_noise: float = 0.0
 
 
 def _run_settings(device_type: str, *, steps: int = 10, norm: str = "linf", random_start: bool = True,
                   clamp_start: bool = True, loss: "str | Callable" = "ce", early_stop_tau: Optional[int] = None,
                   init_std: Optional[float] = None, momentum: float = 0.0,
                   autocast_dtype: Optional[torch.dtype] = None, compiled: bool = False,
-                  stop_on_miss: bool = False, check_labels: bool = False) -> _Run:
+                  stop_on_miss: bool = False, check_labels: bool = False, step_noise: float = 0.0) -> _Run:
     """:func:`pgd`'s arguments of the same names as the :class:`_Run` of its restarts, on ``device_type``."""
     if autocast_dtype is not None:
         autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype)  # noqa: E731
@@ -293,7 +297,7 @@ def _run_settings(device_type: str, *, steps: int = 10, norm: str = "linf", rand
         autocast = lambda: torch.autocast(device_type, enabled=False)  # noqa: E731
     objective_scale = FP16_OBJECTIVE_SCALE if autocast_dtype == torch.float16 else 1.0
     return _Run(steps, norm, random_start, clamp_start, loss, early_stop_tau, init_std, momentum, objective_scale,
-                autocast, _advance_fn(compiled), stop_on_miss, check_labels)
+                autocast, _advance_fn(compiled), stop_on_miss, check_labels, step_noise)
 
 
 def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
@@ -355,7 +359,8 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
             velocity = s.momentum * velocity + grad / (grad.abs().flatten(1).mean(1).view_as(eps) + 1e-12)
             grad = velocity
         moving = ~stopped if s.early_stop_tau is not None else None
-        delta = s.advance(delta, grad, x, eps, alpha, s.norm, moving)
+        noise = s.step_noise * torch.randn_like(delta) if s.step_noise else None
+        delta = s.advance(delta, grad, x, eps, alpha, s.norm, moving, noise)
     if not s.stop_on_miss:
         return (x + delta).detach(), kappa, first_miss
     with torch.no_grad(), s.autocast():  # the survivors' final iterates
@@ -372,7 +377,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         final_check: bool = True, eval_mode: bool = True, reference: Optional[torch.Tensor] = None,
         init_std: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
         momentum: float = 0.0, compiled: bool = False, stop_on_miss: bool = False,
-        clamp_start: bool = True, check_inputs: bool = True) -> AttackResult:
+        clamp_start: bool = True, check_inputs: bool = True, step_noise: float = 0.0) -> AttackResult:
     """Run PGD on a batch with a per-sample radius.
 
     Args:
@@ -411,6 +416,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         clamp_start: project the random start onto the ball and into [0, 1] before the first gradient
             (default); ``False`` takes the first gradient at the unclamped start, as the IAAT authors'
             attack does (their clamp follows each step), for IAAT's ``compat: authors`` only.
+        step_noise: the std of Gaussian noise added to every step before the projection, in [0, 1] units (0 =
+            plain PGD): FAT's ``omega``, which the FAT authors add to escape local maxima (0.001 in FAT.py).
         check_inputs: check that ``x`` lies in [0, 1], that radii given as tensors are sizes in [0, 1]
             units, not pixel levels, and that labels are below the model's number of outputs (two host
             synchronisations; the training methods check their first batch themselves and pass ``False``,
@@ -430,7 +437,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         torch.Size([4])
     """
     _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
-                     early_stop_tau)
+                     early_stop_tau, step_noise)
     check_autocast_dtype(autocast_dtype, "autocast_dtype")
     if check_inputs:
         check_batch_values(x, y, "pgd", (("eps", eps), ("step_size", step_size)), norm)
@@ -442,7 +449,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
     run = _run_settings(x.device.type, steps=steps, norm=norm, random_start=random_start, clamp_start=clamp_start,
                         loss=loss, early_stop_tau=early_stop_tau, init_std=init_std, momentum=momentum,
                         autocast_dtype=autocast_dtype, compiled=compiled, stop_on_miss=stop_on_miss,
-                        check_labels=check_inputs)
+                        check_labels=check_inputs, step_noise=step_noise)
     autocast = run.autocast
     final_check = final_check or restarts > 1
 
@@ -479,7 +486,7 @@ def _better_of(best: AttackResult, new: AttackResult, target: Optional[torch.Ten
 
 
 def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
-                     early_stop_tau):
+                     early_stop_tau, step_noise=0.0):
     """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on;
     none needs a host synchronisation."""
     if norm not in ("linf", "l2"):
@@ -495,6 +502,8 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
         raise ConfigError(f"steps must be a whole number >= 0, got {steps!r}.")
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
+    if step_noise:  # a std in [0, 1] units, like the sizes
+        check_size(step_noise, "step_noise", norm=norm)
     if not callable(loss) and loss not in ("ce", "margin", "kl"):
         raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin', 'kl' or a function.")
     if target is not None and not (torch.is_tensor(target) and target.shape == y.shape and not (

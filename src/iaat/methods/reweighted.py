@@ -12,8 +12,9 @@ repository's GAIR_FAT.py), each deliberate:
 1. Labels stay paired with their own examples throughout; GAIR_FAT.py's early stop removes
    stopped samples from the batch and then compares later predictions with the labels of the
    full batch, and its loss pairs labels with reordered logits.
-2. No noise is added to the steps: FAT.py adds ``omega`` * N(0, 1) per step (omega 0.001 by
-   default, 0.26/255, beside a 2/255 step; GAIR_FAT.py's default is 0).
+2. ``omega``, the std of the Gaussian noise added to every step (the kernel's ``step_noise``),
+   defaults to 0 here and in GAIR_FAT.py; FAT.py's default is 0.001 (0.26/255 beside a 2/255
+   step): ``omega: "0.001/1"``.
 3. Defaults: ``tau`` 0 and no schedule, GAIR's ``lam`` -1 for GAIR-FAT too. The authors' scripts
    grow tau over training (FAT.py: 0, 1, 2 up to 1-based epochs 50 / 90 / after; GAIR_FAT.py: 0, 3, 6
    up to 40 / 70 / after, with lambda 0): ``tau_schedule: [[50, 1], [90, 2]]`` and
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import CompatParams, Method, Objective, StepOutput
+from .base import CompatParams, Method, Objective, StepOutput, size
 from .gair import GairParams, GairWeighting, weighted_ce
 
 
@@ -39,6 +40,7 @@ class FatParams:
 
     tau: int = 0  #: misclassified iterates a sample may still step on from
     tau_schedule: list = field(default_factory=list)  #: [[epoch, tau], ...]: tau from that 0-based epoch on
+    omega: float = size(0.0)  #: std of the Gaussian noise added to every step, [0, 1] units (FAT.py: 0.001)
 
 
 def _tau(p: FatParams, epoch: int) -> int:
@@ -80,7 +82,8 @@ class _Reweighted(Method):
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         tau: Optional[int] = _tau(self, self.epoch) if self.use_fat else None
-        adv = self.attack_batch(model, x, y, final_check=False, early_stop_tau=tau)
+        noise = {"step_noise": self.omega} if self.use_fat else {}
+        adv = self.attack_batch(model, x, y, final_check=False, early_stop_tau=tau, **noise)
         stats = {"kappa": adv.kappa.sum()}
         weights = None
         if self.gair is not None and self.gair.active(self.epoch):
@@ -126,7 +129,8 @@ class GAIRAT(_Reweighted, GairParams, CompatParams):
 
 @dataclass(eq=False, kw_only=True)
 class FAT(_Reweighted, FatParams):
-    """Zhang et al. 2020: friendly adversarial training with early-stopped PGD (keys ``tau``, ``tau_schedule``).
+    """Zhang et al. 2020: friendly adversarial training with early-stopped PGD (keys ``tau``, ``tau_schedule``,
+    ``omega``).
 
     Example:
         >>> import iaat, torch
