@@ -366,3 +366,18 @@ def test_notes_say_when_the_training_attack_is_not_what_its_settings_suggest():
     assert notes(cfg) == []
     cfg.attack.step_size, cfg.method.name = 2, "iaat"  # IAAT's default step rule grows the step with the radius
     assert notes(cfg) == []
+
+
+def test_split_notes_say_when_the_held_out_set_outweighs_training():
+    """digits (1,497 training images) with the default data.val_size of 1,000 trains on 497: said at the start."""
+    from iaat.config import Config
+    from iaat.engine.setup import prepare_data, split_notes
+
+    cfg = Config()
+    cfg.data.dataset = "digits"
+    (note,) = split_notes(cfg, prepare_data(cfg))
+    assert "data.val_size=1000 holds out more images than training keeps (497 of 1497)" in note
+    cfg.data.val_size = 197
+    assert split_notes(cfg, prepare_data(cfg)) == []
+    cfg.data.val_size, cfg.data.train_subset = 1000, 200  # a chosen training size: nothing to say
+    assert split_notes(cfg, prepare_data(cfg)) == []

@@ -146,6 +146,15 @@ def prepare_data(cfg: Config) -> RunData:
     return RunData(splits, splits.train.subset(train_idx), splits.train.subset(val_idx), train_idx, val_idx)
 
 
+def split_notes(cfg: Config, data: RunData) -> list[str]:
+    """A held-out set larger than what training keeps (``data.val_size``'s default of 1,000 on a small data set)."""
+    kept, held = len(data.train), len(data.val)
+    if cfg.data.train_subset is not None or held <= kept:
+        return []
+    return [f"data: data.val_size={held} holds out more images than training keeps ({kept} of {kept + held}); "
+            f"a smaller --set data.val_size=N trains on more"]
+
+
 def model_from_config(cfg: Config, splits: DatasetSplits) -> nn.Module:
     m = cfg.model
     channels = splits.image_shape[0]

@@ -57,7 +57,7 @@ from .rng import rng_state, seed_everything, set_rng_state
 from .board import Board, require_tensorboard
 from .schedule import lr_at
 from .setup import (attack_autocast_dtype, autocast_context, autocast_dtype, choose_threads, compile_model,
-                    deterministic_cuda, model_from_config, prepare_data, prepare_model, resolve_device)
+                    deterministic_cuda, model_from_config, prepare_data, prepare_model, resolve_device, split_notes)
 from .stopping import StopOnSignal
 
 
@@ -236,7 +236,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
     log(_summary(s))
-    for note in [*notes, *config_notes(cfg), *s.method.notes()]:
+    for note in [*notes, *config_notes(cfg), *split_notes(cfg, s.data), *s.method.notes()]:
         log(note)
     if cfg.train.tensorboard and info.is_main:
         s.board = Board(run_dir, purge_step=s.start_epoch + 1)
