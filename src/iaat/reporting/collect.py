@@ -87,6 +87,11 @@ class RunRecord:
         return self.epochs_done >= self.cfg.train.epochs
 
     @property
+    def cut_short(self) -> bool:
+        """Not :attr:`finished`, said of the run itself: an EMA run's ``:raw`` point is the same run, said once."""
+        return not self.finished and self.weights != "raw"
+
+    @property
     def num_classes(self) -> Optional[int]:
         """The number of classes the run's evaluation scored (from its JSON, else from the data set's name)."""
         return (self.evaluation or {}).get("num_classes") or _KNOWN_CLASSES.get(self.cfg.data.dataset)

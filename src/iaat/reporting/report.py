@@ -86,7 +86,7 @@ def _run_warnings(records: list[RunRecord], log: Callable[[str], None]) -> list[
             said.append(f"{r.name} is at chance level ({100 * r.evaluation['clean']:.1f}% clean on {r.num_classes} "
                         f"classes): its robustness numbers mean nothing (hollow grey in Fig. 3, "
                         f"{tables.CHANCE_MARK} in the tables)")
-        if not r.finished and r.weights != "raw":  # an EMA run's :raw point is the same run: said once
+        if r.cut_short:
             said.append(f"{r.name} trained {r.epochs_done} of its {r.cfg.train.epochs} planned epochs (interrupted, "
                         f"or still training): its numbers are of a model trained for less than planned")
     for line in said:
@@ -248,7 +248,7 @@ def _epochs_text(records: list[RunRecord]) -> str:
     that did not."""
     planned = sorted({r.cfg.train.epochs for r in records})
     text = _plural(planned[0], "epoch") if len(planned) == 1 else f"{planned[0]}-{planned[-1]} epochs (by run)"
-    unfinished = [r for r in records if not r.finished and r.weights != "raw"]
+    unfinished = [r for r in records if r.cut_short]
     if unfinished:
         text += f" planned, {len(unfinished)} of the runs not trained to the end (see the warnings)"
     return text
@@ -271,8 +271,8 @@ def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: st
         lines += ["| run | clean % | robust % |", "|---|---|---|"]
         lines += [f"| {r.name} | {tables.clean_cell(r)} | {tables.percent(r.accuracy('worst'))} |"
                   for r in evaluated]
-        if any(r.at_chance for r in evaluated):
-            lines += ["", tables.CHANCE_NOTE.strip()]
+        if tables.chance_note(evaluated):
+            lines += ["", tables.chance_note(evaluated).strip()]
         lines.append("")
     lines += ["## Figures", ""] + fig_md + ["## Tables", ""] + table_md
     lines += ["", "Made by `iaat report` from the saved run folders: " + ", ".join(f"`{r.path}`" for r in records)]

@@ -64,7 +64,7 @@ def robustness_table(records: list[RunRecord]) -> str:
             continue
         rows.append([r.name, r.method, _radius(r), epochs_cell(r), clean_cell(r)]
                     + [percent(r.accuracy(a)) for a in labels] + [percent(r.accuracy("worst")), f"{r.train_seconds:.0f}"])
-    notes = _chance_note(records)
+    notes = chance_note(records)
     unfinished = [r for r in records if not r.finished]
     if unfinished:
         notes += (f"\n_Not trained to the end (epochs done/planned below plan: interrupted or still training): "
@@ -78,10 +78,11 @@ def _compare(records: list[RunRecord]) -> str:
     labels = attack_labels(records)
     rows = [[r.name, r.method, _radius(r), clean_cell(r)] + [percent(r.accuracy(a)) for a in labels]
             + [percent(r.accuracy("worst"))] for r in records]
-    return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case"], rows) + _chance_note(records)
+    return _table(["run", "method", "training ε (/255)", "clean"] + labels + ["worst case"], rows) + chance_note(records)
 
 
-def _chance_note(records: list[RunRecord]) -> str:
+def chance_note(records: list[RunRecord]) -> str:
+    """The footnote on runs at chance level, if any of ``records`` is."""
     return CHANCE_NOTE if any(r.at_chance for r in records) else ""
 
 
@@ -156,7 +157,7 @@ def parts_table(records: list[RunRecord]) -> str:
         rows.append([r.name, r.method, parts.strip() or "–", clean_cell(r)]
                     + [percent(r.accuracy(a)) for a in labels] + [percent(r.accuracy("worst")), _cost(r, ref)])
     return (_table(["run", "method", "parts", "clean"] + labels + ["worst case", "train time / PGD-AT"], rows)
-            + COST_NOTE + _chance_note(ref + shown) + _pending_note(wanted))
+            + COST_NOTE + chance_note(ref + shown) + _pending_note(wanted))
 
 
 #: The instance-adaptive family: per-sample radii (IAAT, MMA, CAT) or per-sample loss weights (GAIRAT, MAIL).
@@ -194,7 +195,7 @@ def family_table(records: list[RunRecord]) -> str:
     rows = [[r.name, r.method, clean_cell(r)] + [percent(r.accuracy(a)) for a in labels]
             + [percent(r.accuracy("worst")), _cost(r, ref), per_sample_state(r)] for r in ref + shown]
     return (_table(["run", "method", "clean"] + labels + ["worst case", "train time / PGD-AT", "per-sample state"],
-                   rows) + COST_NOTE + _chance_note(ref + shown) + _pending_note(wanted))
+                   rows) + COST_NOTE + chance_note(ref + shown) + _pending_note(wanted))
 
 
 def _missing(what: str, how: str) -> str:
@@ -298,5 +299,5 @@ def sensitivity_table(records: list[RunRecord], attack: str) -> str:
     notes = "".join(f"\n_{line}._\n" for line in shared)
     robust = "worst case" if attack == "worst" else attack
     return (_table([f"clean / {robust} (%)"] + [f"β = {b:g}" for b in betas], rows)
-            + "\nRuns: " + ", ".join(r.name for r in best) + "\n" + notes + _chance_note(list(shown.values()))
+            + "\nRuns: " + ", ".join(r.name for r in best) + "\n" + notes + chance_note(list(shown.values()))
             + _pending_note(list(shown.values())))
