@@ -207,15 +207,17 @@ def test_evaluate_refuses_a_model_that_expects_normalised_inputs():
                       attacks=["pgd:steps=2"], eps=8 / 255)
 
 
-def test_a_model_that_standardises_inside_is_not_taken_for_one_expecting_normalised_inputs(monkeypatch):
-    """A weak run of iaat's own (a NormalizedModel with its data set's statistics) once tripped the check."""
+def test_a_model_that_standardises_inside_is_not_taken_for_one_expecting_normalised_inputs(monkeypatch, tmp_path):
+    """A weak run of iaat's own (a NormalizedModel with its data set's statistics) once tripped the check; so did its
+    torch.export program (.pt2), which keeps the normalisation's name but not its class."""
     from iaat.evaluation import checks
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(64) % 2
     x = (0.5 + (2 * y - 1).view(-1, 1, 1, 1) * 0.1 + 0.05 * torch.randn(64, 1, 4, 4, generator=g)).clamp(0, 1)
     inside = iaat.NormalizedModel(_ExpectsStandardisedInputs(), mean=(0.0,), std=(0.5,))  # says 1 on every image
-    for model in (inside, torch.jit.trace(inside, x[:2])):  # as iaat export writes TorchScript
+    program, _ = iaat.export_model(inside, tmp_path / "inside.pt2", "export", input_shape=(1, 4, 4))
+    for model in (inside, torch.jit.trace(inside, x[:2]), iaat.load_model(program)):  # as iaat export writes them
         assert checks.normalises_inside(model)
         assert iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=8 / 255)["clean"] == pytest.approx(0.5)
     monkeypatch.setattr(checks, "normalises_inside", lambda model: False)  # the case the test stands for

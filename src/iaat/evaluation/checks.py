@@ -65,9 +65,9 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
 
 def normalises_inside(model: nn.Module) -> bool:
     """``model`` standardises its input itself: it holds an :class:`~iaat.NormalizedModel`'s normalisation (also in
-    a traced TorchScript module) with a mean or std other than 0 and 1. Such a model takes [0, 1] images by
-    construction, whatever a weak model's accuracy on standardised ones suggests; the identity normalisation
-    ``iaat.build_model`` puts around a user's net says nothing about what the net expects.
+    a traced TorchScript module or a ``torch.export`` program) with a mean or std other than 0 and 1. Such a model
+    takes [0, 1] images by construction, whatever a weak model's accuracy on standardised ones suggests; the identity
+    normalisation ``iaat.build_model`` puts around a user's net says nothing about what the net expects.
 
     >>> import iaat, torch
     >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
@@ -78,8 +78,10 @@ def normalises_inside(model: nn.Module) -> bool:
     """
     from ..models.normalize import Normalize
 
-    for m in model.modules():
-        if isinstance(m, Normalize) or getattr(m, "original_name", None) == Normalize.__name__:
+    for name, m in model.named_modules():
+        # a torch.export program (.pt2) keeps the submodule's name ("normalize"), not its class
+        if isinstance(m, Normalize) or getattr(m, "original_name", None) == Normalize.__name__ \
+                or name.rsplit(".", 1)[-1] == "normalize":
             mean, std = getattr(m, "mean", None), getattr(m, "std", None)
             if torch.is_tensor(mean) and torch.is_tensor(std) and bool((mean != 0).any() or (std != 1).any()):
                 return True
