@@ -180,6 +180,20 @@ def test_distributed_settings_are_checked_against_the_world():
     _check_distributed(config_from_dict({"train": {"batch_size": 2, "sync_bn": True}}), DistInfo(), cpu)  # 1 process
 
 
+def test_a_training_set_too_small_for_the_world_is_refused_before_the_model(tmp_path):
+    """3 images over 2 processes would leave one rank a single image, which breaks BatchNorm in train mode."""
+    from iaat.config import config_from_dict
+    from iaat.engine.trainer import _setup
+    from iaat.errors import ConfigError
+
+    cfg = config_from_dict({"data": {"dataset": "digits", "train_subset": 3, "val_size": 10},
+                            "train": {"batch_size": 4}})
+    two = DistInfo(rank=0, world_size=2, local_rank=0)
+    with pytest.raises(ConfigError, match="the training set has 3 image.s., too few to give each of the 2 processes"):
+        _setup(cfg, tmp_path / "run", torch.device("cpu"), two, print)
+    assert not (tmp_path / "run").exists()
+
+
 def test_merge_rows_single_process_is_identity():
     values, touched = torch.arange(5.0), torch.tensor([True, False, True, False, False])
     assert merge_rows(values, touched, DistInfo()) is values

@@ -381,6 +381,9 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
         require_tensorboard()  # before anything is written
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
+    if info.enabled and len(data.train) < 2 * info.world_size:  # a rank with one image (or none) breaks BatchNorm
+        raise ConfigError(f"the training set has {len(data.train)} image(s), too few to give each of the "
+                          f"{info.world_size} processes 2; train on more (data.train_subset) or on fewer processes.")
     model, net, method = build_step(cfg, data, device, info)
     _probe_model(model, data, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
