@@ -1,16 +1,16 @@
 """Every owed GPU figure from one command on a bare GPU machine, within a time budget.
 
     bash benchmarks/gpu_check.sh OUT_DIR [--budget 540] [--data FILE.npz]   # on a GPU machine
+    bash benchmarks/gpu_check.sh OUT_DIR --stages late --budget 200         # then, if time is left: compile
     bash benchmarks/gpu_check.sh OUT_DIR --smoke                            # CPU dry run, under a minute
 
 Stages, in priority order; each writes its files to OUT_DIR as soon as it ends (and ``summary.md``
 is rewritten), so a stage cut short by the budget loses nothing done before it:
 
-1. ``env``: the GPU, driver, torch and CUDA (``1-env.json``) and the CUDA-only tests
-   (``pytest -m cuda``: fast path on CUDA, compile recompiles over IAAT epochs, deterministic runs,
-   torchrun on one GPU, an NCCL process group, the PGD loop without host syncs, exported model files on
-   the GPU), log in
-   ``1-cuda-tests.log``;
+1. ``env``: the GPU, driver, torch and CUDA (``1-env.json``) and the CUDA-only tests that do not
+   compile (``pytest -m "cuda and not compile"``: fast path on CUDA, deterministic runs, torchrun on one
+   GPU, an NCCL process group, the PGD loop without host syncs, exported model files on the GPU), log in
+   ``1-cuda-tests.log``; the data set is built meanwhile;
 2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
    bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
    GAIRAT, TRADES, MART, MMA, CAT, MAIL, AWP, EMA) and WRN-34-10 at batch 128, images/s, peak memory and
@@ -19,12 +19,18 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
    schedule, sized to the time left from the throughput just measured; each evaluated on the first
    1,000 test images with PGD-20 and, when ``pyautoattack`` imports, AutoAttack's APGD-CE + APGD-T
    (``3-paper-scale.json``; an evaluation the budget cuts keeps the attacks it went through). The
-   stages before it leave it ``PAPER_MIN`` seconds; the ResNet-18 compile speed runs after it.
+   stages before it leave it ``PAPER_MIN`` seconds, and each command before it the floors of those after;
+4. ``late``: what ``torch.compile`` costs most to check, with the time the paper stage left (it takes
+   nearly all: run ``--stages late`` as a second command when the loan has time for it): the compiling
+   CUDA tests (``pytest -m "cuda and compile"``: compiled steps against the plain one, recompiles over
+   IAAT epochs; their results in ``1-env.json``, log appended to ``1-cuda-tests.log``) and ResNet-18's
+   bf16 + channels_last + compile speed (``2-speed-resnet18-compile.json``).
 
 At most 8 files: those, ``summary.md`` and ``log.txt``. The data set is built from the JPEG-75
 CIFAR-10 archive (``--data``, default ``.gpu/cifar10_jpeg75.npz``; ``benchmarks/gpu_pack.sh``
-fills ``.gpu/``) into ``--work`` (not OUT_DIR). Nothing is installed or downloaded: the package runs
-from ``src/`` (the shell wrapper sets PYTHONPATH).
+fills ``.gpu/``) into ``--work`` (not OUT_DIR); without it the tests and the speed stage still run (on
+random images) and the paper stage is left out. Nothing is installed or downloaded: the package runs
+from ``src/`` (the shell wrapper sets PYTHONPATH). The budget counts from the start of this script.
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+STARTED = time.monotonic()  # the budget's clock: importing numpy and torch on a fresh machine takes seconds
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("env", "speed", "paper")
+STAGES = ("env", "speed", "paper", "late")
 LABEL = "CIFAR-10 (JPEG-75 copy)"
 TRAIN_IMAGES = 50_000
 
@@ -57,16 +66,27 @@ TRAIN_IMAGES = 50_000
 class Kit:
     """The budget, the output folder and the log shared by the stages."""
 
-    def __init__(self, out: Path, work: Path, budget: float, smoke: bool) -> None:
+    def __init__(self, out: Path, work: Path, budget: float, smoke: bool, started: float | None = None) -> None:
         self.out, self.work, self.smoke = out, work, smoke
-        self.deadline = time.monotonic() + budget
-        self.reserve = 0.0  #: seconds no command of the current stage may take: the paper stage's minimum
+        self.deadline = (time.monotonic() if started is None else started) + budget
+        self.reserve = 0.0  #: seconds no command may take: the paper stage's minimum and the later commands' floors
+        self.proc: subprocess.Popen | None = None  #: the command running now (killed with the kit)
         self.sections: dict[str, str] = {}
         self.speed_parts: dict[str, str] = {}  #: per speed plan, its markdown (the compile plan runs last)
         self.log_file = open(out / "log.txt", "a", buffering=1)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def time_for(self, cap: float) -> float:
+        """Seconds a command capped at ``cap`` may take now: what is left above the reserve."""
+        return max(0.0, min(cap, self.left() - self.reserve))
+
+    def kill_child(self) -> None:
+        """End the running command with its whole process group (pytest's, torchrun's and compile workers)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -87,24 +107,25 @@ class Kit:
     def run(self, cmd: list[str], cap: float, log_name: str | None = None) -> tuple[int | None, float, str]:
         """Run ``cmd`` (its output to the log) for at most ``cap`` seconds or what is left of the budget;
         ``(exit code or None when cut, seconds, output)``."""
-        limit = max(1.0, min(cap, self.left() - self.reserve))
+        limit = max(1.0, self.time_for(cap))
         self.log(f"$ {' '.join(cmd)}   [at most {limit:.0f} s]")
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=child_env(), start_new_session=True)
+        proc = self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                                            env=child_env(), start_new_session=True)
         lines: list[str] = []
         try:
             _pump(proc, lines, self, t0 + limit)
             code = proc.wait(timeout=max(0.1, t0 + limit - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            self.kill_child()
             _pump(proc, lines, self, time.monotonic() + 2)  # what it wrote before the kill and was not yet read
             code = None
             self.log(f"... cut after {limit:.0f} s (budget)")
+        self.proc = None
         text = "".join(lines)
         if log_name:
-            (self.out / log_name).write_text(text)
+            with open(self.out / log_name, "a") as f:  # the late stage's compiling tests add to the first ones' log
+                f.write(text)
         return code, time.monotonic() - t0, text
 
 
@@ -241,66 +262,110 @@ def log_results(text: str) -> list[dict]:
             for name, o in outcomes]
 
 
+#: (pytest marker expression, cap, per-test timeout) of the CUDA tests without and with torch.compile
+TESTS = {"env": ("cuda and not compile", 110, 100), "late": ("cuda and compile", 240, 200)}
+TESTS_LOG = "1-cuda-tests.log"
+
+
+def run_cuda_tests(kit: Kit, stage: str) -> tuple[dict, list[str]]:
+    """The CUDA tests of ``stage`` (:data:`TESTS`): ``(record for 1-env.json, summary lines)``."""
+    marker, cap, per_test = TESTS[stage]
+    junit = kit.work / f"cuda-tests-{stage}.xml"
+    junit.unlink(missing_ok=True)
+    # a hung test (NCCL, say) fails alone where pytest-timeout is installed, rather than using up the cap
+    timeout = [f"--timeout={per_test}"] if importlib.util.find_spec("pytest_timeout") else []
+    code, seconds, text = kit.run([sys.executable, "-m", "pytest", "-m", marker, "tests/test_cuda.py", "-v", "-rA",
+                                   "-p", "no:cacheprovider", f"--junitxml={junit}", *timeout],
+                                  cap=60 if kit.smoke else cap, log_name=TESTS_LOG)
+    record = {"exit_code": code, "seconds": round(seconds, 1),
+              "tests": junit_results(junit) if junit.is_file() else log_results(text)}
+    counts: dict[str, int] = {}
+    for t in record["tests"]:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    lines = [f"`pytest -m \"{marker}\"`: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no results'} "
+             f"in {seconds:.0f} s " + ("(cut short by the time limit: the tests after these did not run).\n"
+                                       if code is None else f"(exit {code}).\n")]
+    lines += [f"- {t['test']}: {t['outcome']}" + (f" {t['properties']}" if "properties" in t else "")
+              + (f" ({t['message'][:200]})" if t["outcome"] != "passed" and "message" in t else "")
+              for t in record["tests"]]
+    return record, lines
+
+
 def stage_env(kit: Kit) -> None:
     env = environment()
     kit.write_json("1-env.json", env)
-    junit = kit.work / "cuda-tests.xml"
-    junit.unlink(missing_ok=True)
-    # a hung test (NCCL, say) fails alone where pytest-timeout is installed, rather than using up the cap
-    per_test = ["--timeout=150"] if importlib.util.find_spec("pytest_timeout") else []
-    code, seconds, text = kit.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "-rA",
-                                   "-p", "no:cacheprovider", f"--junitxml={junit}", *per_test],
-                                  cap=60 if kit.smoke else 180, log_name="1-cuda-tests.log")
-    tests = junit_results(junit) if junit.is_file() else log_results(text)
-    env["cuda_tests"] = {"exit_code": code, "seconds": round(seconds, 1), "tests": tests}
+    (kit.out / TESTS_LOG).unlink(missing_ok=True)
+    env["cuda_tests"], lines = run_cuda_tests(kit, "env")
     kit.write_json("1-env.json", env)
-    counts: dict[str, int] = {}
-    for t in env["cuda_tests"]["tests"]:
-        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
-    lines = ["## 1. Environment and CUDA-only tests\n",
-             f"{env.get('gpu', 'no GPU')} ({env.get('nvidia_smi', '')}), torch {env['torch']}, CUDA {env['cuda']}, "
-             f"Python {env['python']}.\n",
-             f"`pytest -m cuda`: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no results'} "
-             f"in {seconds:.0f} s " + ("(cut short by the time limit: the tests after these did not run).\n" if code is None
-                                      else f"(exit {code}).\n")]
-    lines += [f"- {t['test']}: {t['outcome']}" + (f" {t['properties']}" if "properties" in t else "")
-              + (f" ({t['message'][:200]})" if t["outcome"] != "passed" and "message" in t else "")
-              for t in env["cuda_tests"]["tests"]]
-    kit.section("env", "\n".join(lines) + "\n")
+    kit.section("env", "\n".join(["## 1. Environment and CUDA-only tests\n",
+                                    f"{env.get('gpu', 'no GPU')} ({env.get('nvidia_smi', '')}), torch {env['torch']}, "
+                                    f"CUDA {env['cuda']}, Python {env['python']}.\n", *lines]) + "\n")
+
+
+#: seconds below which the compiling tests are not started in the late stage (they could not get past compiling)
+LATE_TESTS_FLOOR = 60
+
+
+def stage_late(kit: Kit, data_dir: Path | None, speed: dict) -> None:
+    """The compiling CUDA tests, then ResNet-18's compile speed, with the time left."""
+    floor = 5 if kit.smoke else LATE_TESTS_FLOOR
+    if kit.time_for(TESTS["late"][1]) < floor:
+        kit.section("late", f"## 4. torch.compile\n\nNot run: {kit.left():.0f} s left. Run `bash benchmarks/gpu_check.sh "
+                            f"OUT_DIR --stages late --budget SECONDS` as a command of its own.\n")
+        return
+    path = kit.out / "1-env.json"
+    env = json.loads(path.read_text()) if path.is_file() else environment()  # run alone: a second command
+    env["compile_tests"], lines = run_cuda_tests(kit, "late")
+    kit.write_json("1-env.json", env)
+    kit.section("late", "\n".join(["## 4. torch.compile: tests (speed in section 2)\n", *lines]) + "\n")
+    stage_speed(kit, data_dir, speed, late=True)
 
 
 # --- stage 2: speed ----------------------------------------------------------------------------------------------
 
-def speed_plans(kit: Kit, data_dir: Path, late: bool = False) -> list[tuple[str, list[str], float]]:
-    """``(model, speed.py arguments, cap in seconds)`` per model, in order; ``late``: the plans run after the
-    paper stage, with the time it left."""
+def speed_plans(kit: Kit, late: bool = False) -> list[tuple[str, list[str], float, float]]:
+    """``(model, speed.py arguments, cap, floor)`` per model, in order, in seconds: a plan with less time than its
+    floor is not started (it could not warm up); ``late``: the plans run after the paper stage."""
     if kit.smoke:
         return [] if late else [
             ("small_cnn", ["--model", "small_cnn", "--width", "8", "--batch-size", "32", "--images", "64", "--methods",
                            "pgd_at", "iaat", "gairat", "--fast-paths", "fp32", "--rounds", "1", "--steps", "1",
-                           "--device", "cpu"], 60)]
+                           "--device", "cpu"], 60, 5)]
     common = ["--device", "cuda", "--amp", "bf16", "--channels-last", "--rounds", "2", "--steps", "3", "--warmup", "2"]
     if late:  # compiling ResNet-18 for the attack and the training step takes long and the CUDA tests check
         # compile already: its speed comes after the paper stage (pgd_at bf16+channels_last is timed beside it)
         return [("resnet18-compile", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common,
-                                      "--methods", "pgd_at", "--fast-paths", "bf16+cl+compile"], 150)]
+                                      "--methods", "pgd_at", "--fast-paths", "bf16+cl+compile"], 150, 90)]
     return [("resnet18", ["--model", "resnet18", "--batch-size", "512", "--images", "4096", *common, "--methods",
                           "pgd_at", "iaat", "iaat:alg2_schedule=conditional", "iaat:selection=online", "gairat",
                           "trades", "mart", "mma", "cat", "mail", "pgd_at:train.awp=auto", "pgd_at:train.ema=0.999",
-                          "--fast-paths", "fp32", "bf16"], 100),
+                          "--fast-paths", "fp32", "bf16"], 100, 50),
             ("wrn-34-10", ["--model", "wrn-34-10", "--batch-size", "128", "--images", "1024", *common, "--methods",
-                           "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 80)]
+                           "pgd_at", "iaat", "gairat", "trades", "--fast-paths", "fp32"], 80, 40)]
 
 
-def stage_speed(kit: Kit, data_dir: Path, results: dict, late: bool = False) -> dict:
-    """Run the speed plans (``late``: those after the paper stage) into ``results`` (model → speed.py's result)."""
-    for model, args, cap in speed_plans(kit, data_dir, late):
+def speed_floors(kit: Kit, late: bool = False) -> float:
+    """The seconds the speed plans need at the least."""
+    return sum(floor for *_, floor in speed_plans(kit, late))
+
+
+def stage_speed(kit: Kit, data_dir: Path | None, results: dict, late: bool = False) -> dict:
+    """Run the speed plans (``late``: those after the paper stage) into ``results`` (model → speed.py's result);
+    without ``data_dir``, on random images."""
+    plans, base = speed_plans(kit, late), kit.reserve
+    for i, (model, args, cap, floor) in enumerate(plans):
+        kit.reserve = base + sum(later for *_, later in plans[i + 1:])  # the plans after this one keep their floors
+        if kit.time_for(cap) < floor:
+            kit.log(f"speed {model}: not run, {kit.time_for(cap):.0f} s left for it (it needs {floor:.0f})")
+            kit.speed_parts[model] = f"### {model}: not run, too little time left ({kit.time_for(cap):.0f} s)\n"
+            _speed_section(kit)
+            continue
         lines: list[str] = []
         out = kit.out / f"2-speed-{model}.json"
         out.unlink(missing_ok=True)
-        code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", "--data-dir", str(data_dir),
-                                       "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL,
-                                       "--out", str(out), *args], cap)
+        data = ["--data-dir", str(data_dir), "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL] \
+            if data_dir is not None else []
+        code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", *data, "--out", str(out), *args], cap)
         # a write the cut interrupted (iaat.engine.checkpoint.atomic_write_bytes names it so): not a 9th file
         for partial in kit.out.glob(f".{out.name}.tmp-*"):
             partial.unlink()
@@ -314,8 +379,13 @@ def stage_speed(kit: Kit, data_dir: Path, results: dict, late: bool = False) -> 
             lines.append(f"### {model}: {'cut by the budget' if code is None else f'failed (exit {code})'} after "
                          f"{seconds:.0f} s; its printed lines:\n\n```\n{text[-3000:]}\n```\n")
         kit.speed_parts[model] = "\n".join(lines)
-        kit.section("speed", "\n".join(["## 2. Training speed (benchmarks/speed.py)\n", *kit.speed_parts.values()]))
+        _speed_section(kit)
+    kit.reserve = base
     return results
+
+
+def _speed_section(kit: Kit) -> None:
+    kit.section("speed", "\n".join(["## 2. Training speed (benchmarks/speed.py)\n", *kit.speed_parts.values()]))
 
 
 def speed_table(model: str, result: dict) -> str:
@@ -382,9 +452,13 @@ def _paper_plan(kit: Kit, data_dir: Path, speed: dict, lines: list[str]) -> tupl
               iaat_s)], 1000)
 
 
-def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
+def stage_paper(kit: Kit, data_dir: Path | None, speed: dict) -> dict | None:
     lines = ["## 3. Paper-scale comparison: " + ("small CNN on random images (smoke)" if kit.smoke
                                                    else "ResNet-18 on CIFAR-10, PGD-AT against IAAT") + "\n"]
+    if data_dir is None:
+        kit.section("paper", "\n".join(lines + ["Not run: no CIFAR-10 archive (benchmarks/gpu_pack.sh fills .gpu/, "
+                                                "which the GPU machine needs beside the checkout).\n"]))
+        return None
     plan = _paper_plan(kit, data_dir, speed, lines)
     if plan is None:
         kit.section("paper", "\n".join(lines + ["Not run: too little time left for two epochs each.\n"]))
@@ -403,8 +477,9 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
         code, seconds, _ = kit.run([sys.executable, "-m", "iaat", "train", *args, *shared, "--epochs", str(epochs),
                                     "--out", str(run)], cap=kit.left() - reserve - later)
         entry = {"exit_code": code, "train_seconds": round(seconds, 1), "epochs": _epoch_rows(run)}
-        if code is None and any((run / "checkpoints").glob("epoch_*.pt")):  # cut: evaluate what it finished
-            entry["cut_after_epochs"] = len(entry["epochs"])
+        saved = _last_checkpoint(run)
+        if code is None and saved:  # cut: evaluate what it finished (the newest checkpoint; a metrics row may be
+            entry["cut_after_epochs"] = saved  # written just before the kill cut its checkpoint)
         if code == 0 or "cut_after_epochs" in entry:
             ev = kit.work / f"paper-{name}-eval.json"
             state = ev.with_name(ev.name + ".state.npz")
@@ -430,6 +505,13 @@ def stage_paper(kit: Kit, data_dir: Path, speed: dict) -> dict | None:
         lines.append(_paper_line(name, entry))
         kit.section("paper", "\n".join(lines) + "\n")
     return result
+
+
+def _last_checkpoint(run: Path) -> int:
+    """The epoch of the run's newest checkpoint (0: none)."""
+    epochs = [int(m.group(1)) for p in (run / "checkpoints").glob("epoch_*.pt")
+              if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
+    return max(epochs, default=0)
 
 
 def _has_autoattack() -> bool:
@@ -473,9 +555,11 @@ PAPER_SCHEDULES = [("ResNet-18", 200, "resnet18"), ("WRN-32-10 (timed as WRN-34-
 
 def plan_section(speed: dict, paper: dict | None) -> str:
     """Expected wall time of the paper's full runs from the throughput measured here, for 1 and 8 GPUs."""
+    measured = (paper or {}).get("iaat_epoch_ratio")
     lines = ["## Reproduction plan (from the throughput above)\n",
-             "Per run of the paper's schedule on all 50,000 training images, bf16 + channels_last; IAAT at the "
-             "cost ratio measured " + ("in stage 3 (epoch times after its warmup)" if paper else "in stage 2") +
+             "Per run of the paper's schedule on all 50,000 training images, bf16 + channels_last; IAAT at its "
+             "cost ratio to PGD-AT " + ("from stage 3's epoch times after the warmup for ResNet-18, from stage 2 "
+                                        "for WRN" if measured else "from stage 2") +
              "; several GPUs under torchrun assume linear scaling (gradient all-reduce is small beside 11 passes "
              "per step), an estimate, not a measurement.\n",
              "| model | epochs | method | images/s (1 GPU) | hours, 1 GPU | hours, 8 GPUs |", "|---|---|---|---|---|---|"]
@@ -484,8 +568,7 @@ def plan_section(speed: dict, paper: dict | None) -> str:
         if "pgd_at" not in rows:
             continue
         ips = rows["pgd_at"]["images_per_second"]
-        ratio = (paper or {}).get("iaat_epoch_ratio") if key == "resnet18" else None
-        ratio = ratio or rows.get("iaat", {}).get("time_ratio_to_pgd_at")
+        ratio = (measured if key == "resnet18" else None) or rows.get("iaat", {}).get("time_ratio_to_pgd_at")
         for method, cost in (("pgd_at", 1.0), ("iaat", ratio)):
             if cost:
                 hours = epochs * TRAIN_IMAGES * cost / ips / 3600
@@ -507,12 +590,14 @@ def iaat_epoch_ratio(result: dict) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for the results (created; at most 8 files)")
-    p.add_argument("--budget", type=float, default=540, help="seconds for everything, set-up included (default 540)")
+    p.add_argument("--budget", type=float, default=540,
+                   help="seconds for everything, from the script's start, set-up included (default 540)")
     p.add_argument("--smoke", action="store_true", help="a CPU dry run of every stage on tiny data and models")
     p.add_argument("--data", type=Path, default=REPO / ".gpu" / "cifar10_jpeg75.npz",
                    help="the JPEG-75 CIFAR-10 archive (default .gpu/cifar10_jpeg75.npz; --smoke: generated)")
     p.add_argument("--work", type=Path, default=Path("/tmp/iaat-gpu-check"), help="scratch folder (data, runs)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default all)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="stages to run, in this order (default all; 'late' alone: a second command)")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
@@ -522,39 +607,81 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA GPU is visible to torch here; on a CPU machine run it with --smoke (a dry run).",
               file=sys.stderr)
         return 2
-    if not args.smoke and not args.data.is_file():
-        print(f"gpu_check: {args.data} is missing: copy the JPEG-75 CIFAR-10 archive there (benchmarks/gpu_pack.sh) "
-              "or pass --data FILE.npz.", file=sys.stderr)
-        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    kit = Kit(args.out, args.work, args.budget, args.smoke)
-    npz = write_tiny_npz(args.work / "tiny.npz") if args.smoke else args.data
-    t0 = time.monotonic()
-    data_dir = build_cifar10(npz, args.work / ("cifar-tiny" if args.smoke else "cifar10"))
-    kit.log(f"data: {data_dir} ({time.monotonic() - t0:.1f} s); {kit.left():.0f} s of budget left")
+    kit = Kit(args.out, args.work, args.budget, args.smoke, started=STARTED)
+    signal.signal(signal.SIGTERM, lambda *_: _terminated(kit))
+    data = _start_data(kit, args)
     speed: dict = {}
     paper = None
-    steps = [*args.stages] + (["speed-late"] if "speed" in args.stages else [])
-    for stage in steps:
+    stages = [s for s in STAGES if s in args.stages]
+    for stage in stages:
         t0 = time.monotonic()
-        # the stages before the paper stage leave it the time for two short epochs of each method
-        kit.reserve = (15 if args.smoke else PAPER_MIN) if stage in ("env", "speed") and "paper" in steps else 0
+        kit.reserve = _reserve(kit, stage, stages)
         try:
             if stage == "env":
                 stage_env(kit)
-            elif stage in ("speed", "speed-late"):
-                stage_speed(kit, data_dir, speed, late=stage == "speed-late")
+            elif stage == "speed":
+                stage_speed(kit, _data_dir(kit, data), speed)
+            elif stage == "paper":
+                paper = stage_paper(kit, _data_dir(kit, data), speed)
             else:
-                paper = stage_paper(kit, data_dir, speed)
+                stage_late(kit, _data_dir(kit, data), speed)
         except Exception as e:  # noqa: BLE001 -- a broken stage must not cost the later ones
-            name = stage.split("-")[0]
             kit.log(f"stage {stage} failed: {type(e).__name__}: {e}")
-            kit.section(name, kit.sections.get(name, f"## {name}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
+            kit.section(stage, kit.sections.get(stage, f"## {stage}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
         kit.log(f"stage {stage}: {time.monotonic() - t0:.0f} s; {kit.left():.0f} s of budget left")
     if speed:
         kit.section("plan", plan_section(speed, paper))
     return 0
+
+
+def _reserve(kit: Kit, stage: str, stages: list[str]) -> float:
+    """Seconds the commands of ``stage`` leave to the stages after it: the paper stage's minimum for those before
+    it, and the speed plans' floors for the tests before them (the late stage takes what is left)."""
+    if "paper" not in stages or stages.index(stage) >= stages.index("paper"):
+        return 0.0
+    paper_min = 15 if kit.smoke else PAPER_MIN
+    return paper_min + (speed_floors(kit) if stage == "env" and "speed" in stages else 0.0)
+
+
+def _start_data(kit: Kit, args: argparse.Namespace) -> Future | None:
+    """Build the data set in the background (the tests do not need it); ``None`` without an archive."""
+    if args.smoke:
+        npz = write_tiny_npz(args.work / "tiny.npz")
+    elif args.data.is_file():
+        npz = args.data
+    else:
+        kit.log(f"gpu_check: warning: {args.data} is missing (benchmarks/gpu_pack.sh fills .gpu/, which must travel "
+                f"with the checkout): the speed stage runs on random images, the paper stage not at all")
+        return None
+    t0 = time.monotonic()
+    root = args.work / ("cifar-tiny" if args.smoke else "cifar10")
+
+    def build() -> Path:
+        folder = build_cifar10(npz, root)
+        kit.log(f"data: {folder} ({time.monotonic() - t0:.1f} s)")
+        return folder
+    return ThreadPoolExecutor(1, thread_name_prefix="data").submit(build)
+
+
+def _data_dir(kit: Kit, data: Future | None) -> Path | None:
+    """The built data set, once its build is done (``None``: no archive, or its build failed)."""
+    if data is None:
+        return None
+    try:
+        return data.result()
+    except Exception as e:  # noqa: BLE001 -- recorded; what needs no data still runs
+        kit.log(f"data: the build failed ({type(e).__name__}: {e}); going on without it")
+        return None
+
+
+def _terminated(kit: Kit) -> None:
+    """SIGTERM (the machine's own time limit): end the running command's process group too, so that nothing
+    keeps the GPU busy after the kit; what the stages wrote stays."""
+    kit.kill_child()
+    kit.log("gpu_check: terminated (SIGTERM); the files written so far stand")
+    sys.exit(143)
 
 
 if __name__ == "__main__":

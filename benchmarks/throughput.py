@@ -90,6 +90,8 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
 #: Environment variables that change what a benchmark measures; those set are part of its recorded command.
 RESULT_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
               "CUBLAS_WORKSPACE_CONFIG")
+#: their values as the process started: torch sets some itself (its FLOP counter sets TORCHINDUCTOR_CACHE_DIR)
+_STARTING_ENV = {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
 
 
 def run_header(benchmark: str, device: torch.device, argv: list[str] | None, script: str = __file__) -> dict:
@@ -102,7 +104,7 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None, scr
         script, argv = sys.argv[0], sys.argv[1:]
     else:  # main(argv) called from Python: the script as one would run it from here
         script = os.path.relpath(script)
-    settings = [f"{k}={shlex.quote(os.environ[k])}" for k in RESULT_ENV if os.environ.get(k)]
+    settings = [f"{k}={shlex.quote(v)}" for k, v in _STARTING_ENV.items()]
     return {
         "benchmark": benchmark,
         "command": " ".join([*settings, "python", *(shlex.quote(a) for a in [script, *argv])]),

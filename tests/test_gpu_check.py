@@ -103,6 +103,52 @@ def test_the_stages_before_the_paper_stage_leave_it_its_minimum(tmp_path):
     assert epochs >= 2
 
 
+def test_each_command_before_the_paper_stage_leaves_the_later_ones_their_floors(tmp_path):
+    kit = gpu_check.Kit(tmp_path, tmp_path, budget=540, smoke=False)
+    every = list(gpu_check.STAGES)
+    floors = sum(floor for *_, floor in gpu_check.speed_plans(kit))
+    assert floors > 0 and gpu_check._reserve(kit, "env", every) == gpu_check.PAPER_MIN + floors
+    assert gpu_check._reserve(kit, "speed", every) == gpu_check.PAPER_MIN
+    assert gpu_check._reserve(kit, "paper", every) == gpu_check._reserve(kit, "late", every) == 0
+    assert gpu_check._reserve(kit, "env", ["env", "late"]) == 0  # no paper stage to keep time for
+    # the tests' cap and the speed plans' caps fit beside the paper stage's minimum in the default budget
+    tests_cap = gpu_check.TESTS["env"][1]
+    assert tests_cap + sum(cap for _, _, cap, _ in gpu_check.speed_plans(kit)) + gpu_check.PAPER_MIN <= 540
+
+
+def test_what_has_too_little_time_is_not_started_and_says_so(tmp_path):
+    kit = gpu_check.Kit(tmp_path, tmp_path, budget=3, smoke=True)
+    assert gpu_check.stage_speed(kit, None, {}) == {}  # the smoke plan's floor is 5 s
+    assert "small_cnn: not run" in kit.speed_parts["small_cnn"] and not (tmp_path / "2-speed-small_cnn.json").exists()
+    gpu_check.stage_late(kit, None, {})
+    assert "Not run" in kit.sections["late"] and "--stages late" in kit.sections["late"]
+    assert "$ " not in (tmp_path / "log.txt").read_text()  # no command was started
+
+
+def test_without_the_archive_the_tests_and_speed_still_run_and_the_paper_stage_says_why(tmp_path):
+    kit = gpu_check.Kit(tmp_path, tmp_path, budget=60, smoke=False)
+    args = gpu_check.argparse.Namespace(smoke=False, data=tmp_path / "missing.npz", work=tmp_path)
+    assert gpu_check._start_data(kit, args) is None and "missing.npz is missing" in (tmp_path / "log.txt").read_text()
+    assert gpu_check._data_dir(kit, None) is None
+    assert gpu_check.stage_paper(kit, None, {}) is None and "no CIFAR-10 archive" in kit.sections["paper"]
+
+
+def test_a_cut_run_is_evaluated_at_its_newest_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert gpu_check._last_checkpoint(tmp_path) == 0
+    for name in ("epoch_0001.pt", "epoch_0003.pt", ".epoch_0004.pt.tmp-1"):  # a write the kill cut is no checkpoint
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert gpu_check._last_checkpoint(tmp_path) == 3
+
+
+def test_the_plan_names_where_iaats_cost_ratio_comes_from():
+    speed = {"resnet18": {"results": [{"method": "pgd_at", "images_per_second": 8000.0},
+                                      {"method": "iaat", "images_per_second": 4000.0, "time_ratio_to_pgd_at": 2.0}]}}
+    assert "from stage 2" in gpu_check.plan_section(speed, {"iaat_epoch_ratio": None})
+    measured = gpu_check.plan_section(speed, {"iaat_epoch_ratio": 1.6})
+    assert "from stage 3's epoch times" in measured and "| ResNet-18 | 200 | iaat | 5000 |" in measured
+
+
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -115,7 +161,7 @@ def test_refuses_without_a_gpu_unless_smoke(tmp_path):
 @pytest.mark.slow
 def test_smoke_mode_runs_every_stage_within_budget(tmp_path):
     out = tmp_path / "out"
-    res = run_kit(str(out), "--smoke", "--budget", "120", "--work", str(tmp_path / "work"), timeout=300)
+    res = run_kit(str(out), "--smoke", "--budget", "180", "--work", str(tmp_path / "work"), timeout=360)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["1-cuda-tests.log", "1-env.json", "2-speed-small_cnn.json", "3-paper-scale.json", "log.txt",
@@ -132,5 +178,8 @@ def test_smoke_mode_runs_every_stage_within_budget(tmp_path):
         assert run["exit_code"] == 0 and len(run["epochs"]) == 1
         assert 0 <= run["eval"]["clean"] <= 1 and "PGD-20@8/255" in run["eval"]
     summary = (out / "summary.md").read_text()
-    for heading in ("## 1. Environment", "## 2. Training speed", "## 3. Paper-scale", "## Reproduction plan"):
+    assert env["compile_tests"]["exit_code"] == 0 and env["compile_tests"]["tests"]  # the late stage's
+    assert {t["test"] for t in env["compile_tests"]["tests"]}.isdisjoint(t["test"] for t in env["cuda_tests"]["tests"])
+    for heading in ("## 1. Environment", "## 2. Training speed", "## 3. Paper-scale", "## 4. torch.compile",
+                    "## Reproduction plan"):
         assert heading in summary
