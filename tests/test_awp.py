@@ -298,3 +298,27 @@ def test_presets_run_as_the_authors_code(name, model, method, normalize):
         assert (gamma, warmup) == (0.01, 0)
         for epoch in range(200):  # theirs at the epoch's first step
             assert lr_at(cfg.optim, epoch, 200) == pytest.approx(authors_at_lr(epoch + 1 / 390)), epoch
+
+
+def test_applied_with_the_epoch_stays_off_during_the_warmup():
+    """The own-loop use: AWP(warmup_epochs=5).applied(objective, epoch=e) perturbs nothing before epoch 5, and a
+    block without the epoch is refused, which would perturb from epoch 0."""
+    model = tiny_model().train()
+    x, x_adv, y = batch()
+
+    def objective(net):
+        logits = net(x_adv)
+        return StepOutput(F.cross_entropy(logits, y), logits)
+
+    awp = AWP(model, gamma=0.5, warmup_epochs=5)
+    plain = objective(model).loss.item()
+    with awp.applied(objective, epoch=4):
+        assert objective(model).loss.item() == plain
+    with awp.applied(objective, epoch=5):
+        assert objective(model).loss.item() != plain
+    with pytest.raises(ConfigError, match=r"after 5 plain epoch\(s\).*awp.applied\(objective, epoch=epoch\)"):
+        with awp.applied(objective):
+            pass
+    with AWP(model, gamma=0.5).applied(objective):  # no warm-up: the epoch may be left out
+        assert objective(model).loss.item() != plain
+    assert objective(model).loss.item() == plain

@@ -28,6 +28,7 @@ import yaml
 
 from helpers import REPO, child_env, run_main, write_cifar10_folder
 from iaat.engine.checkpoint import load_checkpoint, save_checkpoint
+from iaat.methods.registry import METHODS
 from iaat.models import build_model
 from helpers import tiny_train_args
 from test_cli import snapshot
@@ -596,3 +597,26 @@ def test_bad_input_gives_a_clear_error_and_changes_nothing(name, tiny_cifar, bas
 
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_refuses_an_empty_batch_alike(name):
+    """Once: IAAT crashed in aminmax, GAIRAT in max(), PGD-AT, TRADES, MART and Clean returned a NaN loss."""
+    from helpers import config_method
+    from iaat.errors import ConfigError
+
+    method = config_method(name, 8, {"steps": 2})
+    method.start_epoch(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ConfigError, match=r"loss got an empty batch \(0 images\)"):
+        method.loss(model, x[:0], y[:0], torch.arange(0))
+    assert torch.isfinite(method.loss(model, x, y, torch.arange(4)))  # the method itself still works
+
+
+def test_a_key_of_a_setting_that_is_off_is_refused_before_a_run_starts(tiny_cifar, tmp_path):
+    code, _, err = run_main(*tiny_train_args(tiny_cifar, tmp_path / "new", 1, "--method", "gairat", "--set",
+                                             "method.lam_max=3"))
+    assert code not in (0, None) and "Traceback" not in err
+    assert "method.lam_max applies with method.lam_schedule=linear only" in err
+    assert not (tmp_path / "new").exists()

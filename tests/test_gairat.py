@@ -297,3 +297,74 @@ def test_weights_that_all_underflow_scale_to_one_not_nan():
     w = iaat.gair_weights(torch.tensor([9, 10]), steps=10, lam=-45.0)  # still ordered, mean 1, finite
     assert torch.isfinite(w).all() and w[0] > w[1] and float(w.mean()) == pytest.approx(1.0)
     assert torch.equal(mean_one(torch.zeros(3)), torch.ones(3))  # MAIL's normalised weights take this path
+
+
+@pytest.mark.parametrize("kappa, steps, phrase", [
+    (torch.tensor([0, 5, 12, 20]), 10, r"kappa in \[0, steps=10\].*got values in \[0, 20\]"),
+    (torch.tensor([-1, 3]), 10, r"got values in \[-1, 3\]"),
+    ([0, 5, 10], 10, "tensor of shape \\(B,\\).*got a list"),
+    (torch.tensor(3), 10, r"got shape \(\)"),
+    (torch.tensor([0, 5]), -1, "steps.*whole number >= 0, got -1")])
+def test_gair_weights_refuses_kappa_that_no_attack_of_those_steps_gives(kappa, steps, phrase):
+    """Outside [0, steps] the formula weighs silently: negative weights (discrete), ~1e-14 (tanh)."""
+    import iaat
+
+    for fn in ("tanh", "discrete"):
+        with pytest.raises(ConfigError, match=phrase):
+            iaat.gair_weights(kappa, steps, -1.0, fn=fn)
+
+
+def test_gair_weights_of_an_empty_batch_are_empty():
+    import iaat
+
+    for fn in ("tanh", "sigmoid", "discrete"):
+        w = iaat.gair_weights(torch.zeros(0, dtype=torch.long), 10, -1.0, fn=fn)
+        assert w.shape == (0,) and w.dtype == torch.get_default_dtype()
+
+
+def test_the_methods_weigh_kappa_without_the_host_sync_of_its_check(monkeypatch):
+    """The kernel's kappa is in [0, steps] by construction: the per-step path must not check it (a host sync)."""
+    import iaat.methods.gair as gair
+
+    def sync(*args):
+        raise AssertionError("kappa checked in a training step")
+
+    monkeypatch.setattr(gair, "_check_kappa", sync)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for method in (_method("gairat", steps=3), _method("iaat", steps=3, weights="gair", warmup_epochs=0)):
+        method.start_epoch(0)
+        assert "gair_weight_sq" in method.compute(model, x, y, torch.arange(4)).stats
+
+
+@pytest.mark.parametrize("name, params, phrase", [
+    ("gairat", {"lam_max": 3.0}, "method.lam_max applies with method.lam_schedule=linear only"),
+    ("gairat", {"lam_milestones": [2], "lam_drops": [1.0]}, "method.lam_milestones applies with "
+                                                             "method.lam_schedule=piecewise only"),
+    ("gairat", {"lam_schedule": "linear", "lam_max": 3.0, "lam_drops": [1.0]}, "method.lam_drops applies with"),
+    ("gair_fat", {"lam_max": 3.0}, "method.lam_max applies with method.lam_schedule=linear"),
+    ("iaat", {"weights": "gair", "lam_max": 3.0}, "method.lam_max applies with method.lam_schedule=linear"),
+    ("mail", {"trades_beta": 3.0}, "method.trades_beta applies with method.train_loss=trades only"),
+    ("cat", {"kappa": 3.0, "train_loss": "ce"}, "method.kappa applies with method.train_loss=mix only")])
+def test_keys_of_a_setting_that_is_off_are_refused(name, params, phrase):
+    """README: a method's keys that apply only with another setting are refused without it (else: no effect)."""
+    with pytest.raises(ConfigError, match=phrase):
+        _method(name, epochs=10, **params)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("gairat", {"lam_schedule": "linear", "lam_max": 3.0}),
+    ("gairat", {"lam_schedule": "piecewise", "lam_milestones": [2], "lam_drops": [1.0]}),
+    ("gairat", {"compat": "authors", "lam_max": 3.0}),  # the authors' adjust_Lambda starts at lam_max
+    ("mail", {"train_loss": "trades", "trades_beta": 3.0}),
+    ("cat", {"train_loss": "mix", "kappa": 3.0})])
+def test_keys_of_a_setting_that_is_on_are_taken(name, params):
+    method = _method(name, epochs=10, **params)
+    assert all(getattr(method, key) == value for key, value in params.items())
+
+
+def test_iaat_end_epoch_before_any_epoch_reports_the_radii():
+    import iaat
+
+    row = iaat.IAAT(num_train=10, weights="gair").end_epoch()
+    assert row["radius_mean"] == 0.0 and "gair_lambda" not in row

@@ -138,3 +138,30 @@ def test_wrn_32_10_has_five_blocks_per_stage_as_documented(wrn34):
     torch.manual_seed(0)
     wrn32 = build_model("wrn-32-10", 10, 3)
     assert len(wrn32.net.blocks) == len(wrn34.net.blocks) == 15
+
+
+@pytest.mark.parametrize("name, num_classes, sizes, phrase", [
+    ("small_cnn", 0, {}, "num_classes must be a whole number >= 2"),  # once: Linear(128, 0) and a torch warning
+    ("resnet18", 1, {}, "num_classes must be a whole number >= 2"),
+    ("wideresnet", 10, {"depth": 11, "width": 1}, r"depth is 6n \+ 4 .* got 11"),  # once: one block per stage
+    ("wideresnet", 10, {"depth": 4, "width": 1}, r"depth is 6n \+ 4 .* got 4"),
+    ("wideresnet", 10, {"depth": 33, "width": 1}, r"depth is 6n \+ 4 .* got 33")])
+def test_sizes_that_build_another_network_than_named_are_refused(name, num_classes, sizes, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        build_model(name, num_classes, 3, **sizes)
+
+
+def test_wideresnet_depths_of_the_form_6n_plus_4_build_n_blocks_per_stage():
+    from iaat.models.wide_resnet import WideResNet
+
+    for depth, blocks in ((10, 1), (16, 2), (28, 4), (32, 5)):  # 32: the literature's name of WRN-34
+        assert len(WideResNet(depth, 1, 10).blocks) == 3 * blocks
+    with pytest.raises(ConfigError, match="width .* must be >= 1, got 0"):
+        WideResNet(16, 0, 10)
+
+
+def test_a_wideresnet_depth_of_another_form_is_refused_with_the_config():
+    from iaat.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"depth is 6n \+ 4"):
+        config_from_dict({"model": {"name": "wideresnet", "depth": 11}})

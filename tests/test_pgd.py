@@ -704,3 +704,32 @@ def test_the_loop_timed_on_the_gpu_is_the_one_pgd_runs():
                                         _run_settings("cpu", steps=5))
     assert torch.equal(x_adv, want.x_adv) and torch.equal(kappa, want.kappa)
     assert torch.equal(first_miss, want.first_miss)
+
+
+def test_steps_given_as_a_0d_tensor_or_numpy_int_are_taken_as_the_number(tiny_model):
+    """README: NumPy scalars and 0-d tensors are taken as numbers; PGD checks steps when built, like eps."""
+    import numpy as np
+
+    import iaat
+
+    x, y = _batch()
+    for steps in (torch.tensor(2), np.int64(2)):
+        assert pgd(tiny_model, x, y, 8 / 255, steps=steps).steps == 2
+        attack = iaat.PGD(tiny_model, eps=8 / 255, steps=steps)
+        assert attack.steps == 2 and type(attack.steps) is int and attack(x, y).shape == x.shape
+    for bad in (torch.tensor(2.5), -1, torch.tensor([2, 3])):
+        with pytest.raises(ConfigError, match="steps must be a whole number >= 0"):
+            iaat.PGD(tiny_model, eps=8 / 255, steps=bad)
+        with pytest.raises(ConfigError, match="steps must be a whole number >= 0"):
+            pgd(tiny_model, x, y, 8 / 255, steps=bad)
+
+
+@pytest.mark.parametrize("loss, got", [
+    (lambda logits, y: logits, r"got shape \(8, 10\)"),
+    (lambda logits, y: F.cross_entropy(logits, y), r"got shape \(\)"),
+    (lambda logits, y: 1.0, "got a float")])
+def test_a_loss_function_of_the_wrong_shape_is_refused(tiny_model, loss, got):
+    x, y = _batch()
+    for steps in (3, 0):  # the first step's objective; with no step, the final check's
+        with pytest.raises(ConfigError, match=r"a loss function must return one value per sample, shape \(8,\), " + got):
+            pgd(tiny_model, x, y, 8 / 255, steps=steps, loss=loss)

@@ -62,7 +62,7 @@ class AWP:
     Args:
         model: the model being trained (its unwrapped ``nn.Module``; its parameters are perturbed in place).
         gamma: the perturbation's size relative to each layer's weight norm (0.01 AT-style, 0.005 TRADES-style).
-        warmup_epochs: plain epochs before AWP starts (:meth:`active`).
+        warmup_epochs: plain epochs before AWP starts (:meth:`active`; :meth:`applied` takes the epoch to know).
 
     Example:
         >>> import iaat, torch
@@ -70,8 +70,9 @@ class AWP:
         >>> method, awp = iaat.PGDAT(eps=8 / 255, steps=3), iaat.AWP(model, gamma=0.01)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> epoch = 0
         >>> objective = method.objective(model, x, y)  # the attack, once
-        >>> with awp.applied(objective):               # the weights at w + v inside, back at w after
+        >>> with awp.applied(objective, epoch=epoch):  # the weights at w + v inside, back at w after
         ...     objective(model).loss.backward()
         >>> optimizer.step()
     """
@@ -120,7 +121,8 @@ class AWP:
         return out
 
     def perturb(self, objective: Objective, net: Optional[nn.Module] = None) -> Callable[[], None]:
-        """Move the weights to ``w + v``; returns the function that puts them back to exactly ``w``."""
+        """Move the weights to ``w + v``; returns the function that puts them back to exactly ``w``. Whatever the
+        epoch: the caller consults :meth:`active` (:meth:`applied` does, given the epoch)."""
         v = self.perturbation(objective, net)
         saved = [w.detach().clone() for w in self.params]
         with torch.no_grad():
@@ -138,8 +140,18 @@ class AWP:
         return restore
 
     @contextmanager
-    def applied(self, objective: Objective, net: Optional[nn.Module] = None) -> Iterator[None]:
-        """The weights at ``w + v`` inside the block (run the step's forward and backward there), at ``w`` after."""
+    def applied(self, objective: Objective, net: Optional[nn.Module] = None, *,
+                epoch: Optional[int] = None) -> Iterator[None]:
+        """The weights at ``w + v`` inside the block (run the step's forward and backward there), at ``w`` after.
+
+        ``epoch`` (0-based): before ``warmup_epochs`` the block runs at ``w``, with no ascent pass (:meth:`active`);
+        required when there are warm-up epochs, which a block without it would skip."""
+        if epoch is None and self.warmup_epochs:
+            raise ConfigError(f"this AWP starts after {self.warmup_epochs} plain epoch(s): pass the 0-based epoch, "
+                              f"awp.applied(objective, epoch=epoch), so that it stays off before then.")
+        if epoch is not None and not self.active(epoch):
+            yield
+            return
         restore = self.perturb(objective, net)
         try:
             yield

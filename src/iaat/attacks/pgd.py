@@ -37,7 +37,7 @@ from torch import nn
 
 from ..distributed import unwrap
 from ..errors import ConfigError, first_line
-from ..units import check_size, check_size_range, format_size
+from ..units import check_size, check_size_range, format_size, python_scalar
 
 Radius = Union[float, torch.Tensor]
 
@@ -170,7 +170,7 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Ten
                reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample objective the attack maximises."""
     if callable(loss):  # a method's own objective (MMA's soft margin, CAT's smoothed labels), untargeted
-        return loss(logits.float(), y)
+        return _per_sample(loss(logits.float(), y), y)
     if loss == "kl":  # TRADES: KL(p_reference || p(x + delta))
         return kl_per_sample(reference, logits)
     if loss == "ce":
@@ -180,6 +180,16 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Ten
     if loss == "margin":
         return margin_loss(logits.float(), y if target is None else target, targeted=target is not None)
     raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
+
+
+def _per_sample(value: object, y: torch.Tensor) -> torch.Tensor:
+    """A loss function's value, checked to hold one value per sample (its shape only: no host sync). A mean over
+    the batch would still give gradients, but no restart could pick per sample; a (B, C) one sums over classes."""
+    if not (torch.is_tensor(value) and value.shape == y.shape):
+        got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else f"a {type(value).__name__}"
+        raise ConfigError(f"a loss function must return one value per sample, shape ({len(y)},), got {got}: "
+                          f"reduce over the classes, not over the batch (e.g. F.cross_entropy(..., reduction='none')).")
+    return value
 
 
 def random_targets(y: torch.Tensor, num_classes: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -436,6 +446,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, step
         >>> res.robust.shape  # no iterate misclassified, per sample
         torch.Size([4])
     """
+    steps = check_steps(steps)  # a 0-d tensor as its number, before any use of it
     _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
                      early_stop_tau, step_noise)
     check_autocast_dtype(autocast_dtype, "autocast_dtype")
@@ -485,6 +496,14 @@ def _better_of(best: AttackResult, new: AttackResult, target: Optional[torch.Ten
                         torch.minimum(best.first_miss, new.first_miss), best.steps)
 
 
+def check_steps(steps: object) -> int:
+    """``steps`` as an int: a whole number >= 0, a 0-d integer tensor or a NumPy integer taken as the number."""
+    value = python_scalar(steps)  # torch.tensor(3), np.int64(3)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"steps must be a whole number >= 0, got {steps!r}.")
+    return int(value)
+
+
 def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
                      early_stop_tau, step_noise=0.0):
     """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on;
@@ -498,8 +517,7 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
     for name, value in (("eps", eps), ("step_size", step_size)):
         if value is not None and not torch.is_tensor(value):  # what a person types; tensors are checked by values
             check_size(value, name, norm=norm)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ConfigError(f"steps must be a whole number >= 0, got {steps!r}.")
+    check_steps(steps)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
     if step_noise:  # a std in [0, 1] units, like the sizes
@@ -605,6 +623,7 @@ class PGD:
         for name, value in (("eps", eps), ("step_size", step_size)):
             if value is not None and not torch.is_tensor(value):  # per-sample radii: checked by pgd, per batch
                 check_size(value, name, norm=norm)
+        steps = check_steps(steps)
         self.model, self.eps, self.steps, self.step_size, self.options = model, eps, steps, step_size, options
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:

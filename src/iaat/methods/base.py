@@ -37,7 +37,7 @@ from ..attacks import AttackResult, pgd
 from ..attacks.pgd import (attack_mode, check_autocast_dtype, check_batch_types, check_batch_values, check_logits,
                            default_step_size)
 from ..errors import ConfigError
-from ..schema import check_type
+from ..schema import check_type, field_default
 from ..units import check_size, python_scalar
 
 #: Field metadata of a size: [0, 1] units here, pixel units over 255 in configs.
@@ -239,6 +239,9 @@ class Method:
         if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
             raise ConfigError(f"{who}.loss takes images x of shape (B, C, H, W) and labels y of shape (B,), got "
                               f"{_shape(x)} and {_shape(y)}.")
+        if not len(x):  # a Python int: no host sync. Else a NaN loss (a mean over nothing) or a crash in a method
+            raise ConfigError(f"{who}.loss got an empty batch (0 images): a training loss needs at least one image; "
+                              f"skip empty batches.")
         if index is None:
             if self.needs_index:
                 raise ConfigError(f"{who} keeps state per training sample and needs each sample's index: call "
@@ -270,6 +273,18 @@ class CompatParams:
     def check_compat(self) -> None:
         if self.compat not in COMPAT_MODES:
             raise ConfigError(f"method.compat must be none or authors, got {self.compat!r}.")
+
+
+def refuse_unless(params: Any, applies: bool, setting: str, keys: tuple) -> None:
+    """Refuse ``keys`` of ``params`` (a method or a dataclass of its keys) set to other than their defaults while
+    ``setting``, the one they apply with, is off: such a key would have no effect, silently."""
+    if applies:
+        return
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(params)}
+    changed = [key for key in keys if getattr(params, key) != defaults[key]]
+    if changed:
+        raise ConfigError(f"method.{changed[0]} applies with method.{setting} only and has no effect without it; set "
+                          f"that too, or drop {', '.join('method.' + key for key in changed)}.")
 
 
 def own_fields(cls: type) -> list:

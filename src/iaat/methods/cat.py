@@ -32,7 +32,7 @@ from torch import nn
 
 from ..attacks import margin_loss
 from ..errors import ConfigError
-from .base import CompatParams, Objective, StepOutput, size
+from .base import CompatParams, Objective, StepOutput, refuse_unless, size
 from .per_sample import PerSampleState, summary
 
 LOSSES = ("ce", "mix")
@@ -99,6 +99,7 @@ class CAT(PerSampleState, CompatParams):
         self.check_compat()
         if self.train_loss not in LOSSES:
             raise ConfigError(f"method.train_loss must be ce or mix, got {self.train_loss!r}.")
+        refuse_unless(self, self.train_loss == "mix", "train_loss=mix", ("kappa",))  # the CW hinge's confidence
         if self.eta <= 0 or self.smoothing < 0 or self.kappa < 0:
             raise ConfigError("method.eta must be positive, method.smoothing and method.kappa >= 0.")
         if self.smoothing * self.eps > 1:

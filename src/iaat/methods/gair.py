@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..errors import ConfigError
+from ..units import python_scalar
+from .base import refuse_unless
 
 WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
 LAMBDA_SCHEDULES = ("fixed", "linear", "piecewise")
@@ -69,13 +72,45 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
 
     tanh: (1 + tanh(lam + 5 (1 - kappa / (K // 2)))) / 2, K // 2 as the authors' code (2 kappa / K for even K);
     sigmoid: sigmoid(lam + 5 (1 - kappa / (K // 2))); discrete: (K + 1 - kappa) / (K + 1).
-    ``lam = +inf`` gives uniform weights. ``kappa`` is what the PGD kernel returns (:class:`iaat.AttackResult`).
+    ``lam = +inf`` gives uniform weights. ``kappa`` is what the PGD kernel returns (:class:`iaat.AttackResult`):
+    counts in [0, steps], checked here (one host sync; the training methods skip the check, their kernel's
+    kappa is in range by construction). An empty ``kappa`` gives no weights.
 
     Example:
         >>> import iaat, torch
         >>> iaat.gair_weights(torch.tensor([0, 5, 10]), steps=10, lam=-1.0)  # near the boundary weighs more
         tensor([2.6804e+00, 3.1961e-01, 1.6474e-05])
     """
+    steps = python_scalar(steps)  # torch.tensor(10), np.int64(10)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ConfigError(f"gair_weights takes steps, the attack's number of steps K, as a whole number >= 0, "
+                          f"got {steps!r}.")
+    _check_kappa(kappa, steps)
+    return weights_of_kappa(kappa, int(steps), lam, fn)
+
+
+def _check_kappa(kappa: object, steps: int) -> None:
+    """``kappa`` a (B,) tensor of counts in [0, steps]: outside, the formula gives negative weights (discrete) or
+    weights of ~1e-14 (tanh) without a word."""
+    if not torch.is_tensor(kappa) or kappa.ndim != 1:
+        got = (f"shape {tuple(kappa.shape)}" if torch.is_tensor(kappa) else
+               f"a {type(kappa).__name__}" + (" (wrap it in torch.tensor(...))" if isinstance(kappa, (list, tuple)) else ""))
+        raise ConfigError(f"gair_weights takes kappa as a tensor of shape (B,), one count per sample (the kappa of "
+                          f"iaat.pgd's AttackResult), got {got}.")
+    if kappa.is_complex() or kappa.dtype == torch.bool:
+        raise ConfigError(f"gair_weights takes kappa as counts (integers in [0, steps]), got {kappa.dtype}.")
+    if not len(kappa):
+        return
+    lo, hi = torch.stack(torch.aminmax(kappa)).tolist()
+    if not 0 <= lo <= hi <= steps:  # NaN fails too
+        raise ConfigError(f"gair_weights takes kappa in [0, steps={steps}] (how many of the K={steps} attack "
+                          f"iterates were classified correctly), got values in [{lo}, {hi}]: pass the steps of the "
+                          f"attack that gave kappa.")
+
+
+def weights_of_kappa(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:
+    """:func:`gair_weights` without its checks of ``kappa`` and ``steps``, so without a host sync: the training
+    methods' per-step path, where kappa comes from the kernel's ``steps``-step attack."""
     k = kappa.to(torch.get_default_dtype())
     half = max(steps // 2, 1)
     if fn in ("tanh", "sigmoid"):
@@ -83,7 +118,9 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
         # tanh: (1 + tanh(a)) / 2 = sigmoid(2a). In logs, shifted by the (global) largest: exp of it is at most 1,
         # with a 1 somewhere, so a batch whose every weight underflows (lam = -45) still scales to mean 1, not NaN
         log_raw = F.logsigmoid(2.0 * a if fn == "tanh" else a)
-        return mean_one(torch.exp(log_raw - distributed.global_max(log_raw.max())))
+        # an empty batch has no largest: -inf (the other ranks' under torchrun), which every rank must still send
+        largest = log_raw.max() if len(log_raw) else log_raw.new_full((), -math.inf)
+        return mean_one(torch.exp(log_raw - distributed.global_max(largest)))
     elif fn == "discrete":
         raw = (steps + 1 - k) / (steps + 1)
     else:
@@ -141,6 +178,9 @@ class GairWeighting:
                               f"got {p.lam_schedule!r}.")
         if math.isnan(p.lam) or p.lam == -math.inf:
             raise ConfigError(f"method.lam must be a number or +inf (uniform weights), got {p.lam}.")
+        if not authors:  # the authors' adjust_Lambda starts at lam_max whatever the schedule
+            refuse_unless(p, p.lam_schedule == "linear", "lam_schedule=linear", ("lam_max",))
+        refuse_unless(p, p.lam_schedule == "piecewise", "lam_schedule=piecewise", ("lam_milestones", "lam_drops"))
         if p.lam_schedule == "linear" and not math.isfinite(p.lam_max):
             raise ConfigError("method.lam_schedule=linear needs a finite method.lam_max (the start value); the "
                               "official code's default of inf makes every lambda NaN.")
@@ -185,4 +225,4 @@ class GairWeighting:
         return p.lam
 
     def weights(self, kappa: torch.Tensor, steps: int, epoch: int, total_epochs: Optional[int]) -> torch.Tensor:
-        return gair_weights(kappa, steps, self.lam(epoch, total_epochs), self.p.weight_fn)
+        return weights_of_kappa(kappa, steps, self.lam(epoch, total_epochs), self.p.weight_fn)  # no host sync

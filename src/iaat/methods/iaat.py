@@ -502,9 +502,10 @@ class IAAT(PerSampleState, GairParams, CompatParams):
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def end_epoch(self) -> dict:
-        """The radius memory's mean, std, min, max and quantiles ([0, 1] units), and GAIR's lambda."""
+        """The radius memory's mean, std, min, max and quantiles ([0, 1] units), and GAIR's lambda (once an epoch
+        has started: it is the epoch's)."""
         row = summary(self.memory, "radius")
-        if self.gair is not None:
+        if self.gair is not None and self.epoch is not None:
             row["gair_lambda"] = self.gair.lam(self.epoch, self.epochs)
         return row
 

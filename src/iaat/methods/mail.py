@@ -39,7 +39,7 @@ from torch import nn
 
 from ..attacks.pgd import kl_per_sample
 from ..errors import ConfigError
-from .base import Objective, StepOutput
+from .base import Objective, StepOutput, refuse_unless
 from .gair import mean_one, weighted_ce
 from .per_sample import PerSampleState, summary
 from .trades import trades_examples
@@ -116,6 +116,7 @@ class MAIL(PerSampleState):
         super().__post_init__()
         if self.train_loss not in ("at", "trades"):
             raise ConfigError(f"method.train_loss must be at or trades, got {self.train_loss!r}.")
+        refuse_unless(self, self.train_loss == "trades", "train_loss=trades", ("trades_beta",))
         if self.slope < 0 or self.scale <= 0 or self.burn_in_epochs < 0 or self.trades_beta < 0 or self.init_std < 0:
             raise ConfigError("method.slope, method.burn_in_epochs, method.trades_beta and method.init_std must be >= 0 "
                               "and method.scale > 0.")

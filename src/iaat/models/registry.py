@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from typing import Callable, Optional, Sequence
 
 from torch import nn
 
 from ..errors import ConfigError
+from ..units import python_scalar
 from .normalize import NormalizedModel
 from .resnet import ResNet
 from .small_cnn import SmallCNN
-from .wide_resnet import WideResNet
+from .wide_resnet import WideResNet, check_depth
 
 
 #: the sizes of the models that take ``model.depth`` / ``model.width`` (the others build one fixed architecture),
@@ -97,6 +99,16 @@ def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> N
             users = ", ".join(n for n, keys in SIZE_KEYS.items() if key in keys)
             # stacklevel 1: one location, so the config check and the model build warn once between them
             warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=1)
+    if name == "wideresnet" and depth is not None:  # at config time too, before a run folder is made
+        check_depth(depth)
+
+
+def check_num_classes(num_classes: object) -> None:
+    """A whole number >= 2: the models here end in one logit per class, and with one class nothing is learnt
+    (``Linear(128, 0)`` builds with no more than a warning)."""
+    value = python_scalar(num_classes)  # np.int64(10), torch.tensor(10)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
+        raise ConfigError(f"num_classes must be a whole number >= 2 (one logit per class), got {num_classes!r}.")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,
@@ -127,6 +139,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
         raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}, or module:factory.")
     else:
         check_model_args(name, depth, width)
+        check_num_classes(num_classes)
         net = MODELS[name](num_classes, in_channels, depth, width)
     if (mean is None) != (std is None):
         raise ConfigError("give both mean and std (the model normalises its input with both), or neither.")

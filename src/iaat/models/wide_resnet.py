@@ -24,16 +24,35 @@ class WideBlock(nn.Module):
         return out + shortcut
 
 
+#: depths not of the form 6n + 4 that name a WideResNet all the same: the literature's "WRN-32-10" (IAAT, GAIRAT)
+#: is Madry et al.'s CIFAR model, the "WRN-34-10" of TRADES (5 blocks per stage, 46.2 M parameters)
+DEPTH_ALIASES = {32: 34}
+
+
+def check_depth(depth: int) -> None:
+    """6n + 4 (or an alias): any other depth would build a network of another depth than the one named."""
+    if depth not in DEPTH_ALIASES and (depth < 10 or (depth - 4) % 6):
+        raise ConfigError(f"a WideResNet's depth is 6n + 4 with n >= 1 blocks per stage (10, 16, 22, 28, 34, 40, "
+                          f"...; 32 is taken as the literature's WRN-32-10, i.e. WRN-34-10), got {depth}.")
+
+
+def check_wide_resnet(depth: int, width: int, num_classes: int) -> None:
+    """Clear errors for sizes that would build another network than the one named, or a useless one."""
+    check_depth(depth)
+    if width < 1:
+        raise ConfigError(f"a WideResNet's width (the widening factor) must be >= 1, got {width}.")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2 (one logit per class), got {num_classes}.")
+
+
 class WideResNet(nn.Module):
-    """Pre-activation WideResNet with ``round((depth - 4) / 6)`` blocks per stage (34 → 5, 32 → 4.67 → 5)."""
+    """Pre-activation WideResNet with ``(depth - 4) / 6`` blocks per stage (34 → 5; 32, the literature's name of
+    the same network, → 5)."""
 
     def __init__(self, depth: int = 34, width: int = 10, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if depth < 10:
-            raise ConfigError(f"WideResNet depth must be at least 10, got {depth}.")
-        # The adversarial-training literature's "WRN-32-10" (IAAT, GAIRAT) and "WRN-34-10" (TRADES) both
-        # name Madry et al.'s CIFAR model: 5 blocks per stage, 46.2 M parameters.
-        n = round((depth - 4) / 6)
+        check_wide_resnet(depth, width, num_classes)
+        n = (DEPTH_ALIASES.get(depth, depth) - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]
