@@ -6,6 +6,7 @@ import copy
 import doctest
 import importlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -511,3 +512,95 @@ def test_train_refuses_a_resume_that_changes_the_method(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["threads"] == 1
     with pytest.raises(ConfigError, match="cannot change attack.eps when resuming"):
         iaat.train(tmp_path / "run", resume=True, overrides={"attack.eps": 4})
+
+
+def test_evaluate_leaves_the_callers_random_stream_as_it_was():
+    """A training loop that calls evaluate each epoch draws new shuffles and attack starts afterwards: the evaluation's
+    per-batch seeds are its own (they reset the global generator, so every later epoch repeated the same draws)."""
+    model, (x, y) = _linear(), _batch(12)
+    loader = torch.utils.data.DataLoader(torch.arange(12), batch_size=12, shuffle=True)
+
+    def draws(evaluate: bool) -> list:
+        torch.manual_seed(5)
+        before = [next(iter(loader)).tolist(), torch.rand(3).tolist()]
+        if evaluate:
+            iaat.evaluate(model, x, y, attacks=["pgd:steps=3"], checks=False)
+        return before + [next(iter(loader)).tolist(), torch.rand(3).tolist()]
+
+    assert draws(evaluate=True) == draws(evaluate=False)
+    torch.manual_seed(1)
+    first = iaat.evaluate(model, x, y, attacks=["pgd:steps=3"], checks=False)
+    torch.manual_seed(2)
+    second = iaat.evaluate(model, x, y, attacks=["pgd:steps=3"], checks=False)
+    assert first["attacks"]["PGD-3@8/255"]["accuracy"] == second["attacks"]["PGD-3@8/255"]["accuracy"]
+
+
+def test_evaluate_refuses_a_function_with_the_error_of_pgd():
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError) as pgd_error:
+        iaat.pgd(lambda t: model(t), x, y, 8 / 255)
+    with pytest.raises(ConfigError) as evaluate_error:
+        iaat.evaluate(lambda t: model(t), x, y)
+    assert str(evaluate_error.value) == str(pgd_error.value)
+    assert "must be a torch.nn.Module" in str(evaluate_error.value)
+
+
+@pytest.mark.parametrize("kw", [dict(attacks=[]), dict(eps=0, attacks=["pgd:steps=2"]), dict(checks=False),
+                                dict(attacks=[], checks=False)])
+def test_evaluate_returns_every_documented_key(kw):
+    """Also without an attack at the main radius (worst case: the clean accuracy over no attack) or without checks
+    (none ran, none failed)."""
+    model, (x, y) = _linear(), _batch(12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eps 0 is said to leave the images clean
+        res = iaat.evaluate(model, x, y, **kw)
+    assert {"n", "clean", "eps", "norm", "attacks", "worst_case", "curves", "checks", "suspicious", "suspicious_reasons",
+            "seconds"} <= set(res)
+    from iaat.evaluation.protocol import markdown_report
+
+    md = markdown_report(res)  # which still shows neither a robust accuracy nor checks where there were none
+    if not res["attacks"] or kw.get("eps") == 0:
+        assert res["worst_case"] == {"accuracy": res["clean"], "over": []} and "all attacks at" not in md
+    if kw.get("checks") is False:
+        assert res["checks"] == [] and res["suspicious"] is False and res["suspicious_reasons"] == []
+        assert "Sanity checks" not in md
+    json.dumps(res)
+
+
+def test_evaluate_runs_inside_inference_mode():
+    """Attacks need gradients, which inference mode switches off: evaluate switches it back on, and takes images
+    made inside it; a model built inside it (weights that cannot take gradients) is an error that says so."""
+    model, (x, y) = _linear(), _batch(12)
+    kw = dict(attacks=["pgd:steps=3"], checks=True)
+    expected = iaat.evaluate(model, x, y, **kw)
+    with torch.inference_mode():
+        inside = iaat.evaluate(model, x.clone(), y.clone(), **kw)
+        assert torch.is_inference_mode_enabled()
+    assert inside["attacks"]["PGD-3@8/255"]["accuracy"] == expected["attacks"]["PGD-3@8/255"]["accuracy"]
+    assert inside["suspicious"] == expected["suspicious"]
+    with torch.inference_mode():
+        built = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        with pytest.raises(ConfigError, match="built inside torch.inference_mode"):
+            iaat.evaluate(built, x, y, **kw)
+
+
+def test_evaluate_crafts_transfer_attacks_on_a_surrogate(tmp_path):
+    """``surrogate=`` (a module, or a model file or run read with iaat.load_model), or a transfer attack's own
+    ``source=``, as ``iaat eval --surrogate`` and ``--attack transfer:source=RUN`` do."""
+    model, (x, y) = _linear(), _batch(12)
+    torch.manual_seed(3)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    path, _ = iaat.export_model(other, tmp_path / "surrogate.pt", "torchscript", input_shape=(3, 4, 4))
+    kw = dict(eps=32 / 255, checks=False)
+    label = "transfer-PGD-3@32/255"
+    from_module = iaat.evaluate(model, x, y, attacks=["transfer:steps=3"], surrogate=other, **kw)
+    from_source = iaat.evaluate(model, x, y, attacks=[f"transfer:source={path},steps=3"], **kw)
+    from_file = iaat.evaluate(model, x, y, attacks=["pgd:steps=3"], surrogate=str(path), **kw)
+    assert list(from_module["attacks"]) == [label] and from_module["attacks"][label]["source"] == "<surrogate module>"
+    assert from_source["attacks"][label]["source"] == str(path)
+    assert set(from_file["attacks"]) == {"PGD-3@32/255", "transfer-PGD-10@32/255"}  # the surrogate adds its attack
+    assert from_module["attacks"][label]["accuracy"] == from_source["attacks"][label]["accuracy"]
+    with pytest.raises(ConfigError, match="the surrogate is the evaluated model itself"):
+        iaat.evaluate(model, x, y, surrogate=model, **kw)
+    with pytest.raises(ConfigError, match="surrogate must be an nn.Module or the path .* got function"):
+        iaat.evaluate(model, x, y, surrogate=lambda t: other(t), **kw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -11,6 +13,7 @@ from ..attacks import attack_mode
 from ..attacks.pgd import check_image_range, check_logits
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
+from ..model_files import load_model
 from ..models.precision import float32_view
 from ..units import check_size, python_scalar
 from .attacks import AttackSpec
@@ -22,12 +25,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              attacks: Optional[Sequence[Union[str, AttackSpec]]] = None, eps: Union[float, Sequence[float]] = 8 / 255,
              protocol: Optional[str] = None, norm: str = "linf", eps_sweep: Optional[Sequence[float]] = None,
              steps_sweep: Optional[Sequence[int]] = None, checks: bool = True, batch_size: int = 256,
-             device: Optional[torch.device] = None, seed: int = 0, progress: bool = False) -> dict:
+             device: Optional[torch.device] = None, seed: int = 0, progress: bool = False,
+             surrogate: Optional[Union[nn.Module, str, Path]] = None) -> dict:
     """Clean and robust accuracy of any model on images ``x`` in [0, 1] with labels ``y``.
 
     Only images classified correctly when clean are attacked; a sample counts as robust only if
     no iterate of any restart of any attack misclassified it. The sanity checks of ``iaat eval``
-    run too (``checks=False`` leaves them out) and say when the numbers should not be believed.
+    run too (``checks=False`` leaves them out) and say when the numbers should not be believed. It runs with gradients
+    on inside a caller's ``torch.inference_mode()`` too, and leaves the caller's random generators as they were.
 
     Args:
         model: maps images in [0, 1] to logits (normalisation inside, e.g. :class:`iaat.NormalizedModel`); weights
@@ -38,16 +43,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         attacks: attack specs as ``iaat eval --attack`` writes them (``"pgd:steps=100,restarts=5"``, ``"cw"``,
             ``"autoattack:version=quick"``) or :class:`~iaat.evaluation.AttackSpec` objects, or one; default PGD-20
             and CW-40. A size written inside a spec string is text, read as on the command line (8 or 8/255).
+            A ``"transfer"`` attack is crafted on ``surrogate``, or on the run or model file its ``source=`` names.
         eps: the radius, or several (each attack without its own radius runs at each), [0, 1] units.
         protocol: a named protocol (``quick``, ``paper``, ``full``) whose attacks come first.
         norm: ``linf`` or ``l2``.
         eps_sweep, steps_sweep: accuracy over these radii (PGD-10) / PGD step counts (one run gives all).
         checks: run the sanity checks.
         batch_size, device, seed, progress: how it runs (device: the model's).
+        surrogate: the model transfer attacks are crafted on (``iaat eval --surrogate``): a module on the evaluation's
+            device, or a run folder or model file read with :func:`iaat.load_model`; a transfer attack from it is
+            added unless ``attacks`` has one.
 
     Returns:
         ``{"n", "clean", "eps", "norm", "attacks": {label: {"accuracy", ...}}, "worst_case", "curves",
-        "checks", "suspicious", "seconds", ...}``, every size in [0, 1] units.
+        "checks", "suspicious", "suspicious_reasons", "seconds", ...}``, every size in [0, 1] units. Each of these
+        keys is always there: with no attack at the main radius (the first eps), ``worst_case`` is the clean
+        accuracy over no attacks (``"over": []``); with ``checks=False``, ``checks`` and ``suspicious_reasons``
+        are empty and ``suspicious`` is False (nothing was checked).
 
     Example:
         >>> import iaat, torch
@@ -59,6 +71,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         >>> res["attacks"]["PGD-10@8/255"]["accuracy"] <= res["clean"]
         True
     """
+    _check_module(model)
     eps = python_scalar(eps)  # torch.tensor(8 / 255), np.float32(8 / 255)
     radii = [eps] if isinstance(eps, (int, float, str)) or not hasattr(eps, "__iter__") else list(eps)
     radii = [check_size(e, "eps", norm=norm) for e in radii]
@@ -67,9 +80,38 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         attacks = [attacks]  # one attack given on its own
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-    data = _image_set(x, y)
-    model = float32_view(model)
-    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.inference_mode(False):  # attacks need gradients, which a caller's inference mode would switch off
+        data = _image_set(x, y)
+        device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+        source, surrogates = _given_surrogate(surrogate, model, device)
+        model = float32_view(model)
+        num_classes = _num_classes(model, data, device)
+        if attacks is None:
+            attacks = [] if protocol else list(PROTOCOLS["quick"])
+        plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, surrogate=source, eps_sweep=sweep,
+                          steps_sweep=steps_sweep, checks=checks)
+        for spec in plan.attacks:  # transfer attacks whose spec names its own source: loaded as iaat eval does
+            if spec.kind == "transfer" and spec.source not in surrogates:
+                surrogates[spec.source] = load_model(spec.source, device)
+        fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
+        result = run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint,
+                                batch_size=batch_size, device=device, seed=seed, progress=progress, surrogates=surrogates)
+    return _with_every_key(result)
+
+
+def _check_module(model: object) -> None:
+    """The error :func:`iaat.pgd` gives for a model that is no ``nn.Module`` (a function), raised before its parameters
+    are read (the check of :func:`~iaat.attacks.pgd.attack_mode`); and one for weights that cannot take gradients."""
+    if not isinstance(model, nn.Module):
+        with attack_mode(model):  # raises its ConfigError
+            pass
+    if any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ConfigError("the model was built inside torch.inference_mode(): its weights are inference tensors, which "
+                          "cannot take part in the gradients an attack needs; build or load it outside inference mode.")
+
+
+def _num_classes(model: nn.Module, data: ImageSet, device: torch.device) -> int:
+    """The model's number of outputs, from its logits on the first image; labels beyond them are an error."""
     first = to_unit(data.x[:1], device)
     try:
         with torch.no_grad(), attack_mode(model) as plain:
@@ -84,13 +126,38 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     if int(data.y.min()) < 0 or int(data.y.max()) >= num_classes:
         raise ConfigError(f"labels must be class indices in [0, {num_classes - 1}] for a model with {num_classes} "
                           f"outputs, got labels from {int(data.y.min())} to {int(data.y.max())}.")
-    if attacks is None:
-        attacks = [] if protocol else list(PROTOCOLS["quick"])
-    plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, eps_sweep=sweep,
-                      steps_sweep=steps_sweep, checks=checks)
-    fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
-    return run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint, batch_size=batch_size,
-                          device=device, seed=seed, progress=progress)
+    return num_classes
+
+
+#: The source of transfer attacks from a surrogate given as a module (their entries in the result name it).
+_SURROGATE_MODULE = "<surrogate module>"
+
+
+def _given_surrogate(surrogate: Optional[Union[nn.Module, str, Path]], model: nn.Module,
+                     device: torch.device) -> tuple[Optional[str], dict[str, nn.Module]]:
+    """``evaluate``'s surrogate as the source its transfer attacks name, and the source → model map of the protocol."""
+    if surrogate is None:
+        return None, {}
+    if isinstance(surrogate, (str, Path)):
+        return str(surrogate), {str(surrogate): load_model(surrogate, device)}
+    if not isinstance(surrogate, nn.Module):
+        raise ConfigError(f"surrogate must be an nn.Module or the path of a run folder or model file, got "
+                          f"{type(surrogate).__name__}; wrap a function in an nn.Module.")
+    if surrogate is model:
+        raise ConfigError("the surrogate is the evaluated model itself; a transfer attack needs an independently "
+                          "trained model.")
+    return _SURROGATE_MODULE, {_SURROGATE_MODULE: surrogate}
+
+
+def _with_every_key(result: dict) -> dict:
+    """``result`` with the keys the protocol leaves out when they do not apply (its JSON's readers take a missing
+    ``worst_case`` for "no attack at the main radius" and missing ``checks`` for "not checked"; a Python caller gets
+    every documented key)."""
+    result.setdefault("worst_case", {"accuracy": result["clean"], "over": []})
+    result.setdefault("checks", [])
+    result.setdefault("suspicious", False)
+    result.setdefault("suspicious_reasons", [])
+    return result
 
 
 def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
@@ -104,4 +171,6 @@ def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
         raise ConfigError(f"labels y must be integer class indices, got {y.dtype}.")
     if x.is_floating_point():
         check_image_range(float(x.min()), float(x.max()), "evaluate")
+    # tensors made in inference mode cannot take part in autograd: copies made outside it can
+    x, y = (t.clone() if t.is_inference() else t for t in (x, y))
     return ImageSet(x.detach().cpu(), y.detach().cpu().long())

@@ -8,6 +8,7 @@ same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import warnings
@@ -143,6 +144,28 @@ def _surrogate(spec: AttackSpec) -> Optional[str]:
     return str(Path(spec.source).resolve()) if spec.source else None
 
 
+def own_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block that may seed and draw from the CPU's and ``device``'s random generators, which get their states back
+    after it: an evaluation inside a user's training loop must not reset the stream of its shuffles and attacks.
+    Only that one accelerator is forked (forking every GPU is slow), so seed with :func:`seed_rng`."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else getattr(module, "current_device", lambda: 0)()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed`` for the generators :func:`own_rng` forks only (torch's would reseed every GPU); the
+    same states, so the same draws, on the CPU and ``device``."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type != "cpu":
+        torch.get_device_module(device.type).manual_seed(seed)
+
+
 def _batch_seed(seed: int, label: str, batch: int) -> int:
     digest = hashlib.sha256(f"{seed}/{label}/{batch}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -164,47 +187,48 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
     """
     model = float32_view(model)
     surrogates = {k: float32_view(m) for k, m in (surrogates or {}).items()}
-    device = device or next(model.parameters()).device
-    state = EvalState(state_path, fingerprint)
-    n = len(data)
-    start = time.perf_counter()
-    probe = None
-    first_x, first_y = to_unit(data.x[:batch_size], device), data.y[:batch_size].to(device)
-    check_model_fits(model, first_x, first_y, num_classes, inputs=plan.checks)
-    if plan.checks:
-        probe = probe_model(model, first_x, first_y)
-    probe_seconds = time.perf_counter() - start
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with own_rng(device):  # the per-batch seeds must not reset the caller's random stream
+        state = EvalState(state_path, fingerprint)
+        n = len(data)
+        start = time.perf_counter()
+        probe = None
+        first_x, first_y = to_unit(data.x[:batch_size], device), data.y[:batch_size].to(device)
+        check_model_fits(model, first_x, first_y, num_classes, inputs=plan.checks)
+        if plan.checks:
+            probe = probe_model(model, first_x, first_y)
+        probe_seconds = time.perf_counter() - start
 
-    with attack_mode(model):
-        clean_ok = _clean_pass(state, model, data, batch_size, device)
-        attacked = np.flatnonzero(clean_ok)
-        batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
-        state.meta["attack_batches"] = len(batches)  # an attack with this many batches done went through every image
-        for spec in plan.stages():
-            _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
-                       surrogate=surrogates.get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
+        with attack_mode(model):
+            clean_ok = _clean_pass(state, model, data, batch_size, device)
+            attacked = np.flatnonzero(clean_ok)
+            batches = [attacked[lo:lo + batch_size] for lo in range(0, len(attacked), batch_size)]
+            state.meta["attack_batches"] = len(batches)  # an attack with this many batches done went through every image
+            for spec in plan.stages():
+                _run_stage(state, spec, model, data, batches, n, device=device, seed=seed, num_classes=num_classes,
+                           surrogate=surrogates.get(spec.source), progress=progress, autocast_dtype=autocast_dtype)
 
-    result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "num_classes": num_classes, "eps": plan.eps,
-              "norm": plan.norm, "protocol": plan.protocol, "attacks": {}}
-    for spec in plan.attacks:
-        result["attacks"][spec.label] = _stage_result(state, spec, n)
-    main = [s for s in plan.attacks if s.eps == plan.eps]
-    if main:
-        worst = np.logical_and.reduce([state.arrays[f"{s.label}/robust"] for s in main])
-        result["worst_case"] = {"accuracy": float(worst.mean()), "over": [s.label for s in main]}
-    result["curves"] = _curves(state, plan, result["clean"], n)
-    if plan.corruptions and corruption_sets is not None:
-        result["corruptions"] = _run_corruptions(state, model, corruption_sets, batch_size, device, progress)
-    if plan.checks:
-        check_spec = large_eps_attack(plan.norm)
-        result["checks"] = run_checks(result, probe, large_eps=(check_spec, _stage_result(state, check_spec, n)))
-        result["suspicious"] = any(not c["passed"] for c in result["checks"])
-        result["suspicious_reasons"] = [c["detail"] for c in result["checks"] if not c["passed"]]
-    result["seconds"] = _time_split(state, plan, probe_seconds, time.perf_counter() - start)
-    result["resumed"] = state.resumed
-    state.meta["finished"] = True
-    state.save()
-    return result
+        result = {"n": n, "clean": float(clean_ok.mean()) if n else 0.0, "num_classes": num_classes, "eps": plan.eps,
+                  "norm": plan.norm, "protocol": plan.protocol, "attacks": {}}
+        for spec in plan.attacks:
+            result["attacks"][spec.label] = _stage_result(state, spec, n)
+        main = [s for s in plan.attacks if s.eps == plan.eps]
+        if main:
+            worst = np.logical_and.reduce([state.arrays[f"{s.label}/robust"] for s in main])
+            result["worst_case"] = {"accuracy": float(worst.mean()), "over": [s.label for s in main]}
+        result["curves"] = _curves(state, plan, result["clean"], n)
+        if plan.corruptions and corruption_sets is not None:
+            result["corruptions"] = _run_corruptions(state, model, corruption_sets, batch_size, device, progress)
+        if plan.checks:
+            check_spec = large_eps_attack(plan.norm)
+            result["checks"] = run_checks(result, probe, large_eps=(check_spec, _stage_result(state, check_spec, n)))
+            result["suspicious"] = any(not c["passed"] for c in result["checks"])
+            result["suspicious_reasons"] = [c["detail"] for c in result["checks"] if not c["passed"]]
+        result["seconds"] = _time_split(state, plan, probe_seconds, time.perf_counter() - start)
+        result["resumed"] = state.resumed
+        state.meta["finished"] = True
+        state.save()
+        return result
 
 
 def finished_part(state_path: Path) -> dict[str, float]:
@@ -255,7 +279,9 @@ def _run_stage(state: EvalState, spec: AttackSpec, model: nn.Module, data: Image
                device, seed: int, num_classes: int, surrogate, progress: bool, autocast_dtype) -> None:
     label = spec.label
     if spec.kind == "transfer" and surrogate is None:
-        raise ConfigError(f"{label}: no surrogate model was loaded for source {spec.source!r}.")
+        raise ConfigError(f"{label}: no surrogate model was loaded for source {spec.source!r}; give it as "
+                          f"iaat.evaluate(..., surrogate=MODEL_OR_RUN), or run_evaluation(..., surrogates={{source: "
+                          f"model}}).")
     key = f"{label}/robust"
     if key not in state.arrays:
         state.arrays[key] = np.zeros(n, dtype=bool)
@@ -265,7 +291,7 @@ def _run_stage(state: EvalState, spec: AttackSpec, model: nn.Module, data: Image
         idx = batches[b]
         x = to_unit(data.x[idx], device)
         y = data.y[idx].to(device)
-        torch.manual_seed(_batch_seed(seed, label, b))
+        seed_rng(_batch_seed(seed, label, b), device)
         t0 = time.perf_counter()
         out = run_attack(spec, model, x, y, num_classes=num_classes, surrogate=surrogate,
                          autocast_dtype=autocast_dtype)
@@ -331,11 +357,12 @@ def _run_corruptions(state: EvalState, model, corruption_sets, batch_size, devic
 
 def markdown_report(result: dict, title: str = "") -> str:
     """A Table-1 style markdown summary: natural accuracy, every attack, worst case, corruptions, checks."""
-    cols = ["Natural"] + list(result["attacks"]) + (
-        [f"all attacks at {format_size(result['eps'])}"] if "worst_case" in result else [])
+    # iaat.evaluate's result has a worst case over no attack and empty checks where the protocol's has none
+    worst = result.get("worst_case") if (result.get("worst_case") or {}).get("over") else None
+    cols = ["Natural"] + list(result["attacks"]) + ([f"all attacks at {format_size(result['eps'])}"] if worst else [])
     vals = [result["clean"]] + [a["accuracy"] for a in result["attacks"].values()]
-    if "worst_case" in result:
-        vals.append(result["worst_case"]["accuracy"])
+    if worst:
+        vals.append(worst["accuracy"])
     corr = result.get("corruptions")
     if corr:
         kind = ([] if corr.get("comparable_with_cifar_c") else ["ImageNet-C"] if corr.get("imagenet_c")
@@ -357,7 +384,7 @@ def markdown_report(result: dict, title: str = "") -> str:
         lines += [f"Accuracy over {head}:", "", f"| {head} | {xs} |",
                   "|---|" + "---|" * len(curve["points"]),
                   "| accuracy | " + " | ".join(f"{100 * p['accuracy']:.2f}" for p in curve["points"]) + " |", ""]
-    if "checks" in result:
+    if result.get("checks"):
         lines.append("Sanity checks: " + ("**SUSPICIOUS**" if result["suspicious"] else "all passed"))
         lines += [f"- {'ok' if c['passed'] else 'FAILED'}: {c['name']}: {c['detail']}" for c in result["checks"]]
     return "\n".join(lines) + "\n"
