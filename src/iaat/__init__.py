@@ -36,7 +36,7 @@ _EXPORTS = {
     "Method": "methods", "Clean": "methods", "PGDAT": "methods", "IAAT": "methods", "GAIRAT": "methods",
     "FAT": "methods", "GAIRFAT": "methods", "TRADES": "methods", "MixupAT": "methods", "MART": "methods",
     "MMA": "methods", "CAT": "methods", "MAIL": "methods", "METHODS": "methods",
-    "gair_weights": "methods.gair", "EMA": "ema", "AWP": "awp",
+    "gair_weights": "methods.gair", "EMA": "ema", "AWP": "awp", "size": "methods.base",
     # data
     "IndexedDataset": "data.indexed",
     # evaluation

@@ -45,7 +45,20 @@ SIZE = {"size": True}
 
 
 def size(default: Optional[float]) -> Any:
-    """A dataclass field holding a size in [0, 1] image units (a config writes it in pixel units over 255)."""
+    """A dataclass field holding a size in [0, 1] image units, for a method's own keys: a config writes it in pixel
+    units over 255 (``--set method.radius=4`` is 4/255), the Python API in [0, 1] units, checked as ``eps`` is. A
+    plain ``float`` key is taken as written.
+
+    Example:
+        >>> import dataclasses, iaat
+        >>> @dataclasses.dataclass(eq=False, kw_only=True)
+        ... class SmallerRadius(iaat.Method):
+        ...     radius: float = iaat.size(4 / 255)  #: the training attack's radius
+        >>> SmallerRadius(radius=4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        iaat.errors.ConfigError: radius=4 is larger than 1, the whole [0, 1] pixel range: ...
+    """
     return field(default=default, metadata=SIZE)
 
 
@@ -226,6 +239,11 @@ class Method:
                      steps: Optional[int] = None, step_size: Any = None, **kwargs: Any) -> AttackResult:
         """Run the shared PGD kernel with the training attack's settings (overridable per call); the inputs were
         checked on the first batch (:meth:`objective`), so the step stays free of host syncs."""
+        if isinstance(eps, (int, float)) and self.norm == "linf" and eps > 1:  # a key of one's own method, most likely
+            raise ConfigError(f"{type(self).__name__}.attack_batch got eps={eps:g}, larger than 1: the kernel takes "
+                              f"sizes in [0, 1] units. A method's key that holds a size is declared with "
+                              f"iaat.size(default), which converts a config's pixel units (4 means 4/255); a plain "
+                              f"float key is taken as written.")
         return pgd(model, x, y, self.eps if eps is None else eps, steps=self.steps if steps is None else steps,
                    step_size=self.step_size if step_size is None else step_size, norm=self.norm,
                    random_start=self.random_start, autocast_dtype=self.attack_dtype, compiled=self.compiled,
