@@ -633,3 +633,15 @@ def test_a_size_key_of_ones_own_method_is_declared_with_iaat_size():
     with pytest.raises(ConfigError, match="radius=4 is larger than 1"):
         SizedRadius(radius=4)
     assert dataclasses.fields(SizedRadius)[-1].metadata.get("size")  # what the config's conversion reads
+
+
+def test_resuming_with_another_method_says_so_before_reading_the_old_methods_keys(tmp_path):
+    """The old method's keys used to be refused as the new one's ("method 'pgd_at' takes no parameters")."""
+    from iaat.config import config_from_dict
+    from iaat.engine.rundir import create_run_dir
+    from iaat.training import resumed_config
+
+    create_run_dir(tmp_path / "run", config_from_dict({"method": {"name": "gairat", "lam": -1.0}}))
+    assert resumed_config(tmp_path / "run", {"train.epochs": 3}).method.name == "gairat"
+    with pytest.raises(ConfigError, match=r"cannot change method.name when resuming \('gairat' in .*'pgd_at'\)"):
+        resumed_config(tmp_path / "run", {"method.name": "pgd_at"})

@@ -472,7 +472,7 @@ def eval_of_zero_images(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--n", "0", "--no-progress"]
 
 
-@case("a .safetensors name says safetensors, but --format is torchscript", "torchscript writes .pt",
+@case("a .safetensors name says safetensors, but the format (--format, fmt=) is torchscript", "torchscript writes .pt",
       "pass --format safetensors")
 def export_torchscript_under_a_safetensors_name(c: Ctx) -> list[str]:
     return ["export", str(c.run()), "--format", "torchscript", "--out", str(c.tmp / "x.safetensors")]

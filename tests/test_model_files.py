@@ -111,7 +111,7 @@ def test_export_refuses_to_overwrite_and_to_invent_averaged_weights(exported, ti
     path, _ = exported["safetensors"]
     before = path.read_bytes()
     res = run_in_process("export", str(tiny_run), "--out", str(path))
-    assert res.returncode == 2 and "exists; choose another --out or pass --overwrite" in res.stderr
+    assert res.returncode == 2 and "exists; choose another --out (out=) or pass --overwrite" in res.stderr
     assert path.read_bytes() == before
     res = run_in_process("export", str(tiny_run), "--out", str(tmp_path / "ema.safetensors"), "--ema")
     assert res.returncode == 2 and "holds no averaged weights" in res.stderr

@@ -155,7 +155,7 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     _check_extension(out, fmt)
     for path in (out, meta_path):
         if path.exists() and not overwrite:
-            raise ConfigError(f"{path} exists; choose another --out or pass --overwrite.")
+            raise ConfigError(f"{path} exists; choose another --out (out=) or pass --overwrite (overwrite=True).")
     with _cpu_eval(run) if isinstance(run, nn.Module) else contextlib.nullcontext() as module:
         model, card = _module_card(module, fmt, input_shape) if module is not None else _run_card(Path(run), weights)
         text = json.dumps(card, indent=2)
@@ -183,10 +183,10 @@ def _check_extension(out: Path, fmt: str) -> None:
         return
     writes = ", ".join(f"{f} writes {'/'.join(EXTENSIONS[f])}" for f in FORMATS)
     owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
-    problem = (f"a {suffix} name says {owner}, but --format is {fmt}" if owner
+    problem = (f"a {suffix} name says {owner}, but the format (--format, fmt=) is {fmt}" if owner
                else f"{out.suffix} is not an extension of any export format")
-    fix = f"pass --format {owner}, or " if owner else ""
-    raise ConfigError(f"--out {out}: {problem} ({writes}); {fix}name the {fmt} file *{EXTENSIONS[fmt][0]}.")
+    fix = f"pass --format {owner} (fmt={owner!r}), or " if owner else ""
+    raise ConfigError(f"out {out}: {problem} ({writes}); {fix}name the {fmt} file *{EXTENSIONS[fmt][0]}.")
 
 
 def _run_card(run: Path, weights: str) -> tuple[nn.Module, dict]:

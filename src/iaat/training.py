@@ -80,7 +80,12 @@ def resumed_config(out: Path, changes: Optional[Mapping[str, Any]] = None) -> Co
 
     check_resumable(out)
     saved = read_config(out)
-    return config_from_dict(with_overrides({s: dict(saved.get(s) or {}) for s in saved}, changes))
+    raw = with_overrides({s: dict(saved.get(s) or {}) for s in saved}, changes)
+    old, new = (saved.get("method") or {}).get("name"), (raw.get("method") or {}).get("name")
+    if old != new:  # before the method's keys are read: the old method's would be refused as the new one's
+        raise ConfigError(f"cannot change method.name when resuming ({old!r} in {out / 'config.yaml'}, asked "
+                          f"{new!r}); start a new run in another folder instead.")
+    return config_from_dict(raw)
 
 
 def with_overrides(raw: dict, overrides: Optional[Mapping[str, Any]]) -> dict:

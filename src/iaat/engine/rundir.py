@@ -38,8 +38,8 @@ def check_new_run_dir(run_dir: Path) -> None:
             if not run_dir.is_dir():
                 raise CheckpointError(f"--out {run_dir} exists and is not a folder.")
             if any(not TEMPORARY_FILE.match(p.name) for p in run_dir.iterdir()) and not _never_trained(run_dir):
-                raise CheckpointError(f"run folder {run_dir} already exists and is not empty; pass --resume to "
-                                      f"continue it or choose another --out. Nothing was changed.")
+                raise CheckpointError(f"run folder {run_dir} already exists and is not empty; pass --resume "
+                                      f"(resume=True) to continue it or choose another --out. Nothing was changed.")
     except OSError as e:
         raise CheckpointError(f"cannot use --out {run_dir}: {e.strerror or e}.") from None
 

@@ -59,7 +59,7 @@ def load_run(path: Path, device: Optional[torch.device] = None, weights: str = "
                         width=cfg.model.width)
     if weights == "ema" and EMA_KEY not in ckpt:
         raise CheckpointError(f"{ckpt_path} holds no averaged weights (the run trained without train.ema); use "
-                              f"its raw weights (--raw).")
+                              f"its raw weights (--raw, weights='raw').")
     state = ckpt[EMA_KEY] if weights != "raw" and EMA_KEY in ckpt else ckpt["model"]
     load_model_state(model, state, str(ckpt_path), cfg.model.name, ckpt.get("model_name", "?"))
     model.to(device or torch.device("cpu")).eval()
