@@ -89,6 +89,7 @@ def format_size(unit: float) -> str:
     """Format a [0, 1]-unit size as pixels over 255, for printed text.
 
     Example:
+        >>> from iaat import format_size
         >>> format_size(8 / 255)
         '8/255'
     """
@@ -118,6 +119,7 @@ def check_size(value: Any, name: str = "eps", *, norm: str = "linf", allow_zero:
     (``eps=8`` meant as 8/255), so it is an error that names the fix. L2 sizes may exceed 1.
 
     Example:
+        >>> from iaat import check_size
         >>> check_size(8 / 255)
         0.03137254901960784
         >>> check_size(8)  # doctest: +ELLIPSIS
