@@ -645,3 +645,18 @@ def test_resuming_with_another_method_says_so_before_reading_the_old_methods_key
     assert resumed_config(tmp_path / "run", {"train.epochs": 3}).method.name == "gairat"
     with pytest.raises(ConfigError, match=r"cannot change method.name when resuming \('gairat' in .*'pgd_at'\)"):
         resumed_config(tmp_path / "run", {"method.name": "pgd_at"})
+
+
+def test_evaluate_returns_per_image_results_that_make_up_its_accuracies():
+    model, (x, y) = _linear(), _batch(24)
+    res = iaat.evaluate(model, x, y, attacks=["pgd:steps=3", "cw:steps=3"], eps=32 / 255, checks=False, per_sample=True)
+    per = res["per_sample"]
+    assert set(per) == {"clean", "worst_case", *res["attacks"]}
+    assert all(v.dtype == torch.bool and v.shape == (24,) for v in per.values())
+    assert per["clean"].float().mean().item() == pytest.approx(res["clean"])
+    for label, entry in res["attacks"].items():
+        assert per[label].float().mean().item() == pytest.approx(entry["accuracy"])
+        assert not (per[label] & ~per["clean"]).any()  # robust only where correct when clean
+    first, second = res["attacks"]
+    assert torch.equal(per["worst_case"], per[first] & per[second])
+    assert "per_sample" not in iaat.evaluate(model, x, y, attacks=["pgd:steps=1"], checks=False)

@@ -26,7 +26,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              protocol: Optional[str] = None, norm: str = "linf", eps_sweep: Optional[Sequence[float]] = None,
              steps_sweep: Optional[Sequence[int]] = None, checks: bool = True, batch_size: int = 256,
              device: Optional[torch.device] = None, seed: int = 0, progress: bool = False,
-             surrogate: Optional[Union[nn.Module, str, Path]] = None) -> dict:
+             surrogate: Optional[Union[nn.Module, str, Path]] = None, per_sample: bool = False) -> dict:
     """Clean and robust accuracy of any model on images ``x`` in [0, 1] with labels ``y``.
 
     Only images classified correctly when clean are attacked; a sample counts as robust only if
@@ -53,6 +53,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         surrogate: the model transfer attacks are crafted on (``iaat eval --surrogate``): a module on the evaluation's
             device, or a run folder or model file read with :func:`iaat.load_model`; a transfer attack from it is
             added unless ``attacks`` has one.
+        per_sample: also return ``per_sample``, per image a boolean tensor of shape (n,) each: ``clean`` (classified
+            correctly), robust under each attack by its label, and ``worst_case`` (under every attack at the main
+            radius): to relate robustness to anything else known per image (radii, classes, corruptions).
 
     Returns:
         ``{"n", "clean", "eps", "norm", "attacks": {label: {"accuracy", ...}}, "worst_case", "curves",
@@ -95,7 +98,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                 surrogates[spec.source] = load_model(spec.source, device)
         fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
         result = run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint,
-                                batch_size=batch_size, device=device, seed=seed, progress=progress, surrogates=surrogates)
+                                batch_size=batch_size, device=device, seed=seed, progress=progress, surrogates=surrogates,
+                                per_sample=per_sample)
+    if per_sample:
+        result["per_sample"] = {k: torch.from_numpy(v.astype(bool)) for k, v in result["per_sample"].items()}
+        result["per_sample"].setdefault("worst_case", result["per_sample"]["clean"].clone())  # no attack at the radius
     return _with_every_key(result)
 
 

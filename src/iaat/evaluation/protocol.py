@@ -175,9 +175,10 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
                    state_path: Optional[Path] = None, batch_size: int = 256, device: Optional[torch.device] = None,
                    seed: int = 0, progress: bool = False, surrogates: Optional[dict[str, nn.Module]] = None,
                    corruption_sets: Optional[Callable[[], Iterable]] = None,
-                   autocast_dtype: Optional[torch.dtype] = None) -> dict:
+                   autocast_dtype: Optional[torch.dtype] = None, per_sample: bool = False) -> dict:
     """Run ``plan`` on ``data``; the result has ``n``, ``clean``, ``attacks`` (label → accuracy and spec),
-    ``worst_case``, ``curves``, and, when asked, ``corruptions`` and ``checks``/``suspicious``.
+    ``worst_case``, ``curves``, and, when asked, ``corruptions``, ``checks``/``suspicious`` and ``per_sample`` (per
+    image, as boolean arrays: ``clean``, robust under each attack by label, and ``worst_case``).
 
     Args:
         fingerprint: identifies this evaluation; a state file with another fingerprint is refused.
@@ -216,6 +217,10 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         if main:
             worst = np.logical_and.reduce([state.arrays[f"{s.label}/robust"] for s in main])
             result["worst_case"] = {"accuracy": float(worst.mean()), "over": [s.label for s in main]}
+        if per_sample:
+            result["per_sample"] = {"clean": clean_ok.copy(), **{s.label: state.arrays[f"{s.label}/robust"].copy()
+                                                                 for s in plan.attacks},
+                                    **({"worst_case": worst} if main else {})}
         result["curves"] = _curves(state, plan, result["clean"], n)
         if plan.corruptions and corruption_sets is not None:
             result["corruptions"] = _run_corruptions(state, model, corruption_sets, batch_size, device, progress)
