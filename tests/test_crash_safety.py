@@ -369,3 +369,22 @@ def test_deterministic_switch_sets_and_restores_global_state(monkeypatch):
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
             torch.backends.cudnn.deterministic) == before
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_deterministic_switch_warns_when_cuda_ran_before_cublas_could_be_configured(monkeypatch):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once per process: a process that used CUDA before cannot be made
+    deterministic by setting it now (the CLI trains in a fresh process; iaat.train in a user's may not)."""
+    import warnings
+
+    from iaat.engine.trainer import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.warns(UserWarning, match="used CUDA before CUBLAS_WORKSPACE_CONFIG was set"):
+        with deterministic_cuda(True):
+            pass
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # set before CUDA: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with deterministic_cuda(True):
+            pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -108,6 +109,11 @@ def deterministic_cuda(enabled: bool) -> Iterator[None]:
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if saved[4] is None and torch.cuda.is_initialized():  # cuBLAS reads it once per process, maybe already
+        warnings.warn("train.deterministic: this process used CUDA before CUBLAS_WORKSPACE_CONFIG was set, which "
+                      "cuBLAS reads once: its matrix products may not be deterministic, or torch may refuse them. "
+                      "Train in a fresh process, or set CUBLAS_WORKSPACE_CONFIG=:4096:8 before using CUDA.",
+                      stacklevel=3)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
