@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (RESULTS, RUN_DATA_HELP, Runner, bench_inputs, clean_accuracy, init_weights,  # noqa: E402
-                        model_section, run_header, write_result)
+                        model_section, note_starting_env, run_header, write_result)
 
 from iaat.data import ImageSet  # noqa: E402
 from iaat.engine.setup import model_from_config, resolve_device  # noqa: E402
@@ -169,6 +169,7 @@ def timed(runner, device) -> float:
 
 
 def main(argv=None) -> int:
+    note_starting_env()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
     p.add_argument("--data-label", help="how to name the data in the results (default: from the files)")

@@ -90,8 +90,14 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
 #: Environment variables that change what a benchmark measures; those set are part of its recorded command.
 RESULT_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
               "CUBLAS_WORKSPACE_CONFIG")
-#: their values as the process started: torch sets some itself (its FLOP counter sets TORCHINDUCTOR_CACHE_DIR)
-_STARTING_ENV = {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
+_STARTING_ENV: dict[str, str] = {}
+
+
+def note_starting_env() -> None:
+    """Record the :data:`RESULT_ENV` values a benchmark's ``main`` starts with, which :func:`run_header` reports:
+    torch sets some itself on the way (its FLOP counter sets TORCHINDUCTOR_CACHE_DIR)."""
+    _STARTING_ENV.clear()
+    _STARTING_ENV.update({k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)})
 
 
 def run_header(benchmark: str, device: torch.device, argv: list[str] | None, script: str = __file__) -> dict:
@@ -104,7 +110,8 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None, scr
         script, argv = sys.argv[0], sys.argv[1:]
     else:  # main(argv) called from Python: the script as one would run it from here
         script = os.path.relpath(script)
-    settings = [f"{k}={shlex.quote(v)}" for k, v in _STARTING_ENV.items()]
+    env = _STARTING_ENV or {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
+    settings = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
     return {
         "benchmark": benchmark,
         "command": " ".join([*settings, "python", *(shlex.quote(a) for a in [script, *argv])]),
@@ -267,6 +274,7 @@ class Runner:
 
 
 def main(argv=None) -> int:
+    note_starting_env()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="CIFAR-10 folder (or parent); random uint8 images when omitted")
     p.add_argument("--data-label", help="the data set's name in the results (default: from the files); which of "
