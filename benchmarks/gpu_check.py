@@ -1,7 +1,7 @@
 """Every owed GPU figure from one command on a bare GPU machine, within a time budget.
 
     bash benchmarks/gpu_check.sh OUT_DIR [--budget 540] [--data FILE.npz]   # on a GPU machine
-    bash benchmarks/gpu_check.sh OUT_DIR --stages late --budget 200         # then, if time is left: compile
+    bash benchmarks/gpu_check.sh OUT2 --stages late --budget 200            # then, if time is left: compile
     bash benchmarks/gpu_check.sh OUT_DIR --smoke                            # CPU dry run, under a minute
 
 Stages, in priority order; each writes its files to OUT_DIR as soon as it ends (and ``summary.md``
@@ -12,7 +12,7 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
    GPU, an NCCL process group, the PGD loop without host syncs, exported model files on the GPU), log in
    ``1-cuda-tests.log``; the data set is built meanwhile;
 2. ``speed``: ``benchmarks/speed.py`` for ResNet-18 at batch 512 (pgd_at fp32 / bf16 /
-   bf16+channels_last / +compile beside the plain PyTorch loop, IAAT batched / conditional / online,
+   bf16+channels_last beside the plain PyTorch loop, IAAT batched / conditional / online,
    GAIRAT, TRADES, MART, MMA, CAT, MAIL, AWP, EMA) and WRN-34-10 at batch 128, images/s, peak memory and
    the fraction of the measured bf16 peak (``2-speed-resnet18.json``, ``2-speed-wrn-34-10.json``);
 3. ``paper``: ResNet-18 on all 50,000 training images, PGD-AT at 8/255 against IAAT on the same short
@@ -21,7 +21,8 @@ is rewritten), so a stage cut short by the budget loses nothing done before it:
    (``3-paper-scale.json``; an evaluation the budget cuts keeps the attacks it went through). The
    stages before it leave it ``PAPER_MIN`` seconds, and each command before it the floors of those after;
 4. ``late``: what ``torch.compile`` costs most to check, with the time the paper stage left (it takes
-   nearly all: run ``--stages late`` as a second command when the loan has time for it): the compiling
+   nearly all: run ``--stages late`` as a second command, into another OUT_DIR, when the loan has time
+   for it): the compiling
    CUDA tests (``pytest -m "cuda and compile"``: compiled steps against the plain one, recompiles over
    IAAT epochs; their results in ``1-env.json``, log appended to ``1-cuda-tests.log``) and ResNet-18's
    bf16 + channels_last + compile speed (``2-speed-resnet18-compile.json``).
@@ -30,7 +31,8 @@ At most 8 files: those, ``summary.md`` and ``log.txt``. The data set is built fr
 CIFAR-10 archive (``--data``, default ``.gpu/cifar10_jpeg75.npz``; ``benchmarks/gpu_pack.sh``
 fills ``.gpu/``) into ``--work`` (not OUT_DIR); without it the tests and the speed stage still run (on
 random images) and the paper stage is left out. Nothing is installed or downloaded: the package runs
-from ``src/`` (the shell wrapper sets PYTHONPATH). The budget counts from the start of this script.
+from ``src/`` (the shell wrapper sets PYTHONPATH). The budget counts from the start of this script (after the
+wrapper's offline install of any carried wheels).
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 STARTED = time.monotonic()  # the budget's clock: importing numpy and torch on a fresh machine takes seconds
 
@@ -82,10 +85,16 @@ class Kit:
         """Seconds a command capped at ``cap`` may take now: what is left above the reserve."""
         return max(0.0, min(cap, self.left() - self.reserve))
 
-    def kill_child(self) -> None:
-        """End the running command with its whole process group (pytest's, torchrun's and compile workers)."""
-        if self.proc is not None and self.proc.poll() is None:
+    def kill_child(self, wait: bool = True) -> None:
+        """End the running command with its whole process group (pytest's, torchrun's and compile workers), also
+        when its leader has just ended; ``wait=False`` in a signal handler (the main thread may hold the wait)."""
+        if self.proc is None:
+            return
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is gone already
+            pass
+        if wait:
             self.proc.wait()
 
     def log(self, text: str) -> None:
@@ -121,7 +130,9 @@ class Kit:
             _pump(proc, lines, self, time.monotonic() + 2)  # what it wrote before the kill and was not yet read
             code = None
             self.log(f"... cut after {limit:.0f} s (budget)")
-        self.proc = None
+        finally:
+            self.kill_child()  # whatever it left in its group (a test's subprocess), and on any error here
+            self.proc = None
         text = "".join(lines)
         if log_name:
             with open(self.out / log_name, "a") as f:  # the late stage's compiling tests add to the first ones' log
@@ -262,21 +273,29 @@ def log_results(text: str) -> list[dict]:
             for name, o in outcomes]
 
 
-#: (pytest marker expression, cap, per-test timeout) of the CUDA tests without and with torch.compile
-TESTS = {"env": ("cuda and not compile", 110, 100), "late": ("cuda and compile", 240, 200)}
+#: (pytest marker expression, cap, floor, per-test timeout) in seconds of the CUDA tests without and with
+#: torch.compile; with less time than the floor they are not started (the compiling ones could not get past
+#: compiling from a cold cache)
+TESTS = {"env": ("cuda and not compile", 110, 20, 100), "late": ("cuda and compile", 240, 60, 200)}
 TESTS_LOG = "1-cuda-tests.log"
 
 
 def run_cuda_tests(kit: Kit, stage: str) -> tuple[dict, list[str]]:
     """The CUDA tests of ``stage`` (:data:`TESTS`): ``(record for 1-env.json, summary lines)``."""
-    marker, cap, per_test = TESTS[stage]
+    marker, cap, floor, per_test = TESTS[stage]
+    cap, floor = (60, 5) if kit.smoke else (cap, floor)
+    if kit.time_for(cap) < floor:
+        kit.log(f"tests {marker!r}: not run, {kit.time_for(cap):.0f} s left for them (they need {floor})")
+        return ({"not_run": f"{kit.time_for(cap):.0f} s left", "tests": []},
+                [f"`pytest -m \"{marker}\"`: not run, {kit.time_for(cap):.0f} s left (they need {floor}). Run "
+                 f"`bash benchmarks/gpu_check.sh OUT2 --stages {stage} --budget SECONDS` as a command of its own.\n"])
     junit = kit.work / f"cuda-tests-{stage}.xml"
     junit.unlink(missing_ok=True)
     # a hung test (NCCL, say) fails alone where pytest-timeout is installed, rather than using up the cap
     timeout = [f"--timeout={per_test}"] if importlib.util.find_spec("pytest_timeout") else []
     code, seconds, text = kit.run([sys.executable, "-m", "pytest", "-m", marker, "tests/test_cuda.py", "-v", "-rA",
                                    "-p", "no:cacheprovider", f"--junitxml={junit}", *timeout],
-                                  cap=60 if kit.smoke else cap, log_name=TESTS_LOG)
+                                  cap=cap, log_name=TESTS_LOG)
     record = {"exit_code": code, "seconds": round(seconds, 1),
               "tests": junit_results(junit) if junit.is_file() else log_results(text)}
     counts: dict[str, int] = {}
@@ -302,23 +321,23 @@ def stage_env(kit: Kit) -> None:
                                     f"CUDA {env['cuda']}, Python {env['python']}.\n", *lines]) + "\n")
 
 
-#: seconds below which the compiling tests are not started in the late stage (they could not get past compiling)
-LATE_TESTS_FLOOR = 60
-
-
-def stage_late(kit: Kit, data_dir: Path | None, speed: dict) -> None:
-    """The compiling CUDA tests, then ResNet-18's compile speed, with the time left."""
-    floor = 5 if kit.smoke else LATE_TESTS_FLOOR
-    if kit.time_for(TESTS["late"][1]) < floor:
-        kit.section("late", f"## 4. torch.compile\n\nNot run: {kit.left():.0f} s left. Run `bash benchmarks/gpu_check.sh "
-                            f"OUT_DIR --stages late --budget SECONDS` as a command of its own.\n")
-        return
+def stage_late(kit: Kit, data_dir: Callable[[], Path | None], speed: dict) -> None:
+    """The compiling CUDA tests, then ResNet-18's compile speed, with the time left; ``data_dir`` is asked for only
+    when the speed plan starts (the tests need no data)."""
+    base, speed_floor = kit.reserve, speed_floors(kit, late=True)
+    tests_floor = 5 if kit.smoke else TESTS["late"][2]
+    if kit.left() - base >= tests_floor + speed_floor:  # time for both: the tests leave the speed plan its floor
+        kit.reserve = base + speed_floor
     path = kit.out / "1-env.json"
     env = json.loads(path.read_text()) if path.is_file() else environment()  # run alone: a second command
     env["compile_tests"], lines = run_cuda_tests(kit, "late")
     kit.write_json("1-env.json", env)
     kit.section("late", "\n".join(["## 4. torch.compile: tests (speed in section 2)\n", *lines]) + "\n")
-    stage_speed(kit, data_dir, speed, late=True)
+    kit.reserve = base
+    if speed_floor and kit.time_for(max(cap for _, _, cap, _ in speed_plans(kit, late=True))) >= speed_floor:
+        stage_speed(kit, data_dir(), speed, late=True)
+    else:
+        stage_speed(kit, None, speed, late=True)  # says it is not run, without waiting for the data
 
 
 # --- stage 2: speed ----------------------------------------------------------------------------------------------
@@ -355,14 +374,14 @@ def stage_speed(kit: Kit, data_dir: Path | None, results: dict, late: bool = Fal
     plans, base = speed_plans(kit, late), kit.reserve
     for i, (model, args, cap, floor) in enumerate(plans):
         kit.reserve = base + sum(later for *_, later in plans[i + 1:])  # the plans after this one keep their floors
+        out = kit.out / f"2-speed-{model}.json"
+        out.unlink(missing_ok=True)  # an earlier kit run's, in a reused OUT_DIR
         if kit.time_for(cap) < floor:
             kit.log(f"speed {model}: not run, {kit.time_for(cap):.0f} s left for it (it needs {floor:.0f})")
             kit.speed_parts[model] = f"### {model}: not run, too little time left ({kit.time_for(cap):.0f} s)\n"
             _speed_section(kit)
             continue
         lines: list[str] = []
-        out = kit.out / f"2-speed-{model}.json"
-        out.unlink(missing_ok=True)
         data = ["--data-dir", str(data_dir), "--data-label", "random JPEG images (smoke)" if kit.smoke else LABEL] \
             if data_dir is not None else []
         code, seconds, text = kit.run([sys.executable, "benchmarks/speed.py", *data, "--out", str(out), *args], cap)
@@ -452,12 +471,16 @@ def _paper_plan(kit: Kit, data_dir: Path, speed: dict, lines: list[str]) -> tupl
               iaat_s)], 1000)
 
 
-def stage_paper(kit: Kit, data_dir: Path | None, speed: dict) -> dict | None:
+#: why the paper stage cannot run without a data set, unless the build says otherwise
+NO_ARCHIVE = "no CIFAR-10 archive (benchmarks/gpu_pack.sh fills .gpu/, which the GPU machine needs beside the checkout)"
+
+
+def stage_paper(kit: Kit, data_dir: Path | None, speed: dict, no_data: str = NO_ARCHIVE) -> dict | None:
     lines = ["## 3. Paper-scale comparison: " + ("small CNN on random images (smoke)" if kit.smoke
                                                    else "ResNet-18 on CIFAR-10, PGD-AT against IAAT") + "\n"]
+    (kit.out / "3-paper-scale.json").unlink(missing_ok=True)  # an earlier kit run's, in a reused OUT_DIR
     if data_dir is None:
-        kit.section("paper", "\n".join(lines + ["Not run: no CIFAR-10 archive (benchmarks/gpu_pack.sh fills .gpu/, "
-                                                "which the GPU machine needs beside the checkout).\n"]))
+        kit.section("paper", "\n".join(lines + [f"Not run: {no_data}.\n"]))
         return None
     plan = _paper_plan(kit, data_dir, speed, lines)
     if plan is None:
@@ -591,13 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for the results (created; at most 8 files)")
     p.add_argument("--budget", type=float, default=540,
-                   help="seconds for everything, from the script's start, set-up included (default 540)")
+                   help="seconds for everything from the script's start, the data set's build included (default 540)")
     p.add_argument("--smoke", action="store_true", help="a CPU dry run of every stage on tiny data and models")
     p.add_argument("--data", type=Path, default=REPO / ".gpu" / "cifar10_jpeg75.npz",
                    help="the JPEG-75 CIFAR-10 archive (default .gpu/cifar10_jpeg75.npz; --smoke: generated)")
     p.add_argument("--work", type=Path, default=Path("/tmp/iaat-gpu-check"), help="scratch folder (data, runs)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                   help="stages to run, in this order (default all; 'late' alone: a second command)")
+                   help="stages to run, always in the order env, speed, paper, late (default all; 'late' alone: a "
+                        "second command)")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
@@ -611,10 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     kit = Kit(args.out, args.work, args.budget, args.smoke, started=STARTED)
     signal.signal(signal.SIGTERM, lambda *_: _terminated(kit))
-    data = _start_data(kit, args)
+    stages = [s for s in STAGES if s in args.stages]
+    data = DataBuild(kit, args) if {"speed", "paper", "late"} & set(stages) else None
     speed: dict = {}
     paper = None
-    stages = [s for s in STAGES if s in args.stages]
     for stage in stages:
         t0 = time.monotonic()
         kit.reserve = _reserve(kit, stage, stages)
@@ -622,16 +646,16 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "env":
                 stage_env(kit)
             elif stage == "speed":
-                stage_speed(kit, _data_dir(kit, data), speed)
+                stage_speed(kit, data.folder(), speed)
             elif stage == "paper":
-                paper = stage_paper(kit, _data_dir(kit, data), speed)
+                paper = stage_paper(kit, data.folder(), speed, data.problem)
             else:
-                stage_late(kit, _data_dir(kit, data), speed)
+                stage_late(kit, data.folder, speed)
         except Exception as e:  # noqa: BLE001 -- a broken stage must not cost the later ones
             kit.log(f"stage {stage} failed: {type(e).__name__}: {e}")
             kit.section(stage, kit.sections.get(stage, f"## {stage}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
         kit.log(f"stage {stage}: {time.monotonic() - t0:.0f} s; {kit.left():.0f} s of budget left")
-    if speed:
+    if any(key in speed for *_, key in PAPER_SCHEDULES):
         kit.section("plan", plan_section(speed, paper))
     return 0
 
@@ -645,43 +669,54 @@ def _reserve(kit: Kit, stage: str, stages: list[str]) -> float:
     return paper_min + (speed_floors(kit) if stage == "env" and "speed" in stages else 0.0)
 
 
-def _start_data(kit: Kit, args: argparse.Namespace) -> Future | None:
-    """Build the data set in the background (the tests do not need it); ``None`` without an archive."""
-    if args.smoke:
-        npz = write_tiny_npz(args.work / "tiny.npz")
-    elif args.data.is_file():
-        npz = args.data
-    else:
-        kit.log(f"gpu_check: warning: {args.data} is missing (benchmarks/gpu_pack.sh fills .gpu/, which must travel "
-                f"with the checkout): the speed stage runs on random images, the paper stage not at all")
-        return None
-    t0 = time.monotonic()
-    root = args.work / ("cifar-tiny" if args.smoke else "cifar10")
+class DataBuild:
+    """The CIFAR-10 folder, decoded in a daemon thread while the first tests run (they need no data; a daemon, so
+    that an exit never waits for it). :meth:`folder` waits for it; ``problem`` says why there is none."""
 
-    def build() -> Path:
-        folder = build_cifar10(npz, root)
-        kit.log(f"data: {folder} ({time.monotonic() - t0:.1f} s)")
-        return folder
-    return ThreadPoolExecutor(1, thread_name_prefix="data").submit(build)
+    def __init__(self, kit: Kit, args: argparse.Namespace) -> None:
+        self.kit, self._folder, self.problem = kit, None, NO_ARCHIVE
+        self._done = threading.Event()
+        if args.smoke:
+            npz = write_tiny_npz(args.work / "tiny.npz")
+        elif args.data.is_file():
+            npz = args.data
+        else:
+            kit.log(f"gpu_check: warning: {args.data} is missing (benchmarks/gpu_pack.sh fills .gpu/, which must "
+                    f"travel with the checkout): the speed stage runs on random images, the paper stage not at all")
+            self._done.set()
+            return
+        root = args.work / ("cifar-tiny" if args.smoke else "cifar10")
+        threading.Thread(target=self._build, args=(npz, root), name="data", daemon=True).start()
 
+    def _build(self, npz: Path, root: Path) -> None:
+        t0 = time.monotonic()
+        try:
+            self._folder = build_cifar10(npz, root)
+            self.kit.log(f"data: {self._folder} ({time.monotonic() - t0:.1f} s)")
+        except Exception as e:  # noqa: BLE001 -- recorded once; what needs no data still runs
+            self.problem = f"the data set's build from {npz} failed ({type(e).__name__}: {e})"
+            self.kit.log(f"data: {self.problem}; going on without it")
+        finally:
+            self._done.set()
 
-def _data_dir(kit: Kit, data: Future | None) -> Path | None:
-    """The built data set, once its build is done (``None``: no archive, or its build failed)."""
-    if data is None:
-        return None
-    try:
-        return data.result()
-    except Exception as e:  # noqa: BLE001 -- recorded; what needs no data still runs
-        kit.log(f"data: the build failed ({type(e).__name__}: {e}); going on without it")
-        return None
+    def folder(self) -> Path | None:
+        """The built folder, once the build is done (``None``: see ``problem``)."""
+        self._done.wait()
+        return self._folder
 
 
 def _terminated(kit: Kit) -> None:
     """SIGTERM (the machine's own time limit): end the running command's process group too, so that nothing
-    keeps the GPU busy after the kit; what the stages wrote stays."""
-    kit.kill_child()
-    kit.log("gpu_check: terminated (SIGTERM); the files written so far stand")
-    sys.exit(143)
+    keeps the GPU busy after the kit; what the stages wrote stays. Unbuffered writes and no wait: the main thread
+    may be inside a buffered write or holding the command's wait when the signal comes."""
+    kit.kill_child(wait=False)
+    message = b"gpu_check: terminated (SIGTERM); the files written so far stand\n"
+    for fd in (2, kit.log_file.fileno()):
+        try:
+            os.write(fd, message)
+        except OSError:
+            pass
+    os._exit(143)
 
 
 if __name__ == "__main__":

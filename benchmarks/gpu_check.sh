@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every owed GPU figure in one command on a bare GPU machine (see benchmarks/gpu_check.py for the stages).
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [--budget SECONDS] [--data FILE.npz] [--stages env speed paper]
+#   bash benchmarks/gpu_check.sh OUT_DIR [--budget SECONDS] [--data FILE.npz] [--stages env speed paper late]
+#   bash benchmarks/gpu_check.sh OUT2 --stages late --budget SECONDS   # a second command: torch.compile's checks
 #   bash benchmarks/gpu_check.sh OUT_DIR --smoke      # CPU dry run of every stage (tiny data and models)
 #
 # Nothing is downloaded or installed system-wide: the package runs from src/ and the tests from tests/;

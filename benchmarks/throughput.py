@@ -90,14 +90,14 @@ def bench_data(data_dir: str | None, n: int, label: str | None) -> tuple:
 #: Environment variables that change what a benchmark measures; those set are part of its recorded command.
 RESULT_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
               "CUBLAS_WORKSPACE_CONFIG")
-_STARTING_ENV: dict[str, str] = {}
+_STARTING_ENV: dict[str, str] | None = None  #: None until a main notes it (often empty: none of them set)
 
 
 def note_starting_env() -> None:
     """Record the :data:`RESULT_ENV` values a benchmark's ``main`` starts with, which :func:`run_header` reports:
     torch sets some itself on the way (its FLOP counter sets TORCHINDUCTOR_CACHE_DIR)."""
-    _STARTING_ENV.clear()
-    _STARTING_ENV.update({k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)})
+    global _STARTING_ENV
+    _STARTING_ENV = {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
 
 
 def run_header(benchmark: str, device: torch.device, argv: list[str] | None, script: str = __file__) -> dict:
@@ -110,7 +110,7 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None, scr
         script, argv = sys.argv[0], sys.argv[1:]
     else:  # main(argv) called from Python: the script as one would run it from here
         script = os.path.relpath(script)
-    env = _STARTING_ENV or {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
+    env = _STARTING_ENV if _STARTING_ENV is not None else {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
     settings = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
     return {
         "benchmark": benchmark,
