@@ -117,3 +117,13 @@ def test_run_data_times_a_run_on_its_own_images_and_radii(tiny_cifar, tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     assert result["clean_accuracy_on_timed_images"] == 1.0 and "classifies correctly" in result["data"]
+
+
+def test_the_recorded_command_has_the_environment_main_started_with_even_an_empty_one(monkeypatch):
+    for key in throughput.RESULT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(throughput, "_STARTING_ENV", None)
+    throughput.note_starting_env()  # as a benchmark's main does first: none of them set
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_root")  # what torch's FLOP counter then sets
+    header = throughput.run_header("b", throughput.torch.device("cpu"), ["--x"], throughput.__file__)
+    assert header["command"].startswith("python ") and "TORCHINDUCTOR" not in header["command"]
