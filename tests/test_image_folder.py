@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,48 @@ def test_imagenet_recipe_end_to_end(folder, tmp_path):
                               "--device", "cpu", "--no-progress", "--no-checks", "--out", str(report))
     assert code == 0, err
     assert 0 <= json.loads(report.read_text())["corruptions"]["mean"] <= 1
+
+    # its report, with the images that got the smallest and largest radii read from the folder
+    code, out, err = run_main("report", str(run), "--out", str(tmp_path / "report"), "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "report" / "report.md").is_file()
+
+    # a folder with the same number of classes in another order: each output would score another class
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    first = sorted(p.name for p in (other / "train").iterdir())[0]
+    for split in ("train", "val"):
+        (other / split / first).rename(other / split / "zzz")
+    code, out, err = run_main("eval", str(run), "--data-dir", str(other), "--steps", "1", "--n", "6",
+                              "--device", "cpu", "--no-progress")
+    assert code != 0 and "whose outputs are the classes" in err and "zzz" in err
+    code, out, err = run_main("train", "--out", str(run), "--resume", "--epochs", "3", "--data-dir", str(other),
+                              "--device", "cpu", "--no-progress")
+    assert code != 0 and "classes" in err and "zzz" in err
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    code, out, err = run_main("export", str(run), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 0, err
+    classes = json.loads((tmp_path / "m.safetensors.json").read_text())["classes"]
+    assert classes == sorted(p.name for p in (folder / "train").iterdir())  # which output is which class
+    code, out, err = run_main("eval", str(tmp_path / "m.safetensors"), "--data-dir", str(other), "--dataset",
+                              "imagefolder", "--steps", "1", "--n", "6", "--device", "cpu", "--no-progress")
+    assert code != 0 and "whose outputs are the classes" in err
+    code, out, err = run_main("eval", str(tmp_path / "m.safetensors"), "--data-dir", str(folder), "--dataset",
+                              "imagefolder", "--steps", "1", "--n", "6", "--device", "cpu", "--no-progress")
+    assert code == 0, err  # at its own input size (32 px), not the folder's default 224
+
+
+def test_runs_of_two_image_folders_are_two_data_sets_to_a_report():
+    from types import SimpleNamespace
+
+    from iaat.reporting.collect import _data_set
+
+    def record(dataset, data_dir):
+        return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(dataset=dataset, data_dir=data_dir)))
+
+    assert _data_set(record("imagefolder", "/data/a")) != _data_set(record("imagefolder", "/data/b"))
+    assert _data_set(record("imagefolder", "/data/a")) == _data_set(record("imagefolder", "/data/a/"))
+    assert _data_set(record("cifar10", "/x")) == _data_set(record("cifar10", "/y")) == "cifar10"
 
 
 def test_a_16_bit_grey_png_keeps_its_values(tmp_path):

@@ -58,6 +58,7 @@ class ModelSource:
     data_dir: Optional[str] = None
     eps: Optional[float] = None  #: the training radius, the default evaluation radius
     shape: Optional[tuple] = None  #: (classes, image shape) the model was made for, when known
+    classes: Optional[list] = None  #: its outputs' class names, where its data named them (image folders)
     cfg: Any = None  #: a run's config (held-out split, image folders' sizes)
     info: dict = field(default_factory=dict)  #: epoch, model, method for the JSON
 
@@ -105,7 +106,7 @@ def open_source(path: Optional[Path], device: torch.device, model: Optional[str]
     label = {"torchscript": "TorchScript", "export": "torch.export"}.get(kind, "exported")
     return ModelSource(net, f"{label} model {path.name}",
                        hashlib.sha256(path.read_bytes()).hexdigest(), path.parent, path.stem, meta.get("dataset"),
-                       eps=training.get("eps"), shape=shape,
+                       eps=training.get("eps"), shape=shape, classes=meta.get("classes"),
                        info={"epoch": training.get("epochs"), "model": (meta.get("architecture") or {}).get("name"),
                              "method": training.get("method"), "weights": meta.get("weights")})
 
@@ -145,8 +146,9 @@ def _run_source(path: Path, device: torch.device, weights: str = "auto") -> Mode
                        + (", averaged weights (EMA)" if averaged else ""),
                        _file_digest(Path(ckpt_path)) + (":ema" if averaged else ""),
                        path if path.is_dir() else _run_of(path), "eval", cfg.data.dataset, cfg.data.data_dir, cfg.eps,
-                       shape, cfg, {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
-                                    "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
+                       shape, trained.get("classes"), cfg,
+                       {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "model": cfg.model.name,
+                        "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
 
 
 def default_eps(req: EvalRequest) -> float:
@@ -182,13 +184,18 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"{md} exists, and the evaluation would replace it with its markdown; choose another --out.")
 
 
-def check_same_data(shape: Optional[tuple], splits, what: str) -> None:
-    """Refuse to evaluate a model on a data set with other classes or image shapes than it was made for."""
+def check_same_data(shape: Optional[tuple], splits, what: str, classes: Optional[list] = None) -> None:
+    """Refuse to evaluate a model on a data set with other classes or image shapes than it was made for (and, where
+    both name their classes, other class names or another order: each output would score another class)."""
     found = (splits.num_classes, list(splits.image_shape))
     if shape is not None and (shape[0], list(shape[1])) != found:
         raise DataError(f"{what} holds a model for {shape[0]} classes of {list(shape[1])} images, but "
                         f"{splits.name} ({splits.source}) has {found[0]} classes of {found[1]} images; "
                         f"evaluate it on the data set it was trained on.")
+    if classes and splits.classes and list(classes) != list(splits.classes):
+        raise DataError(f"{what} holds a model whose outputs are the classes {list(classes)}, but {splits.source} "
+                        f"has the classes {list(splits.classes)}: its outputs would score other classes; evaluate it "
+                        f"on the data set it was trained on.")
 
 
 def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
@@ -259,7 +266,7 @@ def _model_and_images(req: EvalRequest, device: torch.device) -> tuple[ModelSour
             raise ConfigError(f"{req.path} was trained on {source.dataset}; --dataset {req.dataset} names another "
                               f"data set (--dataset is for --model and model files that do not say theirs).")
         splits = _load_splits(req.dataset or source.dataset, req.data_dir or source.data_dir, source)
-    check_same_data(source.shape, splits, source.what)
+    check_same_data(source.shape, splits, source.what, source.classes)
     cfg = source.cfg
     if req.split == "test":
         data = splits.test
@@ -303,6 +310,8 @@ def _load_splits(dataset: Optional[str], data_dir: Optional[str], source: ModelS
     if dataset is None:
         raise ConfigError(f"{source.what} does not say which data set it was trained on: give --dataset.")
     cfg = source.cfg
+    if cfg is None and dataset == "imagefolder" and source.shape is not None:  # a model file: its input's side
+        return load_dataset(dataset, data_dir, False, image_size=source.shape[1][-1])
     return load_dataset(dataset, data_dir, cfg.data.download if cfg else False,
                         image_size=cfg.data.image_size if cfg else None, resize=cfg.data.resize if cfg else None)
 

@@ -58,7 +58,8 @@ def model_card(path: Path, cfg: Any, ckpt: dict, model: nn.Module, weights: str)
     if rows and "radius_mean" in rows[-1]:
         training["radius_mean"] = rows[-1]["radius_mean"]
     return _card(model, {"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width},
-                 data.get("num_classes"), data.get("image_shape"), dataset=cfg.data.dataset, training=training,
+                 data.get("num_classes"), data.get("image_shape"), dataset=cfg.data.dataset,
+                 **({"classes": data["classes"]} if data.get("classes") else {}), training=training,
                  weights=weights, accuracy=_latest_accuracy(run_dir, rows, training, weights))
 
 

@@ -284,4 +284,4 @@ def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Op
     test = ImageSet(FolderImages(val_files, image_size, resize), val_y)
     source = (f"image folders {root} ({len(classes)} classes; train: RandomResizedCrop {image_size} + flip; "
               f"evaluation: short side {resize}, center crop {image_size})")
-    return DatasetSplits("imagefolder", train, test, len(classes), IMAGENET_MEAN, IMAGENET_STD, source)
+    return DatasetSplits("imagefolder", train, test, len(classes), IMAGENET_MEAN, IMAGENET_STD, source, classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -59,6 +60,7 @@ class DatasetSplits:
     mean: tuple
     std: tuple
     source: str  #: human-readable provenance, e.g. the folder it was read from
+    classes: Optional[list] = None  #: each output's class name, where the data names them (image folders)
 
     @property
     def image_shape(self) -> tuple:

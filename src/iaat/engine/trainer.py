@@ -543,7 +543,7 @@ def _payload(s: _Session, epoch_done: int, lr: float) -> dict:
         "config": cfg.to_dict(),
         "data": {"dataset": cfg.data.dataset, "num_classes": data.splits.num_classes,
                  "image_shape": list(data.splits.image_shape), "train_size": len(data.train),
-                 "source": data.splits.source},
+                 "source": data.splits.source, **({"classes": data.splits.classes} if data.splits.classes else {})},
     }
 
 
@@ -596,7 +596,7 @@ def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
                               f"but this run uses '{cfg.method.name}'.")
     info = ckpt.get("data") or {}
     now = {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
-           "train_size": len(data.train)}
+           "train_size": len(data.train), **({"classes": data.splits.classes} if data.splits.classes else {})}
     for key, value in now.items():
         if key in info and info[key] != value:
             raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "

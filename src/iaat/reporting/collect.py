@@ -128,6 +128,12 @@ class RunRecord:
         return np.load(self.radii[epoch])
 
 
+def _data_set(record: RunRecord) -> str:
+    """The data set a run trained on: its name, and for image folders also the folder (each is a data set)."""
+    d = record.cfg.data
+    return f"{d.dataset} {Path(d.data_dir).resolve()}" if d.dataset == "imagefolder" and d.data_dir else d.dataset
+
+
 def last_epoch(metrics: list) -> int:
     """The last epoch metrics.jsonl's rows record (0 before the first)."""
     return max((int(row.get("epoch", 0)) for row in metrics), default=0)
@@ -242,9 +248,9 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
         elif path.resolve() not in seen:
             seen.add(path.resolve())
             records.append(_load_run(path, path.name))
-    datasets = sorted({r.cfg.data.dataset for r in records})
+    datasets = sorted({_data_set(r) for r in records})
     if len(datasets) > 1:
-        which = "; ".join(f"{d}: {', '.join(r.name for r in records if r.cfg.data.dataset == d)}" for d in datasets)
+        which = "; ".join(f"{d}: {', '.join(r.name for r in records if _data_set(r) == d)}" for d in datasets)
         raise ConfigError(f"these runs were trained on different data sets ({which}); their numbers do not share a "
                           f"figure or a frontier: report each data set on its own.")
     names = [r.name for r in records]

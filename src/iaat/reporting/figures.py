@@ -456,7 +456,7 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     for which, rows in groups.items():
         idx = torch.as_tensor(train_idx[rows], dtype=torch.long)
         subset = splits.train.subset(idx)
-        x = to_unit(subset.x, dev)
+        x = to_unit(subset.x[:], dev)  # image folders: a lazy set of files, read here
         y = subset.y.to(dev)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(0)
