@@ -67,6 +67,7 @@ def _with_an_empty_class(root: Path) -> Path:
 
 @pytest.mark.parametrize("make,message", [
     (lambda root: root, "train is missing"),
+    (lambda root: root / "nowhere", "nowhere does not exist: pass the folder ROOT"),
     (lambda root: (root / "train" / "a").mkdir(parents=True) or root, "holds? no images"),
     (_with_an_empty_class, r"train/empty holds no images"),
 ])

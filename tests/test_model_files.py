@@ -524,3 +524,13 @@ def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch)
     res = run_cli("report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), cwd=tmp_path / "elsewhere")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_an_export_to_a_folder_is_refused_before_anything_is_written(tmp_path):
+    import iaat
+    from iaat.errors import ConfigError
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    with pytest.raises(ConfigError, match=r"is a folder; name the model file to write \(e.g. .*model.pt2\)"):
+        iaat.export_model(net, tmp_path, "export", input_shape=(3, 4, 4), overwrite=True)
+    assert not list(tmp_path.iterdir())

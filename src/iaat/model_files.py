@@ -154,6 +154,9 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
         raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
     out, meta_path = Path(out), json_path(out)
     _check_extension(out, fmt)
+    if out.is_dir():
+        raise ConfigError(f"out {out} is a folder; name the model file to write (e.g. {out / 'model'}"
+                          f"{EXTENSIONS[fmt][0]}).")
     for path in (out, meta_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; choose another --out (out=) or pass --overwrite (overwrite=True).")

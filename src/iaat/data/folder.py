@@ -275,6 +275,9 @@ def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Op
 
     check_data_dir(data_dir, "the folder ROOT that holds train/ and val/")
     root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-dir {data_dir} does not exist: pass the folder ROOT that holds train/<class>/<image> "
+                        f"and val/<class>/<image>.")
     resize = resize if resize is not None else int(round(image_size * 256 / 224))
     if resize < image_size:
         raise DataError(f"data.resize ({resize}) must be >= data.image_size ({image_size}).")
