@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             kit.log(f"stage {stage} failed: {type(e).__name__}: {e}")
             kit.section(stage, kit.sections.get(stage, f"## {stage}\n") + f"\nstage failed: {type(e).__name__}: {e}\n")
         kit.log(f"stage {stage}: {time.monotonic() - t0:.0f} s; {kit.left():.0f} s of budget left")
-    if any(key in speed for *_, key in PAPER_SCHEDULES):
+    if speed and "speed" in stages:  # not from the compile plan of a late stage alone
         kit.section("plan", plan_section(speed, paper))
     return 0
 
