@@ -372,6 +372,13 @@ def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
             str(c.tmp / "sw"), "--only", "clean", "--eval-attack", "pgd:stepz=2"]  # once failed after training
 
 
+@case("sweep eval.eps=0.031 means 0.031/255 in pixel units", "'0.031/1'")
+def sweep_with_an_evaluation_radius_in_unit_units(c: Ctx) -> list[str]:
+    sweep = c.file("s.yaml", "base: " + str(REPO / "configs/cifar10_small_cnn_cpu.yaml") + "\n"
+                   "runs:\n  clean: {method.name: clean}\neval: {eps: 0.031}\n")
+    return ["sweep", str(sweep), "--data-dir", str(c.data), "--out", str(c.tmp / "sw"), "--dry-run"]  # was: trained
+
+
 @case("was trained on cifar10; --dataset digits names another data set")
 def eval_of_a_run_on_another_data_set(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--dataset", "digits", "--n", "8", "--no-progress"]  # was: used, or downloaded

@@ -232,7 +232,19 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     if spec_eval.n is not None and (not isinstance(spec_eval.n, int) or spec_eval.n < 1):
         raise ConfigError(f"sweep eval.n must be a positive integer, got {spec_eval.n!r}.")
     _check_eval_attacks(spec_eval.attacks)
+    _check_eval_sizes(spec_eval, (base.get("attack") or {}).get("norm", "linf"))
     return SweepPlan(runs=runs, eval=spec_eval, groups=groups)
+
+
+def _check_eval_sizes(ev: "EvalSpec", norm: str) -> None:
+    """The evaluation's radii in pixel units, read now as ``iaat eval`` will: a unit mistake (0.031 for 8/255) must
+    fail before the first run trains, not after it."""
+    from .units import parse_size
+
+    max_unit = 1.0 if norm == "linf" else 64.0  # as iaat eval reads them
+    for name, values in (("eval.eps", [ev.eps]), ("eval.sweep_eps", list(ev.sweep_eps or []))):
+        for value in values:
+            parse_size(value, f"sweep {name}", max_unit=max_unit)
 
 
 def _check_eval_attacks(attacks: Any) -> None:
