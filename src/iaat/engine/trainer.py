@@ -541,9 +541,7 @@ def _payload(s: _Session, epoch_done: int, lr: float) -> dict:
         "rng": rng,
         **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
         "config": cfg.to_dict(),
-        "data": {"dataset": cfg.data.dataset, "num_classes": data.splits.num_classes,
-                 "image_shape": list(data.splits.image_shape), "train_size": len(data.train),
-                 "source": data.splits.source, **({"classes": data.splits.classes} if data.splits.classes else {})},
+        "data": {"dataset": cfg.data.dataset, **_data_facts(data), "source": data.splits.source},
     }
 
 
@@ -589,15 +587,19 @@ def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:
                         f"method's settings).")
 
 
+def _data_facts(data) -> dict:
+    """What a checkpoint records of its data and a resume must find again (class names where the data has them)."""
+    return {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
+            "train_size": len(data.train), **({"classes": data.splits.classes} if data.splits.classes else {})}
+
+
 def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
     """The checkpoint must come from this method and data (``--data-dir`` may change on resume)."""
     if ckpt.get("method_name") != cfg.method.name:
         raise CheckpointError(f"{path} was written by method '{ckpt.get('method_name')}', "
                               f"but this run uses '{cfg.method.name}'.")
     info = ckpt.get("data") or {}
-    now = {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
-           "train_size": len(data.train), **({"classes": data.splits.classes} if data.splits.classes else {})}
-    for key, value in now.items():
+    for key, value in _data_facts(data).items():
         if key in info and info[key] != value:
             raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "
                                   f"{value}; resume with the data the run started with (check --data-dir).")

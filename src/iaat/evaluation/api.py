@@ -102,7 +102,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                                 per_sample=per_sample)
     if per_sample:
         result["per_sample"] = {k: torch.from_numpy(v.astype(bool)) for k, v in result["per_sample"].items()}
-        result["per_sample"].setdefault("worst_case", result["per_sample"]["clean"].clone())  # no attack at the radius
     return _with_every_key(result)
 
 

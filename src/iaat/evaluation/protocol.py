@@ -220,7 +220,7 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
         if per_sample:
             result["per_sample"] = {"clean": clean_ok.copy(), **{s.label: state.arrays[f"{s.label}/robust"].copy()
                                                                  for s in plan.attacks},
-                                    **({"worst_case": worst} if main else {})}
+                                    "worst_case": worst if main else clean_ok.copy()}  # no attack at the radius
         result["curves"] = _curves(state, plan, result["clean"], n)
         if plan.corruptions and corruption_sets is not None:
             result["corruptions"] = _run_corruptions(state, model, corruption_sets, batch_size, device, progress)

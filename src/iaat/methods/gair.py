@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..attacks.pgd import check_steps
 from ..errors import ConfigError
-from ..units import python_scalar
 from .base import refuse_unless
 
 WEIGHT_FUNCTIONS = ("tanh", "sigmoid", "discrete")
@@ -81,12 +80,9 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
         >>> iaat.gair_weights(torch.tensor([0, 5, 10]), steps=10, lam=-1.0)  # near the boundary weighs more
         tensor([2.6804e+00, 3.1961e-01, 1.6474e-05])
     """
-    steps = python_scalar(steps)  # torch.tensor(10), np.int64(10)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ConfigError(f"gair_weights takes steps, the attack's number of steps K, as a whole number >= 0, "
-                          f"got {steps!r}.")
+    steps = check_steps(steps)  # the attack's K, as iaat.pgd takes it
     _check_kappa(kappa, steps)
-    return weights_of_kappa(kappa, int(steps), lam, fn)
+    return weights_of_kappa(kappa, steps, lam, fn)
 
 
 def _check_kappa(kappa: object, steps: int) -> None:
