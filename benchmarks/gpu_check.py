@@ -85,6 +85,15 @@ class Kit:
         """Seconds a command capped at ``cap`` may take now: what is left above the reserve."""
         return max(0.0, min(cap, self.left() - self.reserve))
 
+    def short_of(self, cap: float, floor: float, what: str) -> str | None:
+        """``None`` when a command capped at ``cap`` gets at least ``floor`` seconds; else why ``what`` is not run
+        (also logged)."""
+        have = self.time_for(cap)
+        if have >= floor:
+            return None
+        self.log(f"{what}: not run, {have:.0f} s left for it (it needs {floor:.0f})")
+        return f"not run, {have:.0f} s left (it needs {floor:.0f})"
+
     def kill_child(self, wait: bool = True) -> None:
         """End the running command with its whole process group (pytest's, torchrun's and compile workers), also
         when its leader has just ended; ``wait=False`` in a signal handler (the main thread may hold the wait)."""
@@ -284,11 +293,11 @@ def run_cuda_tests(kit: Kit, stage: str) -> tuple[dict, list[str]]:
     """The CUDA tests of ``stage`` (:data:`TESTS`): ``(record for 1-env.json, summary lines)``."""
     marker, cap, floor, per_test = TESTS[stage]
     cap, floor = (60, 5) if kit.smoke else (cap, floor)
-    if kit.time_for(cap) < floor:
-        kit.log(f"tests {marker!r}: not run, {kit.time_for(cap):.0f} s left for them (they need {floor})")
-        return ({"not_run": f"{kit.time_for(cap):.0f} s left", "tests": []},
-                [f"`pytest -m \"{marker}\"`: not run, {kit.time_for(cap):.0f} s left (they need {floor}). Run "
-                 f"`bash benchmarks/gpu_check.sh OUT2 --stages {stage} --budget SECONDS` as a command of its own.\n"])
+    short = kit.short_of(cap, floor, f"tests {marker!r}")
+    if short:
+        return ({"not_run": short, "tests": []},
+                [f"`pytest -m \"{marker}\"`: {short}. Run `bash benchmarks/gpu_check.sh OUT2 --stages {stage} --budget "
+                 f"SECONDS` as a command of its own.\n"])
     junit = kit.work / f"cuda-tests-{stage}.xml"
     junit.unlink(missing_ok=True)
     # a hung test (NCCL, say) fails alone where pytest-timeout is installed, rather than using up the cap
@@ -376,9 +385,9 @@ def stage_speed(kit: Kit, data_dir: Path | None, results: dict, late: bool = Fal
         kit.reserve = base + sum(later for *_, later in plans[i + 1:])  # the plans after this one keep their floors
         out = kit.out / f"2-speed-{model}.json"
         out.unlink(missing_ok=True)  # an earlier kit run's, in a reused OUT_DIR
-        if kit.time_for(cap) < floor:
-            kit.log(f"speed {model}: not run, {kit.time_for(cap):.0f} s left for it (it needs {floor:.0f})")
-            kit.speed_parts[model] = f"### {model}: not run, too little time left ({kit.time_for(cap):.0f} s)\n"
+        short = kit.short_of(cap, floor, f"speed {model}")
+        if short:
+            kit.speed_parts[model] = f"### {model}: {short}\n"
             _speed_section(kit)
             continue
         lines: list[str] = []
