@@ -140,6 +140,16 @@ def test_wrn_32_10_has_five_blocks_per_stage_as_documented(wrn34):
     assert len(wrn32.net.blocks) == len(wrn34.net.blocks) == 15
 
 
+def test_the_names_of_one_wideresnet_are_one_architecture():
+    """--init-from compares architectures: WRN-32-10 and WRN-34-10 build the same network."""
+    from iaat.models.registry import architecture
+
+    names = [("wrn-32-10", None, None), ("wrn-34-10", None, None), ("wideresnet", None, None),
+             ("wideresnet", 32, None), ("wideresnet", 34, 10)]
+    assert {architecture(*n) for n in names} == {("wideresnet", 34, 10)}
+    assert architecture("wideresnet", 28, 10) != architecture("wideresnet", 34, 10)
+
+
 @pytest.mark.parametrize("name, num_classes, sizes, phrase", [
     ("small_cnn", 0, {}, "num_classes must be a whole number >= 2"),  # once: Linear(128, 0) and a torch warning
     ("resnet18", 1, {}, "num_classes must be a whole number >= 2"),

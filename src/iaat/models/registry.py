@@ -14,7 +14,7 @@ from ..units import python_scalar
 from .normalize import NormalizedModel
 from .resnet import ResNet
 from .small_cnn import SmallCNN
-from .wide_resnet import WideResNet, check_depth
+from .wide_resnet import DEPTH_ALIASES, WideResNet, check_depth
 
 
 #: the sizes of the models that take ``model.depth`` / ``model.width`` (the others build one fixed architecture),
@@ -75,16 +75,19 @@ def architecture(name: str, depth: Optional[int], width: Optional[int]) -> tuple
     default, a fixed WideResNet the ``wideresnet`` of its sizes (two configs that build the same network give the
     same tuple). A user's ``module:factory`` takes no sizes.
 
-    >>> architecture("small_cnn", None, None), architecture("resnet18", 3, 7), architecture("wrn-34-10", None, None)
+    >>> architecture("small_cnn", None, None), architecture("resnet18", 3, 7), architecture("wrn-32-10", None, None)
     (('small_cnn', None, 32), ('resnet18', None, None), ('wideresnet', 34, 10))
     """
     if name in FIXED_WIDE_RESNETS:
-        return ("wideresnet", *FIXED_WIDE_RESNETS[name])
+        name, (depth, width) = "wideresnet", FIXED_WIDE_RESNETS[name]
     if name not in MODELS:
         return name, None, None
     given, default = {"depth": depth, "width": width}, DEFAULT_SIZES.get(name, {})
-    return (name, *((default[k] if given[k] is None else given[k]) if k in default else None
-                    for k in ("depth", "width")))
+    depth, width = ((default[k] if given[k] is None else given[k]) if k in default else None
+                    for k in ("depth", "width"))
+    if name == "wideresnet":
+        depth = DEPTH_ALIASES.get(depth, depth)  # WRN-32-10 is WRN-34-10 by another name
+    return name, depth, width
 
 
 def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> None:
