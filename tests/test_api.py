@@ -584,6 +584,24 @@ def test_evaluate_runs_inside_inference_mode():
             iaat.evaluate(built, x, y, **kw)
 
 
+def test_pgd_runs_inside_inference_mode():
+    """iaat.pgd and iaat.PGD switch inference mode off as evaluate does, and take images made inside it; a model
+    built inside it is refused by name (torch's own error came from restoring requires_grad)."""
+    model, (x, y) = _linear(), _batch(12)
+    torch.manual_seed(0)
+    expected = iaat.pgd(model, x, y, eps=8 / 255, steps=3)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inside = iaat.pgd(model, x.clone(), y.clone(), eps=torch.full((12,), 8 / 255), steps=3)
+        assert iaat.PGD(model, eps=8 / 255, steps=3)(x.clone(), y.clone()).shape == x.shape
+    assert torch.equal(inside.x_adv, expected.x_adv) and torch.equal(inside.correct, expected.correct)
+    assert not inside.x_adv.is_inference()
+    with torch.inference_mode():
+        built = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    with pytest.raises(ConfigError, match="built inside torch.inference_mode"):
+        iaat.pgd(built, x, y, eps=8 / 255, steps=3)
+
+
 def test_evaluate_crafts_transfer_attacks_on_a_surrogate(tmp_path):
     """``surrogate=`` (a module, or a model file or run read with iaat.load_model), or a transfer attack's own
     ``source=``, as ``iaat eval --surrogate`` and ``--attack transfer:source=RUN`` do."""

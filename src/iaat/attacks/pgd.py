@@ -24,7 +24,9 @@ gradients do not underflow to zero; a step uses only the gradient's sign (L-inf)
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import itertools
 import math
 import numbers
 import re
@@ -103,7 +105,12 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
                           f"{type(model).__name__}; wrap a function in an nn.Module.")
     model = unwrap(model)
     was_training = model.training
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
+    if any(t.is_inference() for t in itertools.chain(params, model.buffers())):
+        raise ConfigError("the model was built inside torch.inference_mode(): its weights are inference tensors, "
+                          "which cannot take part in the gradients an attack needs; build or load it outside "
+                          "inference mode.")
+    trainable = [p for p in params if p.requires_grad]
     if eval_mode:
         model.eval()
     try:
@@ -381,6 +388,21 @@ def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tens
     return out_x, out_kappa, out_miss
 
 
+def outside_inference_mode(attack: Callable) -> Callable:
+    """Run ``attack`` with inference mode off and its tensor arguments made in inference mode copied out of it: an
+    attack needs gradients, which a caller's ``torch.inference_mode()`` switches off (and inference tensors cannot
+    join autograd)."""
+    def normal(value):
+        return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
+
+    @functools.wraps(attack)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return attack(*map(normal, args), **{k: normal(v) for k, v in kwargs.items()})
+    return run
+
+
+@outside_inference_mode
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Radius, *, steps: int = 10,
         step_size: Optional[Radius] = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         target: Optional[torch.Tensor] = None, loss: "str | Callable" = "ce", early_stop_tau: Optional[int] = None,

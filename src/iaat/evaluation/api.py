@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -106,14 +105,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def _check_module(model: object) -> None:
-    """The error :func:`iaat.pgd` gives for a model that is no ``nn.Module`` (a function), raised before its parameters
-    are read (the check of :func:`~iaat.attacks.pgd.attack_mode`); and one for weights that cannot take gradients."""
-    if not isinstance(model, nn.Module):
-        with attack_mode(model):  # raises its ConfigError
-            pass
-    if any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
-        raise ConfigError("the model was built inside torch.inference_mode(): its weights are inference tensors, which "
-                          "cannot take part in the gradients an attack needs; build or load it outside inference mode.")
+    """The errors of an attack for a model that is no ``nn.Module`` (a function) or whose weights cannot take
+    gradients, raised before its parameters are read."""
+    with attack_mode(model):
+        pass
 
 
 def _num_classes(model: nn.Module, data: ImageSet, device: torch.device) -> int:
