@@ -52,8 +52,12 @@ def test_plan_names_dedup_and_errors(tmp_path):
     assert plan.runs["pgd_at_eps16"]["attack"]["step_size"] == "4"  # eps/4
     assert plan.runs["gairat"]["method"] == {"name": "gairat"}  # a new method starts from its own defaults
     assert plan.groups["iaat_gamma4"] == "grid"
-    with pytest.raises(ConfigError, match="unknown sweep key 'frontier'"):
+    with pytest.raises(ConfigError, match="unknown sweep key 'frontier'. Did you mean 'frontier_eps'"):
         build_plan({"base": BASE, "frontier": [8]})
+    with pytest.raises(ConfigError, match="unknown sweep key 'run'. Did you mean 'runs'"):
+        build_plan({"base": BASE, "run": {"iaat": {"method.name": "iaat"}}})
+    with pytest.raises(ConfigError, match="unknown key 'eval.attack'. Did you mean 'attacks'"):
+        build_plan({"base": BASE, "frontier_eps": [8], "eval": {"attack": ["pgd"]}})
     with pytest.raises(ConfigError, match="sweep run 'iaat'.*gama"):
         build_plan({"base": BASE, "runs": {"iaat": {"method.gama": 2}}})
     with pytest.raises(ConfigError, match="needs method.name"):

@@ -40,6 +40,7 @@ import yaml
 from .config import RESUMABLE_KEYS, SECTIONS, config_from_dict, load_yaml, method_params
 from .errors import CheckpointError, ConfigError
 from .evaluation.presets import STEP_RULE
+from .schema import check_keys, did_you_mean
 from .threads import user_thread_count
 
 PLAN = "sweep.yaml"
@@ -155,7 +156,8 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     known = {"base", "set", "frontier_eps", "runs", "grid", "eval"}
     for key in spec:
         if key not in known:
-            raise ConfigError(f"unknown sweep key '{key}'; a sweep file has {', '.join(sorted(known))}.")
+            raise ConfigError(f"unknown sweep key '{key}'.{did_you_mean(str(key), known)} A sweep file has "
+                              f"{', '.join(sorted(known))}.")
     base = spec.get("base")
     if isinstance(base, str):
         base = load_yaml((base_dir / base) if not Path(base).is_absolute() else Path(base))
@@ -222,10 +224,7 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     ev = spec.get("eval") or {}
     if not isinstance(ev, dict):
         raise ConfigError(f"sweep 'eval' must be a mapping, got {ev!r}.")
-    unknown = set(ev) - {"eps", "n", "attacks", "sweep_eps", "checks"}
-    if unknown:
-        raise ConfigError(f"unknown sweep eval key(s) {', '.join(sorted(unknown))}; known: eps, n, attacks, "
-                          f"sweep_eps, checks.")
+    check_keys(ev, ("eps", "n", "attacks", "sweep_eps", "checks"), "eval")
     spec_eval = EvalSpec(**ev)
     if spec_eval.eps is None:
         spec_eval.eps = (base.get("attack") or {}).get("eps", 8)
