@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,20 @@ def test_folder_splits_labels_and_lazy_images(folder):
     for c in range(3):
         imgs = splits.train.x[torch.nonzero(splits.train.y == c).squeeze(1)].float()
         assert imgs[:, c % 3].mean() > imgs[:, (c + 1) % 3].mean() + 20
+
+
+def test_small_images_read_at_the_default_size_are_warned_of(tmp_path):
+    """32-px images read at 224 px would cost 49 times the compute for no detail: a warning names the key; an
+    image_size given, or images near the default size, pass quietly."""
+    small = write_image_folder(tmp_path / "small", train_per_class=1, val_per_class=1, size=32)
+    with pytest.warns(UserWarning, match=r"images are small \(img_000.JPEG: \d+x\d+ px\) and are read at 224 px.*"
+                                         r"--set data.image_size=\d+"):
+        assert load_dataset("imagefolder", str(small)).image_shape == (3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("imagefolder", str(small), image_size=32)
+        large = write_image_folder(tmp_path / "large", train_per_class=1, val_per_class=1, size=120)
+        load_dataset("imagefolder", str(large))
 
 
 def test_folder_loader_is_seeded_resumable_and_sharded(folder):

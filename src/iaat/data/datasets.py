@@ -71,7 +71,7 @@ def _load_imagefolder(data_dir: Optional[str], download: bool, image_size: Optio
                       resize: Optional[int] = None) -> DatasetSplits:
     from .folder import load_image_folder
 
-    return load_image_folder(data_dir, image_size or 224, resize)
+    return load_image_folder(data_dir, image_size, resize)
 
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -37,6 +38,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 READ_THREADS = min(8, os.cpu_count() or 1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the side images are read at where ``data.image_size`` is not given (ImageNet's)
+DEFAULT_IMAGE_SIZE = 224
 
 
 def pillow(purpose: str):
@@ -264,8 +267,23 @@ class FolderLoader(BatchPlan):
     __iter__ = epoch
 
 
-def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Optional[int] = None):
-    """``ROOT/train`` and ``ROOT/val`` as :class:`~iaat.data.DatasetSplits` of lazy images (ImageNet statistics)."""
+def _warn_if_upscaled(first: Path, image_size: int) -> None:
+    """A warning where the first training image is less than half the default size: small images (CIFAR-sized ones,
+    say) would be enlarged many times over, which costs time and memory quadratically for no detail."""
+    try:
+        with pillow("reading image folders").open(first) as image:  # the header only
+            width, height = image.size
+    except OSError:  # an unreadable image is named where it is decoded
+        return
+    if 2 * max(width, height) <= image_size:
+        warnings.warn(f"the images are small ({first.name}: {width}x{height} px) and are read at {image_size} px, the "
+                      f"default data.image_size; set --set data.image_size={min(width, height)} to use them at about "
+                      f"their own size.", stacklevel=2)
+
+
+def load_image_folder(data_dir: Optional[str], image_size: Optional[int] = None, resize: Optional[int] = None):
+    """``ROOT/train`` and ``ROOT/val`` as :class:`~iaat.data.DatasetSplits` of lazy images (ImageNet statistics),
+    read at ``image_size`` (default 224, with a warning where the images are less than half of that)."""
     from .imageset import DatasetSplits, ImageSet
 
     if not data_dir:
@@ -278,10 +296,13 @@ def load_image_folder(data_dir: Optional[str], image_size: int = 224, resize: Op
     if not root.is_dir():
         raise DataError(f"--data-dir {data_dir} does not exist: pass the folder ROOT that holds train/<class>/<image> "
                         f"and val/<class>/<image>.")
+    train_files, train_y, classes = scan_split(root / "train")
+    if image_size is None:
+        image_size = DEFAULT_IMAGE_SIZE
+        _warn_if_upscaled(train_files[0], image_size)
     resize = resize if resize is not None else int(round(image_size * 256 / 224))
     if resize < image_size:
         raise DataError(f"data.resize ({resize}) must be >= data.image_size ({image_size}).")
-    train_files, train_y, classes = scan_split(root / "train")
     val_files, val_y, _ = scan_split(root / "val", classes)
     train = ImageSet(FolderImages(train_files, image_size, resize), train_y)
     test = ImageSet(FolderImages(val_files, image_size, resize), val_y)
