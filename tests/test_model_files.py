@@ -454,6 +454,10 @@ def thousand_classes(in_channels):
 
 def float64(num_classes, in_channels):
     return tiny(num_classes, in_channels).double()
+
+
+def softmax_out(num_classes, in_channels):
+    return nn.Sequential(tiny(num_classes, in_channels), nn.Softmax(dim=1))
 '''
 
 
@@ -496,6 +500,9 @@ def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch)
     code, _, err = run_main("train", "--model", "own_nets_train:torchvision_style", *common, "--epochs", "1",
                             "--out", "tv")
     assert code == 0, err  # num_classes reached it through **kwargs
+    assert "look like probabilities" not in err
+    code, _, err = run_main("train", "--model", "own_nets_train:softmax_out", *common, "--epochs", "1", "--out", "sm")
+    assert code == 0 and "iaat: warning: the model's outputs look like probabilities" in err, err
     for i, (name, phrase) in enumerate([
             ("own_nets_train:nope", "own_nets_train has no nope"),
             ("no_such_module_here:f", "cannot import no_such_module_here"),

@@ -43,6 +43,7 @@ from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted, first_line
 from ..ema import EMA
 from ..evaluation.attacks import AttackSpec
+from ..evaluation.checks import outputs_are_probabilities
 from ..evaluation.robustness import accuracy
 from ..methods import Method
 from ..methods.base import StepOutput
@@ -423,6 +424,10 @@ def _probe_model(model: torch.nn.Module, data, device: torch.device) -> None:
         raise ConfigError(f"the model gives {logits.shape[1]} logits per image, but the data set has {classes} "
                           f"classes: it needs one logit per class (a factory is called with num_classes={classes} "
                           f"where it takes that argument).")
+    if outputs_are_probabilities(logits):
+        warnings.warn("the model's outputs look like probabilities (each row in [0, 1], summing to 1), not logits: "
+                      "the training losses and attacks take logits, and cross-entropy on probabilities gives them "
+                      "little gradient; remove the model's final softmax.", stacklevel=2)
 
 
 def build_awp(cfg: Config, model: torch.nn.Module) -> Optional[AWP]:

@@ -109,14 +109,24 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     ok = logits.detach().argmax(1) == y
     zero = (grad.flatten(1).abs().amax(1) == 0) & ok
     changed = [k for k, v in model.named_buffers() if k in buffers and not torch.equal(v, buffers[k])]
-    probs = first.float()
     return {
         "max_logit_change": float((first - second).abs().max()) if len(x) else 0.0,
         "buffers_changed": changed,
         "zero_gradient_share": float(zero.sum()) / max(1, int(ok.sum())),
-        "outputs_are_probabilities": bool(len(x)) and bool(((probs >= 0) & (probs <= 1)).all())
-        and bool(torch.allclose(probs.sum(1), torch.ones(len(x), device=probs.device), atol=1e-4)),
+        "outputs_are_probabilities": outputs_are_probabilities(first),
     }
+
+
+def outputs_are_probabilities(outputs: torch.Tensor) -> bool:
+    """Whether a batch of model outputs looks like softmax probabilities (rows in [0, 1] summing to 1), not logits:
+    cross-entropy on them saturates, so attacks and training get little gradient.
+
+    >>> outputs_are_probabilities(torch.tensor([[0.2, 0.8]])), outputs_are_probabilities(torch.tensor([[2.0, -1.0]]))
+    (True, False)
+    """
+    probs = outputs.detach().float()
+    return bool(len(probs)) and bool(((probs >= 0) & (probs <= 1)).all()) and bool(
+        torch.allclose(probs.sum(1), torch.ones(len(probs), device=probs.device), atol=1e-4))
 
 
 def _check(name: str, passed: bool, detail: str) -> dict:
