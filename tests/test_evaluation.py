@@ -499,7 +499,12 @@ def test_cli_eval_generated_corruptions_of_grey_digits_skip_the_rgb_only_ones(tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--protocol", "quick", "--steps", "20"], "--steps describe the single default PGD attack"),
+    (["--protocol", "quick", "--steps", "20"], "--steps describe the single default PGD attack, which --protocol "
+                                               "leaves out"),
+    (["--surrogate", "/x", "--steps", "3", "--restarts", "2"], "--steps, --restarts describe the single default PGD "
+                                                               "attack, which --surrogate leaves out"),
+    (["--corruptions", "generated", "--loss", "margin"], "--loss describe the single default PGD attack, which "
+                                                         "--corruptions leaves out"),
     (["--attack", "pgd:steps=x"], "is not a valid"),
     (["--attack", "nope"], "unknown attack 'nope'"),
     (["--corruptions", "/no/such/folder"], "no such folder"),

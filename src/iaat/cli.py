@@ -170,12 +170,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     legacy = {"--steps": args.steps, "--restarts": args.restarts, "--step-size": args.step_size,
               "--loss": args.loss}
     attacks = list(args.attack)
-    if args.protocol or attacks:
-        given = [k for k, v in legacy.items() if v is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} describe the single default PGD attack; with --protocol or "
-                              f"--attack write it as an attack, e.g. --attack pgd:steps=100,restarts=5,loss=margin.")
-    elif not (args.surrogate or args.corruptions):
+    given = [k for k, v in legacy.items() if v is not None]
+    # the default attack runs alone; --surrogate or --corruptions without --attack run only what they name
+    instead = [k for k, v in (("--protocol", args.protocol), ("--attack", attacks), ("--surrogate", args.surrogate),
+                              ("--corruptions", args.corruptions)) if v]
+    if given and instead:
+        transfer = " (--attack transfer:steps=... for the transfer attack)" if args.surrogate else ""
+        raise ConfigError(f"{', '.join(given)} describe the single default PGD attack, which {' and '.join(instead)} "
+                          f"leave{'s' * (len(instead) == 1)} out; write it as an attack, e.g. --attack "
+                          f"pgd:steps=100,restarts=5,loss=margin{transfer}.")
+    if not instead:
         steps = 10 if args.steps is None else args.steps
         restarts = 1 if args.restarts is None else args.restarts
         if steps < 0 or restarts < 1:
@@ -437,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a trained model: a run, a checkpoint, an exported .safetensors,\n"
                                    "TorchScript or .pt2 (torch.export) file, or your own architecture\n"
                                    "(--model module:factory --weights FILE);\n"
-                                   "the model takes images in [0, 1]. Without --protocol or --attack: clean accuracy\n"
-                                   "and one PGD attack (--steps, --restarts, --step-size, --loss). Only images\n"
+                                   "the model takes images in [0, 1]. Without --protocol, --attack, --surrogate or\n"
+                                   "--corruptions: clean accuracy and one PGD attack (--steps, --restarts,\n"
+                                   "--step-size, --loss); with them, what they name. Only images\n"
                                    "classified correctly when clean are attacked; a sample counts as robust only if\n"
                                    "no attack iterate (of any restart) misclassifies it. Writes JSON and a markdown\n"
                                    "table; re-running an interrupted evaluation resumes it.",
@@ -453,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  transfer    PGD crafted on source=RUN (or --surrogate RUN), tested on this model\n"
                        "e.g. iaat eval runs/x --protocol paper --surrogate runs/x2 --corruptions generated --n 1000")
     p.add_argument("path", metavar="MODEL", nargs="?",
-                   help="run folder (its newest valid checkpoint), checkpoint, exported .safetensors (with its JSON) "
-                        ", TorchScript or .pt2 file; or leave it out and give --model")
+                   help="run folder (its newest valid checkpoint), checkpoint, exported .safetensors, "
+                        "TorchScript or .pt2 file; or leave it out and give --model")
     p.add_argument("--model", metavar="MODULE:FACTORY",
                    help="your own architecture: an importable factory returning an nn.Module that takes [0, 1] "
                         "images (called with num_classes= when it takes it), e.g. mypkg.nets:resnet18")
