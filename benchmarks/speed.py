@@ -217,6 +217,9 @@ def main(argv=None) -> int:
         init, _, model = init_weights(args.init_from, [args.model], p, "--model")
     failed: dict[str, str] = {}  # spec → error: one method's failure (a CUDA-only bug, memory) costs only its row
     runners = build_runners(args, model, data, splits, device, init, train, radii, paths, failed)
+    pgd_at = next((r for r in runners if r.spec == "pgd_at"), None)
+    # the given weights' accuracy, before the warm-up steps move them
+    clean_acc = clean_accuracy(pgd_at.model, data, device) if init is not None and pgd_at is not None else None
     peak_flops = bf16_peak_flops(device) if device.type == "cuda" else None
     flops: dict[str, int] = {}
     for r in runners:
@@ -226,8 +229,6 @@ def main(argv=None) -> int:
         print(f"speed: pgd_at failed ({failed['pgd_at']}); the ratios are to it, so nothing is timed", file=sys.stderr)
         return 1
     runners = [r for r in runners if r.spec not in failed]
-    pgd_at = next(r for r in runners if r.spec == "pgd_at")
-    clean_acc = clean_accuracy(pgd_at.model, data, device) if init is not None else None
     out = Path(args.out) if args.out else RESULTS / f"speed-{device.type}-{args.model}.json"
     peaks = {id(r): 0 for r in runners}
     times = {id(r): [] for r in runners}

@@ -117,6 +117,8 @@ def run_header(benchmark: str, device: torch.device, argv: list[str] | None, scr
         "command": " ".join([*settings, "python", *(shlex.quote(a) for a in [script, *argv])]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        # CPU speed depends on the vector instructions used (AVX-512 and AVX2 machines differ several times over)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -246,20 +248,24 @@ class Runner:
         self.awp = build_awp(cfg, self.model)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema else None
         self.loader = DeviceLoader(data, batch_size, device, augment=True, seed=0)
+        self.batch_size = batch_size
         self.batches = self._cycle()
         self.times: list[float] = []
-        self.images = 0
+        self.peak_memory = 0  #: bytes, the most any of its steps allocated (CUDA)
 
     def _cycle(self):
+        """Full batches only: an epoch's last, smaller batch would be a faster step, and images/s is read from the
+        median step at ``batch_size`` images."""
         epoch = 0
         while True:
-            yield from self.loader.epoch(epoch)
+            yield from (b for b in self.loader.epoch(epoch) if len(b[1]) == self.batch_size)
             epoch += 1
 
     def step(self, timed: bool) -> None:
         x, y, idx = next(self.batches)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)  # this runner's own peak, not the largest so far
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         forward_backward(self.method, self.net, x, y, idx, self.autocast, self.awp, lambda loss: loss.backward())
@@ -268,9 +274,9 @@ class Runner:
             self.ema.update(self.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated(self.device))
         if timed:
             self.times.append(time.perf_counter() - t0)
-            self.images += len(y)
 
 
 def main(argv=None) -> int:
@@ -333,7 +339,7 @@ def main(argv=None) -> int:
             if base is not None:
                 row["time_ratio_to_pgd_at"] = median / statistics.median(base.times)
             if device.type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                row["peak_memory_gib"] = r.peak_memory / 2**30  # the other runners' models resident too
             rows.append(row)
             ratio = f"  {row['time_ratio_to_pgd_at']:.2f}x pgd_at" if "time_ratio_to_pgd_at" in row else ""
             print(f"{model_name:<12} {r.spec:<32} {ips:8.1f} images/s{ratio}", flush=True)
