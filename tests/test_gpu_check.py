@@ -191,9 +191,12 @@ def test_a_cut_run_is_evaluated_at_its_newest_checkpoint(tmp_path):
 def test_the_plan_names_where_iaats_cost_ratio_comes_from():
     speed = {"resnet18": {"results": [{"method": "pgd_at", "images_per_second": 8000.0},
                                       {"method": "iaat", "images_per_second": 4000.0, "time_ratio_to_pgd_at": 2.0}]}}
-    assert "from stage 2" in gpu_check.plan_section(speed, {"iaat_epoch_ratio": None})
+    assert "from stage 2's steps, a lower bound" in gpu_check.plan_section(speed, {"iaat_epoch_ratio": None})
+    speed["wrn-34-10"] = {"results": [{"method": "pgd_at", "images_per_second": 1000.0},
+                                      {"method": "iaat", "time_ratio_to_pgd_at": 1.1}]}
     measured = gpu_check.plan_section(speed, {"iaat_epoch_ratio": 1.6})
     assert "from stage 3's epoch times" in measured and "| ResNet-18 | 200 | iaat | 5000 |" in measured
+    assert "| iaat | 625 |" in measured  # WRN at the ratio measured while learning, not the random model's
 
 
 def test_refuses_without_a_gpu_unless_smoke(tmp_path):
