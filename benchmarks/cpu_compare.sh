@@ -22,5 +22,5 @@ for method in "$@"; do
       --seed 0 --out "$run"
   fi
   [ -f "$run/eval-test1000-pgd20.json" ] || \
-    $IAAT eval "$run" --n 1000 --steps 20 --step-size 1 --eps 8 --no-progress --out "$run/eval-test1000-pgd20.json"
+    $IAAT eval "$run" --n 1000 --steps 20 --step-size 1 --eps 8 --device cpu --no-progress --out "$run/eval-test1000-pgd20.json"
 done
