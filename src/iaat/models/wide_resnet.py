@@ -41,9 +41,8 @@ def check_wide_resnet(depth: int, width: int, num_classes: int) -> None:
     check_depth(depth)
     if width < 1:
         raise ConfigError(f"a WideResNet's width (the widening factor) must be >= 1, got {width}.")
-    from .registry import check_num_classes  # the registry builds WideResNets: imported here, not at the top
-
-    check_num_classes(num_classes)
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2 (one logit per class), got {num_classes}.")
 
 
 class WideResNet(nn.Module):
