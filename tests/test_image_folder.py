@@ -136,7 +136,7 @@ def test_imagenet_recipe_end_to_end(folder, tmp_path):
 
     # generated corruptions work on image folders too (the images to corrupt are decoded once)
     report = tmp_path / "corruptions.json"
-    code, out, err = run_main("eval", str(run), "--corruptions", "generated", "--steps", "1", "--n", "6",
+    code, out, err = run_main("eval", str(run), "--corruptions", "generated", "--n", "6",
                               "--device", "cpu", "--no-progress", "--no-checks", "--out", str(report))
     assert code == 0, err
     assert 0 <= json.loads(report.read_text())["corruptions"]["mean"] <= 1
