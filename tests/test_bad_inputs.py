@@ -366,6 +366,14 @@ def existing_run_folder_without_resume(c: Ctx) -> list[str]:
     return tiny_train_args(c.data, c.run(), 1)
 
 
+@case("already exists and is not empty", "--resume")
+def out_folder_holding_a_users_config_yaml(c: Ctx) -> list[str]:
+    folder = c.tmp / "exp"  # once: taken for a start killed before its first checkpoint, the file overwritten
+    folder.mkdir()
+    (folder / "config.yaml").write_text("# my preset, with comments\ntrain:\n  epochs: 1\n")
+    return tiny_train_args(c.data, folder, 1)
+
+
 @case("sweep eval.attacks: pgd has no option 'stepz'")
 def sweep_with_a_bad_evaluation_attack(c: Ctx) -> list[str]:
     return ["sweep", str(REPO / "configs/sweeps/cifar10_small_cnn_cpu.yaml"), "--data-dir", str(c.data), "--out",

@@ -204,10 +204,12 @@ def test_sigint_twice_in_process_then_resume_is_bitwise_equal(tiny_cifar, refere
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_held_out_evaluation_stops_there_and_resume_is_bitwise_equal(tiny_cifar, reference, tmp_path,
-                                                                                   monkeypatch):
-    """A signal during the end-of-epoch evaluation ends it after the current batch: the epoch is saved
-    without its held-out numbers, and the resumed run trains exactly as the uninterrupted one."""
+@pytest.mark.parametrize("epoch", [2, EPOCHS])
+def test_ctrl_c_in_the_held_out_evaluation_is_finished_on_resume(tiny_cifar, reference, tmp_path, monkeypatch,
+                                                                  epoch):
+    """A signal during the end-of-epoch evaluation ends it after the current batch; the epoch is saved, and the
+    resumed run first evaluates it again (its own random stream: the same numbers), so every logged number is
+    the uninterrupted run's. In the last epoch too: the run is not finished (no summary.json, exit 130)."""
     from iaat.engine import trainer
 
     original = trainer.accuracy
@@ -218,7 +220,7 @@ def test_ctrl_c_in_the_held_out_evaluation_stops_there_and_resume_is_bitwise_equ
 
         def stop_after_one_batch():
             calls["batches"] += 1
-            if calls["n"] == 2 and calls["batches"] == 2:  # epoch 2, after its first batch
+            if calls["n"] == epoch and calls["batches"] == 2:  # that epoch's check, after its first batch
                 os.kill(os.getpid(), signal.SIGINT)
             return stop()
         return original(*args, stop=stop_after_one_batch, **kwargs)
@@ -227,21 +229,19 @@ def test_ctrl_c_in_the_held_out_evaluation_stops_there_and_resume_is_bitwise_equ
     run = tmp_path / "val"
     code, out, err = run_main(*fresh_args(tiny_cifar, run))
     assert code == 130, err
-    assert "held-out evaluation of epoch 2 was skipped (SIGINT)" in out + err
-    assert "interrupted (SIGINT) after epoch 2" in err and "Traceback" not in err
+    assert f"held-out evaluation of epoch {epoch} was cut short (SIGINT); it runs when the run resumes" in out + err
+    assert f"interrupted (SIGINT) after epoch {epoch}" in err and "Traceback" not in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and "val_clean_acc" in rows[0] and "val_clean_acc" not in rows[1]
+    assert [r["epoch"] for r in rows] == list(range(1, epoch + 1)) and "val_clean_acc" not in rows[-1]
+    assert not (run / "summary.json").exists()
 
     monkeypatch.setattr(trainer, "accuracy", original)
-    code, _, err = run_main(*resume_args(run))
+    code, out, err = run_main(*resume_args(run))
     assert code == 0, err
-    a, b = final(reference), final(run)
-    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
-    assert torch.equal(a["method"]["memory"], b["method"]["memory"])
-    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_clean_acc"] for r in rows if "val_clean_acc" in r] == \
-        [r["val_clean_acc"] for i, r in enumerate(ref_rows) if i != 1]
+    assert f"the held-out evaluation of epoch {epoch}, cut short before: epoch {epoch} |" in out
+    assert_bitwise_equal(reference, run)
+    assert json.loads((run / "summary.json").read_text())["last"]["val_clean_acc"] == \
+        json.loads((reference / "summary.json").read_text())["last"]["val_clean_acc"]
 
 
 def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):
@@ -330,6 +330,63 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(reference, tmp_path,
     assert f"using {older}, the newest valid checkpoint" in err
     assert f"from {older.name} (epoch {EPOCHS - 1} done)" in out
     assert_bitwise_equal(reference, run)  # the redone last epoch is the same as the first time
+
+
+def test_resume_of_a_trained_run_whose_checkpoints_are_gone_is_refused(reference, tmp_path):
+    """Starting over would cut metrics.jsonl to nothing and overwrite the radii (summary.json staying behind)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    code, _, err = run_main(*resume_args(run))
+    assert code == 2 and f"{run} has no checkpoint in checkpoints/, but its metrics.jsonl or summary.json record " \
+        f"{EPOCHS} trained epochs" in err and "Traceback" not in err
+    assert snapshot(run) == before
+
+
+def test_resume_reads_past_damaged_lines_of_metrics_jsonl(reference, tmp_path):
+    """Lines that are no epoch row (a number, a list, bytes that are not UTF-8) are dropped, as readers skip them."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([lines[0], b"42\n", b"[1, 2]\n", b"\xff\xfe{\n", *lines[1:]]))
+    code, out, err = run_main(*resume_args(run))
+    assert code == 0 and "nothing to do" in out, err
+    assert (run / "metrics.jsonl").read_bytes() == b"".join(lines)
+
+
+def test_a_checkpoint_whose_checksum_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """The trainer takes the epoch's metrics row back when the save fails; a checkpoint left without its checksum
+    would still be resumed from, and that epoch's row would be missing for good."""
+    from iaat.engine import checkpoint
+    from iaat.errors import OutputError
+
+    write = checkpoint.atomic_write_bytes
+
+    def disk_full_at_the_checksum(path, data):
+        if path.name.endswith(".sha256"):
+            raise OutputError(f"could not write {path}: No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", disk_full_at_the_checksum)
+    path = tmp_path / "epoch_0005.pt"
+    with pytest.raises(OutputError, match="No space left"):
+        save_checkpoint(path, {"epoch": 5})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_trainings_of_one_run_folder_are_refused(reference, tmp_path):
+    """A re-queued job, or a resume of a run that a sweep is training: the second one is refused before it
+    touches the folder (metrics.jsonl would get each epoch twice)."""
+    from iaat.engine import rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = snapshot(run)
+    with rundir.exclusive(run):  # as a training holds it
+        code, _, err = run_main(*resume_args(run), "--epochs", str(EPOCHS + 1))
+    assert code == 2 and f"another training is writing to {run}" in err and "Traceback" not in err
+    assert snapshot(run) == before
 
 
 # ---- 4. a NaN loss: a clear error naming epoch and step; the last good checkpoint untouched ----------------------

@@ -85,7 +85,10 @@ def resumed_config(out: Path, changes: Optional[Mapping[str, Any]] = None) -> Co
     if old != new:  # before the method's keys are read: the old method's would be refused as the new one's
         raise ConfigError(f"cannot change method.name when resuming ({old!r} in {out / 'config.yaml'}, asked "
                           f"{new!r}); start a new run in another folder instead.")
-    return config_from_dict(raw)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:  # a bad value the run's file still holds (not one a change replaced): say where
+        raise locate(e, out / "config.yaml", raw) from None
 
 
 def with_overrides(raw: dict, overrides: Optional[Mapping[str, Any]]) -> dict:

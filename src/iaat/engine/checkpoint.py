@@ -9,6 +9,7 @@ only, so a crafted pickle cannot execute anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -89,7 +90,12 @@ def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
     except OSError as e:
         raise write_failure(sidecar, e) from None
     atomic_write_bytes(path, data)
-    atomic_write_bytes(sidecar, (hashlib.sha256(data).hexdigest() + "\n").encode())
+    try:
+        atomic_write_bytes(sidecar, (hashlib.sha256(data).hexdigest() + "\n").encode())
+    except BaseException:  # a full disk, a second Ctrl-C: the caller takes back what it recorded for this file,
+        with contextlib.suppress(OSError):  # so the file must go too, or a resume would continue from it
+            path.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:

@@ -7,15 +7,16 @@ read-only folder) becomes an :class:`~iaat.errors.OutputError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..config import RESUMABLE_KEYS, Config, config_from_dict, dump_yaml, load_yaml
+from ..config import RESUMABLE_KEYS, Config, config_from_dict, dump_yaml, load_yaml, locate
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import TEMPORARY_FILE, atomic_write_bytes, remove_temporaries, write_failure
 
@@ -45,11 +46,35 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def _never_trained(run_dir: Path) -> bool:
-    """Only what a start writes before its first checkpoint: config.yaml, the data split, an empty checkpoints/."""
+    """Only what a start writes before its first checkpoint: config.yaml, the data split, an empty checkpoints/
+    (which a start makes right after config.yaml: a folder of a config.yaml alone is a user's file, not a start)."""
     names = {p.name for p in run_dir.iterdir() if not TEMPORARY_FILE.match(p.name)}
     checkpoints = run_dir / CHECKPOINTS
-    return names <= {CONFIG, SPLIT, CHECKPOINTS} and (not checkpoints.exists() or (
-        checkpoints.is_dir() and all(TEMPORARY_FILE.match(p.name) for p in checkpoints.iterdir())))
+    return names <= {CONFIG, SPLIT, CHECKPOINTS} and checkpoints.is_dir() and all(
+        TEMPORARY_FILE.match(p.name) for p in checkpoints.iterdir())
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold a lock on ``run_dir`` (made where it is new) while a training writes to it; a second training of the
+    same folder is refused. An advisory ``flock`` of the folder itself: no file to leave behind, released when the
+    process ends however it ends (none where the system has no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    _mkdir(run_dir, parents=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(f"another training is writing to {run_dir} (an iaat train, or a sweep training "
+                                  f"it); wait for it to end or stop it first. Nothing was changed.") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -83,11 +108,23 @@ def read_config(run_dir: Path) -> dict:
     return raw
 
 
+def run_config(run_dir: Path) -> Config:
+    """The checked config of the run folder ``run_dir``: a bad value in its config.yaml is an error naming the file
+    (and the line, where the key is written there), not only the key."""
+    path = Path(run_dir) / CONFIG
+    raw = read_config(Path(run_dir))
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:  # nothing but the file is read: it is to blame even where locate finds no line
+        located = locate(e, path)
+        raise (located if located is not e else ConfigError(f"{path}: {e}")) from None
+
+
 def check_resume_config(run_dir: Path, cfg: Config) -> Optional[str]:
     """Refuse to continue ``run_dir`` with ``cfg`` where it changes more than a resume may (``RESUMABLE_KEYS``: where
     and how it runs, how long); returns a note when the change makes the run differ from one trained with ``cfg``
     from the start (more epochs on a cosine schedule), else None."""
-    before, after = config_from_dict(read_config(run_dir)).to_dict(), cfg.to_dict()
+    before, after = run_config(run_dir).to_dict(), cfg.to_dict()
     for section in after:
         for key in sorted(set(after[section]) | set(before.get(section, {}))):
             old, new = before.get(section, {}).get(key), after[section].get(key)
@@ -194,7 +231,7 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     path = run_dir / METRICS
     if not path.is_file():
         return
-    text = path.read_text()
+    text = path.read_text(errors="replace")  # damaged bytes: that line is dropped, as read_metrics skips it
     lines = text.splitlines()
     kept = []
     for line in lines:
@@ -202,10 +239,18 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get("epoch", 0) <= last_epoch:
+        epoch = row.get("epoch", 0) if isinstance(row, dict) else None
+        if isinstance(epoch, (int, float)) and epoch <= last_epoch:  # not a row of an epoch: dropped
             kept.append(json.dumps(row))
     if kept != lines or (text and not text.endswith("\n")):
         write_lines(path, kept)
+
+
+def replace_metrics_row(run_dir: Path, row: dict) -> None:
+    """Put ``row`` in place of the row of its epoch in metrics.jsonl (atomically)."""
+    path = run_dir / METRICS
+    rows = [row if r.get("epoch") == row["epoch"] else r for r in read_metrics(run_dir)]
+    write_lines(path, [json.dumps(r) for r in rows])
 
 
 def write_lines(path: Path, lines: Iterable[str]) -> None:

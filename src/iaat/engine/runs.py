@@ -22,7 +22,7 @@ def load_run_config(path: Path) -> Config:
     if path.is_dir():
         if not (path / rundir.CONFIG).is_file():
             raise CheckpointError(f"{path} is not a run folder: no {rundir.CONFIG} in it.")
-        return config_from_dict(rundir.read_config(path))
+        return rundir.run_config(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file).")
     return config_from_dict(load_checkpoint(path)["config"])
@@ -46,7 +46,7 @@ def load_run(path: Path, device: Optional[torch.device] = None, weights: str = "
         ckpt_path, ckpt = latest_valid(path / rundir.CHECKPOINTS)
         if ckpt is None:
             raise CheckpointError(f"no valid checkpoint in {path / rundir.CHECKPOINTS}.")
-        cfg = config_from_dict(rundir.read_config(path))
+        cfg = rundir.run_config(path)
     elif path.exists():
         ckpt_path, ckpt = path, load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"])

@@ -20,6 +20,7 @@ writes files, and the ranks agree after every step on whether to stop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -208,6 +209,7 @@ class _Session:
     ema: Optional[EMA] = None  #: averaged weights (train.ema)
     awp: Optional[AWP] = None  #: adversarial weight perturbation (train.awp)
     config_saved: bool = True  #: config.yaml says what this session runs with (a resume rewrites it at its first save)
+    held_out_pending: bool = False  #: a signal cut the held-out evaluation of the newest checkpointed epoch short
 
     @property
     def ckpt_dir(self) -> Path:
@@ -223,16 +225,24 @@ class _Session:
 def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
            info: distributed.DistInfo = distributed.SINGLE, notes: Sequence[str] = ()) -> dict:
     s = _setup(cfg, run_dir, device, info, log)
-    if resume:
-        _restore(s)
-    else:
-        if cfg.train.init_from:
-            _init_from(s, Path(cfg.train.init_from))
-        if info.is_main:
+    if not resume and cfg.train.init_from:
+        _init_from(s, Path(cfg.train.init_from))
+    # one training per run folder: a second (a re-queued job, a resume while a sweep trains it) would write the
+    # same epochs twice
+    with rundir.exclusive(run_dir) if info.is_main else contextlib.nullcontext():
+        if resume:
+            _restore(s)
+        elif info.is_main:
             rundir.create_run_dir(run_dir, cfg)
             rundir.write_split(run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
-    distributed.barrier(info)
-    if s.start_epoch >= cfg.train.epochs:
+        distributed.barrier(info)
+        return _run(s, notes)
+
+
+def _run(s: _Session, notes: Sequence[str]) -> dict:
+    """The epochs from where the run stands, then summary.json; returns the last metrics row."""
+    cfg, run_dir, info, device, log = s.cfg, s.run_dir, s.info, s.device, s.log
+    if s.start_epoch >= cfg.train.epochs and not s.held_out_pending:
         log(f"{run_dir} already finished {s.start_epoch} epochs (asked for {cfg.train.epochs}); nothing to do.")
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
@@ -246,6 +256,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     launcher = "torchrun ... -m iaat train" if info.enabled else "iaat train"
     with StopOnSignal(f"resume with {launcher} --out {shlex.quote(str(run_dir))} --resume",
                       escalate=not info.enabled) as stop:
+        if s.held_out_pending:
+            last_row = _complete_held_out(s, stop)
         for epoch in range(s.start_epoch, cfg.train.epochs):
             first = s.start_step if epoch == s.start_epoch else 0
             t0 = time.perf_counter()
@@ -253,7 +265,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
             sums = _EpochSums.from_state(s.partial, device) if resumed else _EpochSums.zeros(device)
             lr = _train_epoch(s, epoch, first, sums, stop, t0)
             last_row = _end_epoch(s, epoch, sums, lr, t0, stop)
-            if distributed.any_rank(stop.signum is not None, info, device) and epoch + 1 < cfg.train.epochs:
+            # the last epoch's signal too, where it cut the held-out evaluation short: the run is not finished
+            if distributed.any_rank(stop.signum is not None, info, device) and (
+                    epoch + 1 < cfg.train.epochs or s.held_out_pending):
                 raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
                                           f"{checkpoint_path(s.ckpt_dir, epoch + 1)}; {stop.resume_hint}", stop.signum)
     if info.is_main:
@@ -339,21 +353,18 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss_sum.item() / n, "train_acc": sums.correct.item() / n,
            **{f"train_{k}": (v.item() if torch.is_tensor(v) else v) / n for k, v in sums.stats.items()},
            **s.method.end_epoch()}
-    if ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs) and len(s.data.val) > 0:
-        for prefix, model in (("", s.model), ("ema_", s.ema.module if s.ema is not None else None)):
-            held_out = _validate(s, epoch, stop, model) if model is not None else None
-            if held_out is not None:
-                row[f"{prefix}val_clean_acc"], row[f"{prefix}val_pgd{cfg.train.eval_steps}_acc"] = held_out
-            elif model is not None:
-                s.log(f"iaat: the held-out evaluation of epoch {epoch + 1} was skipped ({stop.name})")
-                break
+    due = ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs) and len(s.data.val) > 0
+    s.held_out_pending = due and not _held_out(s, epoch, stop, row)
+    if s.held_out_pending:
+        s.log(f"iaat: the held-out evaluation of epoch {epoch + 1} was cut short ({stop.name}); it runs when the "
+              f"run resumes")
     row["train_seconds"] = train_seconds
     row["images_per_second"] = sums.n_seen / train_seconds if train_seconds > 0 else None
     row["seconds"] = time.perf_counter() - t0
 
     # Arrays and metrics first, then the checkpoint: a crash in between leaves a row that resuming drops; a failed
     # checkpoint write takes the row back so metrics.jsonl never runs ahead of the checkpoints.
-    state = _payload(s, epoch + 1, lr)
+    state = {**_payload(s, epoch + 1, lr), "held_out_pending": s.held_out_pending}
     if info.is_main:
         arrays = s.method.epoch_arrays()
         rundir.write_epoch_arrays(s.run_dir, epoch + 1, arrays)
@@ -371,6 +382,47 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
         prune(s.ckpt_dir, cfg.train.keep_checkpoints)
     distributed.barrier(info)
     s.log(_format_row(row, s.method.log_keys))
+    return row
+
+
+def _refuse_restart(run_dir: Path) -> None:
+    """A run without checkpoints whose records say it trained epochs (its checkpoints were deleted or moved):
+    starting over would erase those records. A first epoch cut between its metrics row and its checkpoint leaves
+    one row and no checkpoint, and starts over as before."""
+    done = max((r["epoch"] for r in rundir.read_metrics(run_dir) if isinstance(r.get("epoch"), int)), default=0)
+    if done > 1 or (run_dir / rundir.SUMMARY).is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint in {rundir.CHECKPOINTS}/, but its metrics.jsonl or "
+                              f"summary.json record {done} trained epoch{'s' * (done != 1)}: resuming would start "
+                              f"over and erase them. Restore the checkpoints, or train into a new --out. Nothing "
+                              f"was changed.")
+
+
+def _held_out(s: _Session, epoch: int, stop: StopOnSignal, row: dict) -> bool:
+    """Put the held-out accuracies of the model (and of its average) after ``epoch`` into ``row``; False where a
+    signal cut the evaluation short."""
+    for prefix, model in (("", s.model), ("ema_", s.ema.module if s.ema is not None else None)):
+        if model is None:
+            continue
+        held_out = _validate(s, epoch, stop, model)
+        if held_out is None:
+            return False
+        row[f"{prefix}val_clean_acc"], row[f"{prefix}val_pgd{s.cfg.train.eval_steps}_acc"] = held_out
+    return True
+
+
+def _complete_held_out(s: _Session, stop: StopOnSignal) -> dict:
+    """The held-out evaluation a signal cut short at the end of the epoch this run resumes after, run again from the
+    weights it ended with (its own random stream: the numbers an uninterrupted run logged) and written into that
+    epoch's row of metrics.jsonl."""
+    epoch = s.start_epoch
+    row = next((r for r in rundir.read_metrics(s.run_dir) if r.get("epoch") == epoch), {"epoch": epoch})
+    if not _held_out(s, epoch - 1, stop, row):
+        raise TrainingInterrupted(f"interrupted ({stop.name}) in the held-out evaluation of epoch {epoch}; "
+                                  f"{stop.resume_hint}", stop.signum)
+    if s.info.is_main:
+        rundir.replace_metrics_row(s.run_dir, row)
+    s.held_out_pending = False
+    s.log(f"the held-out evaluation of epoch {epoch}, cut short before: " + _format_row(row, s.method.log_keys))
     return row
 
 
@@ -453,6 +505,7 @@ def _restore(s: _Session) -> None:
             s.ema.load_state_dict(ckpt, str(path))
         s.start_epoch, s.global_step = ckpt["epoch"], ckpt["global_step"]
         s.start_step, s.partial = int(ckpt.get("step", 0)), ckpt.get("partial")
+        s.held_out_pending = bool(ckpt.get("held_out_pending")) and not s.start_step
         _restore_rng(ckpt, cfg, info, s.start_epoch, s.log)
         buffers = ckpt.get("buffers_ranks")
         if buffers is not None and len(buffers) == info.world_size:
@@ -463,6 +516,7 @@ def _restore(s: _Session) -> None:
         where = f"epoch {s.start_epoch + 1} step {s.start_step}" if s.start_step else f"epoch {s.start_epoch} done"
         s.log(f"resuming {s.run_dir} from {path.name} ({where})")
     else:
+        _refuse_restart(s.run_dir)
         s.log(f"no checkpoint in {s.ckpt_dir} yet; starting {s.run_dir} from epoch 1")
     distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
     if info.is_main:

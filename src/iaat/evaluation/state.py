@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..errors import ConfigError, OutputError
+from ..engine.checkpoint import atomic_write_bytes, write_failure
+from ..errors import ConfigError, first_line
 
 
 class EvalState:
@@ -50,15 +52,16 @@ class EvalState:
         self.save()
 
     def save(self) -> None:
+        """Write the state atomically and fsynced: a crash or power cut leaves the previous state, not half of one."""
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.array(json.dumps(self.meta)), **self.arrays)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, __meta__=np.array(json.dumps(self.meta)), **self.arrays)
-            os.replace(tmp, self.path)
         except OSError as e:
-            raise OutputError(f"cannot write the evaluation state {self.path}: {e.strerror or e}.") from None
+            raise write_failure(self.path, e) from None
+        atomic_write_bytes(self.path, buffer.getvalue())  # OutputError naming the file when it cannot be written
 
     def remove(self) -> None:
         if self.path is not None and self.path.is_file():
@@ -68,6 +71,16 @@ class EvalState:
 def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            return json.loads(str(f["__meta__"])), {k: f[k] for k in f.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read the evaluation state {path} ({e}); delete it to start over.") from None
+            meta, arrays = json.loads(str(f["__meta__"])), {k: f[k] for k in f.files if k != "__meta__"}
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+        return meta, arrays
+    # a truncated or empty file (a copy cut short, a full disk) fails in zipfile or numpy, not with an OSError
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"cannot read the evaluation state {path} (damaged? {_reason(e)}); delete it to start "
+                          f"over.") from None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, without numpy's hint to load pickles unsafely: a state file never holds any."""
+    return first_line(error).split(" If you trust the file")[0]

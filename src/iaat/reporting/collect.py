@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import Config, config_from_dict, load_yaml, method_params
+from ..config import Config, load_yaml, method_params
 from ..engine import rundir
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.checks import at_chance
@@ -185,7 +186,7 @@ def _training_samples(run_dir: Path) -> Optional[int]:
     try:
         with np.load(run_dir / rundir.SPLIT) as split:
             return len(split["train_indices"])
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # BadZipFile: a truncated file
         return None
 
 
@@ -206,7 +207,7 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     config = path / rundir.CONFIG
     if not config.is_file():
         raise CheckpointError(f"{path} is neither a run folder (no {rundir.CONFIG}) nor a sweep folder (no sweep.yaml).")
-    cfg = config_from_dict(rundir.read_config(path))
+    cfg = rundir.run_config(path)  # a bad value in config.yaml: an error naming the file
     radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
     metrics = rundir.read_metrics(path)
     evaluation, chosen = pick_evaluation(path, eval_path, last_epoch(metrics))
