@@ -389,6 +389,33 @@ def test_two_trainings_of_one_run_folder_are_refused(reference, tmp_path):
     assert snapshot(run) == before
 
 
+def test_the_lock_is_skipped_where_the_file_system_has_none(tmp_path, monkeypatch):
+    """NFS without lockd, Lustre without flock: flock fails with another error than "held", and training goes on
+    without a lock rather than being refused as if another one ran."""
+    import errno
+    import fcntl
+
+    from iaat.engine import rundir
+
+    def no_locks(handle, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with rundir.exclusive(tmp_path / "run"):
+        pass
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_a_redone_held_out_row_goes_back_in_epoch_order(tmp_path):
+    from iaat.engine import rundir
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "a": 1}\n{"epoch": 3, "a": 3}\n')
+    rundir.replace_metrics_row(tmp_path, {"epoch": 2, "val_clean_acc": 0.5})  # its line was lost
+    rundir.replace_metrics_row(tmp_path, {"epoch": 3, "a": 3, "val_clean_acc": 0.7})
+    assert rundir.read_metrics(tmp_path) == [{"epoch": 1, "a": 1}, {"epoch": 2, "val_clean_acc": 0.5},
+                                             {"epoch": 3, "a": 3, "val_clean_acc": 0.7}]
+
+
 # ---- 4. a NaN loss: a clear error naming epoch and step; the last good checkpoint untouched ----------------------
 
 

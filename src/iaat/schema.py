@@ -20,7 +20,7 @@ def did_you_mean(key: str, options: Iterable[str]) -> str:
     by_lower: dict[str, str] = {}
     for option in options:
         by_lower.setdefault(option.lower(), option)  # the first of options that differ only in case
-    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1, cutoff=0.6)  # a YAML key may be 1
     return f" Did you mean '{by_lower[close[0]]}'?" if close else ""
 
 

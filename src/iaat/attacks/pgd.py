@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import math
 import numbers
 import re
@@ -106,7 +105,7 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
     model = unwrap(model)
     was_training = model.training
     params = list(model.parameters())
-    if any(t.is_inference() for t in itertools.chain(params, model.buffers())):
+    if any(p.is_inference() for p in params):  # built inside inference mode (its buffers then are too)
         raise ConfigError("the model was built inside torch.inference_mode(): its weights are inference tensors, "
                           "which cannot take part in the gradients an attack needs; build or load it outside "
                           "inference mode.")
@@ -397,6 +396,9 @@ def outside_inference_mode(attack: Callable) -> Callable:
 
     @functools.wraps(attack)
     def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled() and not any(
+                isinstance(v, torch.Tensor) and v.is_inference() for v in (*args, *kwargs.values())):
+            return attack(*args, **kwargs)  # the usual call (every training step): as it is
         with torch.inference_mode(False):
             return attack(*map(normal, args), **{k: normal(v) for k, v in kwargs.items()})
     return run

@@ -51,30 +51,41 @@ def _never_trained(run_dir: Path) -> bool:
     names = {p.name for p in run_dir.iterdir() if not TEMPORARY_FILE.match(p.name)}
     checkpoints = run_dir / CHECKPOINTS
     return names <= {CONFIG, SPLIT, CHECKPOINTS} and checkpoints.is_dir() and all(
-        TEMPORARY_FILE.match(p.name) for p in checkpoints.iterdir())
+        TEMPORARY_FILE.match(p.name) or p.name == LOCK for p in checkpoints.iterdir())
+
+
+#: in checkpoints/: the file a training locks while it writes to its run folder
+LOCK = ".lock"
 
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path) -> Iterator[None]:
     """Hold a lock on ``run_dir`` (made where it is new) while a training writes to it; a second training of the
-    same folder is refused. An advisory ``flock`` of the folder itself: no file to leave behind, released when the
-    process ends however it ends (none where the system has no ``fcntl``)."""
+    same folder is refused. An advisory ``flock`` of ``checkpoints/.lock``, which the system releases when the
+    process ends however it ends; a file opened for writing, as NFS's emulation of ``flock`` needs. Where the
+    system or the file system has no such locks, the training runs without one."""
     try:
         import fcntl
-    except ImportError:
+    except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is None:
         yield
         return
-    _mkdir(run_dir, parents=True)
-    fd = os.open(run_dir, os.O_RDONLY)
+    _mkdir(run_dir / CHECKPOINTS, parents=True)
+    path = run_dir / CHECKPOINTS / LOCK
     try:
+        handle = open(path, "a")
+    except OSError as e:
+        raise write_failure(path, e) from None
+    with handle:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise CheckpointError(f"another training is writing to {run_dir} (an iaat train, or a sweep training "
                                   f"it); wait for it to end or stop it first. Nothing was changed.") from None
+        except OSError:  # a file system without flock (some cluster mounts): no lock, as before locks
+            pass
         yield
-    finally:
-        os.close(fd)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -247,10 +258,11 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
 
 
 def replace_metrics_row(run_dir: Path, row: dict) -> None:
-    """Put ``row`` in place of the row of its epoch in metrics.jsonl (atomically)."""
-    path = run_dir / METRICS
-    rows = [row if r.get("epoch") == row["epoch"] else r for r in read_metrics(run_dir)]
-    write_lines(path, [json.dumps(r) for r in rows])
+    """Put ``row`` in place of the row of its epoch in metrics.jsonl, or among the rows in epoch order where the
+    file lost it (atomically)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("epoch") != row["epoch"]]
+    at = sum(1 for r in rows if isinstance(r.get("epoch"), (int, float)) and r["epoch"] < row["epoch"])
+    write_lines(run_dir / METRICS, [json.dumps(r) for r in [*rows[:at], row, *rows[at:]]])
 
 
 def write_lines(path: Path, lines: Iterable[str]) -> None:

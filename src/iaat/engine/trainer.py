@@ -227,12 +227,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None],
     s = _setup(cfg, run_dir, device, info, log)
     if not resume and cfg.train.init_from:
         _init_from(s, Path(cfg.train.init_from))
+    if resume:
+        _refuse_restart(s)  # before the lock, which would add its file
     # one training per run folder: a second (a re-queued job, a resume while a sweep trains it) would write the
     # same epochs twice
     with rundir.exclusive(run_dir) if info.is_main else contextlib.nullcontext():
         if resume:
             _restore(s)
         elif info.is_main:
+            rundir.check_new_run_dir(run_dir)  # again, now that no other training can start in it meanwhile
             rundir.create_run_dir(run_dir, cfg)
             rundir.write_split(run_dir, s.data.train_indices.numpy(), s.data.val_indices.numpy())
         distributed.barrier(info)
@@ -385,10 +388,13 @@ def _end_epoch(s: _Session, epoch: int, sums: _EpochSums, lr: float, t0: float, 
     return row
 
 
-def _refuse_restart(run_dir: Path) -> None:
+def _refuse_restart(s: _Session) -> None:
     """A run without checkpoints whose records say it trained epochs (its checkpoints were deleted or moved):
     starting over would erase those records. A first epoch cut between its metrics row and its checkpoint leaves
     one row and no checkpoint, and starts over as before."""
+    run_dir = s.run_dir
+    if newest_epoch(s.ckpt_dir) is not None or interrupt_path(s.ckpt_dir).is_file():
+        return
     done = max((r["epoch"] for r in rundir.read_metrics(run_dir) if isinstance(r.get("epoch"), int)), default=0)
     if done > 1 or (run_dir / rundir.SUMMARY).is_file():
         raise CheckpointError(f"{run_dir} has no checkpoint in {rundir.CHECKPOINTS}/, but its metrics.jsonl or "
@@ -438,7 +444,7 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
         raise ConfigError(f"the training set has {len(data.train)} image(s), too few to give each of the "
                           f"{info.world_size} processes 2; train on more (data.train_subset) or on fewer processes.")
     model, net, method = build_step(cfg, data, device, info)
-    _probe_model(model, data, device)
+    _probe_model(model, data, device, warn=info.is_main)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
@@ -452,7 +458,7 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
                     awp=build_awp(cfg, model))
 
 
-def _probe_model(model: torch.nn.Module, data, device: torch.device) -> None:
+def _probe_model(model: torch.nn.Module, data, device: torch.device, warn: bool = True) -> None:
     """Classify two training images before anything is written: a model that cannot take the data set's images or
     gives another number of logits than it has classes is an error naming the mismatch (eval mode, no gradient: no
     statistic changes and no random number is drawn)."""
@@ -476,7 +482,7 @@ def _probe_model(model: torch.nn.Module, data, device: torch.device) -> None:
         raise ConfigError(f"the model gives {logits.shape[1]} logits per image, but the data set has {classes} "
                           f"classes: it needs one logit per class (a factory is called with num_classes={classes} "
                           f"where it takes that argument).")
-    if outputs_are_probabilities(logits):
+    if warn and outputs_are_probabilities(logits):
         warnings.warn("the model's outputs look like probabilities (each row in [0, 1], summing to 1), not logits: "
                       "the training losses and attacks take logits, and cross-entropy on probabilities gives them "
                       "little gradient; remove the model's final softmax.", stacklevel=2)
@@ -516,7 +522,6 @@ def _restore(s: _Session) -> None:
         where = f"epoch {s.start_epoch + 1} step {s.start_step}" if s.start_step else f"epoch {s.start_epoch} done"
         s.log(f"resuming {s.run_dir} from {path.name} ({where})")
     else:
-        _refuse_restart(s.run_dir)
         s.log(f"no checkpoint in {s.ckpt_dir} yet; starting {s.run_dir} from epoch 1")
     distributed.barrier(info)  # every rank has read the checkpoint before rank 0 tidies the folder
     if info.is_main:
@@ -744,7 +749,8 @@ def _format_row(row: dict, method_keys: tuple = ()) -> str:
     """The console line of an epoch: losses, the method's key numbers (sizes over 255), held-out accuracy."""
     parts = [f"epoch {row['epoch']}"]
     for key in ("train_loss", "train_acc"):
-        parts.append(f"{key} {row[key]:.4f}")
+        if key in row:  # a row rebuilt from a lost line holds only what was evaluated again
+            parts.append(f"{key} {row[key]:.4f}")
     for key in method_keys:
         if isinstance(row.get(key), (int, float)):
             value = row[key]
