@@ -23,6 +23,7 @@ from .checkpoint import TEMPORARY_FILE, atomic_write_bytes, remove_temporaries, 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"  #: in checkpoints/: the file a training locks while it writes to its run folder
 SUMMARY = "summary.json"
 SPLIT = "data_split.npz"
 
@@ -52,10 +53,6 @@ def _never_trained(run_dir: Path) -> bool:
     checkpoints = run_dir / CHECKPOINTS
     return names <= {CONFIG, SPLIT, CHECKPOINTS} and checkpoints.is_dir() and all(
         TEMPORARY_FILE.match(p.name) or p.name == LOCK for p in checkpoints.iterdir())
-
-
-#: in checkpoints/: the file a training locks while it writes to its run folder
-LOCK = ".lock"
 
 
 @contextlib.contextmanager
