@@ -531,7 +531,7 @@ def check_steps(steps: object) -> int:
 def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, reference, stop_on_miss, target,
                      early_stop_tau, step_noise=0.0):
     """Clear errors for arguments the kernel would otherwise run with silently (sizes in pixel units) or crash on;
-    none needs a host synchronisation."""
+    none needs a host synchronisation. ``steps`` comes checked (:func:`check_steps`)."""
     if norm not in ("linf", "l2"):
         raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}.")
     if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim >= 2 and y.shape == (len(x),)):
@@ -541,7 +541,6 @@ def _check_arguments(x, y, eps, step_size, norm, steps, restarts, loss, referenc
     for name, value in (("eps", eps), ("step_size", step_size)):
         if value is not None and not torch.is_tensor(value):  # what a person types; tensors are checked by values
             check_size(value, name, norm=norm)
-    check_steps(steps)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}.")
     if step_noise:  # a std in [0, 1] units, like the sizes
