@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..attacks import attack_mode
-from ..attacks.pgd import check_image_range, check_logits
+from ..attacks.pgd import check_image_range, check_logits, outside_inference_mode
 from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..model_files import load_model
@@ -20,6 +20,7 @@ from .presets import PROTOCOLS
 from .protocol import build_plan, run_evaluation
 
 
+@outside_inference_mode  # attacks need gradients, which a caller's inference mode would switch off
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              attacks: Optional[Sequence[Union[str, AttackSpec]]] = None, eps: Union[float, Sequence[float]] = 8 / 255,
              protocol: Optional[str] = None, norm: str = "linf", eps_sweep: Optional[Sequence[float]] = None,
@@ -82,23 +83,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         attacks = [attacks]  # one attack given on its own
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-    with torch.inference_mode(False):  # attacks need gradients, which a caller's inference mode would switch off
-        data = _image_set(x, y)
-        device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-        source, surrogates = _given_surrogate(surrogate, model, device)
-        model = float32_view(model)
-        num_classes = _num_classes(model, data, device)
-        if attacks is None:
-            attacks = [] if protocol else list(PROTOCOLS["quick"])
-        plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, surrogate=source, eps_sweep=sweep,
-                          steps_sweep=steps_sweep, checks=checks)
-        for spec in plan.attacks:  # transfer attacks whose spec names its own source: loaded as iaat eval does
-            if spec.kind == "transfer" and spec.source not in surrogates:
-                surrogates[spec.source] = load_model(spec.source, device)
-        fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
-        result = run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint,
-                                batch_size=batch_size, device=device, seed=seed, progress=progress, surrogates=surrogates,
-                                per_sample=per_sample)
+    data = _image_set(x, y)
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    source, surrogates = _given_surrogate(surrogate, model, device)
+    model = float32_view(model)
+    num_classes = _num_classes(model, data, device)
+    if attacks is None:
+        attacks = [] if protocol else list(PROTOCOLS["quick"])
+    plan = build_plan(eps=radii, protocol=protocol, attacks=attacks, norm=norm, surrogate=source, eps_sweep=sweep,
+                      steps_sweep=steps_sweep, checks=checks)
+    for spec in plan.attacks:  # transfer attacks whose spec names its own source: loaded as iaat eval does
+        if spec.kind == "transfer" and spec.source not in surrogates:
+            surrogates[spec.source] = load_model(spec.source, device)
+    fingerprint = {"n": len(data), "seed": seed, "stages": [s.label for s in plan.stages()]}
+    result = run_evaluation(model, data, plan, num_classes=num_classes, fingerprint=fingerprint,
+                            batch_size=batch_size, device=device, seed=seed, progress=progress, surrogates=surrogates,
+                            per_sample=per_sample)
     if per_sample:
         result["per_sample"] = {k: torch.from_numpy(v.astype(bool)) for k, v in result["per_sample"].items()}
     return _with_every_key(result)
@@ -172,6 +172,4 @@ def _image_set(x: torch.Tensor, y: torch.Tensor) -> ImageSet:
         raise ConfigError(f"labels y must be integer class indices, got {y.dtype}.")
     if x.is_floating_point():
         check_image_range(float(x.min()), float(x.max()), "evaluate")
-    # tensors made in inference mode cannot take part in autograd: copies made outside it can
-    x, y = (t.clone() if t.is_inference() else t for t in (x, y))
     return ImageSet(x.detach().cpu(), y.detach().cpu().long())
