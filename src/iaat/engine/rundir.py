@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -164,6 +165,19 @@ def write_split(run_dir: Path, train_indices: np.ndarray, val_indices: np.ndarra
     buffer = io.BytesIO()
     np.savez(buffer, train_indices=train_indices, val_indices=val_indices)
     atomic_write_bytes(run_dir / SPLIT, buffer.getvalue())
+
+
+def read_train_indices(run_dir: Path) -> np.ndarray:
+    """The official training-image index of each memory position, from ``data_split.npz``; a missing or damaged
+    file is a :class:`CheckpointError` naming it."""
+    path = run_dir / SPLIT
+    try:
+        with np.load(path, allow_pickle=False) as split:
+            return split["train_indices"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # missing, truncated, not an .npz
+        why = "no such file" if isinstance(e, FileNotFoundError) else "damaged or cut short?"
+        raise CheckpointError(f"cannot read the data split {path} ({why}); it says which training images the run "
+                              f"trained on.") from None
 
 
 def write_epoch_arrays(run_dir: Path, epoch: int, arrays: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import warnings
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,9 +183,8 @@ def _radius_files(folder: Path, samples: Optional[int]) -> dict[int, Path]:
 def _training_samples(run_dir: Path) -> Optional[int]:
     """How many training samples the run has (its data split file), or None where that file cannot be read."""
     try:
-        with np.load(run_dir / rundir.SPLIT) as split:
-            return len(split["train_indices"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # BadZipFile: a truncated file
+        return len(rundir.read_train_indices(run_dir))
+    except CheckpointError:
         return None
 
 

@@ -6,13 +6,13 @@ and ``stem.svg``; it returns what it drew (for report.json and the tests).
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..engine import rundir
+from ..errors import ConfigError
 from .collect import RunRecord
 
 #: CIFAR-10's class names, for the captions of the image grids.
@@ -428,19 +428,6 @@ def prediction_caption(clean: int, adversarial: int, dataset: str) -> str:
     return f"clean: {class_name(clean, dataset)}\nadv: {class_name(adversarial, dataset)}"
 
 
-def _train_indices(run_dir: Path) -> np.ndarray:
-    """Which official training images the run trained on, from its ``data_split.npz``; a damaged file is a
-    :class:`CheckpointError` naming it (the report then draws no image grids for the run and goes on)."""
-    path = run_dir / "data_split.npz"
-    try:
-        with np.load(path, allow_pickle=False) as split:
-            return split["train_indices"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # missing, truncated, not an .npz
-        why = "no such file" if isinstance(e, FileNotFoundError) else "damaged or cut short?"
-        raise CheckpointError(f"cannot read the data split {path} ({why}); the image grids need it to find the "
-                              f"run's training images.") from None
-
-
 def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], image_eps: float, device: str,
                      k: int = 8) -> Optional[dict]:
     """The training images with the smallest and the largest final radii, each beside a PGD-20 perturbation
@@ -453,7 +440,7 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     from ..engine.setup import resolve_device
 
     final = record.radii_at(max(record.radii))
-    train_idx = _train_indices(record.path)
+    train_idx = rundir.read_train_indices(record.path)  # a CheckpointError: the report goes on without grids
     if len(train_idx) != len(final):
         raise ConfigError(f"{record.path}: the radii hold {len(final)} samples but data_split.npz {len(train_idx)}.")
     order = np.argsort(final, kind="stable")
