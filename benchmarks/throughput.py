@@ -36,6 +36,7 @@ import yaml
 
 from iaat.config import config_from_dict
 from iaat.data import DeviceLoader, ImageSet, load_dataset, to_unit
+from iaat.engine.rundir import read_train_indices
 from iaat.engine.setup import autocast_context, model_from_config, resolve_device
 from iaat.ema import EMA
 from iaat.engine.trainer import build_awp, build_step, forward_backward
@@ -153,7 +154,7 @@ def run_data(run: str, data_dir: str | None, n: int, label: str | None,
     if cfg.data.dataset != "cifar10":
         parser.error(f"--run-data: {run} was trained on {cfg.data.dataset}; the benchmarks load CIFAR-10")
     splits, name = _cifar10(data_dir, label)
-    order = np.load(run_dir / "data_split.npz")["train_indices"]
+    order = read_train_indices(run_dir)
     if len(order) < n:
         parser.error(f"--run-data: {run} has {len(order)} training images; the benchmark needs {n}")
     data = splits.train.subset(torch.as_tensor(order[:n], dtype=torch.long))
