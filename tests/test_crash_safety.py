@@ -227,7 +227,7 @@ def test_ctrl_c_in_the_held_out_evaluation_is_finished_on_resume(tiny_cifar, ref
 
     monkeypatch.setattr(trainer, "accuracy", accuracy_with_ctrl_c)
     run = tmp_path / "val"
-    code, out, err = run_main(*fresh_args(tiny_cifar, run))
+    code, out, err = run_main(*fresh_args(tiny_cifar, run), "--set", "train.tensorboard=true")
     assert code == 130, err
     assert f"held-out evaluation of epoch {epoch} was cut short (SIGINT); it runs when the run resumes" in out + err
     assert f"interrupted (SIGINT) after epoch {epoch}" in err and "Traceback" not in err
@@ -242,6 +242,12 @@ def test_ctrl_c_in_the_held_out_evaluation_is_finished_on_resume(tiny_cifar, ref
     assert_bitwise_equal(reference, run)
     assert json.loads((run / "summary.json").read_text())["last"]["val_clean_acc"] == \
         json.loads((reference / "summary.json").read_text())["last"]["val_clean_acc"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("val/clean_acc", "val_clean_acc"), ("train/loss", "train_loss")):  # the redone epoch too
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == \
+            [(r["epoch"], pytest.approx(r[key])) for r in rows], tag
 
 
 def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkeypatch):

@@ -427,6 +427,8 @@ def _complete_held_out(s: _Session, stop: StopOnSignal) -> dict:
                                   f"{stop.resume_hint}", stop.signum)
     if s.info.is_main:
         rundir.replace_metrics_row(s.run_dir, row)
+        if s.board is not None:  # the epoch's other numbers reached the board before the cut
+            s.board.epoch(epoch, {k: v for k, v in row.items() if "val_" in k}, {})
     s.held_out_pending = False
     s.log(f"the held-out evaluation of epoch {epoch}, cut short before: " + _format_row(row, s.method.log_keys))
     return row
