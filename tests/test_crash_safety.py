@@ -277,6 +277,31 @@ def test_second_signal_stops_at_once_without_saving(tiny_cifar, tmp_path, monkey
     assert torch.load(run / "checkpoints" / "epoch_0001.pt", weights_only=True)["epoch"] == 1
 
 
+def test_a_second_signal_once_the_state_is_saved_does_not_say_unsaved(tiny_cifar, tmp_path, monkeypatch):
+    """The impatient second Ctrl-C that lands after interrupt.pt is written lets the first one finish: the
+    message names the saved state, and the resume continues from it."""
+    from iaat.engine import trainer
+    from iaat.methods.iaat import IAAT
+
+    original_save_config = trainer._save_config
+
+    def save_config_after_a_second_signal(s):
+        stop = signal.getsignal(signal.SIGINT).__self__  # the trainer's StopOnSignal
+        if stop.signum is not None:  # in _save_interrupt, not at an epoch's end
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here
+        return original_save_config(s)
+
+    monkeypatch.setattr(trainer, "_save_config", save_config_after_a_second_signal)
+    run = tmp_path / "late"
+    with ctrl_c_at_step(IAAT, STEPS_PER_EPOCH + 3):
+        code, _, err = run_main(*fresh_args(tiny_cifar, run))
+    assert code == 130, err
+    assert "interrupted (SIGINT) at epoch 2 step 3 of 8; state saved to" in err
+    assert "interrupted again" not in err and "Traceback" not in err
+    assert torch.load(interrupt_path(run / "checkpoints"), weights_only=True)["step"] == 3
+
+
 def _fake_checkpoint(folder: Path, name: str, epoch: int, step: int = 0) -> Path:
     path = folder / name
     save_checkpoint(path, {"epoch": epoch, "step": step, "model": {"w": torch.zeros(2)}})

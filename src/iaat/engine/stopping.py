@@ -40,6 +40,11 @@ class StopOnSignal:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    def saved(self) -> None:
+        """The state is saved and the loop is on its way out: a further signal no longer stops it at once (whose
+        message would say the state was not saved)."""
+        self.escalate = False
+
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""

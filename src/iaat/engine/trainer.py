@@ -628,6 +628,7 @@ def _save_interrupt(s: _Session, epoch: int, step: int, sums: _EpochSums, lr: fl
     path = interrupt_path(s.ckpt_dir)
     if info.is_main:
         save_checkpoint(path, state)
+        stop.saved()
         _save_config(s)
     distributed.barrier(info)  # nobody exits (and makes torchrun stop the rest) before it is saved
     raise TrainingInterrupted(f"interrupted ({stop.name}) at epoch {epoch + 1} step {step + 1} of {len(s.loader)}; "
