@@ -168,6 +168,8 @@ def test_wideresnet_depths_of_the_form_6n_plus_4_build_n_blocks_per_stage():
         assert len(WideResNet(depth, 1, 10).blocks) == 3 * blocks
     with pytest.raises(ConfigError, match="width .* must be >= 1, got 0"):
         WideResNet(16, 0, 10)
+    with pytest.raises(ConfigError, match="num_classes must be a whole number >= 2"):  # the registry's check
+        WideResNet(16, 1, 10.0)
 
 
 def test_a_wideresnet_depth_of_another_form_is_refused_with_the_config():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 import warnings
 from typing import Callable, Optional, Sequence
 
 from torch import nn
 
 from ..errors import ConfigError
-from ..units import python_scalar
+from .checks import check_num_classes
 from .normalize import NormalizedModel
 from .resnet import ResNet
 from .small_cnn import SmallCNN
@@ -104,14 +103,6 @@ def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> N
             warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=1)
     if name == "wideresnet" and depth is not None:  # at config time too, before a run folder is made
         check_depth(depth)
-
-
-def check_num_classes(num_classes: object) -> None:
-    """A whole number >= 2: the models here end in one logit per class, and with one class nothing is learnt
-    (``Linear(128, 0)`` builds with no more than a warning)."""
-    value = python_scalar(num_classes)  # np.int64(10), torch.tensor(10)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
-        raise ConfigError(f"num_classes must be a whole number >= 2 (one logit per class), got {num_classes!r}.")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Optional[Sequence[float]] = None,

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .checks import check_num_classes
 
 
 class WideBlock(nn.Module):
@@ -41,8 +42,7 @@ def check_wide_resnet(depth: int, width: int, num_classes: int) -> None:
     check_depth(depth)
     if width < 1:
         raise ConfigError(f"a WideResNet's width (the widening factor) must be >= 1, got {width}.")
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be >= 2 (one logit per class), got {num_classes}.")
+    check_num_classes(num_classes)
 
 
 class WideResNet(nn.Module):
