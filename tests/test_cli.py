@@ -54,6 +54,22 @@ def test_eval_writes_json(tiny_run, tmp_path):
     assert "clean accuracy" in res.stdout
 
 
+def test_a_relative_data_folder_is_found_from_another_working_directory(tiny_cifar, tmp_path, monkeypatch):
+    """config.yaml records the data folder as an absolute path: eval from elsewhere reads the same data."""
+    (tmp_path / "project").mkdir()
+    shutil.copytree(tiny_cifar, tmp_path / "project" / "data")
+    monkeypatch.chdir(tmp_path / "project")
+    args = tiny_train_args(Path("data"), Path("run"), 1)
+    assert args[1:3] == ["--data-dir", "data"]
+    code, _, err = run_main(*args)
+    assert code == 0, err
+    assert yaml.safe_load(Path("run/config.yaml").read_text())["data"]["data_dir"] == str(tmp_path / "project/data")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main("eval", "project/run", "--n", "20", "--steps", "1", "--no-progress")
+    assert code == 0 and "clean accuracy" in out, err
+    assert not (tmp_path / "data").exists()  # no download attempt into this folder
+
+
 def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "iaat", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=child_env())  # this process's thread count: bitwise

@@ -92,7 +92,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         # train.threads (None: all cores, or one on a busy machine); config.yaml records the count it ran with
         on_cpu = device.type == "cpu" and "WORLD_SIZE" not in os.environ  # torchrun's ranks keep their own
         notes: list[str] = []  # the busy-machine note waits until the setup's checks have passed
-        cfg = replace(cfg, train=replace(cfg.train, threads=choose_threads(cfg.train.threads, on_cpu, notes.append)))
+        cfg = replace(cfg, train=replace(cfg.train, threads=choose_threads(cfg.train.threads, on_cpu, notes.append)),
+                      data=replace(cfg.data, data_dir=_anchored(cfg.data.data_dir)))
         with deterministic_cuda(cfg.train.deterministic and device.type == "cuda"):
             return _train(cfg, run_dir, resume, log if info.is_main else (lambda _: None), device, info, notes)
     except Exception as e:
@@ -220,6 +221,14 @@ class _Session:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+def _anchored(data_dir: Optional[str]) -> Optional[str]:
+    """A relative data folder as an absolute path, so that the run's config.yaml finds it from any working
+    directory (eval, report, resume); ``~/...`` stays as written, for the home directory of whoever reads it."""
+    if data_dir is None or data_dir.startswith("~") or os.path.isabs(data_dir):
+        return data_dir
+    return os.path.abspath(data_dir)
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, log: Callable[[str], None], device: torch.device,
