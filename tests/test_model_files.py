@@ -436,6 +436,11 @@ def needs_depth(depth):
     return nn.Linear(2, 2)
 
 
+def sized(num_classes, in_channels, width=8):  # model.width reaches it
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
 def not_a_module(num_classes):
     return "resnet"
 
@@ -531,6 +536,26 @@ def test_training_your_own_architecture_by_module_factory(tmp_path, monkeypatch)
     res = run_cli("report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), cwd=tmp_path / "elsewhere")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_model_width_and_depth_reach_a_factory_that_names_them(tmp_path, monkeypatch):
+    from helpers import run_main
+
+    (tmp_path / "own_nets_sized.py").write_text(OWN_NETS)
+    monkeypatch.chdir(tmp_path)
+    common = ("--dataset", "digits", "--no-progress", "--set", "data.train_subset=100", "--set", "attack.steps=1",
+              "--epochs", "1")
+    code, _, err = run_main("train", "--model", "own_nets_sized:sized", "--set", "model.width=5", *common,
+                            "--out", "run")
+    assert code == 0, err
+    assert "has no effect" not in err
+    from iaat.engine.runs import load_run
+
+    assert load_run(Path("run"))[0].net[0].out_channels == 5  # rebuilt at its width, to evaluate
+    code, _, err = run_main("train", "--model", "own_nets_sized:sized", "--set", "model.depth=3", *common,
+                            "--out", "run3")
+    assert code == 0, err
+    assert err.count("model.depth=3 has no effect on own_nets_sized:sized: the factory has no depth argument") == 1
 
 
 def test_an_export_to_a_folder_is_refused_before_anything_is_written(tmp_path):

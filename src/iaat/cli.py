@@ -38,8 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="architecture: small_cnn | resnet18 | preact_resnet18 | wideresnet | "
                                    "wrn-32-10 | wrn-34-10 (CIFAR-sized); resnet50 | resnet101 | resnet152 "
                                    "(ImageNet-sized); or your own as module:factory (imported from the current "
-                                   "folder or the path, called with num_classes and in_channels where it takes "
-                                   "them; the data set's normalisation goes around it)  [model.name]")
+                                   "folder or the path, called with num_classes, in_channels, depth and width "
+                                   "where it takes them; the data set's normalisation goes around it)  [model.name]")
     p.add_argument("--dataset", help="cifar10 | cifar100 | digits | imagefolder (--data-dir ROOT with "
                                      "ROOT/train/<class>, ROOT/val/<class>, e.g. ImageNet)  [data.dataset]")
     p.add_argument("--data-dir", metavar="DIR",

@@ -43,10 +43,10 @@ class ModelConfig:
     """Architecture by registry name; inputs are always images in [0, 1]."""
 
     #: small_cnn | resnet18 | preact_resnet18 | wideresnet | wrn-32-10 | wrn-34-10; resnet50 | resnet101 | resnet152;
-    #: or your own as module:factory (called with num_classes and in_channels where it takes them)
+    #: or your own as module:factory (called with num_classes, in_channels, depth and width where it takes them)
     name: str = "resnet18"
-    depth: Optional[int] = None  #: WideResNet depth (6n+4)
-    width: Optional[int] = None  #: WideResNet widen factor, or small_cnn base width
+    depth: Optional[int] = None  #: WideResNet depth (6n+4), or your factory's depth argument
+    width: Optional[int] = None  #: WideResNet widen factor, small_cnn base width, or your factory's width argument
     normalize: bool = True  #: put the data set's mean/std normalisation inside the model
 
 

@@ -97,7 +97,7 @@ def check_model_args(name: str, depth: Optional[int], width: Optional[int]) -> N
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model.{key} must be a whole number >= 1, got {value!r}.")
-        if key not in SIZE_KEYS.get(name, ()):
+        if key not in SIZE_KEYS.get(name, ()) and ":" not in name:  # a factory's own: seen where it is called
             users = ", ".join(n for n, keys in SIZE_KEYS.items() if key in keys)
             # stacklevel 1: one location, so the config check and the model build warn once between them
             warnings.warn(f"model.{key}={value} has no effect on {name} (it applies to {users}).", stacklevel=1)
@@ -127,8 +127,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
         torch.Size([2, 10])
     """
     if ":" in name:
-        check_model_args(name, depth, width)  # no effect on a factory: a warning where given
-        net = factory_net(name, num_classes, in_channels)
+        check_model_args(name, depth, width)
+        net = factory_net(name, num_classes, in_channels, depth=depth, width=width)
     elif name not in MODELS:
         raise ConfigError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}, or module:factory.")
     else:
@@ -147,10 +147,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, mean: Opti
 
 
 def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-                what: str = "model.name") -> nn.Module:
+                what: str = "model.name", *, depth: Optional[int] = None, width: Optional[int] = None) -> nn.Module:
     """The module a user's ``module:factory`` returns, called with ``num_classes`` where it takes it (by that name,
-    or through ``**kwargs`` as torchvision's and timm's factories do) and ``in_channels`` where it names it (and
-    they are given); ``what`` names the option in errors."""
+    or through ``**kwargs`` as torchvision's and timm's factories do) and ``in_channels``, ``depth`` and ``width``
+    (``model.depth``/``model.width``) where it names them (and they are given); ``what`` names the option in
+    errors."""
     factory = resolve_factory(spec, what)
     try:
         signature = inspect.signature(factory)
@@ -158,15 +159,19 @@ def factory_net(spec: str, num_classes: Optional[int] = None, in_channels: Optio
         signature = None
     params = signature.parameters if signature else {"num_classes": None}
     any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    given = {"num_classes": num_classes, "in_channels": in_channels}
+    given = {"num_classes": num_classes, "in_channels": in_channels, "depth": depth, "width": width}
     kwargs = {k: v for k, v in given.items()
               if v is not None and (k in params or (k == "num_classes" and any_keyword))}
+    for key in ("depth", "width"):
+        if given[key] is not None and key not in kwargs:
+            warnings.warn(f"model.{key}={given[key]} has no effect on {spec}: the factory has no {key} argument.",
+                          stacklevel=1)
     try:
         if signature:
             signature.bind(**kwargs)
     except TypeError as e:  # the names it is called with: the factory's own errors are its own
         raise ConfigError(f"{what} {spec}: it cannot be called with {kwargs or 'no arguments'} ({e}); a factory "
-                          f"takes num_classes (and in_channels) by those names, or no arguments.") from None
+                          f"takes num_classes (and in_channels, depth, width) by those names, or no arguments.") from None
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{what} {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
