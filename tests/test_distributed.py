@@ -110,6 +110,16 @@ def test_gairat_weights_are_normalised_over_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow  # torchrun with two processes
+def test_cat_mix_sums_its_hinge_over_the_global_batch(tmp_path):
+    """CAT-MIX's hinge is a sum over the batch (the mean terms divide by its size): over the global batch, so the
+    update is the 1-process one. Labels unsmoothed: each rank draws its own label noise."""
+    a, b, _ = _one_and_two(tmp_path, [*BASE, "--method", "cat", "--set", "method.train_loss=mix",
+                                      "--set", "method.smoothing=0"])
+    _assert_close_weights(a, b)
+    assert torch.equal(b["method"]["radii"], a["method"]["radii"]) and a["method"]["radii"].max() > 0
+
+
+@pytest.mark.slow  # torchrun with two processes
 def test_resume_under_torchrun_is_exact(tmp_path):
     """A 2-process run stopped in epoch 2 and resumed under torchrun equals an uninterrupted 2-process run
     (BatchNorm model, random starts on: each rank's random stream is saved and restored). A stop mid-epoch

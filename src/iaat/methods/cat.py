@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..attacks import margin_loss
 from ..errors import ConfigError
 from .base import CompatParams, Objective, StepOutput, refuse_unless, size
@@ -107,15 +108,16 @@ class CAT(PerSampleState, CompatParams):
                               f"labels are not probabilities; lower method.smoothing or eps.")
         self.init_state(radii=0.0)
 
-    def _objective(self, labels: Callable[[int], torch.Tensor], radius: torch.Tensor
-                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The per-sample objective the attack maximises (the training loss's, before the batch mean)."""
+    def _objective(self, labels: Callable[[int], torch.Tensor], radius: torch.Tensor,
+                   batch: Optional[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The per-sample objective the attack maximises (the training loss's, before the batch mean); ``batch``:
+        the global batch's size (``mix``)."""
         def objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             ce = soft_ce(logits, labels(logits.shape[1]))
             if self.train_loss == "ce":
                 return ce
             # the authors' attack descends sum_i radius_i * max(z_y - max_other + kappa, 0) - mean_i soft CE_i
-            return ce / len(y) - radius * (self.kappa - margin_loss(logits, y)).clamp(min=0)
+            return ce / batch - radius * (self.kappa - margin_loss(logits, y)).clamp(min=0)
         return objective
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
@@ -129,7 +131,11 @@ class CAT(PerSampleState, CompatParams):
                 drawn.append(smoothed_labels(y, num_classes, self.smoothing * trial))
             return drawn[0]
 
-        adv = self.attack_batch(model, x, y, eps=trial, loss=self._objective(attack_labels, trial))
+        # mix sums its hinge over the batch: under torchrun over the global batch (all ranks), whose size the
+        # mean terms then divide by, as in a 1-process run of it (the trainer weighs each rank's loss as a mean)
+        batch = distributed.global_sum(torch.full((), float(len(y)), device=x.device)) if self.train_loss == "mix" \
+            else None
+        adv = self.attack_batch(model, x, y, eps=trial, loss=self._objective(attack_labels, trial, batch))
         if self.compat == "authors":  # the released code: robust samples step back down, fooled ones keep the raise
             new = torch.where(adv.correct, trial - self.eta, trial)
         else:
@@ -144,7 +150,7 @@ class CAT(PerSampleState, CompatParams):
                 train_labels.append(smoothed_labels(y, logits.shape[1], self.smoothing * new))
             loss = soft_ce(logits, train_labels[0]).mean()
             if self.train_loss == "mix":
-                loss = loss + (new * (self.kappa + margin_loss(logits, y)).clamp(min=0)).sum()
+                loss = loss + (new * (self.kappa + margin_loss(logits, y)).clamp(min=0)).sum() * (batch / len(y))
             return StepOutput(loss, logits, dict(stats))
         return objective
 
