@@ -144,6 +144,21 @@ def step_config_for(data_dir, method: str, **train):
                              "attack": {**cfg.to_dict()["attack"], "random_start": True}})
 
 
+@pytest.mark.parametrize("name", ["IAAT", "MMA", "CAT", "MAIL"])
+def test_per_sample_state_built_on_the_cpu_follows_a_gpu_batch(name):
+    """A user's loop builds the method, then moves model and data to the GPU: the per-sample state follows."""
+    import iaat
+
+    method = getattr(iaat, name)(num_train=50, eps=8 / 255, steps=2)
+    method.start_epoch(200)  # past every method's warm-up or burn-in
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).to(GPU)
+    x, y = torch.rand(6, 3, 8, 8, device=GPU), torch.arange(6, device=GPU)
+    for index in (torch.arange(6), torch.arange(6, 12, device=GPU)):  # a DataLoader's CPU indices, or the GPU's
+        method.loss(model, x, y, index).backward()
+    state = method.state_dict()
+    assert all(getattr(method, key).device.type == GPU.type for key in state)
+
+
 @pytest.mark.parametrize("fmt, name", [("safetensors", "model.safetensors"), ("torchscript", "model.pt"),
                                        ("export", "model.pt2")])
 def test_an_exported_model_runs_on_the_gpu(tiny_run, tmp_path, fmt, name):

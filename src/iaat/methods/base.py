@@ -188,6 +188,7 @@ class Method:
             with torch.no_grad(), attack_mode(model, inputs=x) as plain:  # no BatchNorm update, no random draw)
                 check_logits(plain(x), y, labels=True)
             self._model_checked = True
+        self.follow(x.device)
         return self.prepare(model, x, y, index)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -228,6 +229,10 @@ class Method:
             if torch.is_tensor(value):
                 setattr(self, key, value.to(device))
         return self
+
+    def follow(self, device: torch.device) -> None:
+        """Have the per-sample state on the batches' ``device`` (a loop that moves the model and data to a GPU
+        after building the method); methods without per-sample state do nothing."""
 
     def merge_ranks(self, info: Any) -> None:
         """Under torchrun, after an epoch (or before a mid-epoch checkpoint): make the per-sample state that

@@ -122,7 +122,7 @@ class CAT(PerSampleState, CompatParams):
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
         rows = self.rows(index)
-        radius = self.radii[rows].to(x.device)
+        radius = self.radii[rows]
         trial = (radius + self.eta).clamp(max=self.eps)
         drawn: list = []
 

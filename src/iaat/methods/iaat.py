@@ -381,8 +381,6 @@ class IAAT(PerSampleState, GairParams, CompatParams):
 
     # -- the method --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor]) -> Objective:
-        if self.memory.device != x.device:
-            self.to(x.device)
         idx = self.rows(index)
         if self.compat == "authors":
             return self._prepare_authors(model, x, y, idx)

@@ -152,7 +152,7 @@ class MMA(PerSampleState):
         hit = correct.nonzero().squeeze(1)  # one host sync: the samples to attack
         if len(hit):
             xc, yc = x[hit], y[hit]
-            start = self.radii[rows[hit]].to(x.device).clamp(min=self.min_eps)
+            start = self.radii[rows[hit]].clamp(min=self.min_eps)
             adv = self.attack_batch(model, xc, yc, eps=start, step_size=self.step_scale * start / max(self.steps, 1),
                                     loss=soft_logit_margin, final_check=False)
             with attack_mode(model) as plain:

@@ -84,6 +84,10 @@ class PerSampleState(Method):
         self._gpu_rows_checked = True
         return rows
 
+    def follow(self, device: torch.device) -> None:
+        if self.touched.device != device:
+            self.to(device)
+
     def write(self, key: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         getattr(self, key)[rows] = values.to(torch.float32)
         self.touched[rows] = True
