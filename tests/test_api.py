@@ -151,6 +151,40 @@ def test_int32_labels_and_numpy_step_counts_are_accepted():
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.kappa, b.kappa) and a.first_miss.dtype == torch.long
 
 
+@pytest.mark.parametrize("name", sorted(set(iaat.methods.METHODS) - {"clean"}))
+def test_every_method_takes_int32_labels_as_int64_ones(name):
+    from iaat.methods import method_class
+
+    model, (x, y) = _linear(), _batch()
+    losses = []
+    for labels in (y.int(), y):
+        method = method_class(name)(num_train=len(y), eps=8 / 255, steps=2, random_start=False)
+        method.start_epoch(200)  # past every warm-up and burn-in
+        torch.manual_seed(0)
+        losses.append(method.loss(model, x, labels, torch.arange(len(y))))
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_a_frozen_batchnorm_stays_frozen_through_attacks_losses_and_evaluate():
+    """The usual fine-tune: the model training, its BatchNorm layers in eval mode with their statistics frozen.
+    Attacks, methods and evaluate put back each module's own mode, not the model's flag on every module."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(4 * 6 * 6, 10))
+    model.train()
+    model[1].eval()
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
+    stats = model[1].running_mean.clone()
+    iaat.pgd(model, x, y, 8 / 255, steps=2)
+    iaat.PGDAT(eps=8 / 255, steps=2).loss(model, x, y).backward()
+    iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=8 / 255, checks=False)
+    assert model.training and not model[1].training and model[3].training
+    assert torch.equal(model[1].running_mean, stats)
+    model.eval()
+    model[3].train()  # dropout kept on at evaluation (MC dropout)
+    iaat.evaluate(model, x, y, attacks=["pgd:steps=2"], eps=8 / 255, checks=False)
+    assert not model.training and model[3].training
+
+
 def test_a_models_own_error_is_not_taken_for_a_type_mismatch():
     """Only torch's complaint about weights and inputs of different types becomes the type-mismatch error: a float64
     model that evaluate attacks through its float32 view, failing on its own, fails with its own error."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attacks.pgd import modes_kept
 from .ema import EMA_KEY
 from .errors import CheckpointError, ConfigError, first_line
 from .models.files import CARD_ENTRY, file_format, json_path, load_exported, safetensors_metadata, state_dict_file
@@ -215,13 +216,12 @@ def _cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
         yield copied.cpu().eval()
         return
     devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
-    was_training = model.training
-    try:
-        yield model.cpu().eval()
-    finally:
-        model.train(was_training)
-        if len(devices) == 1:
-            model.to(devices.pop())
+    with modes_kept(model):
+        try:
+            yield model.cpu().eval()
+        finally:
+            if len(devices) == 1:
+                model.to(devices.pop())
 
 
 def _module_card(model: nn.Module, fmt: str, input_shape: Optional[tuple]) -> tuple[nn.Module, dict]:

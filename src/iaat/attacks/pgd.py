@@ -87,10 +87,33 @@ class AttackResult:
 
 
 @contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval flag back as it was when the block ends. ``model.train(flag)`` would set one
+    flag on all of them, undoing a caller's mix (a BatchNorm frozen in eval mode inside a training model, dropout
+    left on in an evaluated one).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        >>> _ = model[1].eval()  # frozen statistics while the rest trains
+        >>> with modes_kept(model):
+        ...     _ = model.eval()
+        >>> model.training, model[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch.Tensor] = None
                 ) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for an attack (BatchNorm statistics untouched), with its parameters frozen,
-    then restore both.
+    then restore both (each submodule's mode as it was: :func:`modes_kept`).
 
     Yields the model to attack: the module itself, taken out of a DistributedDataParallel wrapper
     (an attack needs input gradients only, and must not sync parameter gradients or buffers:
@@ -103,28 +126,27 @@ def attack_mode(model: nn.Module, eval_mode: bool = True, inputs: Optional[torch
         raise ConfigError(f"the model must be a torch.nn.Module (an attack puts it in eval mode and back), got "
                           f"{type(model).__name__}; wrap a function in an nn.Module.")
     model = unwrap(model)
-    was_training = model.training
     params = list(model.parameters())
     if any(p.is_inference() for p in params):  # built inside inference mode (its buffers then are too)
         raise ConfigError("the model was built inside torch.inference_mode(): its weights are inference tensors, "
                           "which cannot take part in the gradients an attack needs; build or load it outside "
                           "inference mode.")
     trainable = [p for p in params if p.requires_grad]
-    if eval_mode:
-        model.eval()
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        yield model
-    except RuntimeError as e:
-        mismatch = _weights_mismatch(model, inputs, e)
-        if mismatch is None:
-            raise
-        raise ConfigError(f"{mismatch} (the model failed with: {first_line(e, 160)})") from None
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-        model.train(was_training)
+    with modes_kept(model):
+        if eval_mode:
+            model.eval()
+        try:
+            for p in trainable:
+                p.requires_grad_(False)
+            yield model
+        except RuntimeError as e:
+            mismatch = _weights_mismatch(model, inputs, e)
+            if mismatch is None:
+                raise
+            raise ConfigError(f"{mismatch} (the model failed with: {first_line(e, 160)})") from None
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
 
 
 #: What torch says when a layer's weights and its input differ in type or device.

@@ -184,6 +184,7 @@ class Method:
             >>> out.loss.backward()
         """
         self._check_call(x, y, index)
+        y = y.long()  # int32 labels (numpy's, a collated array's) as the losses and per-sample writes take them
         if not self._model_checked and len(x):  # once: logits, and labels below their number (eval mode, no grad:
             with torch.no_grad(), attack_mode(model, inputs=x) as plain:  # no BatchNorm update, no random draw)
                 check_logits(plain(x), y, labels=True)

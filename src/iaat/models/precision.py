@@ -18,7 +18,7 @@ class Float32View(nn.Module):
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.dtype = model, dtype
-        self.train(model.training)  # a view, not a new module: the model's mode, not nn.Module's default
+        self.training = model.training  # a view: the model's mode, not nn.Module's default (and not set on the model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.dtype)).float()
