@@ -185,6 +185,14 @@ def test_a_frozen_batchnorm_stays_frozen_through_attacks_losses_and_evaluate():
     assert not model.training and model[3].training
 
 
+def test_an_attack_naming_another_norm_without_its_own_radius_is_refused():
+    model, (x, y) = _linear(), _batch()
+    with pytest.raises(ConfigError, match="names norm l2 but no eps, and would run at the linf radii given"):
+        iaat.evaluate(model, x, y, attacks=["pgd:steps=2,norm=l2"], eps=0.5)  # was: L-inf at 0.5, silently
+    result = iaat.evaluate(model, x, y, attacks=["pgd:steps=2,norm=l2,eps=128"], eps=8 / 255, checks=False)
+    assert list(result["attacks"]) == ["PGD-2@128/255-l2"]
+
+
 def test_a_models_own_error_is_not_taken_for_a_type_mismatch():
     """Only torch's complaint about weights and inputs of different types becomes the type-mismatch error: a float64
     model that evaluate attacks through its float32 view, failing on its own, fails with its own error."""

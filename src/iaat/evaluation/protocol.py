@@ -101,6 +101,11 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     texts = list(PROTOCOLS.get(protocol, [])) + list(attacks)
     # a transfer attack of the list that names no source takes the surrogate's, and is then the one it adds
     specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate) for t in texts]
+    for s in specs:  # a radius of the plan is in the plan's norm: an attack naming another one needs its own
+        if s.eps is None and s.norm not in ("linf", norm):
+            raise ConfigError(f"{s.label} names norm {s.norm} but no eps, and would run at the {norm} radii given: "
+                              f"give it its own (e.g. eps=128 in pixel units, eps=0.5 as an AttackSpec) or evaluate "
+                              f"with norm {s.norm} (norm={s.norm!r}, --norm {s.norm}).")
     specs = [replace(s, norm=norm) if s.eps is None and s.norm != norm else s for s in specs]
     if surrogate and not any(s.kind == "transfer" and s.source == str(surrogate) for s in specs):
         specs.append(AttackSpec(kind="transfer", source=str(surrogate), norm=norm))
