@@ -494,6 +494,24 @@ def test_train_from_python_writes_a_run_that_the_command_line_continues(tmp_path
     assert [int(row["epoch"]) for row in iaat.engine.rundir.read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_train_leaves_the_callers_random_streams_as_they_were(tmp_path):
+    """A random search around iaat.train draws its next trial from the streams the run found, not reseeded ones."""
+    import random
+
+    import numpy as np
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    cfg = {"data": {"dataset": "digits", "train_subset": 100, "val_size": 0}, "model": {"name": "small_cnn", "width": 4},
+           "attack": {"steps": 1}, "train": {"epochs": 1, "progress": False}}
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = draws()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    iaat.train(tmp_path / "run", cfg, log=lambda line: None)
+    assert draws() == expected
+
+
 def _yaml(path, text):
     path.write_text(text)
     return path
