@@ -118,6 +118,20 @@ def test_export_refuses_to_overwrite_and_to_invent_averaged_weights(exported, ti
     assert not (tmp_path / "ema.safetensors").exists()
 
 
+def test_the_format_follows_the_files_extension_unless_given(tiny_run, tmp_path):
+    import iaat.model_files as module
+
+    for name, fmt in (("m.pt2", "export"), ("m.pt", "torchscript"), ("m.safetensors", "safetensors"),
+                      ("model_eps0.5", "safetensors")):
+        res = run_in_process("export", str(tiny_run), "--out", str(tmp_path / name))
+        assert res.returncode == 0 and f"({fmt})" in res.stdout, res.stderr
+        assert json.loads((tmp_path / f"{name}.json").read_text())["file"]["format"] == fmt
+        assert module.read_model_file(tmp_path / name, "cpu")[0] is not None  # what its extension says it is
+    res = run_in_process("export", str(tiny_run), "--format", "safetensors", "--out", str(tmp_path / "x.pt2"))
+    assert res.returncode == 2 and "a .pt2 name says export, but the format (--format, fmt=) is safetensors" \
+        in res.stderr
+
+
 def test_model_file_examples_run(tiny_run, tmp_path):
     import iaat.model_files as module
 

@@ -347,9 +347,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out, meta = export_model(Path(args.run), Path(args.out), args.format, _run_weights(args),
                              overwrite=args.overwrite)
     card = json.loads(meta.read_text())
+    fmt = card["file"]["format"]
     acc = card.get("accuracy") or {}
     print(f"{card['training']['method']} / {card['architecture']['name']} ({card['weights']} weights, epoch "
-          f"{card['training']['epochs']}) written to {out} ({args.format}), its description to {meta}")
+          f"{card['training']['epochs']}) written to {out} ({fmt}), its description to {meta}")
     if acc:
         print(f"  latest accuracy: clean {acc['clean']:.4f}, robust {acc['robust']:.4f} ({', '.join(acc['attacks'])}; "
               f"{acc['split']}, {acc['from']})")
@@ -592,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(.pt2), evaluate it with iaat eval FILE.")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (its newest valid checkpoint) or checkpoint")
     p.add_argument("--out", metavar="FILE", required=True, help="the model file to write, e.g. model.safetensors")
-    p.add_argument("--format", choices=["safetensors", "torchscript", "export"], default="safetensors",
-                   help="safetensors (weights only, default), torchscript (a traced module; deprecated by PyTorch "
-                        "2.13) or export (a torch.export program, .pt2)")
+    p.add_argument("--format", choices=["safetensors", "torchscript", "export"],
+                   help="safetensors (weights only), torchscript (a traced module; deprecated by PyTorch 2.13) or "
+                        "export (a torch.export program); default: the one --out's extension names (.safetensors, "
+                        ".pt, .pt2), else safetensors")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--ema", action="store_true", help="the averaged weights (error if the run has none)")
     which.add_argument("--raw", action="store_true",

@@ -25,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -115,7 +116,7 @@ def _latest_accuracy(run_dir: Optional[Path], rows: list, training: dict, weight
     return None
 
 
-def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: str = "safetensors",
+def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: Optional[str] = None,
                  weights: str = "auto", overwrite: bool = False,
                  input_shape: Optional[tuple[int, ...]] = None) -> tuple[Path, Path]:
     """Write a run's model, or any module (normalisation inside, [0, 1] inputs), to ``out`` and its description
@@ -126,7 +127,8 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
             loop: ``torchscript`` or ``export`` only, since a ``.safetensors`` file holds no code to rebuild it).
         out: the model file to write, named for ``fmt`` (:data:`EXTENSIONS`, or no extension); its description
             goes to ``out`` + ``.json`` beside it.
-        fmt: ``safetensors``, ``torchscript`` or ``export`` (``torch.export``, a ``.pt2`` file).
+        fmt: ``safetensors``, ``torchscript`` or ``export`` (``torch.export``, a ``.pt2`` file); by default the one
+            ``out``'s extension names (``.pt2``: export, ``.pt``: torchscript), else safetensors.
         weights: ``auto`` (the averaged weights when the run keeps them, else the raw ones), ``raw`` or ``ema``.
         overwrite: replace existing files.
         input_shape: a module's input ``(C, H, W)`` (runs know theirs).
@@ -143,17 +145,18 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
         torch.Size([2, 10])
         >>> net = iaat.NormalizedModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)),
         ...                            mean=(0.5,), std=(0.25,))  # trained in your own loop
-        >>> program, _ = iaat.export_model(net, folder / "mine.pt2", "export", input_shape=(3, 8, 8))
+        >>> program, _ = iaat.export_model(net, folder / "mine.pt2", input_shape=(3, 8, 8))  # .pt2: torch.export
         >>> iaat.load_model(program)(torch.rand(5, 3, 8, 8)).shape
         torch.Size([5, 4])
     """
     from .engine.checkpoint import atomic_write_bytes
 
+    out, meta_path = Path(out), json_path(out)
+    fmt = format_of(out) if fmt is None else fmt
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
     if weights not in ("auto", "raw", "ema"):
         raise ConfigError(f"weights must be auto, raw or ema, got {weights!r}.")
-    out, meta_path = Path(out), json_path(out)
     _check_extension(out, fmt)
     if out.is_dir():
         raise ConfigError(f"out {out} is a folder; name the model file to write (e.g. {out / 'model'}"
@@ -180,11 +183,22 @@ def export_model(run: Union[str, Path, nn.Module], out: Union[str, Path], fmt: s
     return out, meta_path
 
 
+def format_of(out: Path) -> str:
+    """The export format ``out``'s extension names; safetensors where it names none.
+
+    Example:
+        >>> from pathlib import Path
+        >>> format_of(Path("m.pt2")), format_of(Path("m.pt")), format_of(Path("model_eps0.5"))
+        ('export', 'torchscript', 'safetensors')
+    """
+    return next((f for f in FORMATS if Path(out).suffix.lower() in EXTENSIONS[f]), "safetensors")
+
+
 def _check_extension(out: Path, fmt: str) -> None:
     """``out`` must end in an extension of ``fmt`` (or have none): a TorchScript archive named .safetensors
     misleads every tool and person that opens it."""
     suffix = out.suffix.lower()
-    if not suffix[1:].isalpha() or suffix in EXTENSIONS[fmt]:  # none, or a dot in the name (model_eps0.5)
+    if not re.fullmatch(r"\.[a-z][a-z0-9]*", suffix) or suffix in EXTENSIONS[fmt]:  # none, or model_eps0.5
         return
     writes = ", ".join(f"{f} writes {'/'.join(EXTENSIONS[f])}" for f in FORMATS)
     owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
