@@ -54,7 +54,44 @@ def _thread_names() -> list[str]:
     return names
 
 
+def _signal_rank_0_only() -> None:
+    """SIGTERM to rank 0 alone (one node of a job preempted), after its N-th training step
+    (``IAAT_TEST_SIGTERM_RANK0_AT_STEP=N``) or after the first batch of its N-th held-out evaluation
+    (``IAAT_TEST_SIGTERM_RANK0_IN_EVAL=N``)."""
+    import signal
+
+    from iaat.engine import trainer
+
+    at_step, in_eval = (int(os.environ.get(key, 0)) for key in ("IAAT_TEST_SIGTERM_RANK0_AT_STEP",
+                                                                  "IAAT_TEST_SIGTERM_RANK0_IN_EVAL"))
+    if os.environ.get("RANK", "0") != "0" or not (at_step or in_eval):
+        return
+    calls = {"steps": 0, "evals": 0}
+    step, accuracy = trainer.forward_backward, trainer.accuracy
+
+    def counted_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        calls["steps"] += 1
+        if calls["steps"] == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    def counted_accuracy(*args, stop, **kwargs):
+        calls["evals"] += 1
+        batches = {"n": 0}
+
+        def stop_after_the_first_batch():
+            batches["n"] += 1
+            if calls["evals"] == in_eval and batches["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return stop()
+        return accuracy(*args, stop=stop_after_the_first_batch, **kwargs)
+
+    trainer.forward_backward, trainer.accuracy = counted_step, counted_accuracy
+
+
 if __name__ == "__main__":
+    _signal_rank_0_only()
     if os.environ.get("IAAT_TEST_HANG_DUMP_S"):
         faulthandler.dump_traceback_later(float(os.environ["IAAT_TEST_HANG_DUMP_S"]), exit=False)
     # Adversarial training amplifies rounding: a 1e-7 difference in an all-reduced gradient flips a sign() in

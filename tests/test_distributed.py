@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from helpers import REPO, child_env
+from test_cli import snapshot
 from iaat.distributed import DistInfo, merge_rows
 
 pytest.importorskip("sklearn", reason="the distributed tests train on scikit-learn's bundled digits")
@@ -147,6 +149,62 @@ def test_resume_under_torchrun_is_exact(tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["step"] >= 1 and len(ckpt["rng_ranks"]) == 2
     _run(["train", "--out", str(term), "--resume"], 2)
     _assert_same_run(full, term)
+
+
+def _interrupted(args: list[str], nproc: int, **env: str) -> subprocess.CompletedProcess:
+    """A run that tests/ddp_worker.py signals as ``env`` says; it must stop with an error exit."""
+    cmd = _command(args, nproc)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), **env}, cwd=REPO, start_new_session=True)
+    out, err = _communicate(proc, 300)
+    assert proc.returncode != 0, f"{' '.join(cmd)}\n{out}\n{err}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _exits(res: subprocess.CompletedProcess) -> set:
+    """The workers' exit codes in torchrun's report (after its own traceback): a worker still on its way out when
+    the first one exits is stopped by torchrun's SIGTERM (-15), its state already saved."""
+    codes = set(re.findall(r"exitcode\s*: (-?\d+)", res.stderr))
+    assert codes, res.stderr
+    return codes
+
+
+@pytest.mark.slow  # torchrun with two processes
+def test_a_signal_that_reaches_one_rank_stops_all_of_them_cleanly(tmp_path):
+    """A SIGTERM to rank 0 alone (one node preempted), after the last step of epoch 1, then in the held-out
+    evaluation of epoch 2: every rank stops with the signal's message and exit code, the state is saved, and the
+    resumed runs end as the uninterrupted one (the redone evaluation's numbers too)."""
+    args = ["--model", "small_cnn", "--set", "model.width=8", *COMMON, "--set", "data.val_size=200"]
+    full = tmp_path / "full"
+    _run(["train", "--out", str(full), *args], 2)
+
+    run = tmp_path / "cut"
+    res = _interrupted(["train", "--out", str(run), *args], 2, IAAT_TEST_SIGTERM_RANK0_AT_STEP="10")
+    assert _exits(res) <= {"143", "-15"} and "Error:" not in res.stderr.replace("ChildFailedError:", "")
+    assert res.stderr.count("interrupted (SIGTERM) at epoch 1 step 10 of 10") == 1, res.stderr
+    assert torch.load(run / "checkpoints" / "interrupt.pt", weights_only=False)["step"] == 10  # the epoch's last
+    res = _interrupted(["train", "--out", str(run), "--resume"], 2, IAAT_TEST_SIGTERM_RANK0_IN_EVAL="2")
+    assert _exits(res) <= {"143", "-15"} and "interrupted (SIGTERM) after epoch 2" in res.stderr, res.stderr
+    assert torch.load(run / "checkpoints" / "epoch_0002.pt", weights_only=False)["held_out_pending"]
+    _run(["train", "--out", str(run), "--resume"], 2)
+    _assert_same_run(full, run)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, run)]
+    assert [r["val_pgd10_acc"] for r in rows[1]] == [r["val_pgd10_acc"] for r in rows[0]]
+
+
+@pytest.mark.slow  # torchrun with two processes
+def test_a_mid_epoch_resume_on_another_batch_plan_is_refused(tmp_path):
+    """602 images in batches of 50: one process keeps a last batch of 2, two fold it into the one before (a rank
+    would get 1 image); continuing the epoch's steps on the other plan would skip images."""
+    run = tmp_path / "r"
+    args = ["train", "--out", str(run), "--model", "plain_cnn", *BASE, "--set", "data.train_subset=602",
+            "--batch-size", "50", "--method", "pgd_at"]
+    _interrupted(args, 1, IAAT_TEST_SIGTERM_RANK0_AT_STEP="3")
+    before = snapshot(run)
+    res = _interrupted(["train", "--out", str(run), "--resume"], 2)
+    assert "stopped epoch 1 after step 3 of its batches for 1 process(es); with 2 the epoch is cut into other " \
+           "batches" in res.stderr and _exits(res) <= {"2", "-15"}, res.stderr  # a clear error
+    assert snapshot(run) == before
 
 
 def _assert_same_run(a_dir: Path, b_dir: Path) -> None:

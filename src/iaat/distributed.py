@@ -122,12 +122,12 @@ def all_reduce_(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tenso
     return t
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank (one small collective; a host sync)."""
+def largest(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (one small collective; a host sync)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    return bool(all_reduce_(t, info, "max").item())
+        return value
+    t = torch.tensor([int(value)], device=device)
+    return int(all_reduce_(t, info, "max").item())
 
 
 def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:

@@ -7,6 +7,9 @@ import signal
 import threading
 from typing import Optional
 
+import torch
+
+from .. import distributed
 from ..errors import TrainingInterrupted
 
 
@@ -39,6 +42,15 @@ class StopOnSignal:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def agreed(self, info: distributed.DistInfo, device: torch.device) -> bool:
+        """Whether any rank got a signal (under torchrun a collective that every rank calls); a rank that got none
+        takes the other's, so that every rank stops, and says why, alike (a signal may reach one rank only: one
+        node of a job preempted, a kill of one process)."""
+        signum = distributed.largest(self.signum or 0, info, device)
+        if signum and self.signum is None:
+            self.signum = signum
+        return bool(signum)
 
     def saved(self) -> None:
         """The state is saved and the loop is on its way out: a further signal no longer stops it at once (whose

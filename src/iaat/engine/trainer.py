@@ -40,6 +40,7 @@ from ..awp import AWP, awp_settings
 from ..config import Config, build_method
 from ..config import notes as config_notes
 from ..data import DeviceLoader
+from ..data.loader import BatchPlan
 from ..data.folder import FolderImages, FolderLoader
 from ..errors import CheckpointError, ConfigError, IaatError, TrainingInterrupted, first_line
 from ..ema import EMA
@@ -157,6 +158,13 @@ class _EpochSums:
     def from_state(cls, state: dict, device: torch.device) -> "_EpochSums":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), state["first_bad"].to(device),
                    int(state["n_seen"]), float(state["seconds"]), {k: v.to(device) for k, v in state["stats"].items()})
+
+    @staticmethod
+    def zeroed(state: dict) -> dict:
+        """``state`` with nothing counted yet but its statistics' names and types."""
+        return {**state, "loss_sum": torch.zeros_like(state["loss_sum"]), "correct": torch.zeros_like(state["correct"]),
+                "first_bad": torch.full_like(state["first_bad"], -1), "n_seen": 0,
+                "stats": {k: torch.zeros_like(torch.as_tensor(v)) for k, v in state["stats"].items()}}
 
     def state_dict(self, seconds: float) -> dict:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "first_bad": self.first_bad,
@@ -280,7 +288,7 @@ def _run(s: _Session, notes: Sequence[str]) -> dict:
             lr = _train_epoch(s, epoch, first, sums, stop, t0)
             last_row = _end_epoch(s, epoch, sums, lr, t0, stop)
             # the last epoch's signal too, where it cut the held-out evaluation short: the run is not finished
-            if distributed.any_rank(stop.signum is not None, info, device) and (
+            if stop.agreed(info, device) and (
                     epoch + 1 < cfg.train.epochs or s.held_out_pending):
                 raise TrainingInterrupted(f"interrupted ({stop.name}) after epoch {epoch + 1}; state saved to "
                                           f"{checkpoint_path(s.ckpt_dir, epoch + 1)}; {stop.resume_hint}", stop.signum)
@@ -314,7 +322,7 @@ def _train_epoch(s: _Session, epoch: int, first_step: int, sums: _EpochSums, sto
             s.ema.update(s.model)
         s.global_step += 1
         sums.add(out, y, step)
-        if distributed.any_rank(stop.signum is not None, s.info, s.device):
+        if stop.agreed(s.info, s.device):
             _save_interrupt(s, epoch, step, sums, lr, stop, bar, t0)
         if (step + 1) % min(cfg.train.log_interval, max(1, steps // 10)) == 0 or step + 1 == steps:
             _check_finite(s, sums, epoch, bar)
@@ -524,14 +532,16 @@ def _restore(s: _Session) -> None:
             s.ema.load_state_dict(ckpt, str(path))
         s.start_epoch, s.global_step = ckpt["epoch"], ckpt["global_step"]
         s.start_step, s.partial = int(ckpt.get("step", 0)), ckpt.get("partial")
+        if s.start_step:
+            _check_batch_plan(s, int(ckpt.get("world_size", 1)), path)
         s.held_out_pending = bool(ckpt.get("held_out_pending")) and not s.start_step
         _restore_rng(ckpt, cfg, info, s.start_epoch, s.log)
         buffers = ckpt.get("buffers_ranks")
         if buffers is not None and len(buffers) == info.world_size:
             for name, buf in s.model.named_buffers():
                 buf.copy_(buffers[info.rank][name])
-        if info.rank > 0:
-            s.partial = None  # rank 0's saved sums are the whole job's
+        if info.rank > 0 and s.partial is not None:  # rank 0's saved sums are the whole job's; the others count
+            s.partial = _EpochSums.zeroed(s.partial)  # from 0, with the same statistics: all reduce the same keys
         where = f"epoch {s.start_epoch + 1} step {s.start_step}" if s.start_step else f"epoch {s.start_epoch} done"
         s.log(f"resuming {s.run_dir} from {path.name} ({where})")
     else:
@@ -703,6 +713,21 @@ def _wrap_ddp(model: torch.nn.Module, info: distributed.DistInfo, device: torch.
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def _check_batch_plan(s: _Session, saved_world: int, path: Path) -> None:
+    """A mid-epoch resume on another number of processes continues the epoch's batches only where both cut it
+    alike: a last batch under 2 images per process is folded into the one before, so the plans may differ."""
+    plan = BatchPlan(len(s.data.train), s.cfg.train.batch_size, torch.device("cpu"),
+                     shard=(0, saved_world) if saved_world > 1 else None)
+    if saved_world == s.info.world_size or plan.global_batch_sizes() == s.global_sizes:
+        return
+    back = f"resume from the end of epoch {s.start_epoch}" if s.start_epoch else "start the run over"
+    raise CheckpointError(f"{path} stopped epoch {s.start_epoch + 1} after step {s.start_step} of its batches for "
+                          f"{saved_world} process(es); with {s.info.world_size} the epoch is cut into other batches "
+                          f"(its last one, under 2 images per process, folds into the one before), so going on would "
+                          f"skip or repeat images. Resume with {saved_world} process(es), or remove {path} to {back} "
+                          f"(its {s.start_step} steps are then trained again).")
+
+
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**63 - 1)
 
@@ -727,9 +752,10 @@ def _validate(s: _Session, epoch: int, stop: StopOnSignal, model: torch.nn.Modul
     """Held-out clean and PGD accuracy of ``model`` (the run's, or its averaged copy); under torchrun each rank
     evaluates every world_size-th image.
 
-    A signal ends it after the current batch (``None``: skipped) in a single process; under torchrun the
-    ranks finish it (they must meet at its collective). Its attacks draw from a random stream of their own,
-    so the training's stream is the same whether it ran to the end, stopped early or was skipped.
+    A signal ends it after the current batch (``None``: skipped); under torchrun on every rank, once the ranks
+    meet at its end (a signal may reach some of them only, which then wait for the others' shares). Its attacks
+    draw from a random stream of their own, so the training's stream is the same whether it ran to the end,
+    stopped early or was skipped.
     """
     devices = [s.device.index if s.device.index is not None else torch.cuda.current_device()] \
         if s.device.type == "cuda" else []
@@ -745,15 +771,19 @@ def _held_out_accuracy(s: _Session, stop: StopOnSignal, model: torch.nn.Module) 
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     # small batches on a CPU: faster there (they stay in cache) and a Ctrl-C waits for one batch only
     batch_size = max(256, cfg.train.batch_size) if device.type == "cuda" else 64
+    res: Optional[dict] = {}
     if len(part) > 0:
         res = accuracy(model, part, [spec], batch_size=batch_size, device=device,
                        progress=cfg.train.progress and info.is_main, desc="val",
-                       autocast_dtype=autocast_dtype(cfg.train.amp),
-                       stop=None if info.enabled else (lambda: stop.signum is not None))
-        if res is None:
-            return None
-        counts += torch.tensor([res["clean"], res["attacks"][spec.label]["accuracy"]], dtype=torch.float64,
-                               device=device) * len(part)
+                       autocast_dtype=autocast_dtype(cfg.train.amp), stop=lambda: stop.signum is not None)
+        if res is not None:
+            counts += torch.tensor([res["clean"], res["attacks"][spec.label]["accuracy"]], dtype=torch.float64,
+                                   device=device) * len(part)
+    # Under torchrun the ranks meet here, each with its share done or cut after a batch by a signal (torchrun's
+    # agent kills them 30 s after forwarding one): a cut on any rank, which a signal may reach alone, skips the
+    # numbers on all of them
+    if stop.agreed(info, device) if info.enabled else res is None:
+        return None
     distributed.all_reduce_(counts, info)
     clean, robust = (counts / len(val)).tolist()
     return clean, robust
