@@ -185,6 +185,18 @@ def test_a_frozen_batchnorm_stays_frozen_through_attacks_losses_and_evaluate():
     assert not model.training and model[3].training
 
 
+def test_evaluate_refuses_per_image_radii_and_attack_objects_by_name():
+    import numpy as np
+
+    model, (x, y) = _linear(), _batch(8)
+    with pytest.raises(ConfigError, match=r"got an array of shape \(8,\) for 8 images: per-sample radii go to"):
+        iaat.evaluate(model, x, y, eps=torch.full((8,), 4 / 255))  # was: 8 evaluations, one per radius
+    with pytest.raises(ConfigError, match="attacks takes spec strings .* got a PGD"):
+        iaat.evaluate(model, x, y, attacks=[iaat.PGD(model, eps=8 / 255)], eps=8 / 255)
+    result = iaat.evaluate(model, x, y, attacks=["pgd:steps=1"], eps=np.array([4, 8]) / 255, checks=False)
+    assert list(result["attacks"]) == ["PGD-1@4/255", "PGD-1@8/255"]  # an array of radii that is a sweep
+
+
 def test_an_attack_naming_another_norm_without_its_own_radius_is_refused():
     model, (x, y) = _linear(), _batch()
     with pytest.raises(ConfigError, match="names norm l2 but no eps, and would run at the linf radii given"):

@@ -76,6 +76,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """
     _check_module(model)
     eps = python_scalar(eps)  # torch.tensor(8 / 255), np.float32(8 / 255)
+    data = _image_set(x, y)
+    shape = tuple(getattr(eps, "shape", ()))  # radii to evaluate at each, not one per image (IAAT's memory)
+    if len(shape) > 1 or (shape and shape[0] == len(data) > 1):
+        raise ConfigError(f"eps takes a radius or a list of radii, each evaluated over all images, got an array of "
+                          f"shape {shape} for {len(data)} images: per-sample radii go to iaat.pgd(model, x, y, "
+                          f"eps=radii), whose result says which images held; a sweep of {len(data)} radii, as a list.")
     radii = [eps] if isinstance(eps, (int, float, str)) or not hasattr(eps, "__iter__") else list(eps)
     radii = [check_size(e, "eps", norm=norm) for e in radii]
     sweep = [check_size(e, "eps_sweep", norm=norm) for e in eps_sweep] if eps_sweep is not None else None
@@ -83,7 +89,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         attacks = [attacks]  # one attack given on its own
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-    data = _image_set(x, y)
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     source, surrogates = _given_surrogate(surrogate, model, device)
     model = float32_view(model)

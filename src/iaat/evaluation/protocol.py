@@ -99,6 +99,11 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
     if not eps:
         raise ConfigError("an evaluation needs at least one eps.")
     texts = list(PROTOCOLS.get(protocol, [])) + list(attacks)
+    for t in texts:
+        if not isinstance(t, (str, AttackSpec)):
+            raise ConfigError(f"attacks takes spec strings such as 'pgd:steps=10,restarts=5' or AttackSpec objects, "
+                              f"got a {type(t).__name__}: an evaluation builds each attack from its spec (and runs it "
+                              f"at every eps); iaat.PGD(model, eps=...) is for attacking batches yourself.")
     # a transfer attack of the list that names no source takes the surrogate's, and is then the one it adds
     specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate) for t in texts]
     for s in specs:  # a radius of the plan is in the plan's norm: an attack naming another one needs its own
