@@ -725,6 +725,16 @@ def test_a_size_key_of_ones_own_method_is_declared_with_iaat_size():
     assert dataclasses.fields(SizedRadius)[-1].metadata.get("size")  # what the config's conversion reads
 
 
+def test_ones_own_method_without_dataclass_is_named_as_the_cause(tmp_path, monkeypatch):
+    from iaat.config import config_from_dict
+
+    (tmp_path / "own_methods_plain.py").write_text(
+        "import iaat\n\n\nclass Weighted(iaat.PGDAT):  # @dataclass forgotten\n    clean_weight: float = 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="Weighted declares clean_weight but is not a dataclass; put @dataclass"):
+        config_from_dict({"method": {"name": "own_methods_plain:Weighted", "clean_weight": 0.2}})
+
+
 def test_resuming_with_another_method_says_so_before_reading_the_old_methods_keys(tmp_path):
     """The old method's keys used to be refused as the new one's ("method 'pgd_at' takes no parameters")."""
     from iaat.config import config_from_dict

@@ -341,7 +341,7 @@ def method_kwargs(cfg: Config) -> dict:
     own = {f.name: f for f in own_fields(cls)}
     raw = cfg.method.params
     if raw and not own:
-        raise ConfigError(f"method '{cls.name}' takes no parameters, got {', '.join(sorted(raw))}.")
+        raise ConfigError(f"method '{cls.name or cfg.method.name}' takes no parameters, got {', '.join(sorted(raw))}.")
     check_keys(raw, own, "method")
     kwargs = {}
     for key, value in raw.items():
