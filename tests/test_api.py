@@ -338,6 +338,18 @@ def test_iaat_memory_round_trips_through_state_dict():
     iaat.IAAT(num_train=10, norm="l2", eps=0.5).load_state_dict({"memory": torch.full((10,), 2.0)})  # L2 may exceed 1
 
 
+def test_a_method_in_ones_own_loop_warns_what_the_trainer_would_print():
+    method = iaat.IAAT(num_train=10, epochs=3)  # warmup_epochs 5: no radius would ever adapt
+    with pytest.warns(UserWarning, match="all 3 epochs are warmup"):
+        method.start_epoch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.start_epoch(1)  # once
+        taken = iaat.IAAT(num_train=10, epochs=3)
+        assert any("all 3 epochs are warmup" in note for note in taken.take_notes())  # printed by the taker
+        taken.start_epoch(0)
+
+
 def test_iaat_warmup_follows_the_training_radius():
     assert iaat.IAAT(num_train=4, eps=4 / 255).eps_warmup == pytest.approx(4 / 255)
     explicit = iaat.IAAT(num_train=4, eps=4 / 255, eps_warmup=8 / 255)

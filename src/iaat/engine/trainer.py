@@ -269,7 +269,7 @@ def _run(s: _Session, notes: Sequence[str]) -> dict:
         rows = rundir.read_metrics(run_dir)
         return rows[-1] if rows else {}
     log(_summary(s))
-    for note in [*notes, *config_notes(cfg), *split_notes(cfg, s.data), *s.method.notes()]:
+    for note in [*notes, *config_notes(cfg), *split_notes(cfg, s.data), *s.method.take_notes()]:
         log(note)
     if cfg.train.tensorboard and info.is_main:
         s.board = Board(run_dir, purge_step=s.start_epoch + 1)

@@ -27,6 +27,7 @@ import dataclasses
 import math
 import numbers
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
@@ -151,7 +152,7 @@ class Method:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
         self.epoch: Optional[int] = None  #: set by start_epoch
-        self._input_checked = self._model_checked = False
+        self._input_checked = self._model_checked = self._notes_taken = False
 
     # -- what a training loop calls ----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
@@ -160,6 +161,9 @@ class Method:
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
             raise ConfigError(f"start_epoch takes the 0-based epoch number (a whole number >= 0), got {epoch!r}.")
         self.epoch = int(epoch)
+        if not self._notes_taken:  # a loop of one's own learns what the trainer prints when it starts
+            for note in self.take_notes():
+                warnings.warn(note, stacklevel=2)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -211,6 +215,12 @@ class Method:
     def notes(self) -> list[str]:
         """Lines worth printing when training starts (e.g. a warmup radius other than ``eps``)."""
         return []
+
+    def take_notes(self) -> list[str]:
+        """:meth:`notes`, for a loop that prints them itself (the trainer): the first :meth:`start_epoch` then
+        does not warn them again, as it does where nobody took them."""
+        self._notes_taken = True
+        return self.notes()
 
     def own_params(self) -> dict:
         """This method's own keyword arguments and their values ([0, 1] units), without the attack's."""
