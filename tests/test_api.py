@@ -275,6 +275,18 @@ def test_awp_leaves_out_a_layer_frozen_after_it_was_built():
     assert float(v[0].abs().max()) == 0 and float(v[1].abs().max()) > 0
 
 
+def test_the_l_inf_default_radius_is_not_taken_under_l2():
+    model, (x, y) = _linear(), _batch()
+    for call in (lambda: iaat.PGD(model, norm="l2"), lambda: iaat.evaluate(model, x, y, norm="l2")):
+        with pytest.raises(ConfigError, match="under l2 needs eps: the L-inf default 8/255 is a tiny L2 radius"):
+            call()
+    assert iaat.PGD(model).eps == 8 / 255 and iaat.evaluate(model, x, y, checks=False)["eps"] == 8 / 255
+    with pytest.warns(UserWarning, match="pgd_at: eps 8/255 under l2 is the L-inf default"):
+        iaat.PGDAT(norm="l2").start_epoch(0)
+    notes = iaat.IAAT(num_train=4, norm="l2", eps=0.5, line_search_max=0.25, selection="line_search").notes()
+    assert [n.split(" is ")[0].split(" ends ")[0] for n in notes] == ["iaat: gamma 1.9/255", "iaat: the line search's grid"]
+
+
 def test_l2_sizes_may_exceed_one():
     model, (x, y) = _linear(), _batch()
     res = iaat.pgd(model, x, y, eps=2.0, norm="l2", steps=2)

@@ -70,6 +70,19 @@ def test_a_relative_data_folder_is_found_from_another_working_directory(tiny_cif
     assert not (tmp_path / "data").exists()  # no download attempt into this folder
 
 
+def test_eval_takes_the_norm_and_radius_the_run_was_trained_for(tiny_cifar, tmp_path):
+    run = tmp_path / "l2"
+    code, _, err = run_main(*tiny_train_args(tiny_cifar, run, 1, "--set", "attack.norm=l2", "--eps", "64"))
+    assert code == 0, err
+    code, out, err = run_main("eval", str(run), "--n", "20", "--steps", "2", "--no-progress",
+                              "--out", str(tmp_path / "e.json"))
+    assert code == 0, err  # was: L-inf at 64/255
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert (result["norm"], result["eps"]) == ("l2", pytest.approx(64 / 255))
+    code, _, err = run_main("eval", str(run), "--n", "20", "--norm", "linf", "--no-progress")
+    assert code == 2 and "trained under l2 (eps 64/255), the evaluation is under --norm linf: give its --eps" in err
+
+
 def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "iaat", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=child_env())  # this process's thread count: bitwise

@@ -154,7 +154,7 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.protocol import build_plan, curve_x
-    from .eval_session import EvalRequest, default_eps, evaluate_checkpoint
+    from .eval_session import EvalRequest, default_eps, evaluate_checkpoint, trained_for
     from .units import format_size
 
     # Options first: a typo should not wait for the model and the data to load.
@@ -166,7 +166,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be positive, got {args.n}.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}.")
-    norm = args.norm
     legacy = {"--steps": args.steps, "--restarts": args.restarts, "--step-size": args.step_size,
               "--loss": args.loss}
     attacks = list(args.attack)
@@ -188,8 +187,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.step_size:
             opts.append(f"step_size={args.step_size}")
         attacks = ["pgd:" + ",".join(opts)]
-    eps = _parse_sizes(args.eps, "--eps", norm) if args.eps else None
-    sweep_eps = _parse_sizes(args.sweep_eps, "--sweep-eps", norm) if args.sweep_eps else None
     if args.sweep_steps is not None and any(k < 1 for k in args.sweep_steps):
         raise ConfigError("--sweep-steps values must be >= 1.")
 
@@ -211,8 +208,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       out=Path(args.out) if args.out else None, progress=not args.no_progress, model=args.model,
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
                       num_classes=args.num_classes, run_weights=_run_weights(args), command=args.command_line)
-    if eps is None:  # the model's own training radius
-        eps = [default_eps(req)]
+    # the model's own training norm and radius, where not given and known
+    trained = trained_for(req) if args.norm is None or not args.eps else {}
+    norm = args.norm or trained.get("norm", "linf")
+    eps = _parse_sizes(args.eps, "--eps", norm) if args.eps else [default_eps(trained, norm)]
+    sweep_eps = _parse_sizes(args.sweep_eps, "--sweep-eps", norm) if args.sweep_eps else None
     req.plan = build_plan(eps=eps, protocol=args.protocol, attacks=attacks, norm=norm, surrogate=args.surrogate,
                           corruptions=args.corruptions, eps_sweep=sweep_eps, steps_sweep=args.sweep_steps,
                           checks=not args.no_checks)
@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", help=f"single-attack mode: PGD step, {SIZE_HELP} (default 2.5 * eps / steps up to "
                                        f"10 steps, eps / 4 beyond)")
     p.add_argument("--loss", choices=["ce", "margin"], help="single-attack mode: cross-entropy (default) or CW margin")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model (default linf)")
+    p.add_argument("--norm", choices=["linf", "l2"],
+                   help="threat model (default: the one the model was trained under where its run or file says, "
+                        "else linf)")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default all)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="official test split, or the run's held-out part of the training split")

@@ -19,6 +19,7 @@ from .errors import ConfigError, DataError
 from .evaluation.attacks import long_default_step
 from .evaluation.protocol import EvalPlan, markdown_report, run_evaluation
 from .evaluation.state import EvalState
+from .units import format_size
 
 
 @dataclass
@@ -151,20 +152,32 @@ def _run_source(path: Path, device: torch.device, weights: str = "auto") -> Mode
                         "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
 
 
-def default_eps(req: EvalRequest) -> float:
-    """The evaluation radius when ``--eps`` is not given: the model's training radius, where it is known."""
-    if req.path is not None and req.model is None:
-        from .model_files import file_format, read_model_file
+def trained_for(req: EvalRequest) -> dict:
+    """The radius and norm the model was trained for (``{"eps", "norm"}``), where its run's config or its model
+    file's description says them; ``{}`` where nothing does (``--model module:factory``)."""
+    if req.path is None or req.model is not None:
+        return {}
+    from .model_files import file_format, read_model_file
 
-        _refuse_sweep_folder(req.path)
-        if file_format(req.path) in ("run", "checkpoint"):
-            from .engine.runs import load_run_config
+    _refuse_sweep_folder(req.path)
+    if file_format(req.path) in ("run", "checkpoint"):
+        from .engine.runs import load_run_config
 
-            return load_run_config(req.path).eps
-        eps = ((read_model_file(req.path)[1].get("training")) or {}).get("eps")
-        if eps is not None:
-            return float(eps)
-    raise ConfigError("the model does not say which radius it was trained for: give the evaluation's --eps.")
+        cfg = load_run_config(req.path)
+        return {"eps": cfg.eps, "norm": cfg.attack.norm}
+    training = read_model_file(req.path)[1].get("training") or {}
+    return {key: training[key] for key in ("eps", "norm") if training.get(key) is not None}
+
+
+def default_eps(trained: dict, norm: str) -> float:
+    """The evaluation radius when ``--eps`` is not given: the model's training radius, where it is known and of
+    the evaluation's norm."""
+    if "eps" not in trained:
+        raise ConfigError("the model does not say which radius it was trained for: give the evaluation's --eps.")
+    if trained.get("norm", norm) != norm:
+        raise ConfigError(f"the model was trained under {trained['norm']} (eps {format_size(trained['eps'])}), the "
+                          f"evaluation is under --norm {norm}: give its --eps in that norm.")
+    return float(trained["eps"])
 
 
 def check_output(out: Path) -> None:

@@ -96,6 +96,29 @@ def format_size(unit: float) -> str:
     return f"{unit * 255:.4g}/255"
 
 
+#: the radius where none is given: CIFAR-10's L-inf standard (L2 has none that fits every data set)
+LINF_EPS = 8 / 255
+
+
+def default_radius(eps: Any, norm: str, who: str) -> Any:
+    """``eps``, or where it is None the L-inf standard 8/255; under L2 a radius must be given.
+
+    Example:
+        >>> default_radius(None, "linf", "PGD"), default_radius(0.5, "l2", "PGD")
+        (0.03137254901960784, 0.5)
+        >>> default_radius(None, "l2", "PGD")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        iaat.errors.ConfigError: PGD under l2 needs eps: the L-inf default 8/255 is a tiny L2 radius ...
+    """
+    if eps is not None:
+        return eps
+    if norm == "l2":
+        raise ConfigError(f"{who} under l2 needs eps: the L-inf default 8/255 is a tiny L2 radius (CIFAR-10's usual "
+                          f"L2 radius is 0.5, i.e. 127.5/255).")
+    return LINF_EPS
+
+
 def _is_linf(norm: str) -> bool:
     return norm == "linf"
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..distributed import unwrap
 from ..errors import ConfigError, first_line
-from ..units import check_size, check_size_range, format_size, python_scalar
+from ..units import check_size, check_size_range, default_radius, format_size, python_scalar
 
 Radius = Union[float, torch.Tensor]
 
@@ -644,7 +644,8 @@ def check_image_range(lo: float, hi: float, who: str) -> None:
 class PGD:
     """A PGD attack that holds its settings: ``PGD(model, eps=8/255, steps=10)(x, y)`` returns ``x_adv``.
 
-    Sizes in [0, 1] image units; any other keyword of :func:`pgd` (``norm``, ``restarts``, ``loss``,
+    Sizes in [0, 1] image units; ``eps`` 8/255 where not given under L-inf (under L2 it must be given); any
+    other keyword of :func:`pgd` (``norm``, ``restarts``, ``loss``,
     ``target``, ``autocast_dtype``, ...) is passed on. :meth:`run` returns the whole
     :class:`AttackResult` (per-sample ``robust``, ``first_miss``, ``kappa``).
 
@@ -658,13 +659,14 @@ class PGD:
         True
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 10, step_size: Optional[float] = None,
-                 **options) -> None:
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 10,
+                 step_size: Optional[float] = None, **options) -> None:
         unknown = sorted(set(options) - _PGD_OPTIONS)
         if unknown:
             raise ConfigError(f"PGD got unknown option(s) {', '.join(unknown)}; it takes those of iaat.pgd: "
                               f"{', '.join(sorted(_PGD_OPTIONS))}.")
         norm = options.get("norm", "linf")
+        eps = default_radius(eps, norm, "PGD")
         for name, value in (("eps", eps), ("step_size", step_size)):
             if value is not None and not torch.is_tensor(value):  # per-sample radii: checked by pgd, per batch
                 check_size(value, name, norm=norm)

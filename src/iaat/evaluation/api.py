@@ -14,7 +14,7 @@ from ..data import ImageSet, to_unit
 from ..errors import ConfigError, first_line
 from ..model_files import load_model
 from ..models.precision import float32_view
-from ..units import check_size, python_scalar
+from ..units import check_size, default_radius, python_scalar
 from .attacks import AttackSpec
 from .presets import PROTOCOLS
 from .protocol import build_plan, run_evaluation
@@ -22,7 +22,7 @@ from .protocol import build_plan, run_evaluation
 
 @outside_inference_mode  # attacks need gradients, which a caller's inference mode would switch off
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-             attacks: Optional[Sequence[Union[str, AttackSpec]]] = None, eps: Union[float, Sequence[float]] = 8 / 255,
+             attacks: Optional[Sequence[Union[str, AttackSpec]]] = None, eps: Optional[Union[float, Sequence[float]]] = None,
              protocol: Optional[str] = None, norm: str = "linf", eps_sweep: Optional[Sequence[float]] = None,
              steps_sweep: Optional[Sequence[int]] = None, checks: bool = True, batch_size: int = 256,
              device: Optional[torch.device] = None, seed: int = 0, progress: bool = False,
@@ -44,7 +44,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             ``"autoattack:version=quick"``) or :class:`~iaat.evaluation.AttackSpec` objects, or one; default PGD-20
             and CW-40. A size written inside a spec string is text, read as on the command line (8 or 8/255).
             A ``"transfer"`` attack is crafted on ``surrogate``, or on the run or model file its ``source=`` names.
-        eps: the radius, or several (each attack without its own radius runs at each), [0, 1] units.
+        eps: the radius, or several (each attack without its own radius runs at each), [0, 1] units; default
+            8/255 under L-inf, required under L2.
         protocol: a named protocol (``quick``, ``paper``, ``full``) whose attacks come first.
         norm: ``linf`` or ``l2``.
         eps_sweep, steps_sweep: accuracy over these radii (PGD-10) / PGD step counts (one run gives all).
@@ -75,7 +76,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         True
     """
     _check_module(model)
-    eps = python_scalar(eps)  # torch.tensor(8 / 255), np.float32(8 / 255)
+    eps = python_scalar(default_radius(eps, norm, "evaluate"))  # torch.tensor(8 / 255), np.float32(8 / 255)
     data = _image_set(x, y)
     shape = tuple(getattr(eps, "shape", ()))  # radii to evaluate at each, not one per image (IAAT's memory)
     if len(shape) > 1 or (shape and shape[0] == len(data) > 1):

@@ -39,7 +39,7 @@ from ..attacks.pgd import (attack_mode, check_autocast_dtype, check_batch_types,
                            default_step_size)
 from ..errors import ConfigError
 from ..schema import check_type, field_default
-from ..units import check_size, python_scalar
+from ..units import LINF_EPS, check_size, format_size, python_scalar
 
 #: Field metadata of a size: [0, 1] units here, pixel units over 255 in configs.
 SIZE = {"size": True}
@@ -115,7 +115,7 @@ class Method:
     #: attacks sub-batches of data-dependent size (a compiled model then needs dynamic shapes)
     varying_batches: ClassVar[bool] = False
 
-    eps: float = size(8 / 255)
+    eps: float = size(LINF_EPS)
     step_size: Optional[float] = size(None)
     steps: int = 10
     norm: str = "linf"
@@ -213,7 +213,11 @@ class Method:
         return {}
 
     def notes(self) -> list[str]:
-        """Lines worth printing when training starts (e.g. a warmup radius other than ``eps``)."""
+        """Lines worth printing when training starts (e.g. a warmup radius other than ``eps``); subclasses add
+        theirs to these."""
+        if self.norm == "l2" and self.eps == LINF_EPS:
+            return [f"{self.name or type(self).__name__}: eps {format_size(self.eps)} under l2 is the L-inf default; "
+                    f"L2 radii are larger (CIFAR-10's usual: 0.5, i.e. 127.5/255)"]
         return []
 
     def take_notes(self) -> list[str]:

@@ -109,6 +109,8 @@ AUTHORS_KEYS = frozenset({"gamma", "beta", "warmup_epochs", "save_radii", "compa
 TRADES_INIT_STD, TRADES_BETA = 0.001, 6.0
 
 SELECTIONS = ("alg2", "online", "line_search")
+#: the paper's radius step on CIFAR-10 (L-inf, eps 8/255)
+GAMMA = 1.9 / 255
 
 
 def _on_rows(mask: torch.Tensor, compute: Any, fill: Any) -> tuple:
@@ -181,7 +183,7 @@ class IAAT(PerSampleState, GairParams, CompatParams):
     weights: str = "none"
     train_loss: str = "ce"
     trades_beta: float = TRADES_BETA
-    gamma: float = size(1.9 / 255)
+    gamma: float = size(GAMMA)
     beta: float = 0.1
     warmup_epochs: int = 5
     eps_warmup: Optional[float] = size(None)
@@ -278,7 +280,13 @@ class IAAT(PerSampleState, GairParams, CompatParams):
                               f"({format_size(self.eps_max)}).")
 
     def notes(self) -> list[str]:
-        notes = []
+        notes = super().notes()
+        if self.norm == "l2" and self.gamma == GAMMA:
+            notes.append(f"iaat: gamma {format_size(self.gamma)} is the paper's L-inf step; under l2 scale it with eps "
+                         f"(the paper: gamma = 1.9/8 of eps)")
+        if self.selection == "line_search" and self.line_search_max < self.eps:
+            notes.append(f"iaat: the line search's grid ends at line_search_max {format_size(self.line_search_max)}, "
+                         f"below eps {format_size(self.eps)}: no radius goes above it")
         if self.warmup_epochs and self.warmup_asked is not None:
             notes.append(f"iaat: the {self.warmup_epochs} warmup epoch(s) train at {format_size(self.eps_warmup)}, "
                          f"not at {format_size(self.warmup_asked)}: every radius stays within [eps_min, eps_max]")
