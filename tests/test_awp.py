@@ -156,6 +156,31 @@ def test_the_perturbed_forward_under_autocast_runs_at_the_perturbed_weights():
     assert restored == unperturbed
 
 
+def test_under_fp16_the_ascent_loss_is_scaled_as_the_steps_loss():
+    """A deep net with small weights: its float16 weight gradients underflow to 0 (no perturbation at all) unless
+    the ascent's loss is scaled by the loop's GradScaler; scaled, the perturbation is the float32 one."""
+    torch.manual_seed(0)
+    layers: list = [nn.Flatten()]
+    for i in range(10):
+        layers += [nn.Linear(48 if i == 0 else 32, 32), nn.ReLU()]
+        nn.init.normal_(layers[-2].weight, std=0.02)
+    model = nn.Sequential(*layers, nn.Linear(32, 3))
+    x, y = torch.rand(8, 3, 4, 4), torch.arange(8) % 3
+    method = iaat.PGDAT(eps=8 / 255, steps=1, random_start=False)
+    exact = AWP(model, 0.01).perturbation(method.objective(model, x, y))
+
+    def in_fp16(scaler):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return AWP(model, 0.01, scaler=scaler).perturbation(method.objective(model, x, y))
+
+    assert all(float(v.abs().max()) == 0 for v in in_fp16(None)[:3])  # what an unscaled loss gives
+    for v, w in zip(in_fp16(torch.amp.GradScaler("cpu", init_scale=2.0**16)), exact):  # float16's rounding apart
+        assert F.cosine_similarity(v.flatten(), w.flatten(), dim=0) > 0.9 and float(v.norm()) == pytest.approx(
+            float(w.norm()), rel=1e-3)
+    overflowing = in_fp16(torch.amp.GradScaler("cpu", init_scale=2.0**100))  # this step's scale overflows
+    assert all(torch.isfinite(v).all() for v in overflowing)
+
+
 def test_bad_settings_are_clear():
     model = tiny_model()
     with pytest.raises(ConfigError, match="in \\(0, 1\\)"):

@@ -63,6 +63,10 @@ class AWP:
         model: the model being trained (its unwrapped ``nn.Module``; its parameters are perturbed in place).
         gamma: the perturbation's size relative to each layer's weight norm (0.01 AT-style, 0.005 TRADES-style).
         warmup_epochs: plain epochs before AWP starts (:meth:`active`; :meth:`applied` takes the epoch to know).
+        scaler: an fp16 loop's ``torch.amp.GradScaler``: the ascent pass's loss is scaled as the step's is, since
+            its float16 gradient would underflow to 0 where the loss is small (the direction, all that AWP takes
+            of it, is the same); a layer whose scaled gradient overflows is not perturbed in that step (the
+            scaler skips the step then anyway).
 
     Example:
         >>> import iaat, torch
@@ -77,13 +81,15 @@ class AWP:
         >>> optimizer.step()
     """
 
-    def __init__(self, model: nn.Module, gamma: float = 0.01, warmup_epochs: int = 0) -> None:
+    def __init__(self, model: nn.Module, gamma: float = 0.01, warmup_epochs: int = 0,
+                 scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not 0.0 < gamma < 1.0:
             raise ConfigError(f"the AWP gamma is the perturbation's size relative to each layer's weights, in (0, 1) "
                               f"(0.01 for AT-style, 0.005 for TRADES-style losses), got {gamma}.")
         if warmup_epochs < 0:
             raise ConfigError(f"the AWP warm-up must be >= 0 epochs, got {warmup_epochs}.")
         self.model, self.gamma, self.warmup_epochs = model, float(gamma), int(warmup_epochs)
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         perturbed = [(name, p) for name, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
         if not perturbed:
             raise ConfigError("AWP perturbs weight matrices and convolution kernels; this model has none to train.")
@@ -105,6 +111,8 @@ class AWP:
         trained = [w for w in self.params if w.requires_grad]  # a layer frozen since construction: not perturbed
         try:
             loss = objective(net).loss
+            if self.scaler is not None:
+                loss = self.scaler.scale(loss)
             found = dict(zip(map(id, trained), torch.autograd.grad(loss, trained, allow_unused=True) if trained else ()))
             grads = [found.get(id(w)) for w in self.params]
         finally:
@@ -117,7 +125,9 @@ class AWP:
                 out.append(torch.zeros_like(w))
                 continue
             g = g.detach().to(w.dtype)
-            out.append(self.gamma * w.detach().norm() / (g.norm() + EPS) * g)
+            norm = g.norm()
+            v = self.gamma * w.detach().norm() / (norm + EPS) * g
+            out.append(v if self.scaler is None else torch.where(torch.isfinite(norm), v, torch.zeros_like(v)))
         return out
 
     def perturb(self, objective: Objective, net: Optional[nn.Module] = None) -> Callable[[], None]:

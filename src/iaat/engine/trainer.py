@@ -476,7 +476,7 @@ def _setup(cfg: Config, run_dir: Path, device: torch.device, info: distributed.D
         seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
     return _Session(cfg, run_dir, device, info, log, data, model, net, method, optimizer, scaler, loader,
                     loader.global_batch_sizes(), ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
-                    awp=build_awp(cfg, model))
+                    awp=build_awp(cfg, model, scaler))
 
 
 def _probe_model(model: torch.nn.Module, data, device: torch.device, warn: bool = True) -> None:
@@ -509,13 +509,13 @@ def _probe_model(model: torch.nn.Module, data, device: torch.device, warn: bool 
                       "little gradient; remove the model's final softmax.", stacklevel=2)
 
 
-def build_awp(cfg: Config, model: torch.nn.Module) -> Optional[AWP]:
+def build_awp(cfg: Config, model: torch.nn.Module, scaler: Optional[torch.amp.GradScaler] = None) -> Optional[AWP]:
     """The run's adversarial weight perturbation of ``model`` (train.awp, train.awp_warmup), or None."""
     if cfg.train.awp is None:
         return None
     gamma, warmup = awp_settings(cfg.train.awp, cfg.train.awp_warmup, cfg.method.name,
                                  cfg.method.params.get("train_loss", "ce"))
-    return AWP(model, gamma, warmup)
+    return AWP(model, gamma, warmup, scaler)
 
 
 def _restore(s: _Session) -> None:
