@@ -144,6 +144,21 @@ def step_config_for(data_dir, method: str, **train):
                              "attack": {**cfg.to_dict()["attack"], "random_start": True}})
 
 
+def test_the_loader_gives_the_cpus_batches_on_the_gpu():
+    """Order, crops and flips come from a CPU generator on any device: an epoch stopped on one device and resumed
+    on another continues the same batches."""
+    from iaat.data.imageset import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (203, 3, 8, 8), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (203,), generator=g))
+    loaders = [DeviceLoader(data, 50, device, augment=True, seed=3) for device in (torch.device("cpu"), GPU)]
+    for epoch in range(2):
+        for a, b in zip(*(loader.epoch(epoch, start=epoch) for loader in loaders)):
+            for p, q in zip(a, b):
+                assert q.device.type == GPU.type and torch.equal(p, q.cpu())
+
+
 @pytest.mark.parametrize("name", ["IAAT", "MMA", "CAT", "MAIL"])
 def test_per_sample_state_built_on_the_cpu_follows_a_gpu_batch(name):
     """A user's loop builds the method, then moves model and data to the GPU: the per-sample state follows."""

@@ -16,8 +16,10 @@ from .batch import to_unit
 from .imageset import ImageSet
 
 
-def _epoch_generator(device: torch.device, seed: int, epoch: int) -> torch.Generator:
-    g = torch.Generator(device=device)
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """On the CPU whatever the training device: a GPU's generator draws other numbers from the same seed, so an
+    epoch resumed on another device would continue another order (repeating some images, skipping others)."""
+    g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1))
     return g
 
@@ -98,9 +100,8 @@ class BatchPlan:
 
     def _plan(self, epoch: int) -> tuple[torch.Generator, list]:
         """The epoch's generator (after the permutation was drawn from it) and its global batches of indices."""
-        g = _epoch_generator(self.device, self.seed, epoch)
-        order = (torch.randperm(self.n, generator=g, device=self.device) if self.shuffle
-                 else torch.arange(self.n, device=self.device))
+        g = _epoch_generator(self.seed, epoch)
+        order = (torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)).to(self.device)
         bounds = self._bounds()
         return g, [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -139,14 +140,22 @@ class DeviceLoader(BatchPlan):
         full pass; only their images are not gathered.
         """
         g, batches = self._plan(epoch)
-        for step, idx in enumerate(batches):
-            draws = draw_augmentation(len(idx), g, self.padding, device=self.device) if self.augment else None
+        draws = self._draws(g, [len(idx) for idx in batches]) if self.augment else [None] * len(batches)
+        for step, (idx, drawn) in enumerate(zip(batches, draws)):
             if step < start:
                 continue
             idx = self._mine(idx)
             xb = self.x[idx]
-            if draws is not None:
-                xb = apply_augmentation(xb, tuple(self._mine(d) for d in draws), self.padding)
+            if drawn is not None:
+                xb = apply_augmentation(xb, tuple(self._mine(d) for d in drawn), self.padding)
             yield to_unit(xb), self.y[idx], idx
+
+    def _draws(self, g: torch.Generator, sizes: list) -> list:
+        """Every step's crop and flip draws, made on the CPU in step order, then moved to the device at once."""
+        steps = [draw_augmentation(b, g, self.padding) for b in sizes]
+        if self.device.type == "cpu":
+            return steps
+        kinds = [torch.cat(parts).to(self.device, non_blocking=True).split(sizes) for parts in zip(*steps)]
+        return list(zip(*kinds))
 
     __iter__ = epoch
