@@ -49,6 +49,7 @@ def test_md5_mismatch_warns(tiny_cifar):
         load_dataset("cifar10", str(tiny_cifar), download=False)
     message = str(record[0].message)
     assert "data_batch_1" in message and "test_batch" in message
+    assert "it holds 500 training and 200 test images, not the release's 50,000 and 10,000" in message
 
 
 def test_missing_folder_names_where_it_looked(tmp_path):
@@ -378,8 +379,9 @@ def test_augment_crop_is_a_window_of_the_zero_padded_image():
 # --------------------------------------------------------------------------- the real CIFAR-10 (JPEG-75 copy)
 
 def test_real_cifar10_loads_with_md5_warning(real_cifar):
-    with pytest.warns(UserWarning, match="md5"):
+    with pytest.warns(UserWarning, match="md5") as record:
         splits = load_dataset("cifar10", str(real_cifar), download=False)
+    assert "incomplete" not in str(record[0].message)  # re-encoded, not cut
     assert splits.train.x.shape == (50000, 3, 32, 32) and splits.train.x.dtype == torch.uint8
     assert splits.test.x.shape == (10000, 3, 32, 32)
     assert torch.equal(torch.bincount(splits.train.y), torch.full((10,), 5000))

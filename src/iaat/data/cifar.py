@@ -150,6 +150,10 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+#: (training, test) images of the official CIFAR-10 and CIFAR-100 releases
+OFFICIAL_COUNTS = (50_000, 10_000)
+
+
 def _load_split(folder: Path, files: dict, label_key: str, verify: list) -> ImageSet:
     xs, ys = [], []
     for fname, md5 in files.items():
@@ -206,7 +210,11 @@ def load_cifar(name: str, data_dir: Optional[str], download: bool = True) -> Dat
     mismatched: list = []
     train = _load_split(folder, spec["train"], spec["label_key"], mismatched)
     test = _load_split(folder, spec["test"], spec["label_key"], mismatched)
-    if mismatched:
-        warnings.warn(f"{folder}: {', '.join(mismatched)} differ(s) from the official {name} release (md5); "
+    counts = (len(train.y), len(test.y))
+    if mismatched:  # a re-encoded copy (e.g. JPEG) keeps the counts; a truncated or partial one says so here
+        short = "" if counts == OFFICIAL_COUNTS else (
+            f"; it holds {counts[0]:,} training and {counts[1]:,} test images, not the release's "
+            f"{OFFICIAL_COUNTS[0]:,} and {OFFICIAL_COUNTS[1]:,}: incomplete or damaged")
+        warnings.warn(f"{folder}: {', '.join(mismatched)} differ(s) from the official {name} release (md5){short}; "
                       "numbers on this copy are not comparable with published tables.", stacklevel=3)
     return DatasetSplits(name, train, test, spec["num_classes"], spec["mean"], spec["std"], str(folder))
