@@ -117,3 +117,18 @@ def test_a_bad_value_in_a_runs_config_names_the_file(iaat_run, tmp_path, command
     assert res.returncode == 2, res.stderr
     line = text.splitlines().index("  epochs: 1") + 1
     assert f"iaat: error: {config}, line {line}: train.epochs must be an integer, got 'four'." in res.stderr
+
+
+def test_a_resume_whose_training_images_differ_from_the_runs_split_is_refused(iaat_run, tmp_path):
+    """The split drawn now against data_split.npz: another order of the training images (another copy of the data,
+    another torch drawing it) would give each stored radius to another image."""
+    from test_cli import snapshot
+
+    run = _copy(iaat_run, tmp_path)
+    with np.load(run / "data_split.npz") as split:
+        train, val = split["train_indices"], split["val_indices"]
+    np.savez(run / "data_split.npz", train_indices=train[::-1], val_indices=val)
+    before = snapshot(run)
+    res = run_in_process("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    assert res.returncode == 2 and "the training images drawn now differ from those in" in res.stderr, res.stderr
+    assert snapshot(run) == before

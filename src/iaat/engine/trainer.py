@@ -524,6 +524,7 @@ def _restore(s: _Session) -> None:
     path, ckpt = resume_point(s.ckpt_dir)
     if ckpt is not None:
         _check_resume_data(ckpt, path, cfg, s.data)
+        _check_resume_split(s)
         load_model_state(s.model, ckpt["model"], str(path), cfg.model.name, ckpt.get("model_name", "?"))
         s.optimizer.load_state_dict(ckpt["optimizer"])
         s.scaler.load_state_dict(ckpt["scaler"])
@@ -691,6 +692,20 @@ def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
         if key in info and info[key] != value:
             raise CheckpointError(f"{path} was trained on data with {key} {info[key]}, but the data now has "
                                   f"{value}; resume with the data the run started with (check --data-dir).")
+
+
+def _check_resume_split(s: _Session) -> None:
+    """The training images, in the order of the per-sample state, must be those the run started with: another
+    copy of the data with its images in another order, or another torch drawing the split, would give each
+    radius to another image."""
+    if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
+        return
+    saved = rundir.read_train_indices(s.run_dir)
+    now = s.data.train_indices.numpy()
+    if saved.shape != now.shape or not (saved == now).all():
+        raise CheckpointError(f"the training images drawn now differ from those in {s.run_dir / rundir.SPLIT}, "
+                              f"which the run's per-sample state follows: resume with the data the run started "
+                              f"with (check --data-dir) and the same data.split_seed, val_size and train_subset.")
 
 
 def _check_distributed(cfg: Config, info: distributed.DistInfo, device: torch.device) -> None:
