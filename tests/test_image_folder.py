@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,7 @@ def test_folder_splits_labels_and_lazy_images(folder):
     x = splits.test.x[0:5]
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 48, 48)
     assert torch.equal(splits.test.x[3], x[3:4])  # a plain index decodes one image, as a batch of one
+    assert torch.equal(splits.test.x[np.int64(3)], x[3:4])  # a sampler's NumPy index too
     sub = splits.test.subset(torch.tensor([4, 0]))
     assert isinstance(sub.x, FolderImages)  # selecting does not decode
     assert torch.equal(sub.x[0:2], splits.test.x[torch.tensor([4, 0])])

@@ -20,6 +20,7 @@ as torchvision's ImageFolder.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -189,7 +190,7 @@ class FolderImages:
             idx = list(range(*key.indices(len(self.files))))
         else:
             idx = key.tolist() if torch.is_tensor(key) else key
-            idx = [idx] if isinstance(idx, int) else list(idx)
+            idx = [idx] if isinstance(idx, numbers.Integral) else list(idx)  # np.int64 from a sampler too
         image_cls = pillow("reading image folders")
         return read_images([self.files[i] for i in idx], self.image_size,
                            lambda f: read_image(image_cls, f, self.image_size, self.resize))
