@@ -42,6 +42,23 @@ def test_folder_splits_labels_and_lazy_images(folder):
         assert imgs[:, c % 3].mean() > imgs[:, (c + 1) % 3].mean() + 20
 
 
+def test_images_in_sub_folders_of_a_class_are_found_hidden_ones_are_not(tmp_path):
+    """As torchvision's ImageFolder: every image under a class folder counts, however deep; unlike it, hidden
+    folders (.ipynb_checkpoints) are no classes and hidden files (macOS ._x.JPEG) no images."""
+    root = write_image_folder(tmp_path / "nested", train_per_class=2, val_per_class=1, size=16)
+    first = root / "train" / "n00000000"
+    (first / "more" / "deeper").mkdir(parents=True)
+    shutil.copy(first / "img_000.JPEG", first / "more" / "deeper" / "img_009.JPEG")
+    shutil.copy(first / "img_000.JPEG", first / "._img_000.JPEG")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (first / ".hidden").mkdir()
+    shutil.copy(first / "img_000.JPEG", first / ".hidden" / "img_010.JPEG")
+    splits = load_dataset("imagefolder", str(root), image_size=16)
+    assert splits.num_classes == 3 and torch.bincount(splits.train.y).tolist() == [3, 2, 2]
+    assert [str(f.relative_to(first)) for f in splits.train.x.files[:3]] == [
+        "img_000.JPEG", "img_001.JPEG", "more/deeper/img_009.JPEG"]
+
+
 def test_small_images_read_at_the_default_size_are_warned_of(tmp_path):
     """32-px images read at 224 px would cost 49 times the compute for no detail: a warning names the key; an
     image_size given, or images near the default size, pass quietly."""

@@ -59,10 +59,15 @@ def subfolders(path: Path) -> list[str]:
 
 
 def image_files(path: Path) -> list[str]:
-    """Sorted names of the visible image files (:data:`IMAGE_EXTENSIONS`) in ``path``."""
-    with os.scandir(path) as entries:
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    """Sorted paths, relative to ``path``, of the image files (:data:`IMAGE_EXTENSIONS`) in it and its sub-folders,
+    as torchvision's ImageFolder finds them; hidden files and folders (``._x.jpg``, ``.ipynb_checkpoints``) are
+    left out."""
+    found = []
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        inner = Path(folder).relative_to(path)
+        found += [str(inner / f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def open_rgb(image_cls, file: Path):
