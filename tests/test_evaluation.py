@@ -481,6 +481,9 @@ def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run,
     assert "| Natural |" in md and "CW-40@8/255" in md and "Sanity checks" in md
     assert "lacks 17 of the 19 corruptions" in res.stderr
     assert not list(out.parent.glob("*.state.npz"))  # the resume state goes once the result is written
+    mean = result["corruptions"]["mean"]  # the console's number is the markdown's, and says what it means
+    assert f"corruptions: mean accuracy over 2 corruptions: {mean:.4f}" in res.stdout
+    assert f"| {100 * mean:.2f} |" in md
 
 
 def test_cli_eval_generated_corruptions_of_grey_digits_skip_the_rgb_only_ones(tmp_path):
@@ -551,6 +554,34 @@ def test_the_corruption_column_gives_the_benchmark_mean_where_it_has_one(corr, c
     md = markdown_report({"n": 10, "eps": 8 / 255, "norm": "linf", "clean": 0.9, "attacks": {}, "corruptions": corr})
     header, _, row = md.splitlines()[4:7]
     assert header.split(" | ")[-1].rstrip(" |") == column and row.split(" | ")[-1].rstrip(" |") == value
+
+
+def test_under_l2_an_attack_with_its_own_radius_is_read_in_l2_and_kept_apart_from_l_inf():
+    plan = build_plan(eps=[0.5], norm="l2", attacks=["pgd:steps=10,eps=128", "pgd:steps=5,norm=linf,eps=128",
+                                                     "pgd:steps=3,eps=300"])
+    assert [(s.label, s.norm) for s in plan.attacks] == [("PGD-10@128/255-l2", "l2"), ("PGD-5@128/255", "linf"),
+                                                         ("PGD-3@300/255-l2", "l2")]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x, y = torch.rand(6, 3, 4, 4), torch.arange(6) % 3
+    res = iaat.evaluate(model, x, y, attacks=["pgd:steps=2", "pgd:steps=2,norm=linf,eps=0.5/1"], eps=0.5,
+                        norm="l2", checks=False)
+    assert res["worst_case"]["over"] == ["PGD-2@127.5/255-l2"]  # the L-inf attack at the same number is apart
+
+
+def test_a_transfer_attack_runs_with_the_target_and_start_its_label_names(monkeypatch):
+    calls = []
+
+    def recording_pgd(*args, **kwargs):
+        calls.append(kwargs)
+        return pgd(*args, **kwargs)
+
+    monkeypatch.setattr(eval_attacks, "pgd", recording_pgd)
+    model, other = (nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)) for _ in range(2))
+    x, y = torch.rand(6, 3, 4, 4), torch.arange(6) % 3
+    spec = AttackSpec(kind="transfer", source="<surrogate module>", steps=2, targeted=True, random_start=False)
+    res = iaat.evaluate(model, x, y, attacks=[spec], surrogate=other, eps=8 / 255, checks=False)
+    assert list(res["attacks"]) == ["transfer-PGD-2-targeted-nostart@8/255"]
+    assert calls and all(c["target"] is not None and c["random_start"] is False for c in calls)
 
 
 def test_end_of_epoch_accuracy_attacks_only_what_it_can_count(monkeypatch):

@@ -153,7 +153,7 @@ def _parse_sizes(values: Optional[Sequence[str]], name: str, norm: str) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.protocol import build_plan, curve_x
+    from .evaluation.protocol import build_plan, corruption_headline, curve_x
     from .eval_session import EvalRequest, default_eps, evaluate_checkpoint, trained_for
     from .units import format_size
 
@@ -230,7 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label = f"worst case of those at {format_size(result['eps'])}"
         print(f"  {label:<34}{result['worst_case']['accuracy']:.4f}")
     if "corruptions" in result:
-        print(f"  {'corruptions (mean accuracy)':<34}{result['corruptions']['mean']:.4f}")
+        what, value = corruption_headline(result["corruptions"])
+        print(f"  corruptions: mean accuracy over {what}: {value:.4f}")
         if result["corruptions"].get("mCE") is not None:
             print(f"  {'ImageNet-C mCE':<34}{result['corruptions']['mCE']:.4f}")
     for name, curve in result.get("curves", {}).items():

@@ -151,11 +151,12 @@ def _parse_value(key: str, text: str, norm: str) -> object:
     return text
 
 
-def parse_attack(text: str, source: Optional[str] = None) -> AttackSpec:
+def parse_attack(text: str, source: Optional[str] = None, norm: str = "linf") -> AttackSpec:
     """Parse ``kind[:key=value,...]``, e.g. ``pgd:steps=100,restarts=5``, ``cw``, ``autoattack:version=quick``.
 
-    Sizes (``eps``, ``step_size``) are pixels over 255 or fractions ``a/b`` like everywhere in the CLI. ``source``:
-    the surrogate of a transfer attack that names none (``--surrogate``).
+    Sizes (``eps``, ``step_size``) are pixels over 255 or fractions ``a/b`` like everywhere in the CLI, in the
+    spec's ``norm=`` or else ``norm`` (the evaluation's). ``source``: the surrogate of a transfer attack that names
+    none (``--surrogate``).
     """
     kind, _, rest = text.strip().partition(":")
     kind = kind.strip().lower()
@@ -172,7 +173,7 @@ def parse_attack(text: str, source: Optional[str] = None) -> AttackSpec:
         if key not in allowed:
             raise ConfigError(f"{kind} has no option {key!r}; it takes {', '.join(sorted(allowed))}.")
         raw[key] = value.strip()
-    norm = raw.get("norm", "linf")
+    norm = raw.setdefault("norm", norm)
     values = {k: _parse_value(k, v, norm) for k, v in raw.items()}
     base = dict(_DEFAULTS.get(kind, {}))
     base.update(values)
@@ -197,8 +198,8 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
     eps = spec.eps
     if eps is None:
         raise ValueError("attack spec without eps; call spec.at(eps) first")
+    target = random_targets(y, num_classes) if spec.targeted else None
     if spec.kind in ("pgd", "mifgsm"):
-        target = random_targets(y, num_classes) if spec.targeted else None
         step = spec.step_size
         momentum = 0.0
         if spec.kind == "mifgsm":
@@ -222,7 +223,8 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         if surrogate is None:
             raise ValueError("transfer attack without a surrogate model")
         res = pgd(surrogate, x, y, eps, steps=spec.steps, step_size=spec.step_size, norm=spec.norm,
-                  restarts=spec.restarts, loss=spec.loss, final_check=False, autocast_dtype=autocast_dtype)
+                  restarts=spec.restarts, loss=spec.loss, target=target, random_start=spec.random_start,
+                  final_check=False, autocast_dtype=autocast_dtype)
         with torch.no_grad():
             robust = model(res.x_adv).argmax(1) == y
         return {"robust": robust}

@@ -212,12 +212,13 @@ def _stronger_not_higher(attacks: dict, tol: float) -> list[dict]:
 def _against_whitebox(attacks: dict, tol: float) -> list[dict]:
     """AutoAttack not above PGD; transfer (black-box) not below white-box PGD, at the same eps."""
     out = []
-    pgd_at = {}
+    pgd_at: dict = {}  # the strongest PGD per radius and norm
     for a in attacks.values():
         if a["kind"] == "pgd":
-            pgd_at[a["eps"]] = min(pgd_at.get(a["eps"], 1.0), a["accuracy"])
+            at = (a["eps"], a.get("norm"))
+            pgd_at[at] = min(pgd_at.get(at, 1.0), a["accuracy"])
     for k, a in attacks.items():
-        ref = pgd_at.get(a["eps"])
+        ref = pgd_at.get((a["eps"], a.get("norm")))
         if ref is None:
             continue
         eps = format_size(a["eps"])

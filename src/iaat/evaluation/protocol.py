@@ -105,7 +105,7 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
                               f"got a {type(t).__name__}: an evaluation builds each attack from its spec (and runs it "
                               f"at every eps); iaat.PGD(model, eps=...) is for attacking batches yourself.")
     # a transfer attack of the list that names no source takes the surrogate's, and is then the one it adds
-    specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate) for t in texts]
+    specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate, norm=norm) for t in texts]
     for s in specs:  # a radius of the plan is in the plan's norm: an attack naming another one needs its own
         if s.eps is None and s.norm not in ("linf", norm):
             raise ConfigError(f"{s.label} names norm {s.norm} but no eps, and would run at the {norm} radii given: "
@@ -223,7 +223,7 @@ def run_evaluation(model: nn.Module, data: ImageSet, plan: EvalPlan, *, num_clas
                   "norm": plan.norm, "protocol": plan.protocol, "attacks": {}}
         for spec in plan.attacks:
             result["attacks"][spec.label] = _stage_result(state, spec, n)
-        main = [s for s in plan.attacks if s.eps == plan.eps]
+        main = [s for s in plan.attacks if s.eps == plan.eps and s.norm == plan.norm]
         if main:
             worst = np.logical_and.reduce([state.arrays[f"{s.label}/robust"] for s in main])
             result["worst_case"] = {"accuracy": float(worst.mean()), "over": [s.label for s in main]}
@@ -370,6 +370,15 @@ def _run_corruptions(state: EvalState, model, corruption_sets, batch_size, devic
                                 on_result=save)
 
 
+def corruption_headline(corr: dict) -> tuple[str, float]:
+    """The one corruption number of a result, with what it is the mean over: the 15 benchmark corruptions where
+    all are there (the usual figure), else every corruption present."""
+    kind = [] if corr.get("comparable_with_cifar_c") else ["ImageNet-C"] if corr.get("imagenet_c") else ["generated"]
+    if corr.get("benchmark_mean") is not None:
+        return ", ".join(kind + ["15 benchmark corruptions"]), corr["benchmark_mean"]
+    return ", ".join(kind + [f"{len(corr['per_corruption'])} corruptions"]), corr["mean"]
+
+
 def markdown_report(result: dict, title: str = "") -> str:
     """A Table-1 style markdown summary: natural accuracy, every attack, worst case, corruptions, checks."""
     # iaat.evaluate's result has a worst case over no attack and empty checks where the protocol's has none
@@ -380,12 +389,9 @@ def markdown_report(result: dict, title: str = "") -> str:
         vals.append(worst["accuracy"])
     corr = result.get("corruptions")
     if corr:
-        kind = ([] if corr.get("comparable_with_cifar_c") else ["ImageNet-C"] if corr.get("imagenet_c")
-                else ["generated"])
-        benchmark = corr.get("benchmark_mean") is not None  # the usual figure: the 15 corruptions of the benchmark
-        mean_of = "15 benchmark corruptions" if benchmark else f"{len(corr['per_corruption'])} corruptions"
-        cols.append(f"Corruption ({', '.join(kind + [mean_of])})")
-        vals.append(corr["benchmark_mean"] if benchmark else corr["mean"])
+        what, value = corruption_headline(corr)
+        cols.append(f"Corruption ({what})")
+        vals.append(value)
     lines = [f"# {title}" if title else "# Evaluation", "",
              f"{result['n']} images, eps {format_size(result['eps'])} ({result['norm']}); accuracy in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
