@@ -264,8 +264,8 @@ def test_checks_stay_quiet_on_an_adversarially_trained_model(digits_eval):
     failed = [c for c in digits_eval["checks"] if not c["passed"]]
     assert not digits_eval["suspicious"] and not failed, failed
     names = {c["name"] for c in digits_eval["checks"]}
-    assert {"deterministic", "useful input gradients", "near zero at a very large eps", "non-increasing in eps",
-            "stronger PGD not higher"} <= names
+    assert {"deterministic", "useful input gradients", "consistent input gradients", "near zero at a very large eps",
+            "non-increasing in eps", "stronger PGD not higher"} <= names
 
 
 @pytest.mark.parametrize("autoattack, passed", [(0.46, True), (0.38, False)])
@@ -309,6 +309,31 @@ def test_checks_fire_on_a_gradient_masked_model(at_digits):
     assert res["suspicious"]
     assert {"useful input gradients", "near zero at a very large eps", "transfer not below white-box"} <= failed
     assert res["suspicious_reasons"]
+
+
+class _Shattered(nn.Module):
+    """Shattered gradients (Athalye et al.): a tiny, very high-frequency term on the logits leaves the predictions
+    as they were and makes the input gradients noise."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("phase", torch.rand(10, 64, generator=torch.Generator().manual_seed(0)) * 6.283)
+
+    def forward(self, x):
+        return self.net(x) + 1e-3 * torch.sin(1e5 * x.flatten(1)[:, None, :] + self.phase).sum(-1)
+
+
+def test_checks_fire_on_shattered_gradients(at_digits):
+    """Its PGD finds about nothing (robust as clean) and no other check sees why."""
+    net, test, k = at_digits
+    part = test.subset(torch.arange(64))
+    details = {}
+    for name, model in (("plain", net), ("shattered", _Shattered(net).eval())):
+        res = _evaluate(model, part, ["pgd:steps=2"], num_classes=k)
+        details[name] = {c["name"]: c for c in res["checks"]}["consistent input gradients"]
+    assert details["plain"]["passed"] and "median cosine 1.00" in details["plain"]["detail"]
+    assert not details["shattered"]["passed"] and "shattered gradients" in details["shattered"]["detail"]
 
 
 class _Noisy(nn.Module):

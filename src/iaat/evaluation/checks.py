@@ -23,6 +23,12 @@ from ..units import format_size
 LARGE_EPS_MAX_ACCURACY = 0.05
 #: Share of clean-correct images with an exactly zero input gradient that signals gradient masking.
 ZERO_GRADIENT_MAX_SHARE = 0.1
+#: How far (L-inf, [0, 1] units) from each image the second input gradient of the consistency check is taken.
+GRADIENT_PROBE_DISTANCE = 0.5 / 255
+#: Median cosine between the input gradients at an image and at a point that close below which the gradients are
+#: shattered (noise at the scale of an attack's step). Trained and untrained CNNs give 0.99 or more; a model with a
+#: tiny high-frequency term added to its logits (Athalye et al.'s shattered gradients) about 0.
+GRADIENT_MIN_COSINE = 0.5
 
 
 #: AutoAttack this far below the strongest PGD: PGD is misled (Croce & Hein's sign of gradient masking). Sound models
@@ -106,15 +112,32 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
         else:  # the output does not depend differentiably on the input at all
             grad = None
         grad = torch.zeros_like(inp) if grad is None else grad
-    ok = logits.detach().argmax(1) == y
-    zero = (grad.flatten(1).abs().amax(1) == 0) & ok
+        ok = logits.detach().argmax(1) == y
+        zero = (grad.flatten(1).abs().amax(1) == 0) & ok
+        cosine = _gradient_consistency(model, x[ok & ~zero], y[ok & ~zero], grad[ok & ~zero])
     changed = [k for k, v in model.named_buffers() if k in buffers and not torch.equal(v, buffers[k])]
     return {
         "max_logit_change": float((first - second).abs().max()) if len(x) else 0.0,
         "buffers_changed": changed,
         "zero_gradient_share": float(zero.sum()) / max(1, int(ok.sum())),
         "outputs_are_probabilities": outputs_are_probabilities(first),
+        "gradient_cosine": cosine,
     }
+
+
+def _gradient_consistency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> Optional[float]:
+    """Median cosine between each image's input gradient ``grad`` and the one at a random point
+    :data:`GRADIENT_PROBE_DISTANCE` away (its own generator: the evaluation's random streams stay as they are);
+    None without images to probe."""
+    if not len(x):
+        return None
+    g = torch.Generator(device=x.device).manual_seed(0)
+    near = (x + (2 * torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) - 1) * GRADIENT_PROBE_DISTANCE)
+    inp = near.clamp(0, 1).requires_grad_(True)
+    (other,) = torch.autograd.grad(F.cross_entropy(model(inp).float(), y, reduction="sum"), inp, allow_unused=True)
+    if other is None:
+        return None
+    return float(F.cosine_similarity(grad.flatten(1).float(), other.flatten(1).float(), dim=1).median())
 
 
 def outputs_are_probabilities(outputs: torch.Tensor) -> bool:
@@ -162,6 +185,7 @@ def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> 
                f"{100 * probe['zero_gradient_share']:.1f}% of correctly classified images have an all-zero input "
                "gradient" + ("" if probe["zero_gradient_share"] <= ZERO_GRADIENT_MAX_SHARE
                              else " (gradient masking: gradient attacks cannot move them)")),
+        _consistent_gradients(probe.get("gradient_cosine")),
         _check("logits, not probabilities", not probe["outputs_are_probabilities"],
                "the model outputs " + ("probabilities (softmax saturates the attack loss)"
                                        if probe["outputs_are_probabilities"] else "unnormalised logits")),
@@ -183,6 +207,18 @@ def run_checks(result: dict, probe: dict, large_eps: Optional[tuple] = None) -> 
                              f"{spec.label} (no random start) leaves {100 * res['accuracy']:.1f}% "
                              f"(expected <= {100 * LARGE_EPS_MAX_ACCURACY:.0f}%)"))
     return checks
+
+
+def _consistent_gradients(cosine: Optional[float]) -> dict:
+    near = f"at a point {format_size(GRADIENT_PROBE_DISTANCE)} away"
+    if cosine is None:
+        return _check("consistent input gradients", True, "no correctly classified image with a gradient to probe")
+    passed = cosine >= GRADIENT_MIN_COSINE
+    return _check("consistent input gradients", passed,
+                  f"the input gradients at the correctly classified images and {near} agree with median cosine "
+                  f"{cosine:.2f}" + ("" if passed else " (shattered gradients: gradient attacks follow noise and "
+                                                       "overstate robustness; a transfer attack or AutoAttack's "
+                                                       "Square tells more)"))
 
 
 def _strength(a: dict) -> Optional[tuple]:
