@@ -482,6 +482,12 @@ def eval_of_a_sweep_folder(c: Ctx) -> list[str]:
     return ["eval", str(sweep), "--no-progress"]
 
 
+@case("a corruptions folder holds corrupted test images", "use --corruptions generated", "or --split test")
+def eval_of_the_held_out_split_against_a_corruptions_folder(c: Ctx) -> list[str]:
+    (c.tmp / "CIFAR-10-C").mkdir()
+    return ["eval", str(c.run()), "--split", "val", "--corruptions", str(c.tmp / "CIFAR-10-C"), "--no-progress"]
+
+
 @case("--n must be positive, got 0")
 def eval_of_zero_images(c: Ctx) -> list[str]:
     return ["eval", str(c.run()), "--n", "0", "--no-progress"]

@@ -82,6 +82,16 @@ def test_table9_shows_the_finished_run_on_more_images_whatever_the_order_and_nam
 # 2. and 3. The caption of the robust accuracy, and runs evaluated with different attacks
 
 
+def test_an_evaluation_without_a_worst_case_takes_the_weakest_attack_at_its_main_radius():
+    """Older evaluation files have no worst_case: the robust accuracy is then the lowest at the main radius, not
+    at a larger one the file also holds."""
+    attacks = {"PGD-20@8/255": {"accuracy": 0.4, "eps": 8 / 255, "norm": "linf"},
+               "CW-40@8/255": {"accuracy": 0.38, "eps": 8 / 255, "norm": "linf"},
+               "PGD-20@16/255": {"accuracy": 0.1, "eps": 16 / 255, "norm": "linf"}}
+    ev = {"n": 100, "clean": 0.8, "eps": 8 / 255, "norm": "linf", "attacks": attacks}
+    assert record("old", ev=ev).accuracy("worst") == 0.38
+
+
 def test_the_caption_names_the_attacks_the_worst_case_is_over():
     runs = [record("a", ev=evaluation(extra={"PGD-10@4/255": 0.5})), record("b", ev=evaluation())]
     assert _main_attack(runs) == ("worst", "worst case of PGD-10@8/255, PGD-100@8/255")

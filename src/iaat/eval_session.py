@@ -240,7 +240,7 @@ def evaluate_checkpoint(req: EvalRequest) -> tuple[dict, Path, Path]:
     corruption_sets = None
     if req.plan.corruptions:
         corruption_sets = _corruption_source(req.plan.corruptions, data, req.n, req.seed,
-                                             image_size=splits.image_shape[-1])
+                                             image_size=splits.image_shape[-1], split=req.split)
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     res = run_evaluation(source.model, data, req.plan, num_classes=splits.num_classes, fingerprint=fingerprint,
@@ -339,7 +339,7 @@ def _surrogate(path: Path, source: ModelSource, splits, device: torch.device) ->
     return sur.model
 
 
-def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size: int):
+def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size: int, split: str = "test"):
     """A callable giving the corruption sets: a CIFAR-10-C or ImageNet-C folder, or generated ones."""
     import warnings
 
@@ -347,6 +347,10 @@ def _corruption_source(spec: str, data, n: Optional[int], seed: int, image_size:
 
     if spec == "generated":
         return lambda: C.generated_corruption_sets(data, n=n, seed=seed)
+    if split != "test":
+        raise ConfigError(f"--corruptions {spec}: a corruptions folder holds corrupted test images, so its numbers "
+                          f"would not be of the --split {split} images; use --corruptions generated (these images, "
+                          f"corrupted here) or --split test.")
     folder = Path(spec)
     if not folder.is_dir():
         raise DataError(f"--corruptions {spec}: no such folder (give a CIFAR-10-C style folder or 'generated').")

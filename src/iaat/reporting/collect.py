@@ -119,7 +119,9 @@ class RunRecord:
             worst = ev.get("worst_case")
             if worst:
                 return worst["accuracy"]
-            values = [a["accuracy"] for a in ev.get("attacks", {}).values()]
+            # an evaluation without one (older files): the weakest attack at its main radius, not at any radius
+            values = [a["accuracy"] for a in ev.get("attacks", {}).values()
+                      if a.get("eps") == ev.get("eps") and a.get("norm", ev.get("norm")) == ev.get("norm")]
             return min(values) if values else None
         entry = ev.get("attacks", {}).get(attack)
         return entry["accuracy"] if entry else None
