@@ -336,6 +336,19 @@ def test_checks_fire_on_shattered_gradients(at_digits):
     assert not details["shattered"]["passed"] and "shattered gradients" in details["shattered"]["detail"]
 
 
+def test_a_confident_models_tiny_gradients_are_consistent_not_shattered():
+    """Logit margins near 30 give input gradients of norm 1e-13, under the eps of a plain cosine."""
+    from iaat.evaluation.checks import probe_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(32, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        model[1].weight.mul_(150), model[1].bias.mul_(150)
+    assert probe_model(model, x, y)["gradient_cosine"] > 0.99
+
+
 class _Noisy(nn.Module):
     def __init__(self, net):
         super().__init__()
