@@ -201,6 +201,8 @@ def test_an_attack_naming_another_norm_without_its_own_radius_is_refused():
     model, (x, y) = _linear(), _batch()
     with pytest.raises(ConfigError, match="names norm l2 but no eps, and would run at the linf radii given"):
         iaat.evaluate(model, x, y, attacks=["pgd:steps=2,norm=l2"], eps=0.5)  # was: L-inf at 0.5, silently
+    with pytest.raises(ConfigError, match="names norm linf but no eps, and would run at the l2 radii given"):
+        iaat.evaluate(model, x, y, attacks=["pgd:steps=2,norm=linf"], eps=0.5, norm="l2")
     result = iaat.evaluate(model, x, y, attacks=["pgd:steps=2,norm=l2,eps=128"], eps=8 / 255, checks=False)
     assert list(result["attacks"]) == ["PGD-2@128/255-l2"]
 
@@ -755,8 +757,9 @@ def test_ones_own_method_without_dataclass_is_named_as_the_cause(tmp_path, monke
     (tmp_path / "own_methods_plain.py").write_text(
         "import iaat\n\n\nclass Weighted(iaat.PGDAT):  # @dataclass forgotten\n    clean_weight: float = 0.5\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="Weighted declares clean_weight but is not a dataclass; put @dataclass"):
+    with pytest.raises(ConfigError, match="Weighted declares clean_weight but not as a dataclass field; put @dataclass"):
         config_from_dict({"method": {"name": "own_methods_plain:Weighted", "clean_weight": 0.2}})
+    config_from_dict({"method": {"name": "own_methods_plain:Weighted"}})  # its class attribute, set by no config
 
 
 def test_resuming_with_another_method_says_so_before_reading_the_old_methods_keys(tmp_path):

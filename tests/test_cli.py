@@ -68,6 +68,9 @@ def test_a_relative_data_folder_is_found_from_another_working_directory(tiny_cif
     code, out, err = run_main("eval", "project/run", "--n", "20", "--steps", "1", "--no-progress")
     assert code == 0 and "clean accuracy" in out, err
     assert not (tmp_path / "data").exists()  # no download attempt into this folder
+    from iaat.engine.trainer import _anchored
+
+    assert [_anchored(d) for d in ("", None, "~/data", "/abs")] == ["", None, "~/data", "/abs"]  # as they mean
 
 
 def test_eval_takes_the_norm_and_radius_the_run_was_trained_for(tiny_cifar, tmp_path):

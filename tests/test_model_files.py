@@ -122,7 +122,7 @@ def test_the_format_follows_the_files_extension_unless_given(tiny_run, tmp_path)
     import iaat.model_files as module
 
     for name, fmt in (("m.pt2", "export"), ("m.pt", "torchscript"), ("m.safetensors", "safetensors"),
-                      ("model_eps0.5", "safetensors")):
+                      ("model_eps0.5", "safetensors"), ("wrn.ep100", "safetensors")):
         res = run_in_process("export", str(tiny_run), "--out", str(tmp_path / name))
         assert res.returncode == 0 and f"({fmt})" in res.stdout, res.stderr
         assert json.loads((tmp_path / f"{name}.json").read_text())["file"]["format"] == fmt

@@ -9,6 +9,7 @@ checked; eps and step sizes are in pixel units over 255 (see :mod:`iaat.units`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,11 @@ def method_kwargs(cfg: Config) -> dict:
     cls = method_class(cfg.method.name)
     own = {f.name: f for f in own_fields(cls)}
     raw = cfg.method.params
+    lost = [key for key in raw if key not in own and any(key in inspect.get_annotations(c) for c in cls.__mro__)]
+    if lost:  # declared on a class that is no dataclass: a class attribute that no config reaches
+        raise ConfigError(f"method.name {cfg.method.name}: {cls.__name__} declares {', '.join(lost)} but not as a "
+                          f"dataclass field; put @dataclass(eq=False, kw_only=True) above it (see "
+                          f"examples/own_method.py).")
     if raw and not own:
         raise ConfigError(f"method '{cls.name or cfg.method.name}' takes no parameters, got {', '.join(sorted(raw))}.")
     check_keys(raw, own, "method")

@@ -25,7 +25,6 @@ import hashlib
 import io
 import itertools
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -198,10 +197,11 @@ def _check_extension(out: Path, fmt: str) -> None:
     """``out`` must end in an extension of ``fmt`` (or have none): a TorchScript archive named .safetensors
     misleads every tool and person that opens it."""
     suffix = out.suffix.lower()
-    if not re.fullmatch(r"\.[a-z][a-z0-9]*", suffix) or suffix in EXTENSIONS[fmt]:  # none, or model_eps0.5
+    owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
+    # none, or a dot in the name (model_eps0.5, wrn.ep100): only another format's extension or an unknown word
+    if suffix in EXTENSIONS[fmt] or not (owner or suffix[1:].isalpha()):
         return
     writes = ", ".join(f"{f} writes {'/'.join(EXTENSIONS[f])}" for f in FORMATS)
-    owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
     problem = (f"a {suffix} name says {owner}, but the format (--format, fmt=) is {fmt}" if owner
                else f"{out.suffix} is not an extension of any export format")
     fix = f"pass --format {owner} (fmt={owner!r}), or " if owner else ""

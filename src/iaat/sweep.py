@@ -230,8 +230,9 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
         spec_eval.eps = (base.get("attack") or {}).get("eps", 8)
     if spec_eval.n is not None and (not isinstance(spec_eval.n, int) or spec_eval.n < 1):
         raise ConfigError(f"sweep eval.n must be a positive integer, got {spec_eval.n!r}.")
-    _check_eval_attacks(spec_eval.attacks)
-    _check_eval_sizes(spec_eval, (base.get("attack") or {}).get("norm", "linf"))
+    norm = (base.get("attack") or {}).get("norm", "linf")
+    _check_eval_attacks(spec_eval.attacks, norm)
+    _check_eval_sizes(spec_eval, norm)
     return SweepPlan(runs=runs, eval=spec_eval, groups=groups)
 
 
@@ -246,15 +247,16 @@ def _check_eval_sizes(ev: "EvalSpec", norm: str) -> None:
             parse_size(value, f"sweep {name}", max_unit=max_unit)
 
 
-def _check_eval_attacks(attacks: Any) -> None:
-    """The evaluation's attack specs, read now: a typo must fail before the first run trains, not after it."""
+def _check_eval_attacks(attacks: Any, norm: str = "linf") -> None:
+    """The evaluation's attack specs, read now (in the runs' ``norm``, as iaat eval reads them): a typo must fail
+    before the first run trains, not after it."""
     from .evaluation.attacks import parse_attack
 
     if not isinstance(attacks, list) or not all(isinstance(a, str) for a in attacks):
         raise ConfigError(f"sweep eval.attacks must be a list of attack specs like 'pgd:steps=20', got {attacks!r}.")
     for text in attacks:
         try:
-            parse_attack(text)
+            parse_attack(text, norm=norm)
         except ConfigError as e:
             raise ConfigError(f"sweep eval.attacks: {e}") from None
 

@@ -236,7 +236,7 @@ class _Session:
 def _anchored(data_dir: Optional[str]) -> Optional[str]:
     """A relative data folder as an absolute path, so that the run's config.yaml finds it from any working
     directory (eval, report, resume); ``~/...`` stays as written, for the home directory of whoever reads it."""
-    if data_dir is None or data_dir.startswith("~") or os.path.isabs(data_dir):
+    if not data_dir or data_dir.startswith("~") or os.path.isabs(data_dir):  # "" (like None): the default root
         return data_dir
     return os.path.abspath(data_dir)
 

@@ -105,13 +105,15 @@ def build_plan(*, eps: Sequence[float], protocol: Optional[str] = None, attacks:
                               f"got a {type(t).__name__}: an evaluation builds each attack from its spec (and runs it "
                               f"at every eps); iaat.PGD(model, eps=...) is for attacking batches yourself.")
     # a transfer attack of the list that names no source takes the surrogate's, and is then the one it adds
-    specs = [t if isinstance(t, AttackSpec) else parse_attack(t, source=surrogate, norm=norm) for t in texts]
-    for s in specs:  # a radius of the plan is in the plan's norm: an attack naming another one needs its own
-        if s.eps is None and s.norm not in ("linf", norm):
-            raise ConfigError(f"{s.label} names norm {s.norm} but no eps, and would run at the {norm} radii given: "
-                              f"give it its own (e.g. eps=128 in pixel units, eps=0.5 as an AttackSpec) or evaluate "
-                              f"with norm {s.norm} (norm={s.norm!r}, --norm {s.norm}).")
-    specs = [replace(s, norm=norm) if s.eps is None and s.norm != norm else s for s in specs]
+    specs = []
+    for t in texts:  # a string takes the plan's norm unless it names one; an AttackSpec's default linf does too
+        spec = parse_attack(t, source=surrogate, norm=norm) if isinstance(t, str) else (
+            replace(t, norm=norm) if t.eps is None and t.norm == "linf" else t)
+        if spec.eps is None and spec.norm != norm:  # the plan's radii are in the plan's norm
+            raise ConfigError(f"{spec.label} names norm {spec.norm} but no eps, and would run at the {norm} radii "
+                              f"given: give it its own (e.g. eps=128 in pixel units, eps=0.5 as an AttackSpec) or "
+                              f"evaluate with norm {spec.norm} (norm={spec.norm!r}, --norm {spec.norm}).")
+        specs.append(spec)
     if surrogate and not any(s.kind == "transfer" and s.source == str(surrogate) for s in specs):
         specs.append(AttackSpec(kind="transfer", source=str(surrogate), norm=norm))
     resolved: list[AttackSpec] = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..errors import ConfigError
 from ..schema import did_you_mean
 from .base import Method
@@ -30,12 +28,6 @@ def method_class(name: str) -> type[Method]:
         cls = resolve(name, "method.name", "mypkg.methods:MyMethod")
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ConfigError(f"method.name {name}: {cls!r} is not a subclass of iaat.Method.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        lost = [key for key, kind in vars(cls).get("__annotations__", {}).items()
-                if key not in fields and "ClassVar" not in str(kind)]
-        if lost:  # its keys would be class attributes that no config reaches
-            raise ConfigError(f"method.name {name}: {cls.__name__} declares {', '.join(lost)} but is not a dataclass; "
-                              f"put @dataclass(eq=False, kw_only=True) above it (see examples/own_method.py).")
         return cls
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'.{did_you_mean(name, METHODS)} Known: {', '.join(sorted(METHODS))}.")
