@@ -302,6 +302,29 @@ def test_a_second_signal_once_the_state_is_saved_does_not_say_unsaved(tiny_cifar
     assert torch.load(interrupt_path(run / "checkpoints"), weights_only=True)["step"] == 3
 
 
+def test_a_gpu_runs_mid_epoch_state_from_before_the_cpu_drawn_batches_is_refused(tiny_cifar, tmp_path):
+    """An interrupt.pt of a GPU run written before the loader drew on the CPU: its epoch's remaining steps would
+    follow another order. Refused, naming the way on; the same file with its marker resumes."""
+    from iaat.methods.iaat import IAAT
+
+    run = tmp_path / "old"
+    with ctrl_c_at_step(IAAT, STEPS_PER_EPOCH + 3):
+        code, _, err = run_main(*fresh_args(tiny_cifar, run))
+    assert code == 130, err
+    path = interrupt_path(run / "checkpoints")
+    state = torch.load(path, weights_only=True)
+    old = {**state, "rng": {**state["rng"], "cuda": []}, "config": {**state["config"], "train": {
+        **state["config"]["train"], "device": "auto"}}}
+    del old["batch_draws"]
+    save_checkpoint(path, old)
+    code, _, err = run_main(*resume_args(run))
+    assert code == 2 and "of batches that an earlier iaat drew on the GPU" in err, err
+    assert f"remove {path} to resume from the end of epoch 1 (its 3 steps are then trained again)" in err
+    save_checkpoint(path, state)
+    code, _, err = run_main(*resume_args(run))
+    assert code == 0, err
+
+
 def _fake_checkpoint(folder: Path, name: str, epoch: int, step: int = 0) -> Path:
     path = folder / name
     save_checkpoint(path, {"epoch": epoch, "step": step, "model": {"w": torch.zeros(2)}})

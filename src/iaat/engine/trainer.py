@@ -535,6 +535,7 @@ def _restore(s: _Session) -> None:
         s.start_step, s.partial = int(ckpt.get("step", 0)), ckpt.get("partial")
         if s.start_step:
             _check_batch_plan(s, int(ckpt.get("world_size", 1)), path)
+            _check_batch_draws(s, ckpt, path)
         s.held_out_pending = bool(ckpt.get("held_out_pending")) and not s.start_step
         _restore_rng(ckpt, cfg, info, s.start_epoch, s.log)
         buffers = ckpt.get("buffers_ranks")
@@ -630,6 +631,7 @@ def _payload(s: _Session, epoch_done: int, lr: float) -> dict:
         **({"rng_ranks": ranks, "world_size": info.world_size} if info.enabled else {}),
         "config": cfg.to_dict(),
         "data": {"dataset": cfg.data.dataset, **_data_facts(data), "source": data.splits.source},
+        "batch_draws": "cpu",  # the loader's order, crops and flips (drawn on a GPU before this key was written)
     }
 
 
@@ -735,12 +737,26 @@ def _check_batch_plan(s: _Session, saved_world: int, path: Path) -> None:
                      shard=(0, saved_world) if saved_world > 1 else None)
     if saved_world == s.info.world_size or plan.global_batch_sizes() == s.global_sizes:
         return
-    back = f"resume from the end of epoch {s.start_epoch}" if s.start_epoch else "start the run over"
     raise CheckpointError(f"{path} stopped epoch {s.start_epoch + 1} after step {s.start_step} of its batches for "
                           f"{saved_world} process(es); with {s.info.world_size} the epoch is cut into other batches "
                           f"(its last one, under 2 images per process, folds into the one before), so going on would "
-                          f"skip or repeat images. Resume with {saved_world} process(es), or remove {path} to {back} "
-                          f"(its {s.start_step} steps are then trained again).")
+                          f"skip or repeat images. Resume with {saved_world} process(es), or {_from_epoch_start(s, path)}.")
+
+
+def _from_epoch_start(s: _Session, path: Path) -> str:
+    """The other way on from a mid-epoch checkpoint that cannot be continued: from the epoch's start."""
+    back = f"resume from the end of epoch {s.start_epoch}" if s.start_epoch else "start the run over"
+    return f"remove {path} to {back} (its {s.start_step} steps are then trained again)"
+
+
+def _check_batch_draws(s: _Session, ckpt: dict, path: Path) -> None:
+    """A mid-epoch checkpoint of a GPU run from before the loader drew its batches on the CPU: the rest of that
+    epoch would follow another order (repeating some images, skipping others)."""
+    if "batch_draws" in ckpt or "cuda" not in ckpt.get("rng", {}) or ckpt["config"]["train"]["device"] == "cpu":
+        return
+    raise CheckpointError(f"{path} stopped epoch {s.start_epoch + 1} after step {s.start_step} of batches that an "
+                          f"earlier iaat drew on the GPU; this one draws them on the CPU, so going on would skip or "
+                          f"repeat images: {_from_epoch_start(s, path)}.")
 
 
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:
