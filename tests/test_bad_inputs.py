@@ -345,6 +345,17 @@ def resume_on_other_data(c: Ctx) -> list[str]:
     return ["train", "--out", str(c.run()), "--resume", "--epochs", "2", "--data-dir", str(root), "--no-progress"]
 
 
+@case("was trained on data with train_labels_sha256", "resume with the data the run started with")
+def resume_on_a_copy_of_the_data_in_another_order(c: Ctx) -> list[str]:
+    root = c.tmp / "swapped"
+    shutil.copytree(c.data / "cifar-10-batches-py", root / "cifar-10-batches-py")
+    one, two = root / "cifar-10-batches-py" / "data_batch_1", root / "cifar-10-batches-py" / "data_batch_2"
+    one_bytes = one.read_bytes()
+    one.write_bytes(two.read_bytes())
+    two.write_bytes(one_bytes)  # the same images, in another order: each stored radius would go to another image
+    return ["train", "--out", str(c.run()), "--resume", "--epochs", "2", "--data-dir", str(root), "--no-progress"]
+
+
 @case("cannot change attack.eps when resuming")
 def resume_with_changed_config(c: Ctx) -> list[str]:
     return ["train", "--out", str(c.run()), "--resume", "--eps", "4", "--epochs", "2"]

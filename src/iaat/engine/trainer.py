@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import shlex
 import time
@@ -679,9 +680,13 @@ def _check_finite(s: _Session, sums: _EpochSums, epoch: int, bar: tqdm) -> None:
 
 
 def _data_facts(data) -> dict:
-    """What a checkpoint records of its data and a resume must find again (class names where the data has them)."""
+    """What a checkpoint records of its data and a resume must find again (class names where the data has them;
+    the training labels in the order of the per-sample state, which another copy of the data in another image order
+    would change)."""
+    labels = hashlib.sha256(data.train.y.cpu().numpy().astype("<i8").tobytes()).hexdigest()[:16]
     return {"num_classes": data.splits.num_classes, "image_shape": list(data.splits.image_shape),
-            "train_size": len(data.train), **({"classes": data.splits.classes} if data.splits.classes else {})}
+            "train_size": len(data.train), "train_labels_sha256": labels,
+            **({"classes": data.splits.classes} if data.splits.classes else {})}
 
 
 def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
@@ -698,8 +703,8 @@ def _check_resume_data(ckpt: dict, path: Path, cfg: Config, data) -> None:
 
 def _check_resume_split(s: _Session) -> None:
     """The training images, in the order of the per-sample state, must be those the run started with: another
-    copy of the data with its images in another order, or another torch drawing the split, would give each
-    radius to another image."""
+    split (other split keys, or another torch drawing it) would give each radius to another image. (A copy of the
+    data in another image order changes the checkpoint's training-label digest: :func:`_check_resume_data`.)"""
     if not (s.run_dir / rundir.SPLIT).is_file():  # a first start killed before writing it
         return
     saved = rundir.read_train_indices(s.run_dir)
