@@ -19,6 +19,8 @@ import pytest
 import yaml
 import torch
 
+import iaat
+
 from helpers import child_env, run_cli, run_in_process, run_main, tiny_train_args
 
 def snapshot(root: Path) -> dict:
@@ -84,6 +86,12 @@ def test_eval_takes_the_norm_and_radius_the_run_was_trained_for(tiny_cifar, tmp_
     assert (result["norm"], result["eps"]) == ("l2", pytest.approx(64 / 255))
     code, _, err = run_main("eval", str(run), "--n", "20", "--norm", "linf", "--no-progress")
     assert code == 2 and "trained under l2 (eps 64/255), the evaluation is under --norm linf: give its --eps" in err
+    path, _ = iaat.export_model(run, tmp_path / "l2.safetensors")
+    for model in (run, run / "checkpoints" / "epoch_0001.pt", path):  # a radius given: the norm read quickly
+        code, _, err = run_main("eval", str(model), "--n", "20", "--steps", "1", "--eps", "128", "--no-progress",
+                                "--data-dir", str(tiny_cifar), "--out", str(tmp_path / "e128.json"))
+        assert code == 0, err
+        assert json.loads((tmp_path / "e128.json").read_text())["norm"] == "l2"
 
 
 def _kill_during_epoch_2(args: list[str], run_dir: Path) -> None:

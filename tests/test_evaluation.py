@@ -520,7 +520,7 @@ def test_cli_eval_protocol_writes_json_markdown_curves_and_corruptions(tiny_run,
     assert "lacks 17 of the 19 corruptions" in res.stderr
     assert not list(out.parent.glob("*.state.npz"))  # the resume state goes once the result is written
     mean = result["corruptions"]["mean"]  # the console's number is the markdown's, and says what it means
-    assert f"corruptions: mean accuracy over 2 corruptions: {mean:.4f}" in res.stdout
+    assert f"corruptions (mean over 2 corruptions) {mean:.4f}" in res.stdout
     assert f"| {100 * mean:.2f} |" in md
 
 

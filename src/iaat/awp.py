@@ -65,8 +65,7 @@ class AWP:
         warmup_epochs: plain epochs before AWP starts (:meth:`active`; :meth:`applied` takes the epoch to know).
         scaler: an fp16 loop's ``torch.amp.GradScaler``: the ascent pass's loss is scaled as the step's is, since
             its float16 gradient would underflow to 0 where the loss is small (the direction, all that AWP takes
-            of it, is the same); a layer whose scaled gradient overflows is not perturbed in that step (the
-            scaler skips the step then anyway).
+            of it, is the same); a layer whose scaled gradient overflows is not perturbed in that step.
 
     Example:
         >>> import iaat, torch

@@ -209,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       weights=Path(args.weights) if args.weights else None, dataset=args.dataset,
                       num_classes=args.num_classes, run_weights=_run_weights(args), command=args.command_line)
     # the model's own training norm and radius, where not given and known
-    trained = trained_for(req) if args.norm is None or not args.eps else {}
+    trained = trained_for(req, read_files=not args.eps) if args.norm is None or not args.eps else {}
     norm = args.norm or trained.get("norm", "linf")
     eps = _parse_sizes(args.eps, "--eps", norm) if args.eps else [default_eps(trained, norm)]
     sweep_eps = _parse_sizes(args.sweep_eps, "--sweep-eps", norm) if args.sweep_eps else None
@@ -231,7 +231,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {label:<34}{result['worst_case']['accuracy']:.4f}")
     if "corruptions" in result:
         what, value = corruption_headline(result["corruptions"])
-        print(f"  corruptions: mean accuracy over {what}: {value:.4f}")
+        label = f"corruptions (mean over {what})"
+        print(f"  {label:<33} {value:.4f}")
         if result["corruptions"].get("mCE") is not None:
             print(f"  {'ImageNet-C mCE':<34}{result['corruptions']['mCE']:.4f}")
     for name, curve in result.get("curves", {}).items():

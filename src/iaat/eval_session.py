@@ -152,21 +152,32 @@ def _run_source(path: Path, device: torch.device, weights: str = "auto") -> Mode
                         "method": cfg.method.name, "weights": "ema" if averaged else "raw"})
 
 
-def trained_for(req: EvalRequest) -> dict:
+def trained_for(req: EvalRequest, read_files: bool = True) -> dict:
     """The radius and norm the model was trained for (``{"eps", "norm"}``), where its run's config or its model
-    file's description says them; ``{}`` where nothing does (``--model module:factory``)."""
+    file's description says them; ``{}`` where nothing does (``--model module:factory``). Without ``read_files``
+    only what is quick to read: a run's (or its checkpoint's run's) config.yaml, a model file's JSON beside it.
+    """
     if req.path is None or req.model is not None:
         return {}
-    from .model_files import file_format, read_model_file
+    from .engine import rundir
+    from .model_files import file_format, json_path, read_model_file
 
     _refuse_sweep_folder(req.path)
-    if file_format(req.path) in ("run", "checkpoint"):
+    kind = file_format(req.path)
+    run = req.path if kind == "run" else _run_of(req.path) if kind == "checkpoint" else None
+    if run is not None and (read_files or (run / rundir.CONFIG).is_file()):
         from .engine.runs import load_run_config
 
-        cfg = load_run_config(req.path)
+        cfg = load_run_config(req.path if read_files or kind == "run" else run)
         return {"eps": cfg.eps, "norm": cfg.attack.norm}
-    training = read_model_file(req.path)[1].get("training") or {}
-    return {key: training[key] for key in ("eps", "norm") if training.get(key) is not None}
+    if run is None and (read_files or json_path(req.path).is_file()):
+        try:
+            card = read_model_file(req.path)[1] if read_files else json.loads(json_path(req.path).read_text())
+        except (OSError, ValueError):  # a damaged description beside the file: the default norm
+            return {}
+        training = card.get("training") or {} if isinstance(card, dict) else {}
+        return {key: training[key] for key in ("eps", "norm") if training.get(key) is not None}
+    return {}
 
 
 def default_eps(trained: dict, norm: str) -> float:

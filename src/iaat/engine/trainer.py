@@ -818,7 +818,8 @@ def _held_out_accuracy(s: _Session, stop: StopOnSignal, model: torch.nn.Module) 
     # Under torchrun the ranks meet here, each with its share done or cut after a batch by a signal (torchrun's
     # agent kills them 30 s after forwarding one): a cut on any rank, which a signal may reach alone, skips the
     # numbers on all of them
-    if stop.agreed(info, device) if info.enabled else res is None:
+    cut = stop.agreed(info, device) if info.enabled else res is None
+    if cut:
         return None
     distributed.all_reduce_(counts, info)
     clean, robust = (counts / len(val)).tolist()
