@@ -40,7 +40,7 @@ def record(name: str, method: str = "pgd_at", ev: dict | None = None, done: int 
     """A run record as collect_runs makes it, without a folder behind it."""
     return RunRecord(name=name, path=path or Path("/runs") / name, cfg=config_from_dict(config(method, **cfg)),
                      metrics=[{"epoch": e, "train_seconds": 10.0} for e in range(1, done + 1)], evaluation=ev,
-                     evaluation_path=None, weights=weights)
+                     evaluation_path=None, weights=weights, twin=name.endswith(":raw"))
 
 
 def write_run(folder: Path, cfg: dict, done: int = 3, ev: dict | None = None) -> Path:
@@ -90,6 +90,29 @@ def test_an_evaluation_without_a_worst_case_takes_the_weakest_attack_at_its_main
                "PGD-20@16/255": {"accuracy": 0.1, "eps": 16 / 255, "norm": "linf"}}
     ev = {"n": 100, "clean": 0.8, "eps": 8 / 255, "norm": "linf", "attacks": attacks}
     assert record("old", ev=ev).accuracy("worst") == 0.38
+
+
+def test_a_run_alone_evaluated_on_its_raw_weights_is_still_said_to_be_cut_short():
+    """An EMA run's raw-weights row is silent about the run only beside its averaged row (a sweep's NAME:raw)."""
+    from iaat.reporting.report import _run_warnings
+
+    alone = record("ema_raw", ema=0.999, weights="raw", done=2, ev=evaluation())
+    twin = record("ema:raw", ema=0.999, weights="raw", done=2, ev=evaluation())
+    said = _run_warnings([alone, twin], lambda line: None)
+    assert len(said) == 1 and "ema_raw trained 2 of its 3 planned epochs" in said[0]
+
+
+def test_the_frontier_leaves_out_raw_rows_and_runs_without_a_robust_number(tmp_path, monkeypatch):
+    captured(monkeypatch)
+    runs = [record("pgd_at_eps4", ev=evaluation(clean=0.7, robust=(0.3, 0.25)), eps=4, ema=0.999, weights="ema"),
+            record("pgd_at_eps4:raw", ev=evaluation(clean=0.72, robust=(0.28, 0.2)), eps=4, ema=0.999,
+                   weights="raw", path=Path("/runs/pgd_at_eps4")),
+            record("pgd_at_eps8", ev=evaluation(clean=0.6, robust=(0.4, 0.35))),
+            record("clean_only", ev={**evaluation(), "attacks": {}, "worst_case": None}, eps=2)]
+    for r in runs:
+        r.group = "frontier"  # a sweep's frontier with EMA: the raw rows keep their run's group
+    assert [r.name for r in figures._frontier(runs, "worst")] == ["pgd_at_eps4", "pgd_at_eps8"]
+    figures.tradeoff(runs, tmp_path / "fig3", "worst", "caption")  # a run evaluated clean only: no TypeError
 
 
 def test_the_caption_names_the_attacks_the_worst_case_is_over():
@@ -256,7 +279,8 @@ def test_fig8_puts_no_legend_on_the_bars(tmp_path, monkeypatch):
     drawn = figures.radius_histograms(radius_record(tmp_path, np.array([[8.0] * 10, [7.81] * 5 + [8.19] * 5])),
                                       tmp_path / "fig8")
     assert all(ax.get_legend() is None for ax in figs[0].axes) and figs[0].legends == []
-    assert drawn["centers"] == [7.81, 8.0, 8.19] and drawn["counts"] == [[0, 10, 0], [5, 0, 5]]
+    assert drawn["centers"] == pytest.approx([7.81 / 255, 8 / 255, 8.19 / 255])  # report.json: [0, 1] units
+    assert drawn["counts"] == [[0, 10, 0], [5, 0, 5]]
 
 
 # 11., 12., 13. Styles and Fig. 3

@@ -39,6 +39,7 @@ class RunRecord:
     #: the weights evaluated: trained (no train.ema), ema (the average, what iaat eval uses) or raw (of an EMA run)
     weights: str = "trained"
     sweep: Optional[Path] = None  #: the sweep folder the run was read from, None for a run given on its own
+    twin: bool = False  #: the ``NAME:raw`` row of an EMA run whose averaged weights have a row of their own
 
     @property
     def method(self) -> str:
@@ -88,8 +89,8 @@ class RunRecord:
 
     @property
     def cut_short(self) -> bool:
-        """Not :attr:`finished`, said of the run itself: an EMA run's ``:raw`` point is the same run, said once."""
-        return not self.finished and self.weights != "raw"
+        """Not :attr:`finished`, said of the run itself: an EMA run's ``:raw`` row is the same run, said once."""
+        return not self.finished and not self.twin
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -211,16 +212,16 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
     metrics = rundir.read_metrics(path)
     evaluation, chosen = pick_evaluation(path, eval_path, last_epoch(metrics))
-    return RunRecord(name=name, path=path, cfg=cfg, metrics=metrics, evaluation=evaluation,
-                     evaluation_path=chosen, radii=radii, group=group,
-                     weights=(evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained")
+    weights = (evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained"
+    return RunRecord(name=name + (":raw" if weights == "raw" else ""), path=path, cfg=cfg, metrics=metrics,
+                     evaluation=evaluation, evaluation_path=chosen, radii=radii, group=group, weights=weights)
 
 
 def _raw_copy(record: RunRecord, eval_path: Path) -> RunRecord:
     """The point of an EMA run's raw weights (``NAME:raw``): its own evaluation, no radius figures of its own."""
     return RunRecord(name=f"{record.name}:raw", path=record.path, cfg=record.cfg, metrics=record.metrics,
                      evaluation=json.loads(eval_path.read_text()), evaluation_path=eval_path, group=record.group,
-                     weights="raw", sweep=record.sweep)
+                     weights="raw", sweep=record.sweep, twin=True)
 
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:

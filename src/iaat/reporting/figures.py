@@ -78,7 +78,7 @@ def styles(records: list[RunRecord]) -> dict:
     ``:raw`` point is its average's style, hollow."""
     plt = pyplot()
     out: dict = {}
-    own = [r for r in records if r.weights != "raw"]
+    own = [r for r in records if not r.twin]
     front = sorted([r for r in own if r.method == "pgd_at" and not r.parts], key=lambda r: r.cfg.eps)
     for i, r in enumerate(front):
         out[id(r)] = {"color": plt.cm.Blues(0.5 + 0.45 * i / max(1, len(front) - 1)), "marker": "o"}
@@ -96,7 +96,7 @@ def styles(records: list[RunRecord]) -> dict:
             color, marker = _OTHERS.get(r.method, ("black", "^"))
             out[id(r)] = {"color": _shade(color, i // len(_MARKERS)), "marker": _marker(marker, i)}
     for r in records:
-        if r.weights == "raw":
+        if r.twin:
             parent = next((p for p in own if p.path == r.path), None)
             base = out[id(parent)] if parent is not None else {"color": "black", "marker": "^"}
             out[id(r)] = {**base, "markerfacecolor": "none", "markeredgecolor": base["color"],
@@ -136,9 +136,11 @@ def point_style(r: RunRecord, style: dict) -> tuple[dict, str]:
     return {"markeredgecolor": "black", "markeredgewidth": 0.5, **style}, r.name
 
 
-def _frontier(records: list[RunRecord]) -> list[RunRecord]:
-    """The fixed-eps PGD-AT runs: a sweep's frontier, else every plain PGD-AT run (no AWP, not an average)."""
-    pgd = [r for r in records if r.method == "pgd_at" and r.evaluation]
+def _frontier(records: list[RunRecord], attack: str) -> list[RunRecord]:
+    """The fixed-eps PGD-AT runs with a number for ``attack``: a sweep's frontier, else every plain PGD-AT run (no
+    AWP, not an average); never an EMA run's second, ``:raw``, row."""
+    pgd = [r for r in records if r.method == "pgd_at" and r.evaluation and not r.twin
+           and r.accuracy(attack) is not None]
     marked = [r for r in pgd if r.group == "frontier"]
     return sorted(marked or [r for r in pgd if not r.parts], key=lambda r: r.cfg.eps)
 
@@ -162,7 +164,7 @@ def tradeoff(records: list[RunRecord], stem: Path, attack: str, caption: str) ->
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     style_of = styles(records)
-    front = _frontier(records)
+    front = _frontier(records, attack)
     if len(front) > 1:
         ax.plot([100 * r.accuracy(attack) for r in front], [100 * r.accuracy() for r in front], "--",
                 color="tab:blue", alpha=0.8, lw=1.5, zorder=1.5, label="fixed-eps PGD-AT frontier")  # under the points
@@ -382,8 +384,9 @@ def radius_histograms(record: RunRecord, stem: Path, panels: int = 4) -> dict:
     fig.suptitle(f"{record.name}: distribution of the per-sample radii"
                  + (", one bar per radius" if "centers" in layout else ""), y=1.03)
     save(fig, stem)
-    bars = ({"centers": layout["centers"].tolist(), "width": layout["width"]} if "centers" in layout
-            else {"edges": layout["edges"].tolist()})
+    # report.json holds sizes in [0, 1] units, like every JSON file of the project (the figure's axis: /255)
+    bars = ({"centers": (layout["centers"] / 255).tolist(), "width": layout["width"] / 255} if "centers" in layout
+            else {"edges": (layout["edges"] / 255).tolist()})
     return {"run": record.name, "epochs": pick, **bars, "counts": [c.tolist() for c in layout["counts"]],
             "log_y": layout["log"]}
 

@@ -78,7 +78,7 @@ def _run_warnings(records: list[RunRecord], log: Callable[[str], None]) -> list[
             said.append(f"{r.name} has no test evaluation yet: Table 1 lists it as not evaluated, and it is left out "
                         f"of Figs. 3 and 4 and of the comparison tables{radius_figs}. To evaluate it: "
                         f"{tables.how_to_evaluate([r])}")
-        elif r.evaluated_epoch is not None and r.evaluated_epoch < r.epochs_done and r.weights != "raw":
+        elif r.evaluated_epoch is not None and r.evaluated_epoch < r.epochs_done and not r.twin:
             said.append(f"{r.name}'s evaluation is of its epoch-{r.evaluated_epoch} weights, but it has trained "
                         f"{r.epochs_done} epochs since: its numbers are of the older model. To evaluate it again: "
                         f"{tables.how_to_evaluate([r])}")
