@@ -249,6 +249,9 @@ def test_sweep_refuses_a_folder_trained_with_another_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trained with another config: optim.lr" in err and "Traceback" not in err
     assert (out / "runs" / "pgd_at_eps32" / "metrics.jsonl").read_text() == before
+    assert main(["sweep", str(spec), "--out", str(out), "--epochs", "1"]) == 2  # was: "done", at 2 epochs
+    assert "has trained 2 epochs, more than the 1 planned: a sweep trains its runs to one schedule" in \
+        capsys.readouterr().err
     assert main(["sweep", str(spec), "--out", str(out), "--only", "nope"]) == 2
     assert "no run named nope" in capsys.readouterr().err
     import fcntl

@@ -430,7 +430,10 @@ class SweepRunner:
         return eval_path(self.out / RUNS / name, self.plan.eval.key(), raw)
 
     def check(self) -> None:
-        """Refuse to reuse a folder whose runs were trained with another config (before anything starts)."""
+        """Refuse to reuse a folder whose runs were trained with another config or for more epochs than planned
+        (before anything starts)."""
+        from .engine.rundir import last_epoch, read_metrics
+
         for name, raw in self.plan.runs.items():
             config = self.out / RUNS / name / "config.yaml"
             if config.is_file():
@@ -438,6 +441,12 @@ class SweepRunner:
                 if diff:
                     raise ConfigError(f"run {self.out / RUNS / name} was trained with another config: {diff}. "
                                       f"Use another --out, or remove that run folder to train it again.")
+                done = last_epoch(read_metrics(self.out / RUNS / name))
+                planned = config_from_dict(copy.deepcopy(raw)).train.epochs
+                if done > planned:  # the plan's one schedule: a longer-trained run would be compared as if it had it
+                    raise ConfigError(f"run {self.out / RUNS / name} has trained {done} epochs, more than the "
+                                      f"{planned} planned: a sweep trains its runs to one schedule. Plan --epochs "
+                                      f"{done} or more, or use another --out.")
 
     def write_plan(self) -> None:
         from .engine.checkpoint import atomic_write_bytes

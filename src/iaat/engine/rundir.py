@@ -167,6 +167,11 @@ def write_split(run_dir: Path, train_indices: np.ndarray, val_indices: np.ndarra
     atomic_write_bytes(run_dir / SPLIT, buffer.getvalue())
 
 
+def last_epoch(metrics: list) -> int:
+    """The last epoch metrics.jsonl's rows (:func:`read_metrics`) record (0 before the first)."""
+    return max((int(row.get("epoch", 0)) for row in metrics), default=0)
+
+
 def read_train_indices(run_dir: Path) -> np.ndarray:
     """The official training-image index of each memory position, from ``data_split.npz``; a missing or damaged
     file is a :class:`CheckpointError` naming it."""

@@ -75,7 +75,7 @@ class RunRecord:
     @property
     def epochs_done(self) -> int:
         """The last epoch metrics.jsonl records (0 before the first)."""
-        return last_epoch(self.metrics)
+        return rundir.last_epoch(self.metrics)
 
     @property
     def evaluated_epoch(self) -> Optional[int]:
@@ -135,11 +135,6 @@ def _data_set(record: RunRecord) -> str:
     """The data set a run trained on: its name, and for image folders also the folder (each is a data set)."""
     d = record.cfg.data
     return f"{d.dataset} {Path(d.data_dir).resolve()}" if d.dataset == "imagefolder" and d.data_dir else d.dataset
-
-
-def last_epoch(metrics: list) -> int:
-    """The last epoch metrics.jsonl's rows record (0 before the first)."""
-    return max((int(row.get("epoch", 0)) for row in metrics), default=0)
 
 
 def pick_evaluation(run_dir: Path, preferred: Optional[Path] = None, epoch: Optional[int] = None
@@ -211,7 +206,7 @@ def _load_run(path: Path, name: str, group: str = "run", eval_path: Optional[Pat
     cfg = rundir.run_config(path)  # a bad value in config.yaml: an error naming the file
     radii = _radius_files(path / "radii", _training_samples(path)) if (path / "radii").is_dir() else {}
     metrics = rundir.read_metrics(path)
-    evaluation, chosen = pick_evaluation(path, eval_path, last_epoch(metrics))
+    evaluation, chosen = pick_evaluation(path, eval_path, rundir.last_epoch(metrics))
     weights = (evaluation or {}).get("weights", "ema") if cfg.train.ema else "trained"
     return RunRecord(name=name + (":raw" if weights == "raw" else ""), path=path, cfg=cfg, metrics=metrics,
                      evaluation=evaluation, evaluation_path=chosen, radii=radii, group=group, weights=weights)
