@@ -50,6 +50,8 @@ def test_plan_names_dedup_and_errors(tmp_path):
     assert list(plan.runs) == ["pgd_at_eps16", "pgd_at_eps32", "iaat", "iaat_no_warmup", "gairat", "clean",
                                "mixup_at", "iaat_line_search", "iaat_gamma4"]  # iaat_gamma8 is the iaat run
     assert plan.runs["pgd_at_eps16"]["attack"]["step_size"] == "4"  # eps/4
+    small = build_plan({"base": BASE, "frontier_eps": [1], "runs": {}})  # a quarter pixel level: written as such
+    assert small.runs["pgd_at_eps1"]["attack"]["step_size"] == "0.25/255"
     assert plan.runs["gairat"]["method"] == {"name": "gairat"}  # a new method starts from its own defaults
     assert plan.groups["iaat_gamma4"] == "grid"
     with pytest.raises(ConfigError, match="unknown sweep key 'frontier'. Did you mean 'frontier_eps'"):

@@ -186,7 +186,9 @@ def build_plan(spec: dict, base_dir: Path = Path(".")) -> SweepPlan:
     from .units import parse_size
 
     for eps in spec.get("frontier_eps", DEFAULT_FRONTIER) or []:
-        step = f"{parse_size(eps, 'frontier_eps', allow_zero=False) * 255 / 4:g}"  # the paper's 2/255 at 8/255
+        quarter = parse_size(eps, "frontier_eps", allow_zero=False) * 255 / 4  # the paper's 2/255 at 8/255
+        # under half a pixel level a bare number reads as [0, 1] units: such a step is written as the fraction
+        step = f"{quarter:g}" if quarter >= 0.5 else f"{quarter:g}/255"
         add(f"pgd_at_eps{_size_name(eps)}", _apply(base, {"method.name": "pgd_at", "attack.eps": eps,
                                                           "attack.step_size": step}, "frontier"), "frontier")
     named = spec.get("runs")
