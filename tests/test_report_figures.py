@@ -130,6 +130,12 @@ def test_runs_that_faced_different_attacks_are_named_in_a_warning_and_the_captio
     assert "attacks PGD-10@8/255, PGD-100@8/255: a" in said[0] and "attacks PGD-10@8/255: b" in said[0]
     assert "differ between the runs" in _main_attack(runs)[1]
     assert _warn_if_evaluated_differently([runs[0], record("c", ev=evaluation())], said.append) == []
+    from iaat.reporting.report import _by_run
+
+    assert _by_run(["600", "600"]) == "600" and _by_run(["600", "400", "600"]) == "600 / 400 (by run)"  # the header
+    other_data = record("d", ev=evaluation(data_source="/data/other"))  # e.g. another copy of the test set
+    _warn_if_evaluated_differently([record("c", ev=evaluation(data_source="/data/jpeg75")), other_data], said.append)
+    assert "test images of /data/other: d" in said[-1] and "test images of /data/jpeg75: c" in said[-1]
 
 
 # 4., 5., 6., 11., 16. A report of run folders, some not finished, not evaluated, at chance level

@@ -56,13 +56,16 @@ def _warn_if_evaluated_differently(evaluated: list, log: Callable[[str], None]) 
     for r in evaluated:
         ev = r.evaluation
         eps = ev.get("eps")
-        key = (format_size(eps) if isinstance(eps, (int, float)) else "?", ev.get("norm"), ev.get("n"), _attack_set(r))
+        key = (format_size(eps) if isinstance(eps, (int, float)) else "?", ev.get("norm"), ev.get("n"), _attack_set(r),
+               f"{ev.get('split', 'test')} images of {ev.get('data_source', '?')}")
         groups.setdefault(key, []).append(r.name)
     if len(groups) < 2:
         return []
+    sources = {key[-1] for key in groups}
     text = ("the runs were evaluated differently, so their numbers do not compare across these groups: "
-            + "; ".join(f"eps {e} {norm}, {n} images{f', attacks {attacks}' if attacks else ''}: {', '.join(names)}"
-                        for (e, norm, n, attacks), names in groups.items()))
+            + "; ".join(f"eps {e} {norm}, {n} images{f', attacks {attacks}' if attacks else ''}"
+                        f"{f', {data}' if len(sources) > 1 else ''}: {', '.join(names)}"
+                        for (e, norm, n, attacks, data), names in groups.items()))
     log(f"iaat: warning: {text}")
     return [text]
 
@@ -243,6 +246,12 @@ OMITTED = {
 }
 
 
+def _by_run(values) -> str:
+    """One value where every run has it, else each one, said to differ by run."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else f"{' / '.join(distinct)} (by run)"
+
+
 def _epochs_text(records: list[RunRecord]) -> str:
     """The header's epochs: one number when every run plans the same, else the range; never claims a run finished
     that did not."""
@@ -259,12 +268,14 @@ def _report_md(records: list[RunRecord], evaluated: list[RunRecord], caption: st
     lines = ["# Report", ""]
     if evaluated:
         ev = evaluated[0].evaluation
-        cfg = evaluated[0].cfg
-        lines += [f"{_plural(len(records), 'run')} ({len(evaluated)} evaluated); {cfg.model.name} on "
-                  f"{cfg.data.dataset} ({ev.get('data_source', '')}), training subset {cfg.data.train_subset or 'all'}"
-                  f", {_epochs_text(records)}. Evaluation: the first {ev['n']} {ev.get('split', 'test')} images at "
-                  f"ε = {format_size(ev['eps'])}; robust accuracy in the figures and small tables is the {caption} "
-                  f"(a sample counts as robust only if no attack iterate misclassifies it).", ""]
+        models = _by_run(r.cfg.model.name for r in records)
+        datasets = _by_run(f"{r.cfg.data.dataset} ({(r.evaluation or {}).get('data_source', '')})" for r in evaluated)
+        subsets = _by_run(str(r.cfg.data.train_subset or "all") for r in records)
+        lines += [f"{_plural(len(records), 'run')} ({len(evaluated)} evaluated); {models} on {datasets}, training "
+                  f"subset {subsets}, {_epochs_text(records)}. Evaluation: the first {ev['n']} "
+                  f"{ev.get('split', 'test')} images at ε = {format_size(ev['eps'])}; robust accuracy in the figures "
+                  f"and small tables is the {caption} (a sample counts as robust only if no attack iterate "
+                  f"misclassifies it).", ""]
     if warned:
         lines += ["## Warnings", ""] + [f"- {line}." for line in warned] + [""]
     if evaluated:
