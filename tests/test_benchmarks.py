@@ -137,3 +137,22 @@ def test_runners_time_full_batches_only():
     data, splits, _ = throughput.bench_data(None, 20, None)
     runner = throughput.Runner("small_cnn", "pgd_at", data, splits, torch.device("cpu"), 8, train={"amp": "off"})
     assert [len(next(runner.batches)[1]) for _ in range(6)] == [8] * 6  # three epochs of two full batches
+
+
+def test_summarize_runs_reads_radius_protocol_and_epochs_from_the_runs(tiny_cifar, tmp_path):
+    """The table says what each run was trained and evaluated with, not the CPU comparison's usual settings."""
+    import summarize_runs
+
+    root = tmp_path / "runs"
+    res = run_in_process(*tiny_train_args(tiny_cifar, root / "pgd_at", 1, "--eps", "4"))
+    assert res.returncode == 0, res.stderr
+    (root / "pgd_at" / "config.yaml").write_text((root / "pgd_at" / "config.yaml").read_text().replace(
+        "epochs: 1", "epochs: 3"))  # as if it had been stopped after 1 of 3 epochs
+    res = run_in_process("eval", str(root / "pgd_at"), "--eps", "4", "--n", "20", "--attack", "pgd:steps=2",
+                         "--no-progress", "--out", str(root / "pgd_at" / "eval-test1000-pgd20.json"))
+    assert res.returncode == 0, res.stderr
+    res = run_script(summarize_runs, str(root), "--out", str(tmp_path / "table"), "--command", "cmd", "--data", "d")
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "table.json").read_text())
+    assert result["protocol"].startswith("clean and PGD-2@4/255 (linf 4/255, step 5/255) on the first 20 test images")
+    assert "| pgd_at | 1 of 3 (unfinished) |" in res.stdout and "| 4 (fixed) |" in res.stdout
