@@ -472,3 +472,16 @@ def test_a_sweep_warns_when_its_runs_would_share_too_few_cores(tmp_path, capsys,
     monkeypatch.setattr(iaat.sweep.SweepRunner, "run", lambda self, only=None: [])  # the warning, not the runs
     assert main(["sweep", str(write_spec(tmp_path)), "--out", str(tmp_path / "sweep"), "--jobs", "2"]) == 0
     assert "gives each of 2 runs at once" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_image_grids_of_an_l2_run_attack_in_l2_at_twice_its_radius(tmp_path, capsys):
+    run = tmp_path / "l2"
+    assert main(["train", "--dataset", "digits", "--model", "small_cnn", "--set", "model.width=8", "--set",
+                 "data.train_subset=200", "--set", "data.val_size=0", "--method", "iaat", "--set",
+                 "method.warmup_epochs=0", "--set", "attack.norm=l2", "--eps", "64", "--set", "attack.steps=2",
+                 "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    drawn = json.loads((tmp_path / "report" / "report.json").read_text())["figures"]["fig2_images_l2"]
+    assert drawn["norm"] == "l2" and drawn["eps"] == pytest.approx(128 / 255)  # was: L-inf at 16/255
+    assert "perturbation at 128/255 l2" in (tmp_path / "report" / "report.md").read_text()

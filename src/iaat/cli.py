@@ -581,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "write are removed); default: FOLDER/report for one run or sweep "
                                                  "folder")
     p.add_argument("--data-dir", metavar="DIR", help="data folder for the image grids (default: the run's)")
-    p.add_argument("--image-eps", default="16", help=f"radius of the perturbed images shown beside the smallest/"
-                                                      f"largest-radius images, {SIZE_HELP} (default 16)")
+    p.add_argument("--image-eps", help=f"radius of the perturbed images shown beside the smallest/largest-radius "
+                                       f"images, in each run's norm, {SIZE_HELP} (default 16 under L-inf, twice the "
+                                       f"training radius under L2)")
     p.add_argument("--device", default="auto", help="device of the attack behind the image grids")
     _add_threads(p)
     p.set_defaults(func=cmd_report)

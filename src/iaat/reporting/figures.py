@@ -13,6 +13,7 @@ import numpy as np
 
 from ..engine import rundir
 from ..errors import ConfigError
+from ..units import check_size
 from .collect import RunRecord
 
 #: CIFAR-10's class names, for the captions of the image grids.
@@ -431,7 +432,7 @@ def prediction_caption(clean: int, adversarial: int, dataset: str) -> str:
     return f"clean: {class_name(clean, dataset)}\nadv: {class_name(adversarial, dataset)}"
 
 
-def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], image_eps: float, device: str,
+def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], image_eps: Optional[float], device: str,
                      k: int = 8) -> Optional[dict]:
     """The training images with the smallest and the largest final radii, each beside a PGD-20 perturbation
     at ``image_eps`` ([0, 1] units) of the final model, with radius and (adversarial) prediction printed."""
@@ -449,13 +450,17 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
     order = np.argsort(final, kind="stable")
     groups = {"smallest": order[:k], "largest": order[::-1][:k]}
     cfg = record.cfg
+    norm = cfg.attack.norm
+    if image_eps is None:  # large enough to see: 16/255 under L-inf, twice the training radius under L2
+        image_eps = 16 / 255 if norm == "linf" else 2 * cfg.eps
+    check_size(image_eps, "--image-eps", norm=norm)
     splits = load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir, False, image_size=cfg.data.image_size,
                           resize=cfg.data.resize)
     dev = resolve_device(device)
     weights = grid_weights(record)
     model, _, _, _ = load_run(record.path, dev, weights=weights)
     named = "EMA weights" if weights == "ema" else "trained weights"
-    drawn: dict = {"weights": "EMA" if weights == "ema" else "trained"}
+    drawn: dict = {"weights": "EMA" if weights == "ema" else "trained", "eps": image_eps, "norm": norm}
     for which, rows in groups.items():
         idx = torch.as_tensor(train_idx[rows], dtype=torch.long)
         subset = splits.train.subset(idx)
@@ -463,7 +468,7 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
         y = subset.y.to(dev)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(0)
-        res = pgd(model, x, y, image_eps, steps=20, step_size=image_eps / 4)
+        res = pgd(model, x, y, image_eps, steps=20, step_size=image_eps / 4, norm=norm)
         torch.random.set_rng_state(gen_state)
         with torch.no_grad():
             clean_pred = model(x).argmax(1).cpu().tolist()
@@ -472,7 +477,8 @@ def smallest_largest(record: RunRecord, stem: Path, data_dir: Optional[str], ima
         captions = [f"{class_name(c, cfg.data.dataset)}\n{final[r] * 255:.2f}/255" for c, r in zip(labels, rows)]
         adv_captions = [prediction_caption(c, a, cfg.data.dataset) for c, a in zip(clean_pred, pred)]
         title = (f"{record.name} ({named}): the {k} training images with the {which} final radii (class, radius)"
-                 f"\nbelow: PGD-20 at {image_eps * 255:g}/255, with the predictions on the clean and the perturbed image")
+                 f"\nbelow: PGD-20 at {image_eps * 255:g}/255 ({norm}), with the predictions on the clean and the "
+                 f"perturbed image")
         image_grid(x.cpu().numpy(), res.x_adv.detach().cpu().numpy(), captions, adv_captions, title,
                    stem.with_name(f"{stem.name}_{which}"))
         edge = final[rows[-1]]  # ties at the edge of the group: which of them are shown is training-set order

@@ -135,12 +135,13 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, image_eps: str = "16",
+def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, image_eps: Optional[str] = None,
                 device: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Write the figures (PNG, SVG), the tables (markdown), report.json and report.md into ``out``; figure and
     table files of an earlier report in ``out`` that this one does not write are removed."""
     figures.pyplot()  # a missing matplotlib is reported before anything is read
-    eps_images = parse_size(image_eps, "--image-eps", allow_zero=False)
+    # the image grids' radius, in each run's norm: 16/255 under L-inf, twice the training radius under L2
+    eps_images = parse_size(image_eps, "--image-eps", allow_zero=False, max_unit=64.0) if image_eps else None
     records = collect_runs(paths)
     if not records:
         raise CheckpointError("no runs to report: the sweep folders hold no started runs yet.")
@@ -207,7 +208,8 @@ def make_report(paths: list[Path], out: Path, data_dir: Optional[str] = None, im
             ties = (f" {tied} samples share the radius at the edge of this group; those shown come {first} in "
                     f"training-set order." if tied > 1 else "")
             fig_md.append(f"### {r.name}: training images with the {which} radii\n\nFigs. 2, 5, 6 — each image "
-                          f"above its PGD-20 perturbation at {format_size(eps_images)} ({drawn['weights']} weights), "
+                          f"above its PGD-20 perturbation at {format_size(drawn['eps'])} {drawn['norm']} "
+                          f"({drawn['weights']} weights), "
                           f"with class and final radius, and the model's prediction on the clean and on the "
                           f"perturbed image.{ties}\n\n![{which}]({stem}_{which}.png)\n")
 
