@@ -76,6 +76,8 @@ def test_both_copies_are_evaluated_and_saved(ema_run):
     rows = [json.loads(line) for line in (ema_run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert {"val_clean_acc", "val_pgd10_acc", "ema_val_clean_acc", "ema_val_pgd10_acc"} <= set(row)
+    code, table, err = run_main("metrics", str(ema_run))  # the averaged model's columns in the table too
+    assert code == 0 and "ema_val_clean_acc" in table.splitlines()[0], err
     ckpt = load_checkpoint(ema_run / "checkpoints" / "epoch_0002.pt")
     assert ckpt[EMA_UPDATES_KEY] == ckpt["global_step"] == 16
     differ = [k for k, v in ckpt[EMA_KEY].items() if v.is_floating_point() and not torch.equal(v, ckpt["model"][k])]

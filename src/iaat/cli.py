@@ -383,7 +383,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             print(f"{len(rows)} epochs, {len(columns)} columns written to {args.csv}")
         return 0
     shown = [c for c in ("epoch", "lr", "train_loss", "train_acc", "radius_mean") if c in columns]
-    shown += [c for c in columns if c.startswith("val_")] + ["train_seconds"]
+    shown += [c for c in columns if c.startswith(("val_", "ema_val_"))] + ["train_seconds"]
     print("  ".join(f"{c:>14}" for c in shown))
     for row in rows:
         print("  ".join(f"{_metric_cell(c, row.get(c)):>14}" for c in shown))
