@@ -79,7 +79,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
     """
     run_dir = Path(run_dir)
     threads_before = torch.get_num_threads()  # a caller's process gets its own count back
-    rng_before = rng_state()  # and its random streams (a search over runs draws from them between runs)
+    # and its random streams (a search over runs draws from them between runs); not a torchrun worker's, whose
+    # process ends with the run
+    rng_before = rng_state() if "WORLD_SIZE" not in os.environ else None
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info, dist_device = distributed.init(cfg.train.device)
     try:
@@ -107,7 +109,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, log: Callable[[str],
         raise
     finally:
         torch.set_num_threads(threads_before)
-        set_rng_state(rng_before)
+        if rng_before is not None:
+            set_rng_state(rng_before)
         if owns_group:
             distributed.shutdown()
 
