@@ -23,9 +23,9 @@ from ..units import format_size
 LARGE_EPS_MAX_ACCURACY = 0.05
 #: Share of clean-correct images with an exactly zero input gradient that signals gradient masking.
 ZERO_GRADIENT_MAX_SHARE = 0.1
-#: How far (L-inf, [0, 1] units) from each image the second input gradient of the consistency check is taken.
+#: Within how far (L-inf, [0, 1] units) of each image the second input gradient of the consistency check is taken.
 GRADIENT_PROBE_DISTANCE = 0.5 / 255
-#: Median cosine between the input gradients at an image and at a point that close below which the gradients are
+#: Median cosine between the input gradients at an image and at a point that near below which the gradients are
 #: shattered (noise at the scale of an attack's step). Trained and untrained CNNs give 0.99 or more; a model with a
 #: tiny high-frequency term added to its logits (Athalye et al.'s shattered gradients) about 0.
 GRADIENT_MIN_COSINE = 0.5
@@ -126,8 +126,8 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def _gradient_consistency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> Optional[float]:
-    """Median cosine between each image's input gradient ``grad`` and the one at a random point
-    :data:`GRADIENT_PROBE_DISTANCE` away (its own generator: the evaluation's random streams stay as they are);
+    """Median cosine between each image's input gradient ``grad`` and the one at a random point within
+    :data:`GRADIENT_PROBE_DISTANCE` of it (L-inf; its own generator: the evaluation's random streams stay as they are);
     None without images to probe."""
     if not len(x):
         return None
