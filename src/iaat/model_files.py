@@ -190,14 +190,19 @@ def format_of(out: Path) -> str:
         >>> format_of(Path("m.pt2")), format_of(Path("m.pt")), format_of(Path("model_eps0.5"))
         ('export', 'torchscript', 'safetensors')
     """
-    return next((f for f in FORMATS if Path(out).suffix.lower() in EXTENSIONS[f]), "safetensors")
+    return _named_format(Path(out)) or "safetensors"
+
+
+def _named_format(out: Path) -> Optional[str]:
+    """The export format whose extension ``out`` has, or None."""
+    return next((f for f in FORMATS if out.suffix.lower() in EXTENSIONS[f]), None)
 
 
 def _check_extension(out: Path, fmt: str) -> None:
     """``out`` must end in an extension of ``fmt`` (or have none): a TorchScript archive named .safetensors
     misleads every tool and person that opens it."""
     suffix = out.suffix.lower()
-    owner = next((f for f in FORMATS if suffix in EXTENSIONS[f]), None)
+    owner = _named_format(out)
     # none, or a dot in the name (model_eps0.5, wrn.ep100): only another format's extension or an unknown word
     if suffix in EXTENSIONS[fmt] or not (owner or suffix[1:].isalpha()):
         return
