@@ -164,20 +164,25 @@ def trained_for(req: EvalRequest, read_files: bool = True) -> dict:
 
     _refuse_sweep_folder(req.path)
     kind = file_format(req.path)
-    run = req.path if kind == "run" else _run_of(req.path) if kind == "checkpoint" else None
-    if run is not None and (read_files or (run / rundir.CONFIG).is_file()):
+    if kind in ("run", "checkpoint"):
         from .engine.runs import load_run_config
 
-        cfg = load_run_config(req.path if read_files or kind == "run" else run)
-        return {"eps": cfg.eps, "norm": cfg.attack.norm}
-    if run is None and (read_files or json_path(req.path).is_file()):
-        try:
-            card = read_model_file(req.path)[1] if read_files else json.loads(json_path(req.path).read_text())
-        except (OSError, ValueError):  # a damaged description beside the file: the default norm
+        # a checkpoint in its run's checkpoints/: the run's config.yaml (radius and norm stay as they were on a
+        # resume), not a second load of the checkpoint the evaluation loads
+        run = req.path if kind == "run" else _run_of(req.path)
+        source = run if (run / rundir.CONFIG).is_file() else req.path if read_files else None
+        if source is None:
             return {}
-        training = card.get("training") or {} if isinstance(card, dict) else {}
-        return {key: training[key] for key in ("eps", "norm") if training.get(key) is not None}
-    return {}
+        cfg = load_run_config(source)
+        return {"eps": cfg.eps, "norm": cfg.attack.norm}
+    if not (read_files or json_path(req.path).is_file()):
+        return {}
+    try:
+        card = read_model_file(req.path)[1] if read_files else json.loads(json_path(req.path).read_text())
+    except (OSError, ValueError):  # a damaged description beside the file: the default norm
+        return {}
+    training = (card.get("training") or {}) if isinstance(card, dict) else {}
+    return {key: training[key] for key in ("eps", "norm") if training.get(key) is not None}
 
 
 def default_eps(trained: dict, norm: str) -> float:
