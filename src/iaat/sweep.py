@@ -444,7 +444,7 @@ class SweepRunner:
                     raise ConfigError(f"run {self.out / RUNS / name} was trained with another config: {diff}. "
                                       f"Use another --out, or remove that run folder to train it again.")
                 done = last_epoch(read_metrics(self.out / RUNS / name))
-                planned = config_from_dict(copy.deepcopy(raw)).train.epochs
+                planned = raw["train"]["epochs"]  # the plan holds checked configs (Config.to_dict)
                 if done > planned:  # the plan's one schedule: a longer-trained run would be compared as if it had it
                     raise ConfigError(f"run {self.out / RUNS / name} has trained {done} epochs, more than the "
                                       f"{planned} planned: a sweep trains its runs to one schedule. Plan --epochs "
